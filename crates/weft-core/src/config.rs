@@ -1,0 +1,746 @@
+//! flannel's `net-conf.json`, read as flannel reads it, with flannel's defaults and rules.
+//!
+//! Parsing never stops at the first problem: every bad key is reported at once, each naming
+//! the key, the value, the rule and a valid example. Keys are matched the way Go's
+//! `encoding/json` matches them (exact first, then case-insensitively), so a file flanneld
+//! accepts is accepted here; keys neither knows are returned as warnings.
+
+use crate::subnet::{is_aligned, Family, Pool};
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+pub const DEFAULT_VXLAN_VNI: u32 = 1;
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+pub const DEFAULT_UDP_PORT: u16 = 8285;
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key at fault, with its path (`Backend.VNI`).
+    pub key: String,
+    /// The value found, as JSON text (`<missing>` when absent).
+    pub value: String,
+    /// The rule the value breaks.
+    pub rule: String,
+    /// A valid setting, as it would be written in the file.
+    pub example: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} = {}: {}; for example {}",
+            self.key, self.value, self.rule, self.example
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("net-conf.json is not valid JSON (line {line}, column {column}): {reason}; a minimal valid file is {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("{}", render_problems(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+fn render_problems(problems: &[ConfigProblem]) -> String {
+    let mut s = format!("net-conf.json has {} problem(s):", problems.len());
+    for p in problems {
+        s.push_str("\n  - ");
+        s.push_str(&p.to_string());
+    }
+    s
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+            ConfigError::Syntax { .. } => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanConf {
+    pub vni: u32,
+    pub port: u16,
+    pub direct_routing: bool,
+    /// `None`: the underlay MTU minus the VXLAN overhead.
+    pub mtu: Option<u32>,
+    pub gbp: bool,
+    pub learning: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConf {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan(VxlanConf),
+    HostGw,
+    Udp(UdpConf),
+}
+
+impl Backend {
+    /// The name flannel writes into leases' `BackendType`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Backend::Vxlan(_) => "vxlan",
+            Backend::HostGw => "host-gw",
+            Backend::Udp(_) => "udp",
+        }
+    }
+}
+
+/// The effective network config: every default filled in, every rule checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub v4: Option<Pool>,
+    pub v6: Option<Pool>,
+    pub backend: Backend,
+    /// Set when the file had no `Backend` and vxlan was assumed.
+    pub backend_defaulted: bool,
+}
+
+/// A parsed config and what was ignored in it.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub config: NetConfig,
+    pub warnings: Vec<String>,
+}
+
+/// Case-insensitive view of a JSON object that remembers which keys were used.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    prefix: &'static str,
+    used: BTreeSet<&'a str>,
+}
+
+impl<'a> Obj<'a> {
+    fn new(map: &'a Map<String, Value>, prefix: &'static str) -> Self {
+        Obj {
+            map,
+            prefix,
+            used: BTreeSet::new(),
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'a Value> {
+        let found = self
+            .map
+            .get_key_value(key)
+            .or_else(|| self.map.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)));
+        let (k, v) = found?;
+        self.used.insert(k.as_str());
+        if v.is_null() {
+            None // Go leaves a field at its zero value for `null`
+        } else {
+            Some(v)
+        }
+    }
+
+    fn unknown(&self) -> Vec<String> {
+        self.map
+            .keys()
+            .filter(|k| !self.used.contains(k.as_str()))
+            .map(|k| format!("{}{}", self.prefix, k))
+            .collect()
+    }
+}
+
+struct Ctx {
+    problems: Vec<ConfigProblem>,
+}
+
+impl Ctx {
+    fn problem(&mut self, key: &str, value: Option<&Value>, rule: impl Into<String>, example: &str) {
+        self.problems.push(ConfigProblem {
+            key: key.to_string(),
+            value: value.map_or_else(|| "<missing>".to_string(), |v| v.to_string()),
+            rule: rule.into(),
+            example: example.to_string(),
+        });
+    }
+
+    fn bool(&mut self, o: &mut Obj, key: &str, default: bool) -> bool {
+        match o.get(key) {
+            None => default,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                let full = format!("{}{}", o.prefix, key);
+                self.problem(&full, Some(v), "must be true or false", &format!("\"{key}\": {default}"));
+                default
+            }
+        }
+    }
+
+    /// An integer in `[lo, hi]`; `None` when absent or bad (a problem is recorded when bad).
+    fn int(&mut self, o: &mut Obj, key: &str, lo: u64, hi: u64, example: &str) -> Option<u64> {
+        let v = o.get(key)?;
+        match v.as_u64() {
+            Some(n) if n >= lo && n <= hi => Some(n),
+            _ => {
+                let full = format!("{}{}", o.prefix, key);
+                self.problem(&full, Some(v), format!("must be a whole number from {lo} to {hi}"), example);
+                None
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, o: &mut Obj<'v>, key: &str, example: &str) -> Option<&'v str> {
+        let v = o.get(key)?;
+        match v.as_str() {
+            Some(s) => Some(s),
+            None => {
+                let full = format!("{}{}", o.prefix, key);
+                self.problem(&full, Some(v), "must be a string", example);
+                None
+            }
+        }
+    }
+
+    fn net(&mut self, o: &mut Obj, key: &str, family: Family, example: &str) -> Option<IpNet> {
+        let v = o.get(key)?;
+        let parsed = v.as_str().and_then(|s| s.trim().parse::<IpNet>().ok());
+        match parsed {
+            Some(n) if Family::of(n.addr()) == family => Some(n),
+            Some(_) => {
+                let fam = if family == Family::V4 { "an IPv4" } else { "an IPv6" };
+                self.problem(key, Some(v), format!("must be {fam} network in CIDR form"), example);
+                None
+            }
+            None => {
+                self.problem(key, Some(v), "must be a network in CIDR form (address/prefix length)", example);
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, o: &mut Obj, key: &str, family: Family, example: &str) -> Option<IpAddr> {
+        let v = o.get(key)?;
+        let parsed = v.as_str().and_then(|s| s.trim().parse::<IpAddr>().ok());
+        match parsed {
+            Some(a) if Family::of(a) == family => Some(a),
+            _ => {
+                let fam = if family == Family::V4 { "IPv4" } else { "IPv6" };
+                self.problem(key, Some(v), format!("must be an {fam} address"), example);
+                None
+            }
+        }
+    }
+}
+
+/// The per-family rules: flannel's numbers for IPv4, mirrored with /64 for IPv6.
+struct FamilyRules {
+    family: Family,
+    net_key: &'static str,
+    len_key: &'static str,
+    min_key: &'static str,
+    max_key: &'static str,
+    /// Longest subnet allowed (a /31 leaves no room for a bridge and a tunnel address).
+    max_subnet_len: u8,
+    /// Longest network prefix that still has room for four subnets.
+    smallest_network: u8,
+    /// Networks this big or bigger get `big_default` subnets.
+    big_network: u8,
+    big_default: u8,
+    example_net: &'static str,
+}
+
+const V4_RULES: FamilyRules = FamilyRules {
+    family: Family::V4,
+    net_key: "Network",
+    len_key: "SubnetLen",
+    min_key: "SubnetMin",
+    max_key: "SubnetMax",
+    max_subnet_len: 30,
+    smallest_network: 28,
+    big_network: 22,
+    big_default: 24,
+    example_net: "10.244.0.0/16",
+};
+
+const V6_RULES: FamilyRules = FamilyRules {
+    family: Family::V6,
+    net_key: "IPv6Network",
+    len_key: "IPv6SubnetLen",
+    min_key: "IPv6SubnetMin",
+    max_key: "IPv6SubnetMax",
+    max_subnet_len: 126,
+    smallest_network: 124,
+    big_network: 62,
+    big_default: 64,
+    example_net: "fd00:10:244::/56",
+};
+
+/// flannel's default subnet length for a network of prefix `prefix`.
+pub fn default_subnet_len(family: Family, prefix: u8) -> Option<u8> {
+    let r = match family {
+        Family::V4 => &V4_RULES,
+        Family::V6 => &V6_RULES,
+    };
+    if prefix > r.smallest_network {
+        None
+    } else if prefix <= r.big_network {
+        Some(r.big_default)
+    } else {
+        Some(prefix + 2)
+    }
+}
+
+fn build_pool(ctx: &mut Ctx, o: &mut Obj, r: &FamilyRules, warnings: &mut Vec<String>) -> Option<Pool> {
+    let bits = r.family.bits();
+    let net_example = format!("\"{}\": \"{}\"", r.net_key, r.example_net);
+    let network = ctx.net(o, r.net_key, r.family, &net_example);
+    let len = ctx.int(o, r.len_key, 0, bits as u64, &format!("\"{}\": {}", r.len_key, r.big_default));
+    let min = ctx.addr(o, r.min_key, r.family, &format!("\"{}\": \"<first subnet address>\"", r.min_key));
+    let max = ctx.addr(o, r.max_key, r.family, &format!("\"{}\": \"<last subnet address>\"", r.max_key));
+
+    let raw_net = o.get(r.net_key);
+    let network = match network {
+        Some(n) => n,
+        None => {
+            if raw_net.is_none() {
+                let switch = if r.family == Family::V4 { "EnableIPv4" } else { "EnableIPv6" };
+                ctx.problem(r.net_key, None, format!("is required while {switch} is true"), &net_example);
+            }
+            return None;
+        }
+    };
+    if network.addr() != network.network() {
+        warnings.push(format!(
+            "{} {} has host bits set; using {} (as flannel does)",
+            r.net_key,
+            network,
+            network.trunc()
+        ));
+    }
+    let network = network.trunc();
+    let prefix = network.prefix_len();
+
+    // SubnetLen: 0 or absent means "pick the default", as in flannel.
+    let subnet_len = match len {
+        Some(l) if l > 0 => {
+            let l = l as u8;
+            if l > r.max_subnet_len {
+                ctx.problem(
+                    r.len_key,
+                    raw_len(o, r.len_key).as_ref(),
+                    format!("must be at most {} (a smaller subnet leaves no room for the node's gateway and tunnel addresses)", r.max_subnet_len),
+                    &format!("\"{}\": {}", r.len_key, r.big_default.min(r.max_subnet_len)),
+                );
+                return None;
+            }
+            if l < prefix + 2 {
+                ctx.problem(
+                    r.len_key,
+                    raw_len(o, r.len_key).as_ref(),
+                    format!("must be at least the {} prefix + 2 = {} so that {} holds at least four subnets", r.net_key, prefix + 2, network),
+                    &format!("\"{}\": {}", r.len_key, (prefix + 2).max(r.big_default).min(r.max_subnet_len)),
+                );
+                return None;
+            }
+            l
+        }
+        _ => match default_subnet_len(r.family, prefix) {
+            Some(l) => l,
+            None => {
+                ctx.problem(
+                    r.net_key,
+                    raw_net,
+                    format!("is too small: the smallest useful network is /{}", r.smallest_network),
+                    &net_example,
+                );
+                return None;
+            }
+        },
+    };
+
+    let step: u128 = 1u128 << (bits - subnet_len);
+    let base = crate::subnet::addr_to_u128(network.network());
+    let last = crate::subnet::addr_to_u128(network.broadcast());
+    let min_default = crate::subnet::u128_to_addr(r.family, base + step);
+    let max_default = crate::subnet::u128_to_addr(r.family, last - step + 1);
+    let check_bound = |ctx: &mut Ctx, key: &str, a: IpAddr, default: IpAddr| -> bool {
+        let raw = o_raw(o, key);
+        if !network.contains(&a) {
+            ctx.problem(key, raw.as_ref(), format!("must lie inside {} {}", r.net_key, network), &format!("\"{key}\": \"{default}\""));
+            false
+        } else if !is_aligned(a, subnet_len) {
+            ctx.problem(
+                key,
+                raw.as_ref(),
+                format!("must be aligned to the subnet length /{subnet_len} (the first address of a /{subnet_len})"),
+                &format!("\"{key}\": \"{default}\""),
+            );
+            false
+        } else {
+            true
+        }
+    };
+    let min = match min {
+        Some(a) if !check_bound(ctx, r.min_key, a, min_default) => return None,
+        Some(a) => a,
+        None => min_default,
+    };
+    let max = match max {
+        Some(a) if !check_bound(ctx, r.max_key, a, max_default) => return None,
+        Some(a) => a,
+        None => max_default,
+    };
+    if crate::subnet::addr_to_u128(min) > crate::subnet::addr_to_u128(max) {
+        ctx.problem(
+            r.min_key,
+            Some(&Value::String(min.to_string())),
+            format!("must not be above {} {}", r.max_key, max),
+            &format!("\"{}\": \"{}\"", r.min_key, min_default),
+        );
+        return None;
+    }
+    Some(Pool {
+        network,
+        subnet_len,
+        min,
+        max,
+    })
+}
+
+// The raw values are looked up again for messages; `Obj::get` marks them used, which they are.
+fn raw_len(o: &mut Obj, key: &str) -> Option<Value> {
+    o.get(key).cloned()
+}
+fn o_raw(o: &Obj, key: &str) -> Option<Value> {
+    o.map
+        .get(key)
+        .or_else(|| o.map.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+        .cloned()
+}
+
+fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (Backend, bool) {
+    let default = Backend::Vxlan(VxlanConf {
+        vni: DEFAULT_VXLAN_VNI,
+        port: DEFAULT_VXLAN_PORT,
+        direct_routing: false,
+        mtu: None,
+        gbp: false,
+        learning: false,
+    });
+    let raw = match top.get("Backend") {
+        None => return (default, true),
+        Some(v) => v,
+    };
+    let map = match raw.as_object() {
+        Some(m) => m,
+        None => {
+            ctx.problem("Backend", Some(raw), "must be an object", "\"Backend\": {\"Type\": \"vxlan\"}");
+            return (default, false);
+        }
+    };
+    let mut o = Obj::new(map, "Backend.");
+    let ty = ctx.string(&mut o, "Type", "\"Type\": \"vxlan\"").map(str::to_string);
+    let backend = match ty.as_deref() {
+        None | Some("vxlan") => {
+            let vni = ctx.int(&mut o, "VNI", 0, (1 << 24) - 1, "\"VNI\": 1").unwrap_or(DEFAULT_VXLAN_VNI as u64) as u32;
+            // flannel's 0 means "the kernel's default", which is 8472 on Linux.
+            let port = match ctx.int(&mut o, "Port", 0, 65535, "\"Port\": 8472") {
+                Some(0) | None => DEFAULT_VXLAN_PORT,
+                Some(p) => p as u16,
+            };
+            let direct_routing = ctx.bool(&mut o, "DirectRouting", false);
+            let mtu = match ctx.int(&mut o, "MTU", 0, 65535, "\"MTU\": 1450") {
+                Some(0) | None => None,
+                Some(m) if m < 68 => {
+                    ctx.problem("Backend.MTU", o_raw(&o, "MTU").as_ref(), "must be at least 68, the smallest IPv4 MTU, or 0 for automatic", "\"MTU\": 1450");
+                    None
+                }
+                Some(m) => Some(m as u32),
+            };
+            let gbp = ctx.bool(&mut o, "GBP", false);
+            let learning = ctx.bool(&mut o, "Learning", false);
+            Backend::Vxlan(VxlanConf {
+                vni,
+                port,
+                direct_routing,
+                mtu,
+                gbp,
+                learning,
+            })
+        }
+        Some("host-gw") => Backend::HostGw,
+        Some("udp") => {
+            let port = match ctx.int(&mut o, "Port", 0, 65535, "\"Port\": 8285") {
+                Some(0) | None => DEFAULT_UDP_PORT,
+                Some(p) => p as u16,
+            };
+            Backend::Udp(UdpConf { port })
+        }
+        Some(other) => {
+            ctx.problem(
+                "Backend.Type",
+                Some(&Value::String(other.to_string())),
+                "is not a backend weft supports (vxlan, host-gw, udp)",
+                "\"Type\": \"vxlan\"",
+            );
+            return (default, false);
+        }
+    };
+    warnings.extend(o.unknown().into_iter().map(|k| format!("unknown key {k} ignored (not used by the {} backend)", backend.type_name())));
+    (backend, false)
+}
+
+impl NetConfig {
+    /// Parses flannel's `net-conf.json` text.
+    pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+            line: e.line(),
+            column: e.column(),
+            reason: e.to_string(),
+        })?;
+        let map = match value.as_object() {
+            Some(m) => m,
+            None => {
+                return Err(ConfigError::Invalid(vec![ConfigProblem {
+                    key: "(top level)".into(),
+                    value: value.to_string(),
+                    rule: "must be a JSON object".into(),
+                    example: "{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}".into(),
+                }]))
+            }
+        };
+        let mut ctx = Ctx { problems: Vec::new() };
+        let mut warnings = Vec::new();
+        let mut o = Obj::new(map, "");
+        let enable4 = ctx.bool(&mut o, "EnableIPv4", true);
+        let enable6 = ctx.bool(&mut o, "EnableIPv6", false);
+        let v4 = if enable4 {
+            build_pool(&mut ctx, &mut o, &V4_RULES, &mut warnings)
+        } else {
+            None
+        };
+        let v6 = if enable6 {
+            build_pool(&mut ctx, &mut o, &V6_RULES, &mut warnings)
+        } else {
+            None
+        };
+        if !enable4 && !enable6 {
+            ctx.problem("EnableIPv4", o_raw(&o, "EnableIPv4").as_ref(), "at least one of EnableIPv4 and EnableIPv6 must be true", "\"EnableIPv4\": true");
+        }
+        let (backend, backend_defaulted) = parse_backend(&mut ctx, &mut o, &mut warnings);
+        // Keys of a disabled family are known to flannel; they are not typos.
+        for r in [&V4_RULES, &V6_RULES] {
+            for k in [r.net_key, r.len_key, r.min_key, r.max_key] {
+                o.get(k);
+            }
+        }
+        let mut unknown: Vec<String> = o.unknown().into_iter().map(|k| format!("unknown key {k} ignored")).collect();
+        unknown.append(&mut warnings);
+        if !ctx.problems.is_empty() {
+            return Err(ConfigError::Invalid(ctx.problems));
+        }
+        Ok(Parsed {
+            config: NetConfig {
+                v4,
+                v6,
+                backend,
+                backend_defaulted,
+            },
+            warnings: unknown,
+        })
+    }
+
+    /// The effective config in flannel's own keys, every default written out.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("EnableIPv4".into(), Value::Bool(self.v4.is_some()));
+        m.insert("EnableIPv6".into(), Value::Bool(self.v6.is_some()));
+        for (pool, r) in [(&self.v4, &V4_RULES), (&self.v6, &V6_RULES)] {
+            if let Some(p) = pool {
+                m.insert(r.net_key.into(), Value::String(p.network.to_string()));
+                m.insert(r.len_key.into(), Value::from(p.subnet_len));
+                m.insert(r.min_key.into(), Value::String(p.min.to_string()));
+                m.insert(r.max_key.into(), Value::String(p.max.to_string()));
+            }
+        }
+        let mut b = Map::new();
+        b.insert("Type".into(), Value::String(self.backend.type_name().into()));
+        match &self.backend {
+            Backend::Vxlan(v) => {
+                b.insert("VNI".into(), Value::from(v.vni));
+                b.insert("Port".into(), Value::from(v.port));
+                b.insert("DirectRouting".into(), Value::Bool(v.direct_routing));
+                b.insert("MTU".into(), v.mtu.map_or(Value::Null, Value::from));
+                b.insert("GBP".into(), Value::Bool(v.gbp));
+                b.insert("Learning".into(), Value::Bool(v.learning));
+            }
+            Backend::HostGw => {}
+            Backend::Udp(u) => {
+                b.insert("Port".into(), Value::from(u.port));
+            }
+        }
+        m.insert("Backend".into(), Value::Object(b));
+        Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Parsed {
+        NetConfig::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match NetConfig::parse(text) {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected problems for {text}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_flannel_config_gets_flannels_defaults() {
+        let p = ok(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+        let v4 = p.config.v4.unwrap();
+        assert_eq!(v4.subnet_len, 24);
+        assert_eq!(v4.min.to_string(), "10.244.1.0");
+        assert_eq!(v4.max.to_string(), "10.244.255.0");
+        assert!(p.config.v6.is_none());
+        match p.config.backend {
+            Backend::Vxlan(v) => {
+                assert_eq!((v.vni, v.port, v.direct_routing, v.mtu, v.gbp, v.learning), (1, 8472, false, None, false, false))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(p.warnings.is_empty());
+        assert!(!p.config.backend_defaulted);
+    }
+
+    #[test]
+    fn missing_backend_means_vxlan() {
+        let p = ok(r#"{"Network": "10.1.0.0/16"}"#);
+        assert_eq!(p.config.backend.type_name(), "vxlan");
+        assert!(p.config.backend_defaulted);
+    }
+
+    #[test]
+    fn small_networks_split_in_four() {
+        let p = ok(r#"{"Network": "10.1.0.0/26"}"#);
+        assert_eq!(p.config.v4.unwrap().subnet_len, 28);
+        let p = ok(r#"{"Network": "10.1.0.0/22"}"#);
+        assert_eq!(p.config.v4.unwrap().subnet_len, 24);
+        let p = ok(r#"{"Network": "10.1.0.0/23"}"#);
+        assert_eq!(p.config.v4.unwrap().subnet_len, 25);
+    }
+
+    #[test]
+    fn network_smaller_than_28_is_rejected() {
+        let p = problems(r#"{"Network": "10.1.0.0/29"}"#);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "Network");
+        assert!(p[0].rule.contains("/28"), "{}", p[0]);
+    }
+
+    #[test]
+    fn subnet_len_bounds() {
+        let p = problems(r#"{"Network": "10.0.0.0/8", "SubnetLen": 31}"#);
+        assert_eq!(p[0].key, "SubnetLen");
+        assert_eq!(p[0].value, "31");
+        assert!(p[0].rule.contains("at most 30"));
+        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetLen": 17}"#);
+        assert_eq!(p[0].key, "SubnetLen");
+        assert!(p[0].rule.contains("18"), "{}", p[0]);
+        ok(r#"{"Network": "10.0.0.0/16", "SubnetLen": 18}"#);
+        ok(r#"{"Network": "10.0.0.0/16", "SubnetLen": 30}"#);
+    }
+
+    #[test]
+    fn subnet_min_max_rules() {
+        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.1.0.0"}"#);
+        assert_eq!(p[0].key, "SubnetMin");
+        assert!(p[0].rule.contains("inside"));
+        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetMax": "10.0.5.128"}"#);
+        assert_eq!(p[0].key, "SubnetMax");
+        assert!(p[0].rule.contains("aligned"));
+        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.9.0", "SubnetMax": "10.0.5.0"}"#);
+        assert_eq!(p[0].key, "SubnetMin");
+        let c = ok(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.10.0", "SubnetMax": "10.0.20.0"}"#).config;
+        assert_eq!(c.v4.unwrap().len(), 11);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetLen": "24", "Backend": {"Type": "vxlan", "VNI": -1, "DirectRouting": "yes"}}"#);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["SubnetLen", "Backend.VNI", "Backend.DirectRouting"]);
+        for q in &p {
+            assert!(q.example.contains(q.key.rsplit('.').next().unwrap()), "example names the key: {q}");
+        }
+    }
+
+    #[test]
+    fn bad_types_and_values() {
+        assert_eq!(problems(r#"{"Network": "10.0.0.0"}"#)[0].key, "Network");
+        assert_eq!(problems(r#"{"Network": 5}"#)[0].key, "Network");
+        assert_eq!(problems(r#"{"Network": "fd00::/64"}"#)[0].key, "Network");
+        assert_eq!(problems(r#"{}"#)[0].key, "Network");
+        assert_eq!(problems(r#"[]"#)[0].key, "(top level)");
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "ipip"}}"#)[0].key, "Backend.Type");
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#)[0].key, "Backend.VNI");
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "Port": 70000}}"#)[0].key, "Backend.Port");
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "MTU": 50}}"#)[0].key, "Backend.MTU");
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": "vxlan"}"#)[0].key, "Backend");
+        assert_eq!(problems(r#"{"EnableIPv4": false}"#)[0].key, "EnableIPv4");
+        assert_eq!(problems(r#"{"EnableIPv4": false, "EnableIPv6": true}"#)[0].key, "IPv6Network");
+        assert!(matches!(NetConfig::parse("{\"Network\": "), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn unknown_keys_are_warned_about_by_name() {
+        let p = ok(r#"{"Network": "10.0.0.0/16", "SubnetLne": 24, "Backend": {"Type": "host-gw", "VNI": 3}}"#);
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(p.warnings[0].contains("SubnetLne"));
+        assert!(p.warnings[1].contains("Backend.VNI"));
+    }
+
+    #[test]
+    fn keys_match_case_insensitively_like_go() {
+        let p = ok(r#"{"network": "10.0.0.0/16", "backend": {"type": "udp"}}"#);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.backend, Backend::Udp(UdpConf { port: 8285 }));
+    }
+
+    #[test]
+    fn dual_stack() {
+        let c = ok(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56"}"#).config;
+        let v6 = c.v6.unwrap();
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.min.to_string(), "fd00:1:0:1::");
+        assert_eq!(v6.max.to_string(), "fd00:1:0:ff::");
+        let p = problems(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56", "IPv6SubnetLen": 127}"#);
+        assert_eq!(p[0].key, "IPv6SubnetLen");
+        let p = problems(r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:1::/125"}"#);
+        assert_eq!(p[0].key, "IPv6Network");
+        let c = ok(r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:1::/120"}"#).config;
+        assert_eq!(c.v6.unwrap().subnet_len, 122);
+        assert!(c.v4.is_none());
+    }
+
+    #[test]
+    fn effective_json_round_trips() {
+        let c = ok(r#"{"Network": "10.0.0.0/12", "Backend": {"Type": "vxlan", "DirectRouting": true, "VNI": 4096}}"#).config;
+        let again = ok(&c.to_json().to_string()).config;
+        assert_eq!(c.v4, again.v4);
+        assert_eq!(c.backend, again.backend);
+    }
+}
