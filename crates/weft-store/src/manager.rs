@@ -1,0 +1,296 @@
+//! flannel's lease policy, once for every store: which subnet a node gets, renewal, release.
+//!
+//! - A node gets back the lease that carries its public IP (a reservation counts), else the
+//!   subnet recorded in its old `subnet.env` when that is still free, else a free subnet
+//!   chosen at random, created atomically; losing a race means trying another.
+//! - Leases live 24 h and are renewed 1 h before they end; a failed renewal is retried every
+//!   minute. A reservation has no TTL and is never renewed or handed to another node.
+
+use crate::{Store, StoreError};
+use rand::SeedableRng;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+use weft_core::alloc::{capacity, fits, key_at, FreeMap};
+use weft_core::{Expiry, Lease, LeaseAttrs, LeaseKey, NetConfig};
+
+/// flannel's lease timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    /// Renew this long before the lease ends.
+    pub renew_margin: Duration,
+    /// Wait between failed renewals.
+    pub retry: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            ttl: Duration::from_secs(24 * 3600),
+            renew_margin: Duration::from_secs(3600),
+            retry: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How long to wait before renewing a lease that ends at `expiry`.
+pub fn renew_in(expiry: Expiry, timing: &LeaseTiming, now: SystemTime) -> Option<Duration> {
+    match expiry {
+        Expiry::Never => None,
+        Expiry::Unknown => Some(Duration::ZERO),
+        Expiry::At(t) => Some(t.checked_sub(timing.renew_margin).and_then(|r| r.duration_since(now).ok()).unwrap_or(Duration::ZERO)),
+    }
+}
+
+/// How many list-and-create rounds an acquisition tries before giving up on conflicts.
+const ROUNDS: usize = 50;
+/// Candidates tried per listing before listing again.
+const TRIES_PER_LISTING: usize = 8;
+/// How long transient store errors are retried within one call.
+const TRANSIENT_BUDGET: Duration = Duration::from_secs(30);
+
+/// Runs `op` until it succeeds, fails for good, or transient errors outlast the budget.
+pub async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && start.elapsed() < TRANSIENT_BUDGET => {
+                tracing::warn!(error = %e, retry_in = ?wait, "{what}: store error, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn same_node(cfg: &NetConfig, held: &LeaseAttrs, want: &LeaseAttrs) -> bool {
+    if cfg.v4.is_some() {
+        held.public_ip == want.public_ip
+    } else {
+        held.public_ipv6.is_some() && held.public_ipv6 == want.public_ipv6
+    }
+}
+
+/// Acquires a lease for the node described by `attrs`.
+///
+/// `previous`: the subnet this node held before (from its `subnet.env`), taken again if free.
+pub async fn acquire<S: Store>(
+    store: &S,
+    cfg: &NetConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<LeaseKey>,
+    ttl: Duration,
+) -> Result<Lease, StoreError> {
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut previous = previous.filter(|k| fits(cfg, k));
+    for _ in 0..ROUNDS {
+        let listing = retrying("listing leases", || store.list()).await?;
+        for c in &listing.corrupt {
+            tracing::warn!(key = %c.key, reason = %c.reason, "skipping a stored lease that cannot be read");
+        }
+        // 1. The lease that already carries this node's public IP.
+        if let Some(held) = listing.leases.iter().find(|l| same_node(cfg, &l.attrs, attrs)) {
+            if held.is_reservation() || fits(cfg, &held.key) {
+                let mut want = attrs.clone();
+                if want.node_name.is_empty() {
+                    want.node_name = held.attrs.node_name.clone();
+                }
+                let ttl = (!held.is_reservation()).then_some(ttl);
+                let lease = Lease {
+                    key: held.key,
+                    attrs: want,
+                    expiry: held.expiry,
+                };
+                match retrying("renewing the node's lease", || store.update(&lease, ttl)).await {
+                    Ok(l) => {
+                        tracing::info!(lease = %l.key, node = %l.attrs.owner(), reservation = l.is_reservation(), "took back the node's existing lease");
+                        return Ok(l);
+                    }
+                    Err(StoreError::NotFound(_)) => continue, // it expired just now
+                    Err(e) => return Err(e),
+                }
+            }
+            // Left over from a config whose range no longer holds it: let it go, as flannel does.
+            tracing::info!(lease = %held.key, "releasing the node's lease from outside the configured range");
+            retrying("releasing an out-of-range lease", || store.delete(&held.key)).await?;
+            continue;
+        }
+        // 2. The subnet the node had before, if nobody holds it now.
+        if let Some(prev) = previous.take() {
+            if !listing.leases.iter().any(|l| l.key.overlaps(&prev)) {
+                let lease = Lease {
+                    key: prev,
+                    attrs: attrs.clone(),
+                    expiry: Expiry::Unknown,
+                };
+                match retrying("creating a lease", || store.create(&lease, Some(ttl))).await {
+                    Ok(l) => {
+                        tracing::info!(lease = %l.key, node = %l.attrs.owner(), "took back the subnet from subnet.env");
+                        return Ok(l);
+                    }
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        // 3. A free subnet at random.
+        let mut free = FreeMap::new(cfg, listing.leases.iter().map(|l| &l.key));
+        for _ in 0..TRIES_PER_LISTING {
+            let Some(i) = free.pick(&mut rng) else {
+                return Err(exhausted(cfg, listing.leases.len()));
+            };
+            let Some(key) = key_at(cfg, i) else {
+                return Err(exhausted(cfg, listing.leases.len()));
+            };
+            let lease = Lease {
+                key,
+                attrs: attrs.clone(),
+                expiry: Expiry::Unknown,
+            };
+            match retrying("creating a lease", || store.create(&lease, Some(ttl))).await {
+                Ok(l) => {
+                    tracing::info!(lease = %l.key, node = %l.attrs.owner(), "acquired a new lease");
+                    return Ok(l);
+                }
+                Err(StoreError::Conflict(_)) => free.block(i),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Err(StoreError::Unavailable(format!("no lease after {ROUNDS} rounds of lost races; too many nodes starting at once?")))
+}
+
+fn exhausted(cfg: &NetConfig, held: usize) -> StoreError {
+    let range = [&cfg.v4, &cfg.v6]
+        .into_iter()
+        .flatten()
+        .map(|p| p.describe())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let range = if cfg.v4.is_some() && cfg.v6.is_some() {
+        format!("{range}, paired: {} leases", capacity(cfg))
+    } else {
+        range
+    };
+    StoreError::Exhausted { range, held }
+}
+
+/// Reserves `key` for the node in `attrs`: a lease without TTL.
+pub async fn reserve<S: Store>(store: &S, cfg: &NetConfig, key: LeaseKey, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
+    if !fits(cfg, &key) {
+        let range = [&cfg.v4, &cfg.v6].into_iter().flatten().map(|p| p.describe()).collect::<Vec<_>>().join(" and ");
+        return Err(StoreError::Invalid(format!(
+            "SUBNET {key} is not one of the network's subnets ({range}); give a subnet of the configured length inside [SubnetMin, SubnetMax]"
+        )));
+    }
+    let listing = retrying("listing leases", || store.list()).await?;
+    if let Some(l) = listing.leases.iter().find(|l| l.key.overlaps(&key)) {
+        if l.key == key && same_node(cfg, &l.attrs, attrs) {
+            // The node's own lease becomes a reservation.
+            let lease = Lease {
+                key,
+                attrs: attrs.clone(),
+                expiry: Expiry::Never,
+            };
+            return retrying("reserving", || store.update(&lease, None)).await;
+        }
+        return Err(StoreError::Conflict(l.key));
+    }
+    if let Some(l) = listing.leases.iter().find(|l| same_node(cfg, &l.attrs, attrs)) {
+        return Err(StoreError::Invalid(format!(
+            "public IP {} already holds lease {}; release it first (weft leases release {})",
+            attrs.public_ip, l.key, l.key
+        )));
+    }
+    let lease = Lease {
+        key,
+        attrs: attrs.clone(),
+        expiry: Expiry::Never,
+    };
+    retrying("reserving", || store.create(&lease, None)).await
+}
+
+/// Renews `lease`; takes its subnet again if it lapsed and nobody took it meanwhile.
+pub async fn renew<S: Store>(store: &S, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
+    if lease.is_reservation() {
+        return Ok(lease.clone());
+    }
+    match retrying("renewing the lease", || store.update(lease, Some(ttl))).await {
+        Err(StoreError::NotFound(_)) => {
+            tracing::warn!(lease = %lease.key, "lease lapsed before renewal; taking it again");
+            retrying("re-creating the lease", || store.create(lease, Some(ttl))).await
+        }
+        other => other,
+    }
+}
+
+/// Keeps `lease` alive until `stop` fires: renews `renew_margin` before expiry and retries
+/// every `retry` on failure. If the subnet was lost to another node, acquires a new one; the
+/// current lease is published on the returned channel.
+pub fn keep<S: Store + Clone>(
+    store: S,
+    cfg: NetConfig,
+    lease: Lease,
+    timing: LeaseTiming,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Lease>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(lease.clone());
+    let task = tokio::spawn(async move {
+        let mut lease = lease;
+        loop {
+            let Some(wait) = renew_in(lease.expiry, &timing, SystemTime::now()) else {
+                let _ = stop.changed().await; // a reservation: nothing to renew
+                return;
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+            let result = match renew(&store, &lease, timing.ttl).await {
+                Err(StoreError::Conflict(_)) => {
+                    tracing::error!(lease = %lease.key, "lease was taken by another node while lapsed; acquiring a new one");
+                    acquire(&store, &cfg, &lease.attrs, None, timing.ttl).await
+                }
+                other => other,
+            };
+            match result {
+                Ok(l) => {
+                    tracing::debug!(lease = %l.key, "lease renewed");
+                    lease = l;
+                    let _ = tx.send(lease.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease.key, error = %e, retry_in = ?timing.retry, "lease renewal failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(timing.retry) => {}
+                        _ = stop.changed() => return,
+                    }
+                    // Retry at once next round, however far the expiry still is.
+                    lease.expiry = Expiry::Unknown;
+                }
+            }
+        }
+    });
+    (rx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_one_margin_before_expiry() {
+        let t = LeaseTiming::default();
+        let now = SystemTime::now();
+        let exp = Expiry::At(now + Duration::from_secs(24 * 3600));
+        assert_eq!(renew_in(exp, &t, now), Some(Duration::from_secs(23 * 3600)));
+        assert_eq!(renew_in(Expiry::At(now + Duration::from_secs(60)), &t, now), Some(Duration::ZERO));
+        assert_eq!(renew_in(Expiry::Never, &t, now), None);
+    }
+}

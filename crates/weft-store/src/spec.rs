@@ -1,0 +1,144 @@
+//! `--store` addresses and the store they open.
+
+use crate::etcd::{EtcdStore, EtcdTls};
+use crate::sqlite::SqliteStore;
+use crate::{ChangeStream, Listing, Store, StoreError};
+use std::path::PathBuf;
+use std::time::Duration;
+use weft_core::{Lease, LeaseKey};
+
+pub const DEFAULT_STORE: &str = "sqlite:/var/lib/weft/store.db";
+
+/// Where leases live: `sqlite:/var/lib/weft/store.db` or `etcd://h1:2379,h2:2379`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    Sqlite(PathBuf),
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        let bad = |why: &str| {
+            StoreError::Invalid(format!(
+                "--store {s:?}: {why}; use sqlite:/var/lib/weft/store.db or etcd://10.0.0.1:2379,10.0.0.2:2379"
+            ))
+        };
+        if let Some(rest) = s.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(bad("the sqlite store needs a file path"));
+            }
+            return Ok(StoreSpec::Sqlite(PathBuf::from(path)));
+        }
+        if let Some(rest) = s.strip_prefix("etcd://").or_else(|| s.strip_prefix("etcds://")) {
+            let scheme = if s.starts_with("etcds://") { "https" } else { "http" };
+            let eps: Vec<String> = rest
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(|e| if e.contains("://") { e.to_string() } else { format!("{scheme}://{e}") })
+                .collect();
+            if eps.is_empty() {
+                return Err(bad("no etcd endpoint given"));
+            }
+            for e in &eps {
+                let hostport = e.split("://").nth(1).unwrap_or("");
+                if !hostport.contains(':') {
+                    return Err(bad(&format!("endpoint {e} has no port (etcd's client port is usually 2379)")));
+                }
+            }
+            return Ok(StoreSpec::Etcd(eps));
+        }
+        Err(bad("unknown kind of store"))
+    }
+}
+
+/// Settings only etcd uses.
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    pub prefix: String,
+    pub tls: EtcdTls,
+}
+
+impl Default for EtcdSettings {
+    fn default() -> Self {
+        EtcdSettings {
+            prefix: crate::etcd::DEFAULT_PREFIX.to_string(),
+            tls: EtcdTls::default(),
+        }
+    }
+}
+
+/// Whichever store `--store` named.
+#[derive(Clone)]
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Etcd(EtcdStore),
+}
+
+impl AnyStore {
+    pub async fn open(spec: &StoreSpec, etcd: &EtcdSettings) -> Result<Self, StoreError> {
+        match spec {
+            StoreSpec::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(path)?)),
+            StoreSpec::Etcd(eps) => Ok(AnyStore::Etcd(EtcdStore::connect(eps, &etcd.prefix, &etcd.tls).await?)),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $e,
+            AnyStore::Etcd($s) => $e,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn get_config(&self) -> Result<Option<String>, StoreError> {
+        delegate!(self, s => s.get_config().await)
+    }
+    async fn put_config(&self, text: &str) -> Result<(), StoreError> {
+        delegate!(self, s => s.put_config(text).await)
+    }
+    async fn list(&self) -> Result<Listing, StoreError> {
+        delegate!(self, s => s.list().await)
+    }
+    async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
+        delegate!(self, s => s.create(lease, ttl).await)
+    }
+    async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
+        delegate!(self, s => s.update(lease, ttl).await)
+    }
+    async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {
+        delegate!(self, s => s.delete(key).await)
+    }
+    async fn changes(&self, from: u64) -> Result<ChangeStream, StoreError> {
+        delegate!(self, s => s.changes(from).await)
+    }
+    async fn resolve_expiry(&self, leases: &mut [Lease]) -> Result<(), StoreError> {
+        delegate!(self, s => s.resolve_expiry(leases).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_store_addresses() {
+        assert_eq!("sqlite:/var/lib/weft/store.db".parse::<StoreSpec>().unwrap(), StoreSpec::Sqlite("/var/lib/weft/store.db".into()));
+        assert_eq!("sqlite:///tmp/x.db".parse::<StoreSpec>().unwrap(), StoreSpec::Sqlite("/tmp/x.db".into()));
+        assert_eq!(
+            "etcd://h1:2379,h2:2379".parse::<StoreSpec>().unwrap(),
+            StoreSpec::Etcd(vec!["http://h1:2379".into(), "http://h2:2379".into()])
+        );
+        assert_eq!("etcds://h1:2379".parse::<StoreSpec>().unwrap(), StoreSpec::Etcd(vec!["https://h1:2379".into()]));
+        for bad in ["", "sqlite:", "etcd://", "etcd://h1", "redis://x:1"] {
+            let e = bad.parse::<StoreSpec>().unwrap_err().to_string();
+            assert!(e.contains("--store"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The embedded store: one SQLite database file (WAL, `synchronous=FULL`).
+//!
+//! Many agent processes on one machine may share the file: every write is a `BEGIN IMMEDIATE`
+//! transaction, so writers queue on SQLite's own lock (with a busy timeout) and a crash at any
+//! point leaves either the whole change or none of it. Subnet uniqueness is a UNIQUE constraint.
+//! Every change gets a revision and a row in an event log, which watchers poll; the log keeps
+//! the last [`EVENT_LOG_KEEP`] changes, an older cursor gets `Compacted`.
+
+use crate::{Change, ChangeStream, Corrupt, Listing, Store, StoreError};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use weft_core::{Expiry, Lease, LeaseAttrs, LeaseKey};
+
+/// How many changes the event log keeps for watchers that fall behind.
+pub const EVENT_LOG_KEEP: u64 = 20_000;
+/// How often a watcher looks for new changes.
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn expiry_of(ms: Option<i64>) -> Expiry {
+    match ms {
+        None => Expiry::Never,
+        Some(ms) => Expiry::At(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    key        TEXT PRIMARY KEY,
+    v4         TEXT UNIQUE,
+    v6         TEXT UNIQUE,
+    value      TEXT NOT NULL,
+    expires_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS leases_expiry ON leases(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    rev        INTEGER PRIMARY KEY,
+    key        TEXT NOT NULL,
+    value      TEXT,
+    expires_at INTEGER
+);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('rev', '0'), ('compacted', '0');
+";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let err = |source| StoreError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Invalid(format!("cannot create the directory of sqlite store {}: {e}", path.display())))?;
+        }
+        let mut conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        tx.execute_batch(SCHEMA).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(SqliteStore {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the connection off the async runtime.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Invalid(format!("sqlite worker failed: {e}")))?
+    }
+
+    fn wrap(&self) -> impl Fn(rusqlite::Error) -> StoreError + Clone + Send + 'static {
+        let path = self.path.display().to_string();
+        move |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        }
+    }
+
+    /// A write transaction: expired leases are swept first, so every writer sees live leases.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction, &dyn Fn(rusqlite::Error) -> StoreError) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let err = self.wrap();
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
+            sweep(&tx, &err)?;
+            let out = f(&tx, &err)?;
+            tx.commit().map_err(&err)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Sweeps expired leases if any are due; a cheap read when none are.
+    async fn sweep_if_due(&self) -> Result<(), StoreError> {
+        let err = self.wrap();
+        let due = self
+            .with(move |conn| {
+                conn.query_row("SELECT EXISTS (SELECT 1 FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ?1)", [now_ms()], |r| r.get::<_, bool>(0))
+                    .map_err(&err)
+            })
+            .await?;
+        if due {
+            self.write(|_, _| Ok(())).await?;
+        }
+        Ok(())
+    }
+}
+
+fn bump(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError) -> Result<u64, StoreError> {
+    let rev: u64 = tx
+        .query_row("UPDATE meta SET v = CAST(v AS INTEGER) + 1 WHERE k = 'rev' RETURNING CAST(v AS INTEGER)", [], |r| r.get(0))
+        .map_err(err)?;
+    if rev % 1000 == 0 && rev > EVENT_LOG_KEEP {
+        let upto = rev - EVENT_LOG_KEEP;
+        tx.execute("DELETE FROM events WHERE rev <= ?1", [upto]).map_err(err)?;
+        tx.execute("UPDATE meta SET v = ?1 WHERE k = 'compacted'", [upto.to_string()]).map_err(err)?;
+    }
+    Ok(rev)
+}
+
+fn log_event(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError, key: &str, value: Option<&str>, expires: Option<i64>) -> Result<u64, StoreError> {
+    let rev = bump(tx, err)?;
+    tx.execute("INSERT INTO events (rev, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)", params![rev, key, value, expires])
+        .map_err(err)?;
+    Ok(rev)
+}
+
+fn sweep(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError) -> Result<(), StoreError> {
+    let expired: Vec<String> = {
+        let mut stmt = tx
+            .prepare("DELETE FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ?1 RETURNING key")
+            .map_err(err)?;
+        let rows = stmt.query_map([now_ms()], |r| r.get(0)).map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)?
+    };
+    for key in expired {
+        tracing::info!(lease = %key, "lease expired");
+        log_event(tx, err, &key, None, None)?;
+    }
+    Ok(())
+}
+
+fn decode(key: &str, value: &str, expires: Option<i64>) -> Result<Lease, Corrupt> {
+    let corrupt = |reason: String| Corrupt {
+        key: key.to_string(),
+        reason,
+    };
+    let k: LeaseKey = key.parse().map_err(|e: weft_core::lease::BadKey| corrupt(e.to_string()))?;
+    let attrs = LeaseAttrs::from_json(value.as_bytes()).map_err(|e| corrupt(format!("lease value is not flannel's lease JSON: {e}")))?;
+    Ok(Lease {
+        key: k,
+        attrs,
+        expiry: expiry_of(expires),
+    })
+}
+
+fn ttl_deadline(ttl: Option<Duration>) -> Option<i64> {
+    ttl.map(|t| now_ms() + t.as_millis() as i64)
+}
+
+impl Store for SqliteStore {
+    async fn get_config(&self) -> Result<Option<String>, StoreError> {
+        let err = self.wrap();
+        self.with(move |c| c.query_row("SELECT v FROM meta WHERE k = 'config'", [], |r| r.get(0)).optional().map_err(&err))
+            .await
+    }
+
+    async fn put_config(&self, text: &str) -> Result<(), StoreError> {
+        let text = text.to_string();
+        self.write(move |tx, err| {
+            tx.execute("INSERT INTO meta (k, v) VALUES ('config', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v", [text])
+                .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Listing, StoreError> {
+        self.sweep_if_due().await?;
+        let err = self.wrap();
+        self.with(move |conn| {
+            // One read transaction: the leases and the revision are of the same moment.
+            let tx = conn.transaction().map_err(&err)?;
+            let revision: u64 = tx.query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'rev'", [], |r| r.get(0)).map_err(&err)?;
+            let mut listing = Listing {
+                revision,
+                ..Default::default()
+            };
+            {
+                let mut stmt = tx
+                    .prepare("SELECT key, value, expires_at FROM leases WHERE expires_at IS NULL OR expires_at > ?1")
+                    .map_err(&err)?;
+                let mut rows = stmt.query([now_ms()]).map_err(&err)?;
+                while let Some(r) = rows.next().map_err(&err)? {
+                    let (k, v, e): (String, String, Option<i64>) = (r.get(0).map_err(&err)?, r.get(1).map_err(&err)?, r.get(2).map_err(&err)?);
+                    match decode(&k, &v, e) {
+                        Ok(l) => listing.leases.push(l),
+                        Err(c) => listing.corrupt.push(c),
+                    }
+                }
+            }
+            tx.commit().map_err(&err)?;
+            Ok(listing)
+        })
+        .await
+    }
+
+    async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
+        let mut lease = lease.clone();
+        let expires = ttl_deadline(ttl);
+        lease.expiry = expiry_of(expires);
+        self.write(move |tx, err| {
+            let key = lease.key.to_string();
+            let value = lease.attrs.to_json();
+            let inserted = tx
+                .execute(
+                    "INSERT INTO leases (key, v4, v6, value, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                    params![key, lease.key.v4.map(|n| n.to_string()), lease.key.v6.map(|n| n.to_string()), value, expires],
+                )
+                .map_err(err)?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(lease.key));
+            }
+            log_event(tx, err, &key, Some(&value), expires)?;
+            Ok(lease)
+        })
+        .await
+    }
+
+    async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
+        let mut lease = lease.clone();
+        let expires = ttl_deadline(ttl);
+        lease.expiry = expiry_of(expires);
+        self.write(move |tx, err| {
+            let key = lease.key.to_string();
+            let value = lease.attrs.to_json();
+            let n = tx
+                .execute("UPDATE leases SET value = ?2, expires_at = ?3 WHERE key = ?1", params![key, value, expires])
+                .map_err(err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(lease.key));
+            }
+            log_event(tx, err, &key, Some(&value), expires)?;
+            Ok(lease)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.write(move |tx, err| {
+            let n = tx.execute("DELETE FROM leases WHERE key = ?1", [&key]).map_err(err)?;
+            if n > 0 {
+                log_event(tx, err, &key, None, None)?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn changes(&self, from: u64) -> Result<ChangeStream, StoreError> {
+        let (tx, rx) = mpsc::channel(16);
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut next = from;
+            loop {
+                let batch = store.poll(next).await;
+                let stop = match &batch {
+                    Ok(changes) => {
+                        if let Some(last) = changes.last() {
+                            next = last.rev() + 1;
+                        }
+                        changes.is_empty()
+                    }
+                    Err(_) => false,
+                };
+                let failed = batch.is_err();
+                if !stop && tx.send(batch).await.is_err() {
+                    return; // the watcher went away
+                }
+                if failed {
+                    return;
+                }
+                if stop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn resolve_expiry(&self, _leases: &mut [Lease]) -> Result<(), StoreError> {
+        Ok(()) // SQLite keeps the deadline in the row: listings carry it already.
+    }
+}
+
+impl SqliteStore {
+    /// The changes from `from` on, at most 1000.
+    async fn poll(&self, from: u64) -> Result<Vec<Change>, StoreError> {
+        self.sweep_if_due().await?;
+        let err = self.wrap();
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(&err)?;
+            let compacted: u64 = tx.query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'compacted'", [], |r| r.get(0)).map_err(&err)?;
+            if from <= compacted {
+                return Err(StoreError::Compacted(from));
+            }
+            let mut stmt = tx
+                .prepare("SELECT rev, key, value, expires_at FROM events WHERE rev >= ?1 ORDER BY rev LIMIT 1000")
+                .map_err(&err)?;
+            let mut rows = stmt.query([from]).map_err(&err)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(&err)? {
+                let rev: u64 = r.get(0).map_err(&err)?;
+                let key: String = r.get(1).map_err(&err)?;
+                let value: Option<String> = r.get(2).map_err(&err)?;
+                let expires: Option<i64> = r.get(3).map_err(&err)?;
+                out.push(match value {
+                    Some(v) => match decode(&key, &v, expires) {
+                        Ok(lease) => Change::Put { lease, rev },
+                        Err(corrupt) => Change::Corrupt { corrupt, rev },
+                    },
+                    None => match key.parse() {
+                        Ok(key) => Change::Delete { key, rev },
+                        Err(e) => Change::Corrupt {
+                            corrupt: Corrupt {
+                                key,
+                                reason: format!("{e}"),
+                            },
+                            rev,
+                        },
+                    },
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Writes a raw row, bypassing every check: for tests of corrupt values.
+    #[doc(hidden)]
+    pub async fn put_raw(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let (key, value) = (key.to_string(), value.to_string());
+        self.write(move |tx, err| {
+            tx.execute("INSERT OR REPLACE INTO leases (key, value) VALUES (?1, ?2)", params![key, value]).map_err(err)?;
+            log_event(tx, err, &key, Some(&value), None)?;
+            Ok(())
+        })
+        .await
+    }
+}
