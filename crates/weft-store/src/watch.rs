@@ -99,6 +99,7 @@ impl<S: Store + Clone> LeaseWatcher<S> {
             let listing = self.store.list().await?;
             self.absorb_listing(listing);
             self.need_listing = false;
+            return Ok(()); // hand out the snapshot before waiting for changes
         }
         if self.stream.is_none() {
             self.stream = Some(self.store.changes(self.next_rev).await?);

@@ -1,0 +1,145 @@
+//! etcd under faults: restarts, compaction, and a 3-member cluster losing a member mid-run.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use support::Harness;
+use weft_core::{LeaseAttrs, LeaseEvent, LeaseKey, NetConfig};
+use weft_store::manager;
+use weft_store::watch::{LeaseWatcher, WatchEvent};
+use weft_store::{AnyStore, Store};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn net() -> NetConfig {
+    NetConfig::parse(r#"{"Network": "10.20.0.0/16"}"#).expect("config").config
+}
+
+fn node(i: u32) -> LeaseAttrs {
+    LeaseAttrs::new(&format!("node-{i}"), Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + i), "vxlan")
+}
+
+/// Applies events to a map, failing on any event that repeats or contradicts what came before.
+fn apply(known: &mut HashMap<LeaseKey, String>, ev: WatchEvent) {
+    match ev {
+        WatchEvent::Snapshot(s) => {
+            assert!(known.is_empty(), "second snapshot");
+            known.extend(s.into_iter().map(|l| (l.key, l.attrs.node_name)));
+        }
+        WatchEvent::Lease(LeaseEvent::Added(l)) => assert!(known.insert(l.key, l.attrs.node_name).is_none(), "Added twice: {}", l.key),
+        WatchEvent::Lease(LeaseEvent::Changed(l)) => assert!(known.insert(l.key, l.attrs.node_name).is_some(), "Changed unknown {}", l.key),
+        WatchEvent::Lease(LeaseEvent::Removed(k)) => assert!(known.remove(&k).is_some(), "Removed twice/unknown: {k}"),
+        WatchEvent::Corrupt(c) => panic!("corrupt {c:?}"),
+    }
+}
+
+async fn drain_until(w: &mut LeaseWatcher<AnyStore>, known: &mut HashMap<LeaseKey, String>, want: &HashMap<LeaseKey, String>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while known != want {
+        let ev = tokio::time::timeout_at(deadline, w.next())
+            .await
+            .unwrap_or_else(|_| panic!("watcher did not converge: has {known:?}, want {want:?}"))
+            .expect("watch");
+        apply(known, ev);
+    }
+}
+
+async fn truth(s: &AnyStore) -> HashMap<LeaseKey, String> {
+    s.list().await.expect("list").leases.into_iter().map(|l| (l.key, l.attrs.node_name)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_sees_every_event_across_an_etcd_restart() {
+    let mut h = Harness::etcd();
+    let c = net();
+    let s = h.store().await;
+    for i in 0..5 {
+        manager::acquire(&s, &c, &node(i), None, DAY).await.expect("acquire");
+    }
+    let mut w = LeaseWatcher::new(h.store().await);
+    let mut known = HashMap::new();
+    drain_until(&mut w, &mut known, &truth(&s).await).await;
+
+    // The watcher is streaming (it has seen a change through its stream)...
+    let gone = known.keys().next().copied().expect("a lease");
+    assert!(s.delete(&gone).await.expect("delete"));
+    drain_until(&mut w, &mut known, &truth(&s).await).await;
+    // ...then a change it has not read yet, and etcd dies and comes back on the same data dir.
+    manager::acquire(&s, &c, &node(10), None, DAY).await.expect("acquire");
+    h.members()[0].restart();
+    for i in 20..25 {
+        manager::acquire(&s, &c, &node(i), None, DAY).await.expect("acquire after restart");
+    }
+    let want = truth(&s).await;
+    assert_eq!(want.len(), 10);
+    // `apply` panics on any repeated or contradictory event; convergence proves none was lost.
+    drain_until(&mut w, &mut known, &want).await;
+    assert!(w.errors >= 1, "the restart must have been noticed (errors {}, resyncs {})", w.errors, w.resyncs);
+    assert_eq!(w.resyncs, 0, "history was intact: resumed by revision, no resync");
+    let extra = tokio::time::timeout(Duration::from_millis(500), w.next()).await;
+    assert!(extra.is_err(), "no event after convergence: {extra:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_falls_back_to_a_snapshot_when_history_is_compacted() {
+    let mut h = Harness::etcd();
+    let c = net();
+    let s = h.store().await;
+    let first = manager::acquire(&s, &c, &node(1), None, DAY).await.expect("acquire");
+    let mut w = LeaseWatcher::new(h.store().await);
+    let mut known = HashMap::new();
+    drain_until(&mut w, &mut known, &truth(&s).await).await;
+
+    // etcd goes away; while the watcher is cut off, leases change and history is compacted.
+    h.members()[0].kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.members()[0].restart();
+    let s = h.store().await;
+    assert!(s.delete(&first.key).await.expect("delete"));
+    for i in 2..6 {
+        manager::acquire(&s, &c, &node(i), None, DAY).await.expect("acquire");
+    }
+    h.members()[0].compact();
+    let want = truth(&s).await;
+    drain_until(&mut w, &mut known, &want).await;
+    assert_eq!(known.len(), 4);
+    assert_eq!(w.resyncs, 1, "the compacted history forced one resync");
+    assert!(!known.contains_key(&first.key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_cluster_with_a_member_killed_loses_no_lease() {
+    let mut h = Harness::etcd_cluster(3);
+    let c = net();
+    let mut acquired = HashMap::new();
+    let mut tasks = Vec::new();
+    for i in 0..60u32 {
+        let store = h.store().await;
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            // Spread over ~1.5 s so the kill lands mid-run.
+            tokio::time::sleep(Duration::from_millis(25 * i as u64)).await;
+            (i, manager::acquire(&store, &c, &node(i), None, DAY).await)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    h.members()[0].kill();
+    for t in tasks {
+        let (i, r) = t.await.expect("task");
+        let lease = r.unwrap_or_else(|e| panic!("node {i} got no lease: {e}"));
+        acquired.insert(i, lease.key);
+    }
+    let distinct: HashSet<LeaseKey> = acquired.values().copied().collect();
+    assert_eq!(distinct.len(), 60, "every node its own subnet");
+    // Read back through the surviving members only.
+    let eps: Vec<String> = h.members()[1..].iter().map(|m| format!("http://{}", m.endpoint())).collect();
+    let s = weft_store::etcd::EtcdStore::connect(&eps, "/coreos.com/network/", &Default::default()).await.expect("connect");
+    let listing = s.list().await.expect("list on survivors");
+    let stored: HashMap<LeaseKey, String> = listing.leases.into_iter().map(|l| (l.key, l.attrs.node_name)).collect();
+    for (i, key) in &acquired {
+        assert_eq!(stored.get(key).map(String::as_str), Some(format!("node-{i}").as_str()), "lease of node-{i} lost");
+    }
+    assert_eq!(stored.len(), 60);
+}

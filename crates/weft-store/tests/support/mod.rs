@@ -1,0 +1,208 @@
+//! Test harnesses: a real etcd (Debian's etcd-server) on loopback with a throw-away data dir,
+//! and throw-away SQLite files. Every process started here is SIGKILLed on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use weft_store::etcd::EtcdTls;
+use weft_store::sqlite::SqliteStore;
+use weft_store::spec::EtcdSettings;
+use weft_store::{AnyStore, StoreSpec};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port on loopback")
+}
+
+/// One etcd member.
+pub struct Etcd {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    cluster: String,
+    state: &'static str,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// A single-member cluster.
+    pub fn start() -> Etcd {
+        let mut cluster = Self::cluster(1);
+        let m = cluster.remove(0);
+        m.wait_healthy();
+        m
+    }
+
+    /// `n` members on loopback, started together; returns when all are healthy.
+    pub fn cluster(n: usize) -> Vec<Etcd> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(c, p))| Etcd {
+                name: format!("m{i}"),
+                client_port: c,
+                peer_port: p,
+                cluster: cluster.clone(),
+                state: "new",
+                dir: tempfile::tempdir().expect("tempdir"),
+                child: None,
+            })
+            .collect();
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &mut members {
+            m.wait_healthy();
+            m.state = "existing";
+        }
+        members
+    }
+
+    fn spawn(&mut self) {
+        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let p = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+            .args(["--initial-cluster", &self.cluster, "--initial-cluster-state", self.state])
+            .args(["--heartbeat-interval=10", "--election-timeout=100", "--log-level=error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start etcd: install Debian's etcd-server (apt-get install etcd-server etcd-client)");
+        self.child = Some(child);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let ok = Command::new("etcdctl")
+                .args(["--endpoints", &self.endpoint(), "--command-timeout=1s", "endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("etcd member {} did not become healthy within 20 s", self.name);
+    }
+
+    /// SIGKILL (SIGTERM on a leader whose peers are gone blocks for seconds).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the member again on the same data dir and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.state = "existing";
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    /// Compacts etcd's history up to the current revision.
+    pub fn compact(&self) {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &self.endpoint(), "endpoint", "status", "--write-out=json"])
+            .output()
+            .expect("etcdctl");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl status json");
+        let rev = v[0]["Status"]["header"]["revision"].as_i64().expect("revision");
+        let ok = Command::new("etcdctl")
+            .args(["--endpoints", &self.endpoint(), "compact", &rev.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("etcdctl compact")
+            .success();
+        assert!(ok, "etcdctl compact failed");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Makes fresh client instances of one shared store, as separate agents would have.
+pub enum Harness {
+    Sqlite { dir: TempDir },
+    Etcd { members: Vec<Etcd>, prefix: String },
+}
+
+impl Harness {
+    pub fn sqlite() -> Harness {
+        Harness::Sqlite {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn etcd() -> Harness {
+        Harness::Etcd {
+            members: vec![Etcd::start()],
+            prefix: "/coreos.com/network/".into(),
+        }
+    }
+
+    pub fn etcd_cluster(n: usize) -> Harness {
+        Harness::Etcd {
+            members: Etcd::cluster(n),
+            prefix: "/coreos.com/network/".into(),
+        }
+    }
+
+    pub fn spec(&self) -> StoreSpec {
+        match self {
+            Harness::Sqlite { dir } => StoreSpec::Sqlite(dir.path().join("store.db")),
+            Harness::Etcd { members, .. } => StoreSpec::Etcd(members.iter().map(|m| format!("http://{}", m.endpoint())).collect()),
+        }
+    }
+
+    /// A new client of the shared store.
+    pub async fn store(&self) -> AnyStore {
+        let settings = match self {
+            Harness::Etcd { prefix, .. } => EtcdSettings {
+                prefix: prefix.clone(),
+                tls: EtcdTls::default(),
+            },
+            Harness::Sqlite { .. } => EtcdSettings::default(),
+        };
+        AnyStore::open(&self.spec(), &settings).await.expect("open store")
+    }
+
+    pub fn sqlite_store(&self) -> Option<SqliteStore> {
+        match self {
+            Harness::Sqlite { dir } => Some(SqliteStore::open(dir.path().join("store.db")).expect("open sqlite")),
+            _ => None,
+        }
+    }
+
+    pub fn members(&mut self) -> &mut Vec<Etcd> {
+        match self {
+            Harness::Etcd { members, .. } => members,
+            Harness::Sqlite { .. } => panic!("not an etcd harness"),
+        }
+    }
+}
