@@ -47,15 +47,24 @@ pub enum ConfigError {
         column: usize,
         reason: String,
     },
-    #[error("{}", render_problems(.0))]
-    Invalid(Vec<ConfigProblem>),
+    /// Every problem found, and the unknown keys seen on the way (a typo is often the cause).
+    #[error("{}", render_problems(.problems, .warnings))]
+    Invalid {
+        problems: Vec<ConfigProblem>,
+        warnings: Vec<String>,
+    },
 }
 
-fn render_problems(problems: &[ConfigProblem]) -> String {
+fn render_problems(problems: &[ConfigProblem], warnings: &[String]) -> String {
     let mut s = format!("net-conf.json has {} problem(s):", problems.len());
     for p in problems {
         s.push_str("\n  - ");
         s.push_str(&p.to_string());
+    }
+    for w in warnings {
+        s.push_str("\n  (warning: ");
+        s.push_str(w);
+        s.push(')');
     }
     s
 }
@@ -63,7 +72,7 @@ fn render_problems(problems: &[ConfigProblem]) -> String {
 impl ConfigError {
     pub fn problems(&self) -> &[ConfigProblem] {
         match self {
-            ConfigError::Invalid(p) => p,
+            ConfigError::Invalid { problems, .. } => problems,
             ConfigError::Syntax { .. } => &[],
         }
     }
@@ -329,6 +338,28 @@ fn build_pool(ctx: &mut Ctx, o: &mut Obj, r: &FamilyRules, warnings: &mut Vec<St
     let network = network.trunc();
     let prefix = network.prefix_len();
 
+    // SubnetMin/SubnetMax outside the network are wrong whatever the subnet length.
+    let mut bounds_ok = true;
+    for (key, a) in [(r.min_key, min), (r.max_key, max)] {
+        if let Some(a) = a {
+            if !network.contains(&a) {
+                // The example assumes the default subnet length for this network.
+                let d = default_subnet_len(r.family, prefix).unwrap_or(bits);
+                let step = 1u128 << (bits - d).min(127);
+                let base = crate::subnet::addr_to_u128(network.network());
+                let last = crate::subnet::addr_to_u128(network.broadcast());
+                let example = if key == r.min_key { base.saturating_add(step) } else { last.saturating_sub(step - 1) };
+                let raw = o_raw(o, key);
+                ctx.problem(
+                    key,
+                    raw.as_ref(),
+                    format!("must lie inside {} {}", r.net_key, network),
+                    &format!("\"{key}\": \"{}\"", crate::subnet::u128_to_addr(r.family, example)),
+                );
+                bounds_ok = false;
+            }
+        }
+    }
     // SubnetLen: 0 or absent means "pick the default", as in flannel.
     let subnet_len = match len {
         Some(l) if l > 0 => {
@@ -372,12 +403,12 @@ fn build_pool(ctx: &mut Ctx, o: &mut Obj, r: &FamilyRules, warnings: &mut Vec<St
     let last = crate::subnet::addr_to_u128(network.broadcast());
     let min_default = crate::subnet::u128_to_addr(r.family, base + step);
     let max_default = crate::subnet::u128_to_addr(r.family, last - step + 1);
+    if !bounds_ok {
+        return None;
+    }
     let check_bound = |ctx: &mut Ctx, key: &str, a: IpAddr, default: IpAddr| -> bool {
         let raw = o_raw(o, key);
-        if !network.contains(&a) {
-            ctx.problem(key, raw.as_ref(), format!("must lie inside {} {}", r.net_key, network), &format!("\"{key}\": \"{default}\""));
-            false
-        } else if !is_aligned(a, subnet_len) {
+        if !is_aligned(a, subnet_len) {
             ctx.problem(
                 key,
                 raw.as_ref(),
@@ -510,12 +541,15 @@ impl NetConfig {
         let map = match value.as_object() {
             Some(m) => m,
             None => {
-                return Err(ConfigError::Invalid(vec![ConfigProblem {
-                    key: "(top level)".into(),
-                    value: value.to_string(),
-                    rule: "must be a JSON object".into(),
-                    example: "{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}".into(),
-                }]))
+                return Err(ConfigError::Invalid {
+                    problems: vec![ConfigProblem {
+                        key: "(top level)".into(),
+                        value: value.to_string(),
+                        rule: "must be a JSON object".into(),
+                        example: "{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}".into(),
+                    }],
+                    warnings: Vec::new(),
+                })
             }
         };
         let mut ctx = Ctx { problems: Vec::new() };
@@ -546,7 +580,10 @@ impl NetConfig {
         let mut unknown: Vec<String> = o.unknown().into_iter().map(|k| format!("unknown key {k} ignored")).collect();
         unknown.append(&mut warnings);
         if !ctx.problems.is_empty() {
-            return Err(ConfigError::Invalid(ctx.problems));
+            return Err(ConfigError::Invalid {
+                problems: ctx.problems,
+                warnings: unknown,
+            });
         }
         Ok(Parsed {
             config: NetConfig {
@@ -603,7 +640,7 @@ mod tests {
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
         match NetConfig::parse(text) {
-            Err(ConfigError::Invalid(p)) => p,
+            Err(ConfigError::Invalid { problems, .. }) => problems,
             other => panic!("expected problems for {text}, got {other:?}"),
         }
     }
@@ -685,6 +722,19 @@ mod tests {
         assert_eq!(keys, ["SubnetLen", "Backend.VNI", "Backend.DirectRouting"]);
         for q in &p {
             assert!(q.example.contains(q.key.rsplit('.').next().unwrap()), "example names the key: {q}");
+        }
+    }
+
+    #[test]
+    fn independent_problems_are_all_reported() {
+        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetLen": 31, "SubnetMin": "10.9.0.0", "SubnetMax": "11.0.0.0"}"#);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["SubnetMin", "SubnetMax", "SubnetLen"]);
+        assert_eq!(p[0].example, "\"SubnetMin\": \"10.0.1.0\"");
+        assert_eq!(p[1].example, "\"SubnetMax\": \"10.0.255.0\"");
+        match NetConfig::parse(r#"{"Network": "10.0.0.0/16", "SubnetLen": 31, "Bakend": {}}"#) {
+            Err(ConfigError::Invalid { warnings, .. }) => assert!(warnings[0].contains("Bakend")),
+            other => panic!("{other:?}"),
         }
     }
 

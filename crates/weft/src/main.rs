@@ -1,1 +1,138 @@
-fn main(){}
+//! `weft`: the command line. Config checks and lease management now; the agent and the lab
+//! build on the same store options.
+
+mod cmd_config;
+mod cmd_leases;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use weft_store::etcd::EtcdTls;
+use weft_store::spec::{EtcdSettings, DEFAULT_STORE};
+use weft_store::{AnyStore, Store, StoreSpec};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "weft: a container network fabric (flannel-compatible)")]
+struct Cli {
+    /// Log filter (tracing's syntax, e.g. `info` or `weft_store=debug`); RUST_LOG also works.
+    #[arg(long, global = true, env = "WEFT_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// flannel's net-conf.json: check a file, or keep it in the store.
+    #[command(subcommand)]
+    Config(cmd_config::ConfigCmd),
+    /// Subnet leases: list, acquire, reserve, release, watch.
+    #[command(subcommand)]
+    Leases(cmd_leases::LeasesCmd),
+}
+
+/// Where leases live, for every command that needs the store.
+#[derive(Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// `sqlite:/path/to/store.db` (embedded, one machine) or `etcd://h1:2379,h2:2379`.
+    #[arg(long, env = "WEFT_STORE", default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Key prefix in etcd (flannel's default, so flanneld and weft can share an etcd).
+    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = weft_store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) of an etcd that speaks TLS.
+    #[arg(long, env = "WEFT_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "WEFT_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "WEFT_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub async fn open(&self) -> Result<AnyStore> {
+        let spec: StoreSpec = self.store.parse()?;
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let settings = EtcdSettings {
+            prefix: self.etcd_prefix.clone(),
+            tls: EtcdTls {
+                ca_file: path(&self.etcd_cafile),
+                cert_file: path(&self.etcd_certfile),
+                key_file: path(&self.etcd_keyfile),
+            },
+        };
+        AnyStore::open(&spec, &settings)
+            .await
+            .with_context(|| format!("opening the store {}", self.store))
+    }
+}
+
+/// The network config: from `--config FILE`, else from the store (as flanneld reads etcd).
+#[derive(Args, Clone, Debug)]
+pub struct ConfigArgs {
+    /// flannel's net-conf.json; without it the config kept in the store is used.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub async fn load(&self, store: &AnyStore) -> Result<weft_core::NetConfig> {
+        let (text, origin) = match &self.config {
+            Some(path) => (
+                std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?,
+                path.display().to_string(),
+            ),
+            None => match store.get_config().await? {
+                Some(t) => (t, "the config kept in the store".to_string()),
+                None => anyhow::bail!(
+                    "no network config: pass --config /etc/kube-flannel/net-conf.json, or keep one in the store with `weft config put FILE`"
+                ),
+            },
+        };
+        let parsed = weft_core::NetConfig::parse(&text).with_context(|| format!("in {origin}"))?;
+        for w in &parsed.warnings {
+            tracing::warn!("{origin}: {w}");
+        }
+        Ok(parsed.config)
+    }
+}
+
+fn init_logs(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> std::process::ExitCode {
+    // Die quietly on a closed pipe (`weft leases list | head`), as command-line tools do.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    init_logs(&cli.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Config(c) => c.run().await,
+            Cmd::Leases(c) => c.run().await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
