@@ -130,6 +130,15 @@ impl LeaseAttrs {
         serde_json::from_slice(text)
     }
 
+    /// The address that identifies the node: its public IPv4 address, or for an IPv6-only
+    /// node (PublicIP 0.0.0.0) its public IPv6 address.
+    pub fn node_ip(&self) -> std::net::IpAddr {
+        match self.public_ipv6 {
+            Some(v6) if self.public_ip.is_unspecified() => std::net::IpAddr::V6(v6),
+            _ => std::net::IpAddr::V4(self.public_ip),
+        }
+    }
+
     /// The node a lease belongs to: its name, or its public IP for leases flanneld wrote.
     pub fn owner(&self) -> String {
         if self.node_name.is_empty() {
@@ -216,5 +225,127 @@ mod tests {
         let c: LeaseKey = "10.0.1.0-24".parse().unwrap();
         assert!(a.overlaps(&b));
         assert!(!a.overlaps(&c));
+    }
+}
+
+/// Key ranges `[start, end)` (relative to the subnets prefix) that hold the key of every IPv4
+/// subnet overlapping `net`, of any length, IPv4-only or dual-stack.
+///
+/// Used as a store-side guard ("no key in these ranges") so that creating a lease is atomic
+/// and overlap-free without listing every lease. The ranges may also hold keys of subnets
+/// that do not overlap (a guard then fails and the caller tries another subnet); they never
+/// miss one that does.
+pub fn v4_overlap_ranges(net: Ipv4Net) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    // Subnets starting inside `net`: every key whose address lies in [first, last].
+    let (a, b) = (u32::from(net.network()), u32::from(net.broadcast()));
+    cover(0, 0, a, b, &mut out);
+    // Bigger subnets starting before `net`: one exact key (and its dual-stack forms) per length.
+    for len in 0..net.prefix_len() {
+        if let Ok(sup) = Ipv4Net::new(net.network(), len) {
+            let sup = sup.trunc();
+            if sup.network() != net.network() {
+                let k = format!("{}-{}", sup.network(), len);
+                out.push((k.clone(), format!("{k}'"))); // "'" sorts right after "&"
+            }
+        }
+    }
+    out
+}
+
+/// Lexicographic ranges covering the dotted-quad keys of every address in [lo, hi], all of
+/// which share the first `level` octets of `base`.
+fn cover(level: u32, base: u32, lo: u32, hi: u32, out: &mut Vec<(String, String)>) {
+    let shift = 8 * (3 - level);
+    let prefix: String = (0..level).map(|i| format!("{}.", (base >> (8 * (3 - i))) & 0xff)).collect();
+    let (o_lo, o_hi) = ((lo >> shift) & 0xff, (hi >> shift) & 0xff);
+    // After the last octet comes "-len"; after any other octet comes ".".
+    let after = if level == 3 { '.' } else { '/' };
+    if level == 3 {
+        digit_ranges(&prefix, o_lo, o_hi, after, out);
+        return;
+    }
+    let block = 1u64 << shift;
+    let head_partial = (lo as u64) % block != 0;
+    let tail_partial = (hi as u64 + 1) % block != 0;
+    let octet_base = |o: u32| base | (o << shift);
+    if o_lo == o_hi {
+        if head_partial || tail_partial {
+            cover(level + 1, octet_base(o_lo), lo, hi, out);
+        } else {
+            digit_ranges(&prefix, o_lo, o_hi, after, out);
+        }
+        return;
+    }
+    let mut full_lo = o_lo;
+    let mut full_hi = o_hi;
+    if head_partial {
+        let end = ((lo as u64 / block + 1) * block - 1) as u32;
+        cover(level + 1, octet_base(o_lo), lo, end, out);
+        full_lo += 1;
+    }
+    if tail_partial {
+        let start = ((hi as u64 / block) * block) as u32;
+        cover(level + 1, octet_base(o_hi), start, hi, out);
+        full_hi -= 1;
+    }
+    if full_lo <= full_hi {
+        digit_ranges(&prefix, full_lo, full_hi, after, out);
+    }
+}
+
+/// Ranges for the octet values [lo, hi] written in decimal: within one digit count, decimal
+/// order is string order, so each digit count is one range.
+fn digit_ranges(prefix: &str, lo: u32, hi: u32, after: char, out: &mut Vec<(String, String)>) {
+    for (dmin, dmax) in [(0, 9), (10, 99), (100, 255)] {
+        let (l, h) = (lo.max(dmin), hi.min(dmax));
+        if l <= h {
+            out.push((format!("{prefix}{l}"), format!("{prefix}{h}{after}")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod cover_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn in_ranges(key: &str, ranges: &[(String, String)]) -> bool {
+        ranges.iter().any(|(s, e)| key >= s.as_str() && key < e.as_str())
+    }
+
+    #[test]
+    fn a_slash_24_in_a_slash_16() {
+        let net: Ipv4Net = "10.0.5.0/24".parse().unwrap();
+        let r = v4_overlap_ranges(net);
+        for k in ["10.0.5.0-24", "10.0.5.0-24&fd00::-64", "10.0.5.128-25", "10.0.5.7-32", "10.0.4.0-23", "10.0.0.0-16", "10.0.0.0-8"] {
+            assert!(in_ranges(k, &r), "{k} must be covered: {r:?}");
+        }
+        for k in ["10.0.6.0-24", "10.0.50.0-24", "10.0.4.0-24", "10.0.55.0-24", "10.0.0.0-24"] {
+            assert!(!in_ranges(k, &r), "{k} must not be covered: {r:?}");
+        }
+        assert!(r.len() <= 40, "{}", r.len());
+    }
+
+    proptest! {
+        // Completeness: whatever overlaps is covered, in either key form.
+        #[test]
+        fn every_overlapping_subnet_is_covered(addr: u32, len in 0u8..=32, other: u32, olen in 0u8..=32) {
+            let net = Ipv4Net::new(std::net::Ipv4Addr::from(addr), len).unwrap().trunc();
+            let o = Ipv4Net::new(std::net::Ipv4Addr::from(other), olen).unwrap().trunc();
+            // Bias towards overlap: also test the subnet of `net` that holds `other`'s address.
+            let inner = Ipv4Net::new(std::net::Ipv4Addr::from(u32::from(net.network()) | (other & !u32::from(net.netmask()))), olen.max(len)).unwrap().trunc();
+            let r = v4_overlap_ranges(net);
+            for s in [o, inner] {
+                let overlaps = net.contains(&s.network()) || s.contains(&net.network());
+                let k = format!("{}-{}", s.network(), s.prefix_len());
+                if overlaps {
+                    prop_assert!(in_ranges(&k, &r), "{} overlaps {} but {} is not covered by {:?}", s, net, k, r);
+                    let dual = format!("{k}&fd00::-64");
+                    prop_assert!(in_ranges(&dual, &r));
+                }
+            }
+            prop_assert!(r.len() <= 64);
+        }
     }
 }

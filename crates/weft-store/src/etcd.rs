@@ -3,7 +3,7 @@
 //! flannel's lease JSON, its TTL an etcd lease, created by a transaction that only succeeds
 //! while no key holds the subnet, watched by revision.
 
-use crate::{Change, ChangeStream, Corrupt, Listing, Store, StoreError};
+use crate::{Change, ChangeStream, Corrupt, RawEntry, RawListing, Store, StoreError};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, TlsOptions, Txn, TxnOp,
     TxnOpResponse, WatchOptions,
@@ -11,7 +11,7 @@ use etcd_client::{
 use futures::StreamExt;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
-use weft_core::{Expiry, Lease, LeaseAttrs, LeaseKey};
+use weft_core::{Expiry, Lease, LeaseKey};
 
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network/";
 
@@ -44,18 +44,6 @@ fn map_err(e: etcd_client::Error) -> StoreError {
         },
         other => StoreError::Etcd(other.to_string()),
     }
-}
-
-/// The end of the key range that starts with `prefix` (etcd's "prefix" range end).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 impl EtcdStore {
@@ -118,31 +106,59 @@ impl EtcdStore {
         format!("{}{}", self.subnets(), key)
     }
 
-    fn decode(&self, kv: &KeyValue) -> Result<Lease, Corrupt> {
-        let raw_key = String::from_utf8_lossy(kv.key()).into_owned();
-        let corrupt = |reason: String| Corrupt {
-            key: raw_key.clone(),
-            reason,
-        };
-        let name = raw_key.strip_prefix(&self.subnets()).unwrap_or(&raw_key);
-        let key: LeaseKey = name.parse().map_err(|e: weft_core::lease::BadKey| corrupt(e.to_string()))?;
-        let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| corrupt(format!("lease value is not flannel's lease JSON: {e}")))?;
-        let expiry = if kv.lease() == 0 { Expiry::Never } else { Expiry::Unknown };
-        Ok(Lease { key, attrs, expiry })
+    /// weft's index from a node's address to its lease key, kept beside flannel's layout (flanneld
+    /// reads only `config` and `subnets/`). It shares the lease's etcd lease, so the two live
+    /// and expire together, and makes finding a node's lease one read instead of a listing.
+    fn nodes(&self) -> String {
+        format!("{}weft/nodes/", self.prefix)
     }
 
-    /// A txn guard that holds while no key names any of `key`'s subnets: the exact key, and
-    /// for an IPv4 subnet every dual-stack key that starts with it (`10.0.1.0-24&...`).
-    fn free_guards(&self, key: &LeaseKey) -> Vec<Compare> {
-        let mut guards = vec![Compare::create_revision(self.key_of(key), CompareOp::Equal, 0)];
-        if let Some(v4) = key.v4 {
-            let only = LeaseKey::v4(v4);
-            guards.push(Compare::create_revision(self.key_of(&only), CompareOp::Equal, 0));
-            let dual = format!("{}&", self.key_of(&only));
-            let end = prefix_end(dual.as_bytes());
-            guards.push(Compare::create_revision(dual, CompareOp::Equal, 0).with_range(end));
+    fn node_key(&self, ip: std::net::IpAddr) -> String {
+        format!("{}{}", self.nodes(), ip)
+    }
+
+    fn raw(&self, kv: &KeyValue) -> RawEntry {
+        let key = String::from_utf8_lossy(kv.key());
+        RawEntry {
+            name: key.strip_prefix(&self.subnets()).unwrap_or(&key).to_string(),
+            value: kv.value().to_vec(),
+            expiry: if kv.lease() == 0 { Expiry::Never } else { Expiry::Unknown },
         }
-        guards
+    }
+
+    fn decode(&self, kv: &KeyValue) -> Result<Lease, Corrupt> {
+        self.raw(kv).decode()
+    }
+
+    /// Txn guards that hold while no key names a subnet overlapping `key`'s: for an IPv4
+    /// subnet, key ranges that contain every overlapping subnet's key (see
+    /// `v4_overlap_ranges`); for an IPv6-only key, the exact key.
+    fn free_guards(&self, key: &LeaseKey) -> Vec<Compare> {
+        let sub = self.subnets();
+        match key.v4 {
+            Some(v4) => weft_core::lease::v4_overlap_ranges(v4)
+                .into_iter()
+                .map(|(start, end)| Compare::create_revision(format!("{sub}{start}"), CompareOp::Equal, 0).with_range(format!("{sub}{end}")))
+                .collect(),
+            None => vec![Compare::create_revision(self.key_of(key), CompareOp::Equal, 0)],
+        }
+    }
+
+    /// Counts of stored leases and of index entries, read at one revision.
+    async fn counts(&self) -> Result<(i64, i64), StoreError> {
+        let count = |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix().with_count_only()));
+        let r = self
+            .client
+            .clone()
+            .txn(Txn::new().and_then(vec![count(self.subnets()), count(self.nodes())]))
+            .await
+            .map_err(map_err)?;
+        let c: Vec<i64> = r
+            .op_responses()
+            .into_iter()
+            .filter_map(|op| if let TxnOpResponse::Get(g) = op { Some(g.count()) } else { None })
+            .collect();
+        Ok((c.first().copied().unwrap_or(0), c.get(1).copied().unwrap_or(0)))
     }
 
     async fn grant(&self, ttl: Option<Duration>) -> Result<(i64, Expiry), StoreError> {
@@ -188,32 +204,41 @@ impl Store for EtcdStore {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Listing, StoreError> {
-        let r = self
+    async fn list_raw(&self) -> Result<RawListing, StoreError> {
+        let mut r = self
             .client
             .clone()
             .get(self.subnets(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(map_err)?;
-        let mut listing = Listing {
-            revision: r.header().map_or(0, |h| h.revision().max(0) as u64),
-            ..Default::default()
-        };
-        for kv in r.kvs() {
-            match self.decode(kv) {
-                Ok(l) => listing.leases.push(l),
-                Err(c) => listing.corrupt.push(c),
-            }
-        }
-        Ok(listing)
+        let revision = r.header().map_or(0, |h| h.revision().max(0) as u64);
+        let plen = self.subnets().len();
+        // Take the buffers out of the response: an acquisition lists every lease, so a copy
+        // per lease is most of its cost at thousands of nodes.
+        let entries = r
+            .take_kvs()
+            .into_iter()
+            .map(|kv| {
+                let expiry = if kv.lease() == 0 { Expiry::Never } else { Expiry::Unknown };
+                let (mut key, value) = kv.into_key_value();
+                key.drain(..plen.min(key.len()));
+                let name = String::from_utf8(key).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                RawEntry { name, value, expiry }
+            })
+            .collect();
+        Ok(RawListing { revision, entries })
     }
 
     async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
         let (id, expiry) = self.grant(ttl).await?;
         let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
-        let txn = Txn::new()
-            .when(self.free_guards(&lease.key))
-            .and_then(vec![TxnOp::put(self.key_of(&lease.key), lease.attrs.to_json(), put_opts)]);
+        let mut guards = self.free_guards(&lease.key);
+        let node_key = self.node_key(lease.attrs.node_ip());
+        guards.push(Compare::create_revision(node_key.clone(), CompareOp::Equal, 0));
+        let txn = Txn::new().when(guards).and_then(vec![
+            TxnOp::put(self.key_of(&lease.key), lease.attrs.to_json(), put_opts.clone()),
+            TxnOp::put(node_key, lease.key.to_string(), put_opts),
+        ]);
         let r = match self.client.clone().txn(txn).await {
             Ok(r) => r,
             Err(e) => {
@@ -239,9 +264,13 @@ impl Store for EtcdStore {
             put_opts = put_opts.with_lease(id);
         }
         // Only an existing key is rewritten: a lease that expired meanwhile is not resurrected.
+        let index_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
         let txn = Txn::new()
             .when(vec![Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
-            .and_then(vec![TxnOp::put(key, lease.attrs.to_json(), Some(put_opts))]);
+            .and_then(vec![
+                TxnOp::put(key, lease.attrs.to_json(), Some(put_opts)),
+                TxnOp::put(self.node_key(lease.attrs.node_ip()), lease.key.to_string(), index_opts),
+            ]);
         let r = match self.client.clone().txn(txn).await {
             Ok(r) => r,
             Err(e) => {
@@ -254,12 +283,10 @@ impl Store for EtcdStore {
             return Err(StoreError::NotFound(lease.key));
         }
         // The key moved to the new etcd lease; the old one holds nothing now.
-        for op in r.op_responses() {
-            if let TxnOpResponse::Put(p) = op {
-                if let Some(prev) = p.prev_key() {
-                    if prev.lease() != id {
-                        self.revoke(prev.lease()).await;
-                    }
+        if let Some(TxnOpResponse::Put(p)) = r.op_responses().into_iter().next() {
+            if let Some(prev) = p.prev_key() {
+                if prev.lease() != id {
+                    self.revoke(prev.lease()).await;
                 }
             }
         }
@@ -277,9 +304,52 @@ impl Store for EtcdStore {
             .await
             .map_err(map_err)?;
         for prev in r.prev_kvs() {
-            self.revoke(prev.lease()).await;
+            if prev.lease() != 0 {
+                // The index entry shares the etcd lease: revoking removes it too.
+                self.revoke(prev.lease()).await;
+            } else if let Ok(attrs) = weft_core::LeaseAttrs::from_json(prev.value()) {
+                // A reservation: drop its index entry if it still names this lease.
+                let node_key = self.node_key(attrs.node_ip());
+                let txn = Txn::new()
+                    .when(vec![Compare::value(node_key.clone(), CompareOp::Equal, key.to_string())])
+                    .and_then(vec![TxnOp::delete(node_key, None)]);
+                self.client.clone().txn(txn).await.map_err(map_err)?;
+            }
         }
         Ok(r.deleted() > 0)
+    }
+
+    async fn find_node(&self, ip: std::net::IpAddr) -> Result<Option<Lease>, StoreError> {
+        let node_key = self.node_key(ip);
+        let r = self.client.clone().get(node_key.clone(), None).await.map_err(map_err)?;
+        if let Some(idx) = r.kvs().first() {
+            let name = String::from_utf8_lossy(idx.value()).into_owned();
+            let got = self.client.clone().get(format!("{}{}", self.subnets(), name), None).await.map_err(map_err)?;
+            if let Some(Ok(l)) = got.kvs().first().map(|kv| self.decode(kv)) {
+                if l.attrs.node_ip() == ip {
+                    return Ok(Some(l));
+                }
+            }
+            // The lease it named is gone or another node's (flanneld rewrote it): drop the entry.
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(node_key.clone(), CompareOp::Equal, idx.mod_revision())])
+                .and_then(vec![TxnOp::delete(node_key, None)]);
+            self.client.clone().txn(txn).await.map_err(map_err)?;
+        }
+        // Leases that flanneld wrote have no index entry: only then is a scan needed.
+        let (leases, indexed) = self.counts().await?;
+        if leases <= indexed {
+            return Ok(None);
+        }
+        let needle = format!("\"{ip}\"");
+        let finder = memchr::memmem::Finder::new(needle.as_bytes());
+        let listing = self.list_raw().await?;
+        Ok(listing
+            .entries
+            .iter()
+            .filter(|e| finder.find(&e.value).is_some())
+            .filter_map(|e| e.decode().ok())
+            .find(|l| l.attrs.node_ip() == ip))
     }
 
     async fn changes(&self, from: u64) -> Result<ChangeStream, StoreError> {

@@ -15,7 +15,7 @@ pub mod watch;
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use weft_core::{Lease, LeaseKey};
+use weft_core::{Expiry, Lease, LeaseAttrs, LeaseKey};
 
 pub use spec::{AnyStore, StoreSpec};
 
@@ -73,6 +73,54 @@ pub struct Listing {
     pub revision: u64,
 }
 
+/// A stored lease before decoding: its key name (`10.244.1.0-24`) and flannel's JSON value.
+/// Acquisition reads thousands of these and decodes only the ones it needs.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub name: String,
+    pub value: Vec<u8>,
+    pub expiry: Expiry,
+}
+
+impl RawEntry {
+    pub fn decode(&self) -> Result<Lease, Corrupt> {
+        let corrupt = |reason: String| Corrupt {
+            key: self.name.clone(),
+            reason,
+        };
+        let key: LeaseKey = self.name.parse().map_err(|e: weft_core::lease::BadKey| corrupt(e.to_string()))?;
+        let attrs = LeaseAttrs::from_json(&self.value).map_err(|e| corrupt(format!("lease value is not flannel's lease JSON: {e}")))?;
+        Ok(Lease {
+            key,
+            attrs,
+            expiry: self.expiry,
+        })
+    }
+}
+
+/// Every stored lease at one revision, undecoded.
+#[derive(Debug, Clone, Default)]
+pub struct RawListing {
+    pub entries: Vec<RawEntry>,
+    pub revision: u64,
+}
+
+impl RawListing {
+    pub fn decode(&self) -> Listing {
+        let mut listing = Listing {
+            revision: self.revision,
+            ..Default::default()
+        };
+        for e in &self.entries {
+            match e.decode() {
+                Ok(l) => listing.leases.push(l),
+                Err(c) => listing.corrupt.push(c),
+            }
+        }
+        listing
+    }
+}
+
 /// One change in the store's history, at revision `rev`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -97,13 +145,20 @@ pub trait Store: Send + Sync + 'static {
     /// The raw net-conf.json kept in the store (flannel's `<prefix>config`), if any.
     fn get_config(&self) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
     fn put_config(&self, text: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Every live lease (expired ones are gone) and the revision they were read at.
-    fn list(&self) -> impl Future<Output = Result<Listing, StoreError>> + Send;
-    /// Creates `lease` if no lease holds any of its subnets; `ttl: None` makes a reservation.
+    /// Every live lease (expired ones are gone), undecoded, and the revision they were read at.
+    fn list_raw(&self) -> impl Future<Output = Result<RawListing, StoreError>> + Send;
+    /// Every live lease, decoded; unreadable values are reported in `corrupt`.
+    fn list(&self) -> impl Future<Output = Result<Listing, StoreError>> + Send {
+        async move { Ok(self.list_raw().await?.decode()) }
+    }
+    /// Creates `lease` if no lease holds a subnet overlapping any of its subnets and no lease
+    /// belongs to the same node (`node_ip`), atomically; `ttl: None` makes a reservation.
     /// Returns the lease as stored (with its expiry). `Conflict` when taken.
     fn create(&self, lease: &Lease, ttl: Option<Duration>) -> impl Future<Output = Result<Lease, StoreError>> + Send;
     /// Rewrites an existing lease's attributes and restarts its TTL. `NotFound` when gone.
     fn update(&self, lease: &Lease, ttl: Option<Duration>) -> impl Future<Output = Result<Lease, StoreError>> + Send;
+    /// The live lease of the node whose `LeaseAttrs::node_ip` is `ip`, if any.
+    fn find_node(&self, ip: std::net::IpAddr) -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
     /// Removes a lease; `false` when there was none.
     fn delete(&self, key: &LeaseKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Changes from revision `from` on (inclusive). `Err(Compacted)` when that history is gone.

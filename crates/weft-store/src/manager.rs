@@ -7,7 +7,7 @@
 //!   minute. A reservation has no TTL and is never renewed or handed to another node.
 
 use crate::{Store, StoreError};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use weft_core::alloc::{capacity, fits, key_at, FreeMap};
@@ -46,6 +46,8 @@ pub fn renew_in(expiry: Expiry, timing: &LeaseTiming, now: SystemTime) -> Option
 const ROUNDS: usize = 50;
 /// Candidates tried per listing before listing again.
 const TRIES_PER_LISTING: usize = 8;
+/// Random subnets tried before listing every lease.
+const PROBES: usize = 4;
 /// How long transient store errors are retried within one call.
 const TRANSIENT_BUDGET: Duration = Duration::from_secs(30);
 
@@ -69,17 +71,14 @@ where
     }
 }
 
-fn same_node(cfg: &NetConfig, held: &LeaseAttrs, want: &LeaseAttrs) -> bool {
-    if cfg.v4.is_some() {
-        held.public_ip == want.public_ip
-    } else {
-        held.public_ipv6.is_some() && held.public_ipv6 == want.public_ipv6
-    }
-}
-
 /// Acquires a lease for the node described by `attrs`.
 ///
 /// `previous`: the subnet this node held before (from its `subnet.env`), taken again if free.
+///
+/// The common case costs a few reads and one atomic create, whatever the cluster size: the
+/// store finds the node's lease by its address, and a random subnet is tried directly (the
+/// store's create refuses any overlap). Only when tries collide, or for IPv6-only networks, is
+/// every lease listed to pick among the free subnets, which also detects exhaustion.
 pub async fn acquire<S: Store>(
     store: &S,
     cfg: &NetConfig,
@@ -89,13 +88,18 @@ pub async fn acquire<S: Store>(
 ) -> Result<Lease, StoreError> {
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut previous = previous.filter(|k| fits(cfg, k));
-    for _ in 0..ROUNDS {
-        let listing = retrying("listing leases", || store.list()).await?;
-        for c in &listing.corrupt {
-            tracing::warn!(key = %c.key, reason = %c.reason, "skipping a stored lease that cannot be read");
-        }
-        // 1. The lease that already carries this node's public IP.
-        if let Some(held) = listing.leases.iter().find(|l| same_node(cfg, &l.attrs, attrs)) {
+    let node_ip = attrs.node_ip();
+    let create = |key: LeaseKey| {
+        let lease = Lease {
+            key,
+            attrs: attrs.clone(),
+            expiry: Expiry::Unknown,
+        };
+        async move { retrying("creating a lease", || store.create(&lease, Some(ttl))).await }
+    };
+    for round in 0..ROUNDS {
+        // 1. The lease that already carries this node's address (a reservation counts).
+        if let Some(held) = retrying("finding the node's lease", || store.find_node(node_ip)).await? {
             if held.is_reservation() || fits(cfg, &held.key) {
                 let mut want = attrs.clone();
                 if want.node_name.is_empty() {
@@ -123,43 +127,59 @@ pub async fn acquire<S: Store>(
         }
         // 2. The subnet the node had before, if nobody holds it now.
         if let Some(prev) = previous.take() {
-            if !listing.leases.iter().any(|l| l.key.overlaps(&prev)) {
-                let lease = Lease {
-                    key: prev,
-                    attrs: attrs.clone(),
-                    expiry: Expiry::Unknown,
-                };
-                match retrying("creating a lease", || store.create(&lease, Some(ttl))).await {
+            match create(prev).await {
+                Ok(l) => {
+                    tracing::info!(lease = %l.key, node = %l.attrs.owner(), "took back the subnet from subnet.env");
+                    return Ok(l);
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // 3. A random subnet, tried directly.
+        if round == 0 && cfg.v4.is_some() {
+            let cap = capacity(cfg);
+            for _ in 0..PROBES.min(cap as usize) {
+                let Some(key) = key_at(cfg, rng.gen_range(0..cap)) else { break };
+                match create(key).await {
                     Ok(l) => {
-                        tracing::info!(lease = %l.key, node = %l.attrs.owner(), "took back the subnet from subnet.env");
+                        tracing::info!(lease = %l.key, node = %l.attrs.owner(), "acquired a new lease");
                         return Ok(l);
                     }
-                    Err(StoreError::Conflict(_)) => continue,
+                    Err(StoreError::Conflict(_)) => {}
                     Err(e) => return Err(e),
                 }
             }
         }
-        // 3. A free subnet at random.
-        let mut free = FreeMap::new(cfg, listing.leases.iter().map(|l| &l.key));
+        // 4. Crowded, or IPv6 only: list every lease and pick among the free subnets.
+        let raw = retrying("listing leases", || store.list_raw()).await?;
+        let held_keys: Vec<LeaseKey> = raw
+            .entries
+            .iter()
+            .filter_map(|e| match e.name.parse::<LeaseKey>() {
+                Ok(k) => Some(k),
+                Err(err) => {
+                    tracing::warn!(key = %e.name, error = %err, "skipping a stored lease whose key cannot be read");
+                    None
+                }
+            })
+            .collect();
+        let mut free = FreeMap::new(cfg, &held_keys);
         for _ in 0..TRIES_PER_LISTING {
-            let Some(i) = free.pick(&mut rng) else {
-                return Err(exhausted(cfg, listing.leases.len()));
+            let Some(key) = free.pick(&mut rng).and_then(|i| key_at(cfg, i).map(|k| (i, k))) else {
+                return Err(exhausted(cfg, held_keys.len()));
             };
-            let Some(key) = key_at(cfg, i) else {
-                return Err(exhausted(cfg, listing.leases.len()));
-            };
-            let lease = Lease {
-                key,
-                attrs: attrs.clone(),
-                expiry: Expiry::Unknown,
-            };
-            match retrying("creating a lease", || store.create(&lease, Some(ttl))).await {
+            match create(key.1).await {
                 Ok(l) => {
                     tracing::info!(lease = %l.key, node = %l.attrs.owner(), "acquired a new lease");
                     return Ok(l);
                 }
-                Err(StoreError::Conflict(_)) => free.block(i),
+                // Taken meanwhile, or this node's lease appeared (another process of it): look again.
+                Err(StoreError::Conflict(_)) => free.block(key.0),
                 Err(e) => return Err(e),
+            }
+            if retrying("finding the node's lease", || store.find_node(node_ip)).await?.is_some() {
+                break;
             }
         }
     }
@@ -191,7 +211,7 @@ pub async fn reserve<S: Store>(store: &S, cfg: &NetConfig, key: LeaseKey, attrs:
     }
     let listing = retrying("listing leases", || store.list()).await?;
     if let Some(l) = listing.leases.iter().find(|l| l.key.overlaps(&key)) {
-        if l.key == key && same_node(cfg, &l.attrs, attrs) {
+        if l.key == key && l.attrs.node_ip() == attrs.node_ip() {
             // The node's own lease becomes a reservation.
             let lease = Lease {
                 key,
@@ -202,7 +222,7 @@ pub async fn reserve<S: Store>(store: &S, cfg: &NetConfig, key: LeaseKey, attrs:
         }
         return Err(StoreError::Conflict(l.key));
     }
-    if let Some(l) = listing.leases.iter().find(|l| same_node(cfg, &l.attrs, attrs)) {
+    if let Some(l) = listing.leases.iter().find(|l| l.attrs.node_ip() == attrs.node_ip()) {
         return Err(StoreError::Invalid(format!(
             "public IP {} already holds lease {}; release it first (weft leases release {})",
             attrs.public_ip, l.key, l.key

@@ -2,7 +2,7 @@
 
 use crate::etcd::{EtcdStore, EtcdTls};
 use crate::sqlite::SqliteStore;
-use crate::{ChangeStream, Listing, Store, StoreError};
+use crate::{ChangeStream, RawListing, Store, StoreError};
 use std::path::PathBuf;
 use std::time::Duration;
 use weft_core::{Lease, LeaseKey};
@@ -103,14 +103,17 @@ impl Store for AnyStore {
     async fn put_config(&self, text: &str) -> Result<(), StoreError> {
         delegate!(self, s => s.put_config(text).await)
     }
-    async fn list(&self) -> Result<Listing, StoreError> {
-        delegate!(self, s => s.list().await)
+    async fn list_raw(&self) -> Result<RawListing, StoreError> {
+        delegate!(self, s => s.list_raw().await)
     }
     async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
         delegate!(self, s => s.create(lease, ttl).await)
     }
     async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
         delegate!(self, s => s.update(lease, ttl).await)
+    }
+    async fn find_node(&self, ip: std::net::IpAddr) -> Result<Option<Lease>, StoreError> {
+        delegate!(self, s => s.find_node(ip).await)
     }
     async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {
         delegate!(self, s => s.delete(key).await)

@@ -6,13 +6,13 @@
 //! Every change gets a revision and a row in an event log, which watchers poll; the log keeps
 //! the last [`EVENT_LOG_KEEP`] changes, an older cursor gets `Compacted`.
 
-use crate::{Change, ChangeStream, Corrupt, Listing, Store, StoreError};
+use crate::{Change, ChangeStream, Corrupt, RawEntry, RawListing, Store, StoreError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use weft_core::{Expiry, Lease, LeaseAttrs, LeaseKey};
+use weft_core::{Expiry, Lease, LeaseKey};
 
 /// How many changes the event log keeps for watchers that fall behind.
 pub const EVENT_LOG_KEEP: u64 = 20_000;
@@ -41,14 +41,22 @@ fn expiry_of(ms: Option<i64>) -> Expiry {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+-- v4_start/v4_end: the IPv4 subnet as numbers; v6_start/v6_end: the IPv6 subnet as 32 hex
+-- digits (string order is number order). They make the overlap check an index lookup.
 CREATE TABLE IF NOT EXISTS leases (
     key        TEXT PRIMARY KEY,
-    v4         TEXT UNIQUE,
-    v6         TEXT UNIQUE,
+    node_ip    TEXT,
+    v4_start   INTEGER,
+    v4_end     INTEGER,
+    v6_start   TEXT,
+    v6_end     TEXT,
     value      TEXT NOT NULL,
     expires_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS leases_expiry ON leases(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS leases_node ON leases(node_ip);
+CREATE INDEX IF NOT EXISTS leases_v4 ON leases(v4_start);
+CREATE INDEX IF NOT EXISTS leases_v6 ON leases(v6_start);
 CREATE TABLE IF NOT EXISTS events (
     rev        INTEGER PRIMARY KEY,
     key        TEXT NOT NULL,
@@ -175,21 +183,53 @@ fn sweep(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError
 }
 
 fn decode(key: &str, value: &str, expires: Option<i64>) -> Result<Lease, Corrupt> {
-    let corrupt = |reason: String| Corrupt {
-        key: key.to_string(),
-        reason,
-    };
-    let k: LeaseKey = key.parse().map_err(|e: weft_core::lease::BadKey| corrupt(e.to_string()))?;
-    let attrs = LeaseAttrs::from_json(value.as_bytes()).map_err(|e| corrupt(format!("lease value is not flannel's lease JSON: {e}")))?;
-    Ok(Lease {
-        key: k,
-        attrs,
+    RawEntry {
+        name: key.to_string(),
+        value: value.as_bytes().to_vec(),
         expiry: expiry_of(expires),
-    })
+    }
+    .decode()
 }
 
 fn ttl_deadline(ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|t| now_ms() + t.as_millis() as i64)
+}
+
+/// The numeric bounds of a key's subnets, for the overlap columns.
+struct Bounds {
+    v4: Option<(i64, i64)>,
+    v6: Option<(String, String)>,
+}
+
+fn bounds(key: &LeaseKey) -> Bounds {
+    Bounds {
+        v4: key.v4.map(|n| (u32::from(n.network()) as i64, u32::from(n.broadcast()) as i64)),
+        v6: key.v6.map(|n| (format!("{:032x}", u128::from(n.network())), format!("{:032x}", u128::from(n.broadcast())))),
+    }
+}
+
+/// Whether a stored lease overlaps `b`. Leases never overlap each other, so only the lease
+/// starting last at or before `b`'s end can reach into it.
+fn overlaps_stored(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError, b: &Bounds) -> Result<bool, StoreError> {
+    if let Some((lo, hi)) = b.v4 {
+        let r: Option<(i64, i64)> = tx
+            .query_row("SELECT v4_start, v4_end FROM leases WHERE v4_start <= ?1 ORDER BY v4_start DESC LIMIT 1", [hi], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(err)?;
+        if r.is_some_and(|(_, end)| end >= lo) {
+            return Ok(true);
+        }
+    }
+    if let Some((lo, hi)) = &b.v6 {
+        let r: Option<(String, String)> = tx
+            .query_row("SELECT v6_start, v6_end FROM leases WHERE v6_start <= ?1 ORDER BY v6_start DESC LIMIT 1", [hi], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(err)?;
+        if r.is_some_and(|(_, end)| end >= *lo) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 impl Store for SqliteStore {
@@ -209,16 +249,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list(&self) -> Result<Listing, StoreError> {
+    async fn list_raw(&self) -> Result<RawListing, StoreError> {
         self.sweep_if_due().await?;
         let err = self.wrap();
         self.with(move |conn| {
             // One read transaction: the leases and the revision are of the same moment.
             let tx = conn.transaction().map_err(&err)?;
             let revision: u64 = tx.query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'rev'", [], |r| r.get(0)).map_err(&err)?;
-            let mut listing = Listing {
+            let mut listing = RawListing {
                 revision,
-                ..Default::default()
+                entries: Vec::new(),
             };
             {
                 let mut stmt = tx
@@ -226,11 +266,12 @@ impl Store for SqliteStore {
                     .map_err(&err)?;
                 let mut rows = stmt.query([now_ms()]).map_err(&err)?;
                 while let Some(r) = rows.next().map_err(&err)? {
-                    let (k, v, e): (String, String, Option<i64>) = (r.get(0).map_err(&err)?, r.get(1).map_err(&err)?, r.get(2).map_err(&err)?);
-                    match decode(&k, &v, e) {
-                        Ok(l) => listing.leases.push(l),
-                        Err(c) => listing.corrupt.push(c),
-                    }
+                    let expires: Option<i64> = r.get(2).map_err(&err)?;
+                    listing.entries.push(RawEntry {
+                        name: r.get(0).map_err(&err)?,
+                        value: r.get::<_, String>(1).map_err(&err)?.into_bytes(),
+                        expiry: expiry_of(expires),
+                    });
                 }
             }
             tx.commit().map_err(&err)?;
@@ -246,10 +287,19 @@ impl Store for SqliteStore {
         self.write(move |tx, err| {
             let key = lease.key.to_string();
             let value = lease.attrs.to_json();
+            let b = bounds(&lease.key);
+            let node_ip = lease.attrs.node_ip().to_string();
+            let node_held: bool = tx
+                .query_row("SELECT EXISTS (SELECT 1 FROM leases WHERE node_ip = ?1)", [&node_ip], |r| r.get(0))
+                .map_err(err)?;
+            if node_held || overlaps_stored(tx, err, &b)? {
+                return Err(StoreError::Conflict(lease.key));
+            }
             let inserted = tx
                 .execute(
-                    "INSERT INTO leases (key, v4, v6, value, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-                    params![key, lease.key.v4.map(|n| n.to_string()), lease.key.v6.map(|n| n.to_string()), value, expires],
+                    "INSERT INTO leases (key, node_ip, v4_start, v4_end, v6_start, v6_end, value, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+                    params![key, node_ip, b.v4.map(|x| x.0), b.v4.map(|x| x.1), b.v6.as_ref().map(|x| &x.0), b.v6.as_ref().map(|x| &x.1), value, expires],
                 )
                 .map_err(err)?;
             if inserted == 0 {
@@ -269,7 +319,10 @@ impl Store for SqliteStore {
             let key = lease.key.to_string();
             let value = lease.attrs.to_json();
             let n = tx
-                .execute("UPDATE leases SET value = ?2, expires_at = ?3 WHERE key = ?1", params![key, value, expires])
+                .execute(
+                    "UPDATE leases SET value = ?2, expires_at = ?3, node_ip = ?4 WHERE key = ?1",
+                    params![key, value, expires, lease.attrs.node_ip().to_string()],
+                )
                 .map_err(err)?;
             if n == 0 {
                 return Err(StoreError::NotFound(lease.key));
@@ -278,6 +331,33 @@ impl Store for SqliteStore {
             Ok(lease)
         })
         .await
+    }
+
+    async fn find_node(&self, ip: std::net::IpAddr) -> Result<Option<Lease>, StoreError> {
+        self.sweep_if_due().await?;
+        let err = self.wrap();
+        let ip = ip.to_string();
+        let row = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT key, value, expires_at FROM leases WHERE node_ip = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+                    params![ip, now_ms()],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?)),
+                )
+                .optional()
+                .map_err(&err)
+            })
+            .await?;
+        match row {
+            None => Ok(None),
+            Some((k, v, e)) => match decode(&k, &v, e) {
+                Ok(l) => Ok(Some(l)),
+                Err(c) => {
+                    tracing::warn!(key = %c.key, reason = %c.reason, "the node's stored lease cannot be read");
+                    Ok(None)
+                }
+            },
+        }
     }
 
     async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {

@@ -256,6 +256,43 @@ async fn config_lives_in_the_store(h: Harness) {
     assert_eq!(h.store().await.get_config().await.expect("get").as_deref(), Some(text));
 }
 
+async fn create_refuses_any_overlap(h: Harness) {
+    let s = h.store().await;
+    let l = |key: &str, i: u32| Lease {
+        key: key.parse().expect("key"),
+        attrs: node(i),
+        expiry: Expiry::Unknown,
+    };
+    s.create(&l("10.10.4.0-24", 1), Some(DAY)).await.expect("first");
+    for (key, what) in [("10.10.4.128-25", "inside"), ("10.10.4.0-23", "around"), ("10.10.0.0-16", "far around"), ("10.10.4.0-24", "same")] {
+        match s.create(&l(key, 2), Some(DAY)).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{key} ({what} 10.10.4.0/24) must conflict, got {other:?}"),
+        }
+    }
+    s.create(&l("10.10.5.0-24", 2), Some(DAY)).await.expect("a neighbour is fine");
+    s.create(&l("10.10.40.0-24", 3), Some(DAY)).await.expect("a look-alike key is fine");
+    // One lease per node: the same node cannot create a second one.
+    assert!(matches!(s.create(&l("10.10.6.0-24", 1), Some(DAY)).await, Err(StoreError::Conflict(_))));
+    assert_eq!(s.list().await.expect("list").leases.len(), 3);
+}
+
+async fn one_node_racing_itself_gets_one_lease(h: Harness) {
+    let c = net16();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let store = h.store().await;
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { manager::acquire(&store, &c, &node(5), None, DAY).await }));
+    }
+    let mut keys = HashSet::new();
+    for t in tasks {
+        keys.insert(t.await.expect("task").expect("acquire").key);
+    }
+    assert_eq!(keys.len(), 1, "one node, one lease: {keys:?}");
+    assert_eq!(h.store().await.list().await.expect("list").leases.len(), 1);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -287,4 +324,6 @@ conformance!(
     exhaustion_is_reported_with_range_and_count,
     corrupt_values_are_reported_and_skipped,
     config_lives_in_the_store,
+    create_refuses_any_overlap,
+    one_node_racing_itself_gets_one_lease,
 );

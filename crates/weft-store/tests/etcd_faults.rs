@@ -143,3 +143,48 @@ async fn three_member_cluster_with_a_member_killed_loses_no_lease() {
     }
     assert_eq!(stored.len(), 60);
 }
+
+/// What flanneld writes and reads: weft's keys and values in etcd, seen through etcdctl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_layout_is_flannels() {
+    let mut h = Harness::etcd();
+    let ep = h.members()[0].endpoint();
+    let etcdctl = |args: &[&str]| {
+        let o = std::process::Command::new("etcdctl").arg("--endpoints").arg(&ep).args(args).output().expect("etcdctl");
+        assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // flanneld's config, put as flannel's docs say.
+    etcdctl(&["put", "/coreos.com/network/config", r#"{"Network": "10.20.0.0/16", "Backend": {"Type": "vxlan"}}"#]);
+    let s = h.store().await;
+    let text = s.get_config().await.expect("get").expect("config");
+    let c = NetConfig::parse(&text).expect("flannel's config").config;
+    let mut a = node(1);
+    a.backend_data = serde_json::json!({"VNI": 1, "VtepMAC": "0e:2a:00:00:00:01"});
+    let l = manager::acquire(&s, &c, &a, None, DAY).await.expect("acquire");
+
+    let key = format!("/coreos.com/network/subnets/{}", l.key);
+    let out = etcdctl(&["get", &key, "--print-value-only"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("lease JSON");
+    assert_eq!(v["PublicIP"], "198.51.100.1");
+    assert_eq!(v["BackendType"], "vxlan");
+    assert_eq!(v["BackendData"]["VtepMAC"], "0e:2a:00:00:00:01");
+    // The TTL is an etcd lease of about 24 h.
+    let out = etcdctl(&["get", &key, "--write-out=json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let lease_id = j["kvs"][0]["lease"].as_i64().expect("lease id");
+    let ttl = etcdctl(&["lease", "timetolive", &format!("{lease_id:x}")]);
+    assert!(ttl.contains("remaining(8639") || ttl.contains("remaining(86400"), "{ttl}");
+
+    // A lease written the way flanneld writes it (no weft index) is the node's own on restart.
+    etcdctl(&["put", "/coreos.com/network/subnets/10.20.77.0-24", r#"{"PublicIP":"198.51.100.2","BackendType":"vxlan","BackendData":{"VtepMAC":"82:4b:b6:2f:54:4e"}}"#]);
+    let l2 = manager::acquire(&s, &c, &node(2), None, DAY).await.expect("acquire");
+    assert_eq!(l2.key.to_string(), "10.20.77.0-24", "flanneld's lease for this IP is taken back");
+    // And nobody else is handed it.
+    let mut seen = HashSet::new();
+    for i in 3..40 {
+        let l = manager::acquire(&s, &c, &node(i), None, DAY).await.expect("acquire");
+        assert!(seen.insert(l.key));
+        assert_ne!(l.key, l2.key);
+    }
+}
