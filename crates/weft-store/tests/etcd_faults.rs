@@ -134,7 +134,7 @@ async fn three_member_cluster_with_a_member_killed_loses_no_lease() {
     let distinct: HashSet<LeaseKey> = acquired.values().copied().collect();
     assert_eq!(distinct.len(), 60, "every node its own subnet");
     // Read back through the surviving members only.
-    let eps: Vec<String> = h.members()[1..].iter().map(|m| format!("http://{}", m.endpoint())).collect();
+    let eps: Vec<String> = h.members()[1..].iter().map(|m| m.endpoint()).collect();
     let s = weft_store::etcd::EtcdStore::connect(&eps, "/coreos.com/network/", &Default::default()).await.expect("connect");
     let listing = s.list().await.expect("list on survivors");
     let stored: HashMap<LeaseKey, String> = listing.leases.into_iter().map(|l| (l.key, l.attrs.node_name)).collect();
@@ -148,9 +148,9 @@ async fn three_member_cluster_with_a_member_killed_loses_no_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_layout_is_flannels() {
     let mut h = Harness::etcd();
-    let ep = h.members()[0].endpoint();
+    let base_args: Vec<std::ffi::OsString> = h.members()[0].etcdctl().get_args().map(|a| a.to_os_string()).collect();
     let etcdctl = |args: &[&str]| {
-        let o = std::process::Command::new("etcdctl").arg("--endpoints").arg(&ep).args(args).output().expect("etcdctl");
+        let o = std::process::Command::new("etcdctl").args(&base_args).args(args).output().expect("etcdctl");
         assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
@@ -186,5 +186,41 @@ async fn etcd_layout_is_flannels() {
         let l = manager::acquire(&s, &c, &node(i), None, DAY).await.expect("acquire");
         assert!(seen.insert(l.key));
         assert_ne!(l.key, l2.key);
+    }
+}
+
+/// An etcd that demands client certificates: weft connects with --etcd-cafile/certfile/keyfile,
+/// and without a client certificate it is refused with an error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_tls_client_certificates() {
+    let m = support::Etcd::start_tls();
+    let certs = m.tls.clone().expect("tls");
+    let path = |f: &str| Some(certs.join(f).display().to_string());
+    let tls = weft_store::etcd::EtcdTls {
+        ca_file: path("ca.pem"),
+        cert_file: path("client.pem"),
+        key_file: path("client.key"),
+    };
+    let s = weft_store::etcd::EtcdStore::connect(&[m.endpoint()], "/coreos.com/network/", &tls).await.expect("connect with TLS");
+    let l = manager::acquire(&s, &net(), &node(1), None, DAY).await.expect("acquire over TLS");
+    assert_eq!(s.list().await.expect("list").leases[0].key, l.key);
+
+    let no_client_cert = weft_store::etcd::EtcdTls {
+        ca_file: path("ca.pem"),
+        ..Default::default()
+    };
+    let refused = async {
+        let s = weft_store::etcd::EtcdStore::connect(&[m.endpoint()], "/coreos.com/network/", &no_client_cert).await?;
+        s.list().await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(20), refused).await.expect("refused, not hung");
+    assert!(r.is_err(), "a client without a certificate must be refused");
+    let half = weft_store::etcd::EtcdTls {
+        cert_file: path("client.pem"),
+        ..Default::default()
+    };
+    match weft_store::etcd::EtcdStore::connect(&[m.endpoint()], "/", &half).await {
+        Err(e) => assert!(e.to_string().contains("--etcd-keyfile"), "{e}"),
+        Ok(_) => panic!("a certificate without its key must be refused"),
     }
 }

@@ -24,6 +24,8 @@ pub struct Etcd {
     state: &'static str,
     dir: TempDir,
     child: Option<Child>,
+    /// Directory with ca.pem, server.pem/key, client.pem/key when the member speaks TLS.
+    pub tls: Option<std::path::PathBuf>,
 }
 
 impl Etcd {
@@ -37,6 +39,10 @@ impl Etcd {
 
     /// `n` members on loopback, started together; returns when all are healthy.
     pub fn cluster(n: usize) -> Vec<Etcd> {
+        Self::cluster_with(n, true)
+    }
+
+    fn cluster_with(n: usize, start: bool) -> Vec<Etcd> {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster = ports
             .iter()
@@ -55,22 +61,44 @@ impl Etcd {
                 state: "new",
                 dir: tempfile::tempdir().expect("tempdir"),
                 child: None,
+                tls: None,
             })
             .collect();
-        for m in &mut members {
-            m.spawn();
-        }
-        for m in &mut members {
-            m.wait_healthy();
-            m.state = "existing";
+        if start {
+            for m in &mut members {
+                m.spawn();
+            }
+            for m in &mut members {
+                m.wait_healthy();
+                m.state = "existing";
+            }
         }
         members
     }
 
+    /// A single member that requires TLS client certificates, made with openssl here.
+    pub fn start_tls() -> Etcd {
+        let mut m = Self::cluster_with(1, false).remove(0);
+        let certs = m.dir.path().join("certs");
+        make_certs(&certs);
+        m.tls = Some(certs);
+        m.spawn();
+        m.wait_healthy();
+        m
+    }
+
     fn spawn(&mut self) {
-        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let c = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let p = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file").arg(t.join("server.pem"));
+            cmd.arg("--key-file").arg(t.join("server.key"));
+            cmd.arg("--trusted-ca-file").arg(t.join("ca.pem"));
+            cmd.arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
@@ -85,14 +113,28 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// etcdctl with this member's endpoint (and certificates).
+    pub fn etcdctl(&self) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.args(["--endpoints", &self.endpoint()]);
+        if let Some(t) = &self.tls {
+            c.arg("--cacert").arg(t.join("ca.pem"));
+            c.arg("--cert").arg(t.join("client.pem"));
+            c.arg("--key").arg(t.join("client.key"));
+        }
+        c
     }
 
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let ok = Command::new("etcdctl")
-                .args(["--endpoints", &self.endpoint(), "--command-timeout=1s", "endpoint", "health"])
+            let ok = self
+                .etcdctl()
+                .args(["--command-timeout=1s", "endpoint", "health"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -124,14 +166,16 @@ impl Etcd {
 
     /// Compacts etcd's history up to the current revision.
     pub fn compact(&self) {
-        let out = Command::new("etcdctl")
-            .args(["--endpoints", &self.endpoint(), "endpoint", "status", "--write-out=json"])
+        let out = self
+            .etcdctl()
+            .args(["endpoint", "status", "--write-out=json"])
             .output()
             .expect("etcdctl");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl status json");
         let rev = v[0]["Status"]["header"]["revision"].as_i64().expect("revision");
-        let ok = Command::new("etcdctl")
-            .args(["--endpoints", &self.endpoint(), "compact", &rev.to_string()])
+        let ok = self
+            .etcdctl()
+            .args(["compact", &rev.to_string()])
             .stdout(Stdio::null())
             .status()
             .expect("etcdctl compact")
@@ -176,7 +220,7 @@ impl Harness {
     pub fn spec(&self) -> StoreSpec {
         match self {
             Harness::Sqlite { dir } => StoreSpec::Sqlite(dir.path().join("store.db")),
-            Harness::Etcd { members, .. } => StoreSpec::Etcd(members.iter().map(|m| format!("http://{}", m.endpoint())).collect()),
+            Harness::Etcd { members, .. } => StoreSpec::Etcd(members.iter().map(|m| m.endpoint()).collect()),
         }
     }
 
@@ -205,4 +249,21 @@ impl Harness {
             Harness::Sqlite { .. } => panic!("not an etcd harness"),
         }
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, by openssl.
+pub fn make_certs(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let sh = format!(
+        r#"set -e; cd {dir}
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=weft-test-ca 2>/dev/null
+for who in server client; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $who.key -out $who.csr -subj /CN=weft-test-$who 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n' > $who.ext
+  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 2 -extfile $who.ext 2>/dev/null
+done"#,
+        dir = dir.display()
+    );
+    let ok = Command::new("sh").arg("-c").arg(sh).status().expect("openssl (apt-get install openssl)").success();
+    assert!(ok, "making test certificates failed");
 }
