@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use weft_core::{Expiry, Lease, LeaseKey};
 
-/// How many changes the event log keeps for watchers that fall behind.
+/// How many changes the event log keeps for watchers that fall behind (per database, in
+/// `meta`; this is the default).
 pub const EVENT_LOG_KEEP: u64 = 20_000;
 /// How often a watcher looks for new changes.
 const POLL: Duration = Duration::from_millis(50);
@@ -63,7 +64,7 @@ CREATE TABLE IF NOT EXISTS events (
     value      TEXT,
     expires_at INTEGER
 );
-INSERT OR IGNORE INTO meta (k, v) VALUES ('rev', '0'), ('compacted', '0');
+INSERT OR IGNORE INTO meta (k, v) VALUES ('rev', '0'), ('compacted', '0'), ('keep', '20000');
 ";
 
 impl SqliteStore {
@@ -152,8 +153,12 @@ fn bump(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError)
     let rev: u64 = tx
         .query_row("UPDATE meta SET v = CAST(v AS INTEGER) + 1 WHERE k = 'rev' RETURNING CAST(v AS INTEGER)", [], |r| r.get(0))
         .map_err(err)?;
-    if rev % 1000 == 0 && rev > EVENT_LOG_KEEP {
-        let upto = rev - EVENT_LOG_KEEP;
+    let keep: u64 = tx
+        .query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'keep'", [], |r| r.get(0))
+        .map_err(err)?;
+    // Trim in steps of a tenth of the log, not on every write.
+    if rev % (keep / 10).max(1) == 0 && rev > keep {
+        let upto = rev - keep;
         tx.execute("DELETE FROM events WHERE rev <= ?1", [upto]).map_err(err)?;
         tx.execute("UPDATE meta SET v = ?1 WHERE k = 'compacted'", [upto.to_string()]).map_err(err)?;
     }
@@ -450,6 +455,15 @@ impl SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// Sets how many changes the event log keeps (default [`EVENT_LOG_KEEP`]).
+    pub async fn set_event_log_keep(&self, keep: u64) -> Result<(), StoreError> {
+        self.write(move |tx, err| {
+            tx.execute("UPDATE meta SET v = ?1 WHERE k = 'keep'", [keep.max(1).to_string()]).map_err(err)?;
+            Ok(())
         })
         .await
     }

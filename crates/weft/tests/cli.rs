@@ -174,3 +174,45 @@ fn bad_store_addresses_are_explained() {
     let err = text(&o.stderr);
     assert!(err.contains("--store") && err.contains("sqlite:/var/lib/weft/store.db"), "{err}");
 }
+
+/// Acquirers SIGKILLed at random moments leave the database whole: every lease readable, no
+/// subnet twice, and the store still hands out leases.
+#[test]
+fn killed_acquirers_leave_no_damage() {
+    let d = tempfile::tempdir().expect("tmp");
+    let store = format!("sqlite:{}", d.path().join("s.db").display());
+    let conf = write(d.path(), "net-conf.json", r#"{"Network": "10.80.0.0/16"}"#);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
+    for round in 0..3 {
+        let mut children: Vec<_> = (1..=20)
+            .map(|i| {
+                weft()
+                    .args(["leases", "acquire", "--node", &format!("n{round}-{i}"), "--public-ip", &format!("192.0.{round}.{i}")])
+                    .args(["--config", conf.to_str().expect("p"), "--store", &store])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("spawn")
+            })
+            .collect();
+        for c in children.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(std::time::Duration::from_micros(seed % 8000));
+            let _ = c.kill();
+        }
+        for mut c in children {
+            let _ = c.wait();
+        }
+    }
+    let o = run(&["leases", "list", "--json", "--store", &store]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["corrupt"].as_array().expect("corrupt").len(), 0);
+    let subnets: Vec<&str> = v["leases"].as_array().expect("leases").iter().map(|l| l["subnet"].as_str().expect("s")).collect();
+    let distinct: HashSet<&str> = subnets.iter().copied().collect();
+    assert_eq!(distinct.len(), subnets.len(), "a subnet held twice");
+    let o = run(&["leases", "acquire", "--node", "after", "--public-ip", "192.0.9.9", "--config", conf.to_str().expect("p"), "--store", &store]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
