@@ -172,6 +172,22 @@ impl EtcdStore {
         }
     }
 
+    /// Runs a guarded transaction that was to attach its keys to etcd lease `id`; `None` when
+    /// a guard failed. The etcd lease is revoked unless the transaction used it.
+    async fn run_guarded(&self, txn: Txn, id: i64) -> Result<Option<etcd_client::TxnResponse>, StoreError> {
+        match self.client.clone().txn(txn).await {
+            Ok(r) if r.succeeded() => Ok(Some(r)),
+            Ok(_) => {
+                self.revoke(id).await;
+                Ok(None)
+            }
+            Err(e) => {
+                self.revoke(id).await;
+                Err(map_err(e))
+            }
+        }
+    }
+
     async fn revoke(&self, id: i64) {
         if id != 0 {
             // A lease left behind expires by itself; revoking only saves etcd the wait.
@@ -239,15 +255,7 @@ impl Store for EtcdStore {
             TxnOp::put(self.key_of(&lease.key), lease.attrs.to_json(), put_opts.clone()),
             TxnOp::put(node_key, lease.key.to_string(), put_opts),
         ]);
-        let r = match self.client.clone().txn(txn).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.revoke(id).await;
-                return Err(map_err(e));
-            }
-        };
-        if !r.succeeded() {
-            self.revoke(id).await;
+        if self.run_guarded(txn, id).await?.is_none() {
             return Err(StoreError::Conflict(lease.key));
         }
         Ok(Lease {
@@ -271,17 +279,9 @@ impl Store for EtcdStore {
                 TxnOp::put(key, lease.attrs.to_json(), Some(put_opts)),
                 TxnOp::put(self.node_key(lease.attrs.node_ip()), lease.key.to_string(), index_opts),
             ]);
-        let r = match self.client.clone().txn(txn).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.revoke(id).await;
-                return Err(map_err(e));
-            }
-        };
-        if !r.succeeded() {
-            self.revoke(id).await;
+        let Some(r) = self.run_guarded(txn, id).await? else {
             return Err(StoreError::NotFound(lease.key));
-        }
+        };
         // The key moved to the new etcd lease; the old one holds nothing now.
         if let Some(TxnOpResponse::Put(p)) = r.op_responses().into_iter().next() {
             if let Some(prev) = p.prev_key() {

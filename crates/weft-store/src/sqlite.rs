@@ -196,8 +196,12 @@ fn decode(key: &str, value: &str, expires: Option<i64>) -> Result<Lease, Corrupt
     .decode()
 }
 
-fn ttl_deadline(ttl: Option<Duration>) -> Option<i64> {
-    ttl.map(|t| now_ms() + t.as_millis() as i64)
+/// `lease` with the expiry `ttl` gives it from now, and that deadline in milliseconds.
+fn stamped(lease: &Lease, ttl: Option<Duration>) -> (Lease, Option<i64>) {
+    let expires = ttl.map(|t| now_ms() + t.as_millis() as i64);
+    let mut lease = lease.clone();
+    lease.expiry = expiry_of(expires);
+    (lease, expires)
 }
 
 /// The numeric bounds of a key's subnets, for the overlap columns.
@@ -286,12 +290,9 @@ impl Store for SqliteStore {
     }
 
     async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
-        let mut lease = lease.clone();
-        let expires = ttl_deadline(ttl);
-        lease.expiry = expiry_of(expires);
+        let (lease, expires) = stamped(lease, ttl);
         self.write(move |tx, err| {
-            let key = lease.key.to_string();
-            let value = lease.attrs.to_json();
+            let (key, value) = (lease.key.to_string(), lease.attrs.to_json());
             let b = bounds(&lease.key);
             let node_ip = lease.attrs.node_ip().to_string();
             let node_held: bool = tx
@@ -317,12 +318,9 @@ impl Store for SqliteStore {
     }
 
     async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
-        let mut lease = lease.clone();
-        let expires = ttl_deadline(ttl);
-        lease.expiry = expiry_of(expires);
+        let (lease, expires) = stamped(lease, ttl);
         self.write(move |tx, err| {
-            let key = lease.key.to_string();
-            let value = lease.attrs.to_json();
+            let (key, value) = (lease.key.to_string(), lease.attrs.to_json());
             let n = tx
                 .execute(
                     "UPDATE leases SET value = ?2, expires_at = ?3, node_ip = ?4 WHERE key = ?1",

@@ -14,6 +14,27 @@ use weft_store::manager;
 use weft_store::watch::{LeaseWatcher, WatchEvent};
 use weft_store::Store;
 
+/// The node a lease is for.
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// The node's name.
+    #[arg(long = "node")]
+    name: String,
+    /// The node's public IPv4 address (flannel's PublicIP: what identifies the node).
+    #[arg(long)]
+    public_ip: Ipv4Addr,
+    #[arg(long)]
+    public_ipv6: Option<Ipv6Addr>,
+}
+
+impl NodeArgs {
+    fn attrs(&self, backend: &str) -> LeaseAttrs {
+        let mut a = LeaseAttrs::new(&self.name, self.public_ip, backend);
+        a.public_ipv6 = self.public_ipv6;
+        a
+    }
+}
+
 #[derive(Subcommand)]
 pub enum LeasesCmd {
     /// List every lease (reservations included).
@@ -25,12 +46,8 @@ pub enum LeasesCmd {
     },
     /// Acquire (or take back) the lease of one node, as the agent does at start.
     Acquire {
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        public_ip: Ipv4Addr,
-        #[arg(long)]
-        public_ipv6: Option<Ipv6Addr>,
+        #[command(flatten)]
+        node: NodeArgs,
         /// The backend's data published in the lease (JSON), e.g. '{"VtepMAC":"0e:2a:..."}'.
         #[arg(long)]
         backend_data: Option<String>,
@@ -51,12 +68,8 @@ pub enum LeasesCmd {
     Reserve {
         /// e.g. 10.244.7.0/24 (flannel's 10.244.7.0-24 works too).
         subnet: String,
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        public_ip: Ipv4Addr,
-        #[arg(long)]
-        public_ipv6: Option<Ipv6Addr>,
+        #[command(flatten)]
+        node: NodeArgs,
         #[command(flatten)]
         config: ConfigArgs,
         #[command(flatten)]
@@ -129,12 +142,6 @@ fn print_table(leases: &[Lease], now: SystemTime) {
     }
 }
 
-fn attrs(node: &str, ip: Ipv4Addr, ip6: Option<Ipv6Addr>, backend: &str) -> LeaseAttrs {
-    let mut a = LeaseAttrs::new(node, ip, backend);
-    a.public_ipv6 = ip6;
-    a
-}
-
 impl LeasesCmd {
     pub async fn run(self) -> Result<ExitCode> {
         let now = SystemTime::now;
@@ -158,8 +165,6 @@ impl LeasesCmd {
             }
             LeasesCmd::Acquire {
                 node,
-                public_ip,
-                public_ipv6,
                 backend_data,
                 subnet_file,
                 ttl,
@@ -169,7 +174,7 @@ impl LeasesCmd {
             } => {
                 let s = store.open().await?;
                 let cfg = config.load(&s).await?;
-                let mut a = attrs(&node, public_ip, public_ipv6, cfg.backend.type_name());
+                let mut a = node.attrs(cfg.backend.type_name());
                 if let Some(d) = backend_data {
                     a.backend_data = serde_json::from_str(&d).context("--backend-data must be JSON, e.g. '{\"VtepMAC\":\"0e:2a:00:00:00:01\"}'")?;
                 }
@@ -185,18 +190,11 @@ impl LeasesCmd {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            LeasesCmd::Reserve {
-                subnet,
-                node,
-                public_ip,
-                public_ipv6,
-                config,
-                store,
-            } => {
+            LeasesCmd::Reserve { subnet, node, config, store } => {
                 let key = parse_key(&subnet)?;
                 let s = store.open().await?;
                 let cfg = config.load(&s).await?;
-                let a = attrs(&node, public_ip, public_ipv6, cfg.backend.type_name());
+                let a = node.attrs(cfg.backend.type_name());
                 let lease = manager::reserve(&s, &cfg, key, &a).await.with_context(|| format!("reserving {subnet}"))?;
                 print_table(std::slice::from_ref(&lease), now());
                 Ok(ExitCode::SUCCESS)
