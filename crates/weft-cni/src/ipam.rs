@@ -1,0 +1,272 @@
+//! Built-in IPAM: addresses of the node's subnet, kept on disk.
+//!
+//! One file per allocated address in `<dataDir>/<network>/`, named by the address and holding
+//! "containerID\nifname\n". A file appears whole or not at all (written aside, then hard-linked
+//! into place, which fails if the address is taken), so no crash hands an address out twice;
+//! an address whose ADD died half-way stays allocated until GC, which frees every address not
+//! in the runtime's valid attachments. All changes run under an exclusive lock on `lock`.
+
+use crate::spec::{code, io_err, CniError};
+use ipnet::IpNet;
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft/ipam";
+const LAST: &str = "last_reserved_ip";
+
+/// The addresses a network hands out: `[start, end]` inside `subnet`, minus the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    pub subnet: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub start: IpAddr,
+    pub end: IpAddr,
+}
+
+impl Range {
+    /// The usual range: every host address of `subnet` (network and broadcast excluded), the
+    /// gateway (default: the first host) excluded.
+    pub fn of_subnet(subnet: IpNet, gateway: Option<IpAddr>) -> Result<Range, CniError> {
+        let mut hosts = subnet.hosts();
+        let first = hosts.next();
+        let last = subnet.hosts().last();
+        match (first, last) {
+            (Some(start), Some(end)) => Ok(Range {
+                subnet,
+                gateway: gateway.or(Some(start)),
+                start,
+                end,
+            }),
+            _ => Err(CniError::new(code::INVALID_CONFIG, format!("subnet {subnet} holds no host address"))),
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let v = num(ip);
+        self.subnet.contains(&ip) && v >= num(self.start) && v <= num(self.end) && Some(ip) != self.gateway
+    }
+
+    fn size(&self) -> u128 {
+        num(self.end).saturating_sub(num(self.start)) + 1
+    }
+}
+
+fn num(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_num(like: IpAddr, v: u128) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
+        IpAddr::V6(_) => IpAddr::V6(v.into()),
+    }
+}
+
+pub struct Ipam {
+    dir: PathBuf,
+}
+
+/// Held while the store is locked.
+struct Locked(File);
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+impl Ipam {
+    pub fn open(data_dir: &Path, network: &str) -> Result<Ipam, CniError> {
+        let dir = data_dir.join(network);
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating the IPAM directory {}", dir.display())))?;
+        Ok(Ipam { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self) -> Result<Locked, CniError> {
+        let path = self.dir.join("lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        f.lock().map_err(io_err(format!("locking {}", path.display())))?;
+        Ok(Locked(f))
+    }
+
+    /// Every allocation: (address, containerID, ifname); unreadable files are owned by nobody.
+    fn entries(&self) -> Result<Vec<(IpAddr, Option<(String, String)>)>, CniError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(io_err(format!("reading {}", self.dir.display())))? {
+            let e = e.map_err(io_err(format!("reading {}", self.dir.display())))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(ip) = name.parse::<IpAddr>() else { continue };
+            let owner = std::fs::read_to_string(e.path()).ok().and_then(|t| {
+                let mut l = t.lines();
+                Some((l.next()?.to_string(), l.next()?.to_string()))
+            });
+            out.push((ip, owner));
+        }
+        Ok(out)
+    }
+
+    /// The address held by an attachment.
+    pub fn lookup(&self, cid: &str, ifname: &str) -> Result<Option<IpAddr>, CniError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .find(|(_, o)| o.as_ref().is_some_and(|(c, i)| c == cid && i == ifname))
+            .map(|(ip, _)| ip))
+    }
+
+    /// An address for the attachment: the one it holds already (`false`), else the next free
+    /// one after the last handed out, so a freed address is not reused at once (`true`).
+    pub fn allocate(&self, range: &Range, cid: &str, ifname: &str) -> Result<(IpAddr, bool), CniError> {
+        let _l = self.lock()?;
+        self.sweep_temps();
+        let entries = self.entries()?;
+        if let Some((ip, _)) = entries.iter().find(|(_, o)| o.as_ref().is_some_and(|(c, i)| c == cid && i == ifname)) {
+            return Ok((*ip, false));
+        }
+        let taken: HashSet<IpAddr> = entries.iter().map(|(ip, _)| *ip).collect();
+        let last = std::fs::read_to_string(self.dir.join(LAST)).ok().and_then(|t| t.trim().parse::<IpAddr>().ok());
+        let size = range.size();
+        let begin = match last {
+            Some(l) if range.contains(l) => num(l) - num(range.start) + 1,
+            _ => 0,
+        };
+        let tmp = self.dir.join(format!(".tmp-{}", std::process::id()));
+        std::fs::write(&tmp, format!("{cid}\n{ifname}\n")).map_err(io_err(format!("writing {}", tmp.display())))?;
+        let mut result = None;
+        for k in 0..size {
+            let ip = from_num(range.start, num(range.start) + (begin + k) % size);
+            if !range.contains(ip) || taken.contains(&ip) {
+                continue;
+            }
+            match std::fs::hard_link(&tmp, self.dir.join(ip.to_string())) {
+                Ok(()) => {
+                    result = Some(ip);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(io_err(format!("recording {ip} in {}", self.dir.display()))(e));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&tmp);
+        let ip = result.ok_or_else(|| {
+            CniError::new(
+                code::TRY_AGAIN,
+                format!("no free address in {} ({} to {}): all {} are allocated; pods must be deleted first", range.subnet, range.start, range.end, taken.len()),
+            )
+        })?;
+        // Best effort: only where the next search starts.
+        let _ = std::fs::write(self.dir.join(LAST), ip.to_string());
+        Ok((ip, true))
+    }
+
+    /// Frees the attachment's addresses; none held is fine (DEL is idempotent).
+    pub fn release(&self, cid: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
+        let _l = self.lock()?;
+        let mut freed = Vec::new();
+        for (ip, owner) in self.entries()? {
+            if owner.as_ref().is_some_and(|(c, i)| c == cid && i == ifname) {
+                self.remove(ip)?;
+                freed.push(ip);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Frees every address not held by one of `valid` (and any unreadable record).
+    pub fn gc(&self, valid: &HashSet<(String, String)>) -> Result<Vec<IpAddr>, CniError> {
+        let _l = self.lock()?;
+        self.sweep_temps();
+        let mut freed = Vec::new();
+        for (ip, owner) in self.entries()? {
+            if !owner.is_some_and(|o| valid.contains(&o)) {
+                self.remove(ip)?;
+                freed.push(ip);
+            }
+        }
+        Ok(freed)
+    }
+
+    #[cfg(test)]
+    pub fn allocations(&self) -> Result<Vec<(IpAddr, Option<(String, String)>)>, CniError> {
+        self.entries()
+    }
+
+    fn remove(&self, ip: IpAddr) -> Result<(), CniError> {
+        match std::fs::remove_file(self.dir.join(ip.to_string())) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(format!("freeing {ip}"))(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Temp files of processes that died mid-allocation (under the lock, none is in use).
+    fn sweep_temps(&self) {
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_skips_reserved_and_is_idempotent() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::open(d.path(), "net").unwrap();
+        let r = Range::of_subnet("10.1.0.0/29".parse().unwrap(), None).unwrap();
+        // hosts .1-.6, .1 is the gateway: .2-.6 usable
+        let (a, fresh) = ipam.allocate(&r, "c1", "eth0").unwrap();
+        assert!(fresh);
+        assert_eq!(a.to_string(), "10.1.0.2");
+        assert_eq!(ipam.allocate(&r, "c1", "eth0").unwrap(), (a, false), "same attachment, same address");
+        let mut got = vec![a];
+        for i in 2..=5 {
+            got.push(ipam.allocate(&r, &format!("c{i}"), "eth0").unwrap().0);
+        }
+        let e = ipam.allocate(&r, "c6", "eth0").unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN);
+        assert!(e.msg.contains("10.1.0.0/29"), "{}", e.msg);
+        assert!(!got.iter().any(|ip| ["10.1.0.0", "10.1.0.1", "10.1.0.7"].contains(&ip.to_string().as_str())));
+        assert_eq!(ipam.release("c3", "eth0").unwrap().len(), 1);
+        assert!(ipam.release("c3", "eth0").unwrap().is_empty());
+        // The freed address is handed out again once the others are taken.
+        assert!(ipam.allocate(&r, "c7", "eth0").is_ok());
+    }
+
+    #[test]
+    fn gc_frees_what_is_not_valid() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::open(d.path(), "net").unwrap();
+        let r = Range::of_subnet("10.1.0.0/24".parse().unwrap(), None).unwrap();
+        for c in ["a", "b", "c"] {
+            ipam.allocate(&r, c, "eth0").unwrap();
+        }
+        std::fs::write(ipam.dir().join("10.1.0.200"), "").unwrap(); // a torn record
+        let valid: HashSet<_> = [("b".to_string(), "eth0".to_string())].into_iter().collect();
+        let freed = ipam.gc(&valid).unwrap();
+        assert_eq!(freed.len(), 3);
+        assert_eq!(ipam.allocations().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,321 @@
+//! Wiring a pod: the veth pair, the bridge (bridge mode) or the /32 route and proxy ARP
+//! (routed mode), and the pod's own address and routes, all through netlink.
+
+use crate::spec::{code, CniError, Interface, IpConfig, Mode, RouteConf};
+use ipnet::IpNet;
+use std::net::{IpAddr, Ipv4Addr};
+use weft_dataplane::{sysctl, DataplaneError, Netns, Nl, Route, RTPROT_WEFT};
+
+/// The on-link next hop every routed pod uses (Calico's convention).
+pub const ROUTED_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The host side's MAC in routed mode (Calico's): the pod ARPs for 169.254.1.1 and gets it.
+pub const ROUTED_MAC: [u8; 6] = [0xee; 6];
+
+fn dp(e: DataplaneError) -> CniError {
+    CniError::new(code::IO, e.to_string())
+}
+
+/// The host-side veth name: stable for an attachment, so CHECK and DEL find it.
+pub fn host_veth(cid: &str, ifname: &str) -> String {
+    // FNV-1a: stable across releases and platforms (std's hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cid.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("weft{:08x}", (h >> 32) as u32 ^ h as u32)
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub struct Plan {
+    pub mode: Mode,
+    pub bridge: String,
+    pub hairpin: bool,
+    pub mtu: Option<u32>,
+    /// The pod's address, with the subnet's prefix (bridge) or as /32 (routed).
+    pub address: IpNet,
+    pub gateway: IpAddr,
+    /// Extra routes from an IPAM plugin, added in the pod.
+    pub extra_routes: Vec<RouteConf>,
+}
+
+/// What ADD made, to report and to undo.
+pub struct Made {
+    pub interfaces: Vec<Interface>,
+    pub ips: Vec<IpConfig>,
+    pub routes: Vec<RouteConf>,
+}
+
+/// Wires the pod. On failure the host veth (and with it the pod side) is removed again.
+pub async fn add(plan: &Plan, netns: &Netns, cid: &str, ifname: &str) -> Result<Made, CniError> {
+    let host = Nl::here().map_err(dp)?;
+    let pod = Nl::in_netns(netns).map_err(dp)?;
+    let hname = host_veth(cid, ifname);
+    // ADD repeated for a live attachment: report it as it is.
+    if let (Some(_), Some(hl)) = (pod.link(ifname).await.map_err(dp)?, host.link(&hname).await.map_err(dp)?) {
+        return describe(plan, netns, &host, &pod, hl, ifname).await;
+    }
+    let result = add_inner(plan, netns, &host, &pod, &hname, ifname).await;
+    if result.is_err() {
+        if let Ok(Some(l)) = host.link(&hname).await {
+            let _ = host.del_link(l.index).await;
+        }
+        if let Ok(Some(l)) = pod.link(ifname).await {
+            let _ = pod.del_link(l.index).await;
+        }
+    }
+    result
+}
+
+async fn add_inner(plan: &Plan, netns: &Netns, host: &Nl, pod: &Nl, hname: &str, ifname: &str) -> Result<Made, CniError> {
+    if pod.link(ifname).await.map_err(dp)?.is_some() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("CNI_IFNAME {ifname} exists in {} already and is not weft's; pick another CNI_IFNAME", netns.path().display()),
+        ));
+    }
+    let mut interfaces = Vec::new();
+    // Bridge first (shared by every pod of the node; another ADD may be creating it now).
+    let bridge = if plan.mode == Mode::Bridge {
+        host.add_bridge(&plan.bridge, plan.mtu).await.map_err(dp)?;
+        let br = host
+            .link(&plan.bridge)
+            .await
+            .map_err(dp)?
+            .ok_or_else(|| CniError::new(code::IO, format!("bridge {} vanished while being set up", plan.bridge)))?;
+        let gw_net = IpNet::new(plan.gateway, plan.address.prefix_len()).map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
+        host.add_addr(br.index, gw_net).await.map_err(dp)?;
+        host.set_up(br.index).await.map_err(dp)?;
+        interfaces.push(Interface {
+            name: br.name.clone(),
+            mac: mac_text(&br.mac),
+            mtu: Some(br.mtu),
+            sandbox: None,
+        });
+        Some(br)
+    } else {
+        None
+    };
+
+    // The pair, its peer under a temporary name until it is in the pod.
+    let peer_tmp = format!("wtp{}", &hname[4..]);
+    if let Some(stale) = host.link(hname).await.map_err(dp)? {
+        // Left by an ADD that died half-way for this same attachment.
+        host.del_link(stale.index).await.map_err(dp)?;
+    }
+    if let Some(stale) = host.link(&peer_tmp).await.map_err(dp)? {
+        host.del_link(stale.index).await.map_err(dp)?;
+    }
+    host.add_veth(hname, &peer_tmp, plan.mtu).await.map_err(dp)?;
+    let hl = host.link(hname).await.map_err(dp)?.ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
+    let pl = host
+        .link(&peer_tmp)
+        .await
+        .map_err(dp)?
+        .ok_or_else(|| CniError::new(code::IO, format!("veth {peer_tmp} vanished")))?;
+    if let Some(m) = plan.mtu {
+        host.set_mtu(pl.index, m).await.map_err(dp)?; // the peer does not inherit it
+    }
+    host.move_to(pl.index, netns).await.map_err(dp)?;
+
+    // Host side.
+    match &bridge {
+        Some(br) => {
+            host.set_master(hl.index, br.index).await.map_err(dp)?;
+            if plan.hairpin {
+                host.set_hairpin(hl.index).await.map_err(dp)?;
+            }
+        }
+        None => {
+            host.set_mac(hl.index, ROUTED_MAC).await.map_err(dp)?;
+            sysctl::set_iface("ipv4", hname, "proxy_arp", "1").map_err(dp)?;
+            // Answer the pod's ARP at once, not after the default random delay.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{hname}/proxy_delay"), "0");
+        }
+    }
+    sysctl::set("net.ipv4.ip_forward", "1").map_err(dp)?;
+    host.set_up(hl.index).await.map_err(dp)?;
+    if plan.mode == Mode::Routed {
+        host.add_route(&Route {
+            dst: IpNet::new(plan.address.addr(), if plan.address.addr().is_ipv4() { 32 } else { 128 }).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+            gateway: None,
+            oif: Some(hl.index),
+            scope_link: true,
+            protocol: RTPROT_WEFT,
+        })
+        .await
+        .map_err(dp)?;
+    }
+    let hl = host.link(hname).await.map_err(dp)?.unwrap_or(hl);
+    interfaces.push(Interface {
+        name: hname.to_string(),
+        mac: mac_text(&hl.mac),
+        mtu: Some(hl.mtu),
+        sandbox: None,
+    });
+
+    // Pod side.
+    let p = pod
+        .link(&peer_tmp)
+        .await
+        .map_err(dp)?
+        .ok_or_else(|| CniError::new(code::IO, format!("veth {peer_tmp} did not arrive in {}", netns.path().display())))?;
+    pod.rename(p.index, ifname).await.map_err(dp)?;
+    pod.add_addr(p.index, plan.address).await.map_err(dp)?;
+    pod.set_up(p.index).await.map_err(dp)?;
+    let mut routes = Vec::new();
+    match plan.mode {
+        Mode::Bridge => {
+            let any = IpNet::new(if plan.gateway.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) }, 0)
+                .map_err(|e| CniError::new(code::IO, e.to_string()))?;
+            routes.push(RouteConf { dst: any, gw: Some(plan.gateway) });
+        }
+        Mode::Routed => {
+            pod.add_route(&Route {
+                dst: IpNet::new(IpAddr::V4(ROUTED_GW), 32).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                gateway: None,
+                oif: Some(p.index),
+                scope_link: true,
+                protocol: RTPROT_WEFT,
+            })
+            .await
+            .map_err(dp)?;
+            routes.push(RouteConf {
+                dst: "0.0.0.0/0".parse().map_err(|_| CniError::new(code::IO, "route"))?,
+                gw: Some(IpAddr::V4(ROUTED_GW)),
+            });
+        }
+    }
+    routes.extend(plan.extra_routes.iter().cloned());
+    for r in &routes {
+        pod.add_route(&Route {
+            dst: r.dst,
+            gateway: r.gw,
+            oif: Some(p.index),
+            scope_link: false,
+            protocol: RTPROT_WEFT,
+        })
+        .await
+        .map_err(dp)?;
+    }
+    let p = pod.link(ifname).await.map_err(dp)?.unwrap_or(p);
+    interfaces.push(Interface {
+        name: ifname.to_string(),
+        mac: mac_text(&p.mac),
+        mtu: Some(p.mtu),
+        sandbox: Some(netns.path().display().to_string()),
+    });
+    let idx = interfaces.len() - 1;
+    Ok(Made {
+        interfaces,
+        ips: vec![IpConfig {
+            address: plan.address,
+            gateway: Some(plan.gateway),
+            interface: Some(idx),
+        }],
+        routes,
+    })
+}
+
+/// The result of an attachment that exists already, after checking it is the one planned.
+async fn describe(plan: &Plan, netns: &Netns, host: &Nl, pod: &Nl, hl: weft_dataplane::Link, ifname: &str) -> Result<Made, CniError> {
+    let pl = pod
+        .link(ifname)
+        .await
+        .map_err(dp)?
+        .ok_or_else(|| CniError::new(code::IO, format!("{ifname} vanished from {}", netns.path().display())))?;
+    let addrs: Vec<IpNet> = pod.addrs(Some(pl.index)).await.map_err(dp)?.into_iter().map(|(_, n)| n).collect();
+    if !addrs.contains(&plan.address) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("CNI_IFNAME {ifname} exists in {} with other addresses ({addrs:?}); DEL it first", netns.path().display()),
+        ));
+    }
+    let mut interfaces = Vec::new();
+    if plan.mode == Mode::Bridge {
+        if let Some(br) = host.link(&plan.bridge).await.map_err(dp)? {
+            interfaces.push(Interface { name: br.name, mac: mac_text(&br.mac), mtu: Some(br.mtu), sandbox: None });
+        }
+    }
+    interfaces.push(Interface { name: hl.name, mac: mac_text(&hl.mac), mtu: Some(hl.mtu), sandbox: None });
+    interfaces.push(Interface {
+        name: ifname.to_string(),
+        mac: mac_text(&pl.mac),
+        mtu: Some(pl.mtu),
+        sandbox: Some(netns.path().display().to_string()),
+    });
+    let any = IpNet::new(if plan.gateway.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) }, 0)
+        .map_err(|e| CniError::new(code::IO, e.to_string()))?;
+    let mut routes = vec![RouteConf { dst: any, gw: Some(plan.gateway) }];
+    routes.extend(plan.extra_routes.iter().cloned());
+    Ok(Made {
+        ips: vec![IpConfig { address: plan.address, gateway: Some(plan.gateway), interface: Some(interfaces.len() - 1) }],
+        interfaces,
+        routes,
+    })
+}
+
+/// Removes the attachment's links; gone already is fine.
+pub async fn del(netns: Option<&Netns>, cid: &str, ifname: &str) -> Result<(), CniError> {
+    if let Some(ns) = netns {
+        let pod = Nl::in_netns(ns).map_err(dp)?;
+        if let Some(l) = pod.link(ifname).await.map_err(dp)? {
+            pod.del_link(l.index).await.map_err(dp)?; // takes the host side with it
+        }
+    }
+    let host = Nl::here().map_err(dp)?;
+    if let Some(l) = host.link(&host_veth(cid, ifname)).await.map_err(dp)? {
+        host.del_link(l.index).await.map_err(dp)?;
+    }
+    Ok(())
+}
+
+/// Checks that the attachment is as ADD made it (and as `prev` says).
+pub async fn check(mode: Mode, bridge: &str, netns: &Netns, cid: &str, ifname: &str, prev: &crate::spec::CniResult) -> Result<(), CniError> {
+    let mismatch = |m: String| CniError::new(code::CHECK_MISMATCH, m);
+    let host = Nl::here().map_err(dp)?;
+    let pod = Nl::in_netns(netns).map_err(dp)?;
+    let hname = host_veth(cid, ifname);
+    let hl = host.link(&hname).await.map_err(dp)?.ok_or_else(|| mismatch(format!("host veth {hname} is missing")))?;
+    let pl = pod
+        .link(ifname)
+        .await
+        .map_err(dp)?
+        .ok_or_else(|| mismatch(format!("{ifname} is missing in {}", netns.path().display())))?;
+    if !pl.up || !hl.up {
+        return Err(mismatch(format!("{ifname} or {hname} is down")));
+    }
+    let addrs: Vec<IpNet> = pod.addrs(Some(pl.index)).await.map_err(dp)?.into_iter().map(|(_, n)| n).collect();
+    for ip in &prev.ips {
+        if !addrs.contains(&ip.address) {
+            return Err(mismatch(format!("address {} is missing on {ifname}", ip.address)));
+        }
+    }
+    let routes = pod.routes(false).await.map_err(dp)?;
+    for r in prev.routes.iter().filter(|r| r.dst.addr().is_ipv4()) {
+        if !routes.iter().any(|x| x.dst == r.dst && (r.gw.is_none() || x.gateway == r.gw)) {
+            return Err(mismatch(format!("route to {} via {:?} is missing in the pod", r.dst, r.gw)));
+        }
+    }
+    match mode {
+        Mode::Bridge => {
+            let br = host.link(bridge).await.map_err(dp)?.ok_or_else(|| mismatch(format!("bridge {bridge} is missing")))?;
+            if hl.master != Some(br.index) {
+                return Err(mismatch(format!("{hname} is not a port of {bridge}")));
+            }
+        }
+        Mode::Routed => {
+            let host_routes = host.routes(false).await.map_err(dp)?;
+            for ip in &prev.ips {
+                let want = IpNet::new(ip.address.addr(), 32).map_err(|e| mismatch(e.to_string()))?;
+                if !host_routes.iter().any(|r| r.dst == want && r.oif == Some(hl.index)) {
+                    return Err(mismatch(format!("host route {want} dev {hname} is missing")));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! Netlink: links, addresses, routes, in one namespace per connection.
+
+use crate::netns::Netns;
+use crate::DataplaneError;
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// weft's route protocol number: every route weft installs carries it, so weft can tell its
+/// own routes from everyone else's (`ip route` shows it as `proto 87`, or `proto weft` with an
+/// entry in /etc/iproute2/rt_protos.d).
+pub const RTPROT_WEFT: u8 = 87;
+
+/// What weft needs to know of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Vec<u8>,
+    pub mtu: u32,
+    /// The bridge it is a port of.
+    pub master: Option<u32>,
+    pub up: bool,
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: Vec::new(),
+        mtu: 0,
+        master: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Address(m) => l.mac = m.clone(),
+            LinkAttribute::Mtu(m) => l.mtu = *m,
+            LinkAttribute::Controller(c) => l.master = Some(*c),
+            _ => {}
+        }
+    }
+    l
+}
+
+/// A route as weft reads and writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub scope_link: bool,
+    pub protocol: u8,
+}
+
+fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let what = what.into();
+    move |e| DataplaneError::Netlink { what, source: e }
+}
+
+/// Whether a netlink error is "already exists" (so the step was done already).
+pub fn is_exists(e: &DataplaneError) -> bool {
+    e.errno() == Some(libc::EEXIST)
+}
+
+/// Whether a netlink error is "no such object".
+pub fn is_missing(e: &DataplaneError) -> bool {
+    matches!(e.errno(), Some(libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::EADDRNOTAVAIL))
+}
+
+/// A netlink connection bound to one network namespace.
+#[derive(Clone)]
+pub struct Nl {
+    handle: Handle,
+}
+
+impl Nl {
+    /// A connection in the caller's namespace.
+    pub fn here() -> Result<Nl, DataplaneError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DataplaneError::Io {
+            what: "opening a netlink socket".into(),
+            source: e,
+        })?;
+        tokio::spawn(conn);
+        Ok(Nl { handle })
+    }
+
+    /// A connection whose socket lives in `ns`.
+    pub fn in_netns(ns: &Netns) -> Result<Nl, DataplaneError> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = ns.run(move || {
+            let _guard = rt.enter();
+            rtnetlink::new_connection().map(|(c, h, _)| (c, h))
+        })?
+        .map_err(|e| DataplaneError::Io {
+            what: format!("opening a netlink socket in {}", ns.path().display()),
+            source: e,
+        })?;
+        tokio::spawn(conn);
+        Ok(Nl { handle })
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, DataplaneError> {
+        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Some(link_of(&m))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let e = DataplaneError::Netlink {
+                    what: format!("looking up link {name}"),
+                    source: e,
+                };
+                if is_missing(&e) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, DataplaneError> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(link_of)),
+            Err(e) => {
+                let e = DataplaneError::Netlink {
+                    what: format!("looking up link #{index}"),
+                    source: e,
+                };
+                if is_missing(&e) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, DataplaneError> {
+        let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await.map_err(nl_err("listing links"))?;
+        Ok(msgs.iter().map(link_of).collect())
+    }
+
+    /// Creates a veth pair `name` <-> `peer`, both in this namespace.
+    pub async fn add_veth(&self, name: &str, peer: &str, mtu: Option<u32>) -> Result<(), DataplaneError> {
+        let mut b = LinkVeth::new(name, peer);
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        self.handle.link().add(b.build()).execute().await.map_err(nl_err(format!("creating veth {name}/{peer}")))
+    }
+
+    /// Creates a bridge; `Ok(false)` when one of that name exists already.
+    pub async fn add_bridge(&self, name: &str, mtu: Option<u32>) -> Result<bool, DataplaneError> {
+        let mut b = LinkBridge::new(name);
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        match self.handle.link().add(b.build()).execute().await.map_err(nl_err(format!("creating bridge {name}"))) {
+            Ok(()) => Ok(true),
+            Err(e) if is_exists(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn set(&self, msg: LinkMessage, what: String) -> Result<(), DataplaneError> {
+        self.handle.link().set(msg).execute().await.map_err(nl_err(what))
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
+        self.set(LinkUnspec::new_with_index(index).up().build(), format!("setting link #{index} up")).await
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
+        self.set(LinkUnspec::new_with_index(index).mtu(mtu).build(), format!("setting the MTU of link #{index}")).await
+    }
+
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        self.set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build(), format!("setting the MAC of link #{index}"))
+            .await
+    }
+
+    pub async fn rename(&self, index: u32, name: &str) -> Result<(), DataplaneError> {
+        self.set(LinkUnspec::new_with_index(index).name(name.to_string()).build(), format!("renaming link #{index} to {name}"))
+            .await
+    }
+
+    pub async fn set_master(&self, index: u32, master: u32) -> Result<(), DataplaneError> {
+        self.set(LinkUnspec::new_with_index(index).controller(master).build(), format!("attaching link #{index} to bridge #{master}"))
+            .await
+    }
+
+    pub async fn set_hairpin(&self, index: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .set_port(LinkBridgePort::new(index).hairpin(true).build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("turning hairpin on for link #{index}")))
+    }
+
+    /// Moves a link into another namespace.
+    pub async fn move_to(&self, index: u32, ns: &Netns) -> Result<(), DataplaneError> {
+        self.set(
+            LinkUnspec::new_with_index(index).setns_by_fd(ns.fd()).build(),
+            format!("moving link #{index} to {}", ns.path().display()),
+        )
+        .await
+    }
+
+    /// Deletes a link; `Ok(false)` when it was gone already.
+    pub async fn del_link(&self, index: u32) -> Result<bool, DataplaneError> {
+        match self.handle.link().del(index).execute().await.map_err(nl_err(format!("deleting link #{index}"))) {
+            Ok(()) => Ok(true),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds an address; an address that is there already is fine.
+    pub async fn add_addr(&self, index: u32, net: IpNet) -> Result<(), DataplaneError> {
+        match self
+            .handle
+            .address()
+            .add(index, net.addr(), net.prefix_len())
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding {net} to link #{index}")))
+        {
+            Err(e) if is_exists(&e) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The addresses on a link (all links when `index` is `None`).
+    pub async fn addrs(&self, index: Option<u32>) -> Result<Vec<(u32, IpNet)>, DataplaneError> {
+        let mut req = self.handle.address().get();
+        if let Some(i) = index {
+            req = req.set_link_index_filter(i);
+        }
+        let msgs: Vec<_> = req.execute().try_collect().await.map_err(nl_err("listing addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok().map(|n| (m.header.index, n)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    fn route_msg(r: &Route) -> Result<RouteMessage, DataplaneError> {
+        let mut msg = match r.dst {
+            IpNet::V4(d) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d.addr(), d.prefix_len());
+                if let Some(IpAddr::V4(g)) = r.gateway {
+                    b = b.gateway(g);
+                }
+                b.build()
+            }
+            IpNet::V6(d) => {
+                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new().destination_prefix(d.addr(), d.prefix_len());
+                if let Some(IpAddr::V6(g)) = r.gateway {
+                    b = b.gateway(g);
+                }
+                b.build()
+            }
+        };
+        if let Some(oif) = r.oif {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        msg.header.scope = if r.scope_link { RouteScope::Link } else { RouteScope::Universe };
+        msg.header.protocol = RouteProtocol::from(r.protocol);
+        Ok(msg)
+    }
+
+    /// Adds a route; the same route present already is fine.
+    pub async fn add_route(&self, r: &Route) -> Result<(), DataplaneError> {
+        let msg = Self::route_msg(r)?;
+        match self.handle.route().add(msg).execute().await.map_err(nl_err(format!("adding route to {}", r.dst))) {
+            Err(e) if is_exists(&e) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Deletes a route; `Ok(false)` when it was gone already.
+    pub async fn del_route(&self, r: &Route) -> Result<bool, DataplaneError> {
+        let msg = Self::route_msg(r)?;
+        match self.handle.route().del(msg).execute().await.map_err(nl_err(format!("deleting route to {}", r.dst))) {
+            Ok(()) => Ok(true),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The routes of the main table for one family.
+    pub async fn routes(&self, v6: bool) -> Result<Vec<Route>, DataplaneError> {
+        let filter = if v6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let msgs: Vec<RouteMessage> = self.handle.route().get(filter).execute().try_collect().await.map_err(nl_err("listing routes"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.table == 254 || m.attributes.iter().any(|a| matches!(a, RouteAttribute::Table(254))))
+            .filter_map(|m| {
+                let mut dst = None;
+                let mut gw = None;
+                let mut oif = None;
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let dst = dst.unwrap_or(if m.header.address_family == AddressFamily::Inet6 {
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                });
+                Some(Route {
+                    dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+                    gateway: gw,
+                    oif,
+                    scope_link: m.header.scope == RouteScope::Link,
+                    protocol: u8::from(m.header.protocol),
+                })
+            })
+            .collect())
+    }
+}
+
+/// Brings `lo` up in the calling thread's namespace (ioctl: no netlink runtime needed).
+pub fn loopback_up() -> Result<(), DataplaneError> {
+    // SAFETY: plain socket/ioctl calls on a zeroed ifreq that we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(DataplaneError::Sys {
+                what: "socket for bringing lo up".into(),
+                errno: nix::errno::Errno::last(),
+            });
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let errno = nix::errno::Errno::last();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(DataplaneError::Sys {
+                what: "bringing lo up".into(),
+                errno,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! sysctls under /proc/sys, for the namespace of the calling thread (net.* are per namespace).
+
+use crate::DataplaneError;
+
+/// Writes `value` to `key` (dotted, e.g. `net.ipv4.ip_forward`), unless it holds it already.
+pub fn set(key: &str, value: &str) -> Result<(), DataplaneError> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    if std::fs::read_to_string(&path).map(|v| v.trim() == value).unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(&path, value).map_err(|e| DataplaneError::Io {
+        what: format!("setting {key}={value}"),
+        source: e,
+    })
+}
+
+/// Writes a per-interface sysctl; interface names may hold dots, which the path keeps.
+pub fn set_iface(family: &str, iface: &str, key: &str, value: &str) -> Result<(), DataplaneError> {
+    let path = format!("/proc/sys/net/{family}/conf/{iface}/{key}");
+    if std::fs::read_to_string(&path).map(|v| v.trim() == value).unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(&path, value).map_err(|e| DataplaneError::Io {
+        what: format!("setting net.{family}.conf.{iface}.{key}={value}"),
+        source: e,
+    })
+}
+
+pub fn get(key: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/"))).ok().map(|v| v.trim().to_string())
+}
