@@ -125,7 +125,8 @@ impl NetConf {
             return Err(CniError::new(code::DECODE, "no network configuration on stdin: the runtime must pass the network's JSON config"));
         }
         let v: Value = serde_json::from_slice(raw).map_err(|e| CniError::new(code::DECODE, format!("network configuration is not valid JSON: {e}")))?;
-        let conf: NetConf = serde_json::from_value(v).map_err(|e| CniError::new(code::INVALID_CONFIG, format!("network configuration: {e}")))?;
+        // The path names the field at fault ("mode: unknown variant ...").
+        let conf: NetConf = serde_path_to_error::deserialize(v).map_err(|e| CniError::new(code::INVALID_CONFIG, format!("network configuration: {}: {}", e.path(), e.inner())))?;
         if !SUPPORTED.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
