@@ -4,7 +4,7 @@
 use crate::spec::{code, CniError, Interface, IpConfig, Mode, RouteConf};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr};
-use weft_dataplane::{sysctl, DataplaneError, Netns, Nl, Route, RTPROT_WEFT};
+use weft_dataplane::{link, sysctl, DataplaneError, Netns, Nl, Route, VethSpec, RTPROT_WEFT};
 
 /// The on-link next hop every routed pod uses (Calico's convention).
 pub const ROUTED_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -54,102 +54,111 @@ pub async fn add(plan: &Plan, netns: &Netns, cid: &str, ifname: &str) -> Result<
     let host = Nl::here().map_err(dp)?;
     let pod = Nl::in_netns(netns).map_err(dp)?;
     let hname = host_veth(cid, ifname);
-    // ADD repeated for a live attachment: report it as it is.
-    if let (Some(_), Some(hl)) = (pod.link(ifname).await.map_err(dp)?, host.link(&hname).await.map_err(dp)?) {
-        return describe(plan, netns, &host, &pod, hl, ifname).await;
+    let bridge = match plan.mode {
+        Mode::Bridge => Some(ensure_bridge(&host, plan).await?),
+        Mode::Routed => None,
+    };
+    // One request makes the pair: host side named, addressed by MAC, in the bridge, up; the
+    // pod side created in the pod's namespace as CNI_IFNAME.
+    let spec = VethSpec {
+        name: &hname,
+        peer_name: ifname,
+        peer_netns: Some(netns),
+        mtu: plan.mtu,
+        mac: (plan.mode == Mode::Routed).then_some(ROUTED_MAC),
+        master: bridge.as_ref().map(|b| b.index),
+        up: true,
+    };
+    if let Err(e) = host.add_veth(&spec).await {
+        if !link::is_exists(&e) {
+            return Err(dp(e));
+        }
+        match (pod.link(ifname).await.map_err(dp)?, host.link(&hname).await.map_err(dp)?) {
+            // ADD repeated for a live attachment: report it as it is.
+            (Some(_), Some(hl)) => return describe(plan, netns, &host, &pod, hl, ifname).await,
+            (Some(_), None) => {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("CNI_IFNAME {ifname} exists in {} already and is not weft's; pick another CNI_IFNAME", netns.path().display()),
+                ))
+            }
+            // Left by an ADD of this attachment that died half-way.
+            (None, Some(stale)) => {
+                host.del_link(stale.index).await.map_err(dp)?;
+                host.add_veth(&spec).await.map_err(dp)?;
+            }
+            (None, None) => return Err(dp(e)),
+        }
     }
-    let result = add_inner(plan, netns, &host, &pod, &hname, ifname).await;
+    let result = finish(plan, netns, &host, &pod, &hname, ifname, bridge).await;
     if result.is_err() {
         if let Ok(Some(l)) = host.link(&hname).await {
-            let _ = host.del_link(l.index).await;
-        }
-        if let Ok(Some(l)) = pod.link(ifname).await {
-            let _ = pod.del_link(l.index).await;
+            let _ = host.del_link(l.index).await; // takes the pod side with it
         }
     }
     result
 }
 
-async fn add_inner(plan: &Plan, netns: &Netns, host: &Nl, pod: &Nl, hname: &str, ifname: &str) -> Result<Made, CniError> {
-    if pod.link(ifname).await.map_err(dp)?.is_some() {
-        return Err(CniError::new(
-            code::INVALID_CONFIG,
-            format!("CNI_IFNAME {ifname} exists in {} already and is not weft's; pick another CNI_IFNAME", netns.path().display()),
-        ));
-    }
-    let mut interfaces = Vec::new();
-    // Bridge first (shared by every pod of the node; another ADD may be creating it now).
-    let bridge = if plan.mode == Mode::Bridge {
-        host.add_bridge(&plan.bridge, plan.mtu).await.map_err(dp)?;
-        let br = host
-            .link(&plan.bridge)
-            .await
-            .map_err(dp)?
-            .ok_or_else(|| CniError::new(code::IO, format!("bridge {} vanished while being set up", plan.bridge)))?;
-        let gw_net = IpNet::new(plan.gateway, plan.address.prefix_len()).map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
-        host.add_addr(br.index, gw_net).await.map_err(dp)?;
-        host.set_up(br.index).await.map_err(dp)?;
-        interfaces.push(Interface {
-            name: br.name.clone(),
-            mac: mac_text(&br.mac),
-            mtu: Some(br.mtu),
-            sandbox: None,
-        });
-        Some(br)
-    } else {
-        None
+/// The node's bridge with the gateway address, up; made if missing (another ADD may be
+/// making it at the same moment).
+async fn ensure_bridge(host: &Nl, plan: &Plan) -> Result<weft_dataplane::Link, CniError> {
+    let br = match host.link(&plan.bridge).await.map_err(dp)? {
+        Some(br) => br,
+        None => {
+            host.add_bridge(&plan.bridge, plan.mtu).await.map_err(dp)?;
+            host.link(&plan.bridge)
+                .await
+                .map_err(dp)?
+                .ok_or_else(|| CniError::new(code::IO, format!("bridge {} vanished while being set up", plan.bridge)))?
+        }
     };
+    let gw_net = IpNet::new(plan.gateway, plan.address.prefix_len()).map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
+    host.add_addr(br.index, gw_net).await.map_err(dp)?;
+    if !br.up {
+        host.set_up(br.index).await.map_err(dp)?;
+    }
+    Ok(br)
+}
 
-    // The pair, its peer under a temporary name until it is in the pod.
-    let peer_tmp = format!("wtp{}", &hname[4..]);
-    if let Some(stale) = host.link(hname).await.map_err(dp)? {
-        // Left by an ADD that died half-way for this same attachment.
-        host.del_link(stale.index).await.map_err(dp)?;
-    }
-    if let Some(stale) = host.link(&peer_tmp).await.map_err(dp)? {
-        host.del_link(stale.index).await.map_err(dp)?;
-    }
-    host.add_veth(hname, &peer_tmp, plan.mtu).await.map_err(dp)?;
+async fn finish(
+    plan: &Plan,
+    netns: &Netns,
+    host: &Nl,
+    pod: &Nl,
+    hname: &str,
+    ifname: &str,
+    bridge: Option<weft_dataplane::Link>,
+) -> Result<Made, CniError> {
+    let mut interfaces = Vec::new();
     let hl = host.link(hname).await.map_err(dp)?.ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
-    let pl = host
-        .link(&peer_tmp)
-        .await
-        .map_err(dp)?
-        .ok_or_else(|| CniError::new(code::IO, format!("veth {peer_tmp} vanished")))?;
-    if let Some(m) = plan.mtu {
-        host.set_mtu(pl.index, m).await.map_err(dp)?; // the peer does not inherit it
-    }
-    host.move_to(pl.index, netns).await.map_err(dp)?;
-
-    // Host side.
     match &bridge {
         Some(br) => {
-            host.set_master(hl.index, br.index).await.map_err(dp)?;
             if plan.hairpin {
                 host.set_hairpin(hl.index).await.map_err(dp)?;
             }
+            interfaces.push(Interface {
+                name: br.name.clone(),
+                mac: mac_text(&br.mac),
+                mtu: Some(br.mtu),
+                sandbox: None,
+            });
         }
         None => {
-            host.set_mac(hl.index, ROUTED_MAC).await.map_err(dp)?;
             sysctl::set_iface("ipv4", hname, "proxy_arp", "1").map_err(dp)?;
             // Answer the pod's ARP at once, not after the default random delay.
             let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{hname}/proxy_delay"), "0");
+            host.add_route(&Route {
+                dst: IpNet::new(plan.address.addr(), if plan.address.addr().is_ipv4() { 32 } else { 128 }).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                gateway: None,
+                oif: Some(hl.index),
+                scope_link: true,
+                protocol: RTPROT_WEFT,
+            })
+            .await
+            .map_err(dp)?;
         }
     }
     sysctl::set("net.ipv4.ip_forward", "1").map_err(dp)?;
-    host.set_up(hl.index).await.map_err(dp)?;
-    if plan.mode == Mode::Routed {
-        host.add_route(&Route {
-            dst: IpNet::new(plan.address.addr(), if plan.address.addr().is_ipv4() { 32 } else { 128 }).map_err(|e| CniError::new(code::IO, e.to_string()))?,
-            gateway: None,
-            oif: Some(hl.index),
-            scope_link: true,
-            protocol: RTPROT_WEFT,
-        })
-        .await
-        .map_err(dp)?;
-    }
-    let hl = host.link(hname).await.map_err(dp)?.unwrap_or(hl);
     interfaces.push(Interface {
         name: hname.to_string(),
         mac: mac_text(&hl.mac),
@@ -159,11 +168,10 @@ async fn add_inner(plan: &Plan, netns: &Netns, host: &Nl, pod: &Nl, hname: &str,
 
     // Pod side.
     let p = pod
-        .link(&peer_tmp)
+        .link(ifname)
         .await
         .map_err(dp)?
-        .ok_or_else(|| CniError::new(code::IO, format!("veth {peer_tmp} did not arrive in {}", netns.path().display())))?;
-    pod.rename(p.index, ifname).await.map_err(dp)?;
+        .ok_or_else(|| CniError::new(code::IO, format!("{ifname} did not arrive in {}", netns.path().display())))?;
     pod.add_addr(p.index, plan.address).await.map_err(dp)?;
     pod.set_up(p.index).await.map_err(dp)?;
     let mut routes = Vec::new();
@@ -201,7 +209,6 @@ async fn add_inner(plan: &Plan, netns: &Netns, host: &Nl, pod: &Nl, hname: &str,
         .await
         .map_err(dp)?;
     }
-    let p = pod.link(ifname).await.map_err(dp)?.unwrap_or(p);
     interfaces.push(Interface {
         name: ifname.to_string(),
         mac: mac_text(&p.mac),

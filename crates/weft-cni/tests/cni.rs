@@ -79,7 +79,7 @@ fn routed_mode_every_command() {
     assert_eq!(r1.out["ips"][0]["address"], format!("{ip1}/32"));
     assert_eq!(r1.out["ips"][0]["gateway"], "169.254.1.1");
     // No bridge; host side with Calico's MAC, no address, proxy ARP; /32 route to the pod.
-    assert!(!node.links().contains("cni0"));
+    assert!(!node.links().iter().any(|l| l == "cni0"));
     let hveth = r1.out["interfaces"][0]["name"].as_str().expect("veth").to_string();
     assert_eq!(r1.out["interfaces"][0]["mac"], "ee:ee:ee:ee:ee:ee");
     assert_eq!(node.ns.run(&["cat", &format!("/proc/sys/net/ipv4/conf/{hveth}/proxy_arp")]).trim(), "1");

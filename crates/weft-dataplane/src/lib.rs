@@ -5,7 +5,7 @@ pub mod link;
 pub mod netns;
 pub mod sysctl;
 
-pub use link::{Link, Nl, Route, RTPROT_WEFT};
+pub use link::{Link, Nl, Route, VethSpec, RTPROT_WEFT};
 pub use netns::Netns;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use crate::DataplaneError;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -47,6 +47,20 @@ fn link_of(msg: &LinkMessage) -> Link {
         }
     }
     l
+}
+
+/// A veth pair to create: this side, and its peer (possibly in another namespace).
+#[derive(Debug, Default)]
+pub struct VethSpec<'a> {
+    pub name: &'a str,
+    pub peer_name: &'a str,
+    pub peer_netns: Option<&'a Netns>,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    /// The bridge this side joins.
+    pub master: Option<u32>,
+    /// This side up at once (the peer must be set up afterwards).
+    pub up: bool,
 }
 
 /// A route as weft reads and writes it.
@@ -148,13 +162,38 @@ impl Nl {
         Ok(msgs.iter().map(link_of).collect())
     }
 
-    /// Creates a veth pair `name` <-> `peer`, both in this namespace.
-    pub async fn add_veth(&self, name: &str, peer: &str, mtu: Option<u32>) -> Result<(), DataplaneError> {
-        let mut b = LinkVeth::new(name, peer);
-        if let Some(m) = mtu {
+    /// Creates a veth pair in one request: this side configured as `spec` says, the peer
+    /// created directly in its namespace under its final name (no move, no rename: moving a
+    /// device between namespaces waits for an RCU grace period, milliseconds per pod).
+    pub async fn add_veth(&self, spec: &VethSpec<'_>) -> Result<(), DataplaneError> {
+        let mut peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new().name(spec.peer_name.to_string());
+        if let Some(m) = spec.mtu {
+            peer = peer.mtu(m);
+        }
+        if let Some(ns) = spec.peer_netns {
+            peer = peer.setns_by_fd(ns.fd());
+        }
+        // The peer cannot be brought up in this request: the kernel configures it before the
+        // pair is joined, and a veth without its peer refuses to open (ENOTCONN).
+        let mut b = LinkVeth::new(spec.name, spec.peer_name).set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
+        if let Some(m) = spec.mtu {
             b = b.mtu(m);
         }
-        self.handle.link().add(b.build()).execute().await.map_err(nl_err(format!("creating veth {name}/{peer}")))
+        if let Some(mac) = spec.mac {
+            b = b.address(mac.to_vec());
+        }
+        if let Some(master) = spec.master {
+            b = b.controller(master);
+        }
+        if spec.up {
+            b = b.up();
+        }
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("creating veth {}/{}", spec.name, spec.peer_name)))
     }
 
     /// Creates a bridge; `Ok(false)` when one of that name exists already.

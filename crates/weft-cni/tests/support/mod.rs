@@ -152,8 +152,17 @@ impl Node {
         r
     }
 
-    pub fn links(&self) -> String {
-        self.ns.run(&["ip", "-br", "link"])
+    /// The node's link names, sorted (states change by themselves; names are what a leak shows).
+    pub fn links(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ns
+            .run(&["ip", "-br", "link"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect();
+        v.sort();
+        v
     }
 }
 
