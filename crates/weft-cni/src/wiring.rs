@@ -4,7 +4,7 @@
 use crate::spec::{code, CniError, Interface, IpConfig, Mode, RouteConf};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr};
-use weft_dataplane::{link, sysctl, DataplaneError, Netns, Nl, Route, VethSpec, RTPROT_WEFT};
+use weft_dataplane::{link, sysctl, DataplaneError, Netns, Nl, Route, VethSpec, RTPROT_WEFT_POD};
 
 /// The on-link next hop every routed pod uses (Calico's convention).
 pub const ROUTED_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -152,7 +152,8 @@ async fn finish(
                 gateway: None,
                 oif: Some(hl.index),
                 scope_link: true,
-                protocol: RTPROT_WEFT,
+                protocol: RTPROT_WEFT_POD,
+                onlink: false,
             })
             .await
             .map_err(dp)?;
@@ -187,7 +188,8 @@ async fn finish(
                 gateway: None,
                 oif: Some(p.index),
                 scope_link: true,
-                protocol: RTPROT_WEFT,
+                protocol: RTPROT_WEFT_POD,
+                onlink: false,
             })
             .await
             .map_err(dp)?;
@@ -204,7 +206,8 @@ async fn finish(
             gateway: r.gw,
             oif: Some(p.index),
             scope_link: false,
-            protocol: RTPROT_WEFT,
+            protocol: RTPROT_WEFT_POD,
+            onlink: false,
         })
         .await
         .map_err(dp)?;

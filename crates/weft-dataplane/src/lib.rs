@@ -3,9 +3,10 @@
 
 pub mod link;
 pub mod netns;
+pub mod reconcile;
 pub mod sysctl;
 
-pub use link::{Link, Nl, Route, VethSpec, RTPROT_WEFT};
+pub use link::{Link, Nl, Route, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
 pub use netns::Netns;
 
 #[derive(Debug, thiserror::Error)]

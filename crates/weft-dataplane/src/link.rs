@@ -15,6 +15,9 @@ use std::net::{IpAddr, Ipv4Addr};
 /// own routes from everyone else's (`ip route` shows it as `proto 87`, or `proto weft` with an
 /// entry in /etc/iproute2/rt_protos.d).
 pub const RTPROT_WEFT: u8 = 87;
+/// The protocol of the host routes weft-cni installs to pods (routed mode): the agent's
+/// reconciler owns 87 and must never take a pod's route for a stale one of its own.
+pub const RTPROT_WEFT_POD: u8 = 88;
 
 /// What weft needs to know of a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,8 @@ pub struct Route {
     pub oif: Option<u32>,
     pub scope_link: bool,
     pub protocol: u8,
+    /// The gateway is on-link on `oif` without a connected route (vxlan's subnet.0 next hops).
+    pub onlink: bool,
 }
 
 fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
@@ -278,6 +283,35 @@ impl Nl {
         }
     }
 
+    /// Removes an address; gone already is fine.
+    pub async fn del_addr(&self, index: u32, net: IpNet) -> Result<(), DataplaneError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("listing addresses"))?;
+        for m in msgs {
+            let hit = m.header.prefix_len == net.prefix_len()
+                && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == net.addr()));
+            if hit {
+                match self.handle.address().del(m).execute().await.map_err(nl_err(format!("removing {net}"))) {
+                    Err(e) if !is_missing(&e) => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw rtnetlink handle, for the reconciler's dumps.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// The addresses on a link (all links when `index` is `None`).
     pub async fn addrs(&self, index: Option<u32>) -> Result<Vec<(u32, IpNet)>, DataplaneError> {
         let mut req = self.handle.address().get();
@@ -318,6 +352,9 @@ impl Nl {
         }
         msg.header.scope = if r.scope_link { RouteScope::Link } else { RouteScope::Universe };
         msg.header.protocol = RouteProtocol::from(r.protocol);
+        if r.onlink {
+            msg.header.flags |= netlink_packet_route::route::RouteFlags::Onlink;
+        }
         Ok(msg)
     }
 
@@ -328,6 +365,18 @@ impl Nl {
             Err(e) if is_exists(&e) => Ok(()),
             other => other,
         }
+    }
+
+    /// Adds a route; fails with EEXIST when one to the same destination exists.
+    pub async fn add_route_strict(&self, r: &Route) -> Result<(), DataplaneError> {
+        let msg = Self::route_msg(r)?;
+        self.handle.route().add(msg).execute().await.map_err(nl_err(format!("adding route to {}", r.dst)))
+    }
+
+    /// Adds or replaces the route to `r.dst`.
+    pub async fn replace_route(&self, r: &Route) -> Result<(), DataplaneError> {
+        let msg = Self::route_msg(r)?;
+        self.handle.route().add(msg).replace().execute().await.map_err(nl_err(format!("replacing route to {}", r.dst)))
     }
 
     /// Deletes a route; `Ok(false)` when it was gone already.
@@ -376,6 +425,7 @@ impl Nl {
                     oif,
                     scope_link: m.header.scope == RouteScope::Link,
                     protocol: u8::from(m.header.protocol),
+                    onlink: m.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink),
                 })
             })
             .collect())

@@ -1,6 +1,7 @@
 //! `weft`: the command line. Config checks and lease management now; the agent and the lab
 //! build on the same store options.
 
+mod agent;
 mod cmd_config;
 mod cmd_leases;
 
@@ -29,6 +30,8 @@ enum Cmd {
     /// Subnet leases: list, acquire, reserve, release, watch.
     #[command(subcommand)]
     Leases(cmd_leases::LeasesCmd),
+    /// The node agent: lease, subnet.env, and the dataplane to every other node.
+    Agent(agent::AgentArgs),
 }
 
 /// Where leases live, for every command that needs the store.
@@ -126,6 +129,7 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Config(c) => c.run().await,
             Cmd::Leases(c) => c.run().await,
+            Cmd::Agent(a) => agent::run(a).await,
         }
     });
     match result {

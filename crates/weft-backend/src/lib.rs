@@ -1,0 +1,280 @@
+//! Backends as pure planners: `plan(config, local, own lease, peers) -> DesiredState`.
+//! vxlan and host-gw differ only here; no I/O, so every rule is a unit test with plain data.
+//! The dataplane's reconciler makes the kernel match the plan.
+
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use weft_core::config::{Backend, VxlanConf};
+use weft_core::{Lease, LeaseKey, NetConfig};
+
+/// VXLAN's encapsulation overhead on IPv4 (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// What this node knows of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub public_ip: Ipv4Addr,
+    /// The underlay interface's address and prefix: peers inside it are on-link (same L2).
+    pub underlay_net: Ipv4Net,
+    pub underlay_dev: String,
+    pub underlay_mtu: u32,
+}
+
+/// Where a route leaves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dev {
+    Vxlan,
+    Underlay,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlannedRoute {
+    pub dst: Ipv4Net,
+    pub via: Ipv4Addr,
+    pub dev: Dev,
+    /// The next hop is reachable on the device without a connected route (vxlan's subnet.0).
+    pub onlink: bool,
+}
+
+/// The VTEP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanDevice {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub mtu: u32,
+    pub learning: bool,
+    pub gbp: bool,
+    /// The address on the device: this node's subnet's network address, /32 (flannel's).
+    pub address: Ipv4Addr,
+    /// The VTEP MAC published in the lease; stable across restarts (see [`vtep_mac`]).
+    pub mac: [u8; 6],
+}
+
+/// A VTEP MAC derived from the node's identity: the same after every restart, so peers keep
+/// their FDB and neighbour entries, and locally administered (0x02 bit set, unicast).
+pub fn vtep_mac(node: &str, public_ip: Ipv4Addr) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a: stable across releases
+    for b in node.bytes().chain([0]).chain(public_ip.octets()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x0e, b[1], b[2], b[3], b[4], b[5]]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neighbour {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FdbEntry {
+    pub mac: [u8; 6],
+    pub dst: Ipv4Addr,
+}
+
+/// A peer the plan cannot reach, and why (reported in logs and metrics, never dropped silently).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable {
+    pub lease: LeaseKey,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub vxlan: Option<VxlanDevice>,
+    pub routes: Vec<PlannedRoute>,
+    pub neighbours: Vec<Neighbour>,
+    pub fdb: Vec<FdbEntry>,
+    pub unreachable: Vec<Unreachable>,
+    /// The MTU pods get (subnet.env's FLANNEL_MTU).
+    pub pod_mtu: u32,
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The VTEP device name for a VNI (flannel names it `flannel.<VNI>`; weft `weft.<VNI>`).
+pub fn vxlan_name(vni: u32) -> String {
+    format!("weft.{vni}")
+}
+
+/// The backend data a node publishes in its lease.
+pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::Value {
+    match (&cfg.backend, vtep_mac) {
+        (Backend::Vxlan(v), Some(mac)) => serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)}),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// The pod MTU for a backend on an underlay of `underlay_mtu`.
+pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
+    match &cfg.backend {
+        Backend::Vxlan(v) => v.mtu.unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD)),
+        Backend::HostGw => underlay_mtu,
+        Backend::Udp(_) => underlay_mtu.saturating_sub(28),
+    }
+}
+
+/// The kernel state this node wants, given every lease it knows (its own among them or not).
+pub fn plan(cfg: &NetConfig, local: &Local, own: &Lease, leases: &[Lease], vxlan_dev_name: &str, mac: [u8; 6]) -> DesiredState {
+    let mut d = DesiredState {
+        pod_mtu: pod_mtu(cfg, local.underlay_mtu),
+        ..Default::default()
+    };
+    let Some(own_v4) = own.key.v4 else { return d };
+    let peers = leases.iter().filter(|l| l.key != own.key && l.attrs.public_ip != local.public_ip);
+    match &cfg.backend {
+        Backend::Vxlan(v) => plan_vxlan(&mut d, v, local, own_v4, peers, vxlan_dev_name, mac),
+        Backend::HostGw => {
+            for p in peers {
+                let Some(sub) = p.key.v4 else { continue };
+                if local.underlay_net.contains(&p.attrs.public_ip) {
+                    d.routes.push(PlannedRoute { dst: sub, via: p.attrs.public_ip, dev: Dev::Underlay, onlink: false });
+                } else {
+                    d.unreachable.push(Unreachable {
+                        lease: p.key,
+                        reason: format!(
+                            "host-gw needs every node on one L2 network: {} ({}) is not on-link from {} ({})",
+                            p.attrs.owner(),
+                            p.attrs.public_ip,
+                            local.underlay_dev,
+                            local.underlay_net
+                        ),
+                    });
+                }
+            }
+        }
+        Backend::Udp(_) => {} // the udp backend routes into its TUN device (a later issue)
+    }
+    d.routes.sort();
+    d.neighbours.sort();
+    d.fdb.sort();
+    d
+}
+
+fn plan_vxlan<'a>(d: &mut DesiredState, v: &VxlanConf, local: &Local, own: Ipv4Net, peers: impl Iterator<Item = &'a Lease>, name: &str, mac: [u8; 6]) {
+    d.vxlan = Some(VxlanDevice {
+        name: name.to_string(),
+        vni: v.vni,
+        port: v.port,
+        local: local.public_ip,
+        mtu: d.pod_mtu,
+        learning: v.learning,
+        gbp: v.gbp,
+        address: own.network(),
+        mac,
+    });
+    for p in peers {
+        let Some(sub) = p.key.v4 else { continue };
+        // DirectRouting: a peer on the same L2 network gets a plain route via its address.
+        if v.direct_routing && local.underlay_net.contains(&p.attrs.public_ip) {
+            d.routes.push(PlannedRoute { dst: sub, via: p.attrs.public_ip, dev: Dev::Underlay, onlink: false });
+            continue;
+        }
+        let mac = p.attrs.backend_data.get("VtepMAC").and_then(|m| m.as_str()).and_then(parse_mac);
+        let Some(mac) = mac else {
+            d.unreachable.push(Unreachable {
+                lease: p.key,
+                reason: format!("lease of {} has no valid BackendData.VtepMAC", p.attrs.owner()),
+            });
+            continue;
+        };
+        // flannel's kernel-resident design: on-link route via the peer's subnet.0, a permanent
+        // neighbour for that address, and an FDB entry sending its MAC to the peer's node.
+        d.routes.push(PlannedRoute { dst: sub, via: sub.network(), dev: Dev::Vxlan, onlink: true });
+        d.neighbours.push(Neighbour { ip: sub.network(), mac });
+        d.fdb.push(FdbEntry { mac, dst: p.attrs.public_ip });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::{Expiry, LeaseAttrs};
+
+    fn cfg(text: &str) -> NetConfig {
+        NetConfig::parse(text).unwrap().config
+    }
+
+    fn lease(sub: &str, ip: &str, mac: Option<&str>) -> Lease {
+        let mut attrs = LeaseAttrs::new("n", ip.parse().unwrap(), "vxlan");
+        if let Some(m) = mac {
+            attrs.backend_data = serde_json::json!({"VNI": 1, "VtepMAC": m});
+        }
+        Lease { key: sub.parse().unwrap(), attrs, expiry: Expiry::Unknown }
+    }
+
+    fn local() -> Local {
+        Local { public_ip: "10.0.1.1".parse().unwrap(), underlay_net: "10.0.1.1/24".parse().unwrap(), underlay_dev: "eth0".into(), underlay_mtu: 1500 }
+    }
+
+    #[test]
+    fn vxlan_programs_route_neighbour_and_fdb_per_peer() {
+        let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
+        let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
+        let peers = vec![own.clone(), lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
+        let d = plan(&c, &local(), &own, &peers, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let vx = d.vxlan.unwrap();
+        assert_eq!((vx.vni, vx.port, vx.mtu, vx.address.to_string()), (1, 8472, 1450, "10.244.1.0".into()));
+        assert_eq!(d.routes.len(), 2);
+        assert_eq!(d.routes[0], PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.244.2.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true });
+        assert_eq!(d.neighbours[1], Neighbour { ip: "10.244.3.0".parse().unwrap(), mac: [0x0e, 0, 0, 0, 0, 3] });
+        assert_eq!(d.fdb[0], FdbEntry { mac: [0x0e, 0, 0, 0, 0, 2], dst: "10.0.1.2".parse().unwrap() });
+        assert_eq!(d.pod_mtu, 1450);
+    }
+
+    #[test]
+    fn direct_routing_routes_l2_neighbours_and_tunnels_the_rest() {
+        let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#);
+        let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
+        let peers = vec![lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
+        let d = plan(&c, &local(), &own, &peers, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }));
+        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.3.0/24".parse().unwrap(), via: "10.244.3.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true }));
+        assert_eq!(d.fdb.len(), 1);
+    }
+
+    #[test]
+    fn host_gw_reports_off_link_peers() {
+        let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#);
+        let own = lease("10.244.1.0-24", "10.0.1.1", None);
+        let peers = vec![lease("10.244.2.0-24", "10.0.1.2", None), lease("10.244.3.0-24", "10.0.2.3", None)];
+        let d = plan(&c, &local(), &own, &peers, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        assert!(d.vxlan.is_none());
+        assert_eq!(d.routes, vec![PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }]);
+        assert_eq!(d.unreachable.len(), 1);
+        assert!(d.unreachable[0].reason.contains("not on-link"));
+        assert_eq!(d.pod_mtu, 1500);
+    }
+
+    #[test]
+    fn a_peer_without_vtep_mac_is_reported() {
+        let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
+        let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
+        let d = plan(&c, &local(), &own, &[lease("10.244.2.0-24", "10.0.1.2", None)], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        assert!(d.routes.is_empty());
+        assert_eq!(d.unreachable.len(), 1);
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(parse_mac("0e:2a:00:ff:10:01"), Some([0x0e, 0x2a, 0, 0xff, 0x10, 1]));
+        assert_eq!(parse_mac("0e:2a:00:ff:10"), None);
+        assert_eq!(parse_mac("0e:2a:00:ff:10:01:02"), None);
+        assert_eq!(mac_text(&[0x0e, 0x2a, 0, 0xff, 0x10, 1]), "0e:2a:00:ff:10:01");
+    }
+}

@@ -1,0 +1,368 @@
+//! `weft agent`: the per-node daemon (flanneld's job).
+//!
+//! Acquires this node's lease and keeps it, writes subnet.env, watches every other lease, and
+//! reconciles the kernel to the backend's plan on every change and on a timer (drift). SIGTERM
+//! leaves the dataplane in place, so a restart drops no packet.
+
+use crate::{ConfigArgs, StoreArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use weft_backend::{Local, DesiredState};
+use weft_core::subnet_env::SubnetEnv;
+use weft_core::{Backend, Lease, LeaseAttrs, LeaseEvent, LeaseKey, NetConfig};
+use weft_dataplane::{reconcile, Nl};
+use weft_store::manager::{self, LeaseTiming};
+use weft_store::watch::{LeaseWatcher, WatchEvent};
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// This node's name (published in its lease).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The underlay interface (default: the default route's).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Pick the first interface whose name matches (with an IPv4 address).
+    #[arg(long)]
+    pub iface_regex: Option<String>,
+    /// The address peers reach this node at (default: the underlay interface's).
+    #[arg(long)]
+    pub public_ip: Option<Ipv4Addr>,
+    #[arg(long, default_value = weft_core::subnet_env::DEFAULT_PATH)]
+    pub subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network (nftables table `weft`).
+    #[arg(long)]
+    pub ip_masq: bool,
+    /// /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9965")]
+    pub metrics_addr: SocketAddr,
+    /// The VTEP device's name (default weft.<VNI>; flannel.1 is accepted for a drop-in switch).
+    #[arg(long)]
+    pub vxlan_device: Option<String>,
+    /// Reconcile at least this often, repairing drift (seconds).
+    #[arg(long, default_value_t = 5)]
+    pub resync: u64,
+    /// Lease lifetime (seconds; flannel's 24 h).
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub lease_ttl: u64,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+struct Metrics {
+    registry: Registry,
+    leases: Gauge,
+    peers_programmed: Gauge,
+    peers_unreachable: Gauge,
+    reconcile_seconds: Histogram,
+    reconcile_errors: Counter,
+    store_errors: Counter,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Metrics {
+            leases: Gauge::default(),
+            peers_programmed: Gauge::default(),
+            peers_unreachable: Gauge::default(),
+            reconcile_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            reconcile_errors: Counter::default(),
+            store_errors: Counter::default(),
+            ready: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register("leases", "Leases seen in the store", m.leases.clone());
+        registry.register("peers_programmed", "Remote nodes whose routes are programmed", m.peers_programmed.clone());
+        registry.register("peers_unreachable", "Remote nodes the backend cannot reach (see the log)", m.peers_unreachable.clone());
+        registry.register("reconcile_seconds", "Duration of one reconcile", m.reconcile_seconds.clone());
+        registry.register("reconcile_errors", "Reconcile steps that failed", m.reconcile_errors.clone());
+        registry.register("store_errors", "Store errors survived by the lease watch", m.store_errors.clone());
+        Metrics { registry, ..m }
+    }
+
+    fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Serves /healthz, /readyz and /metrics.
+async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Response, StatusCode};
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on --metrics-addr {addr}"))?;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (code, body) = match req.uri().path() {
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                        "/readyz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ready\n".to_string()),
+                        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
+                        "/metrics" => (StatusCode::OK, metrics.encode()),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = code;
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+fn write_subnet_env(path: &std::path::Path, cfg: &NetConfig, lease: &Lease, mtu: u32, ipmasq: bool) -> Result<()> {
+    let env = SubnetEnv {
+        network: cfg.v4.as_ref().and_then(|p| weft_core::subnet::v4(p.network)),
+        subnet: lease.key.v4,
+        ipv6_network: cfg.v6.as_ref().and_then(|p| weft_core::subnet::v6(p.network)),
+        ipv6_subnet: lease.key.v6,
+        mtu: Some(mtu),
+        ipmasq,
+    };
+    env.write(path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// nftables rules for --ip-masq, in a table of weft's own, replaced in one transaction:
+/// pod-to-pod traffic is never masqueraded; pod traffic leaving the cluster network is.
+fn masq_ruleset(network: ipnet::Ipv4Net) -> String {
+    format!(
+        "table ip weft\ndelete table ip weft\ntable ip weft {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {network} ip daddr {network} return\n    ip saddr {network} ip daddr != 224.0.0.0/4 masquerade\n  }}\n}}\n"
+    )
+}
+
+fn apply_masq(network: ipnet::Ipv4Net) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (apt-get install nftables) for --ip-masq")?;
+    child.stdin.take().context("nft stdin")?.write_all(masq_ruleset(network).as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "nft refused weft's ruleset: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Kernels before 5.7 corrupt VXLAN checksums under some offloads (the 63-second stalls
+/// flannel and Calico hit); there the VTEP's tx checksum offload is turned off.
+fn kernel_needs_csum_workaround() -> bool {
+    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    let old = (maj, min) < (5, 7);
+    tracing::info!(kernel = rel.trim(), tx_checksum_workaround = old, "kernel check (VXLAN tx checksum bug before 5.7)");
+    old
+}
+
+fn disable_tx_csum(dev: &str) -> Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let mut v = EthtoolValue { cmd: ETHTOOL_STXCSUM, data: 0 };
+    // SAFETY: an ifreq naming `dev` whose data points at `v`, both alive for the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in dev.bytes().take(15).enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = &mut v as *mut EthtoolValue as *mut libc::c_char;
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        anyhow::ensure!(rc == 0, "turning tx checksum offload off on {dev}: {err}");
+    }
+    Ok(())
+}
+
+pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
+    let store = a.store.open().await?;
+    let cfg = a.config.load(&store).await?;
+    anyhow::ensure!(cfg.v4.is_some(), "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet");
+    anyhow::ensure!(
+        !matches!(cfg.backend, Backend::Udp(_)),
+        "Backend.Type udp is not built yet; use vxlan or host-gw"
+    );
+    let nl = Nl::here()?;
+    let re = match &a.iface_regex {
+        Some(r) => Some(regex::Regex::new(r).with_context(|| format!("--iface-regex {r:?} is not a valid regex"))?),
+        None => None,
+    };
+    let matcher = re.as_ref().map(|re| move |n: &str| re.is_match(n));
+    let (underlay, underlay_net) = reconcile::underlay(&nl, a.iface.as_deref(), matcher.as_ref().map(|m| m as &dyn Fn(&str) -> bool)).await?;
+    let public_ip = a.public_ip.unwrap_or(underlay_net.addr());
+    let local = Local {
+        public_ip,
+        underlay_net: underlay_net.trunc(),
+        underlay_dev: underlay.name.clone(),
+        underlay_mtu: underlay.mtu,
+    };
+    let mac = weft_backend::vtep_mac(&a.node_name, public_ip);
+    let vx_name = match &cfg.backend {
+        Backend::Vxlan(v) => a.vxlan_device.clone().unwrap_or_else(|| weft_backend::vxlan_name(v.vni)),
+        _ => String::new(),
+    };
+    let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
+    tracing::info!(node = %a.node_name, iface = %underlay.name, %public_ip, backend = cfg.backend.type_name(), pod_mtu, "starting");
+
+    // The lease: ours from before (same public IP, or the subnet in subnet.env), else a new one.
+    let mut attrs = LeaseAttrs::new(&a.node_name, public_ip, cfg.backend.type_name());
+    attrs.backend_data = weft_backend::backend_data(&cfg, Some(mac));
+    let previous = SubnetEnv::read(&a.subnet_file).ok().flatten().and_then(|e| e.lease_key());
+    let ttl = Duration::from_secs(a.lease_ttl.max(1));
+    let lease = manager::acquire(&store, &cfg, &attrs, previous, ttl).await.context("acquiring this node's lease")?;
+    tracing::info!(lease = %lease.key, "lease held");
+    write_subnet_env(&a.subnet_file, &cfg, &lease, pod_mtu, a.ip_masq)?;
+    if a.ip_masq {
+        if let Some(n) = cfg.v4.as_ref().and_then(|p| weft_core::subnet::v4(p.network)) {
+            apply_masq(n)?;
+        }
+    }
+    let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_)) && kernel_needs_csum_workaround();
+
+    let metrics = Arc::new(Metrics::new());
+    let m2 = metrics.clone();
+    let addr = a.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = serve(addr, m2).await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+
+    // Keep the lease; every renewal rewrites subnet.env (CNI's STATUS reads its age).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let timing = LeaseTiming { ttl, ..LeaseTiming::default() };
+    let (mut own_rx, keeper) = manager::keep(store.clone(), cfg.clone(), lease.clone(), timing, stop_rx);
+
+    // Watch every lease; the reconcile loop sees the latest set.
+    let (leases_tx, mut leases_rx) = watch::channel::<Option<HashMap<LeaseKey, Lease>>>(None);
+    let wstore = store.clone();
+    let wm = metrics.clone();
+    tokio::spawn(async move {
+        let mut w = LeaseWatcher::new(wstore);
+        let mut all: HashMap<LeaseKey, Lease> = HashMap::new();
+        loop {
+            match w.next().await {
+                Ok(WatchEvent::Snapshot(s)) => all = s.into_iter().map(|l| (l.key, l)).collect(),
+                Ok(WatchEvent::Lease(LeaseEvent::Added(l) | LeaseEvent::Changed(l))) => {
+                    tracing::info!(lease = %l.key, node = %l.attrs.owner(), "peer lease seen");
+                    all.insert(l.key, l);
+                }
+                Ok(WatchEvent::Lease(LeaseEvent::Removed(k))) => {
+                    tracing::info!(lease = %k, "peer lease gone");
+                    all.remove(&k);
+                }
+                Ok(WatchEvent::Corrupt(c)) => tracing::warn!(key = %c.key, reason = %c.reason, "unreadable lease skipped"),
+                Err(e) => {
+                    tracing::error!(error = %e, "lease watch failed for good");
+                    return;
+                }
+            }
+            wm.store_errors.inner().store(w.errors, Ordering::Relaxed);
+            wm.leases.set(all.len() as i64);
+            let _ = leases_tx.send(Some(all.clone()));
+        }
+    });
+
+    let mut own = lease;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(a.resync.max(1)));
+    let mut last_unreachable = String::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            r = own_rx.changed() => {
+                if r.is_err() { break; }
+                let l = own_rx.borrow().clone();
+                if l.key != own.key {
+                    tracing::warn!(old = %own.key, new = %l.key, "this node's subnet changed");
+                }
+                own = l;
+                write_subnet_env(&a.subnet_file, &cfg, &own, pod_mtu, a.ip_masq)?;
+            }
+            r = leases_rx.changed() => { if r.is_err() { break; } }
+            _ = tick.tick() => {}
+        }
+        let Some(all) = leases_rx.borrow().clone() else { continue };
+        let leases: Vec<Lease> = all.into_values().collect();
+        let desired: DesiredState = weft_backend::plan(&cfg, &local, &own, &leases, &vx_name, mac);
+        let start = Instant::now();
+        let report = reconcile::reconcile(&nl, &desired, &underlay).await;
+        metrics.reconcile_seconds.observe(start.elapsed().as_secs_f64());
+        if report.added + report.removed > 0 {
+            tracing::info!(added = report.added, removed = report.removed, took = ?start.elapsed(), "reconciled");
+        }
+        if csum_workaround {
+            if let Some(v) = &desired.vxlan {
+                if let Err(e) = disable_tx_csum(&v.name) {
+                    tracing::warn!(error = %e, "tx checksum workaround");
+                }
+            }
+        }
+        metrics.reconcile_errors.inc_by(report.errors.len() as u64);
+        let peers = leases.iter().filter(|l| l.key != own.key).count();
+        metrics.peers_unreachable.set(desired.unreachable.len() as i64);
+        metrics.peers_programmed.set((peers - desired.unreachable.len().min(peers)) as i64);
+        let unreachable: String = desired.unreachable.iter().map(|u| format!("{}: {}; ", u.lease, u.reason)).collect();
+        if unreachable != last_unreachable && !unreachable.is_empty() {
+            for u in &desired.unreachable {
+                tracing::warn!(lease = %u.lease, reason = %u.reason, "peer not programmed");
+            }
+        }
+        last_unreachable = unreachable;
+        metrics.ready.store(report.errors.is_empty(), Ordering::Relaxed);
+    }
+    // SIGTERM: stop renewing, leave every route, neighbour and device in place.
+    let _ = stop_tx.send(true);
+    let _ = keeper.await;
+    tracing::info!("stopped; the dataplane stays as it is");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masq_rules_spare_pod_to_pod_traffic() {
+        let r = super::masq_ruleset("10.244.0.0/16".parse().unwrap());
+        assert!(r.starts_with("table ip weft\ndelete table ip weft\n"), "replaced in one transaction");
+        let ret = r.find("ip daddr 10.244.0.0/16 return").unwrap();
+        let masq = r.find("masquerade").unwrap();
+        assert!(ret < masq, "pod-to-pod returns before the masquerade rule");
+    }
+}
