@@ -4,6 +4,7 @@
 mod agent;
 mod cmd_config;
 mod cmd_leases;
+mod lab;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,9 @@ enum Cmd {
     Leases(cmd_leases::LeasesCmd),
     /// The node agent: lease, subnet.env, and the dataplane to every other node.
     Agent(agent::AgentArgs),
+    /// A whole cluster on this machine, in network namespaces.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
 }
 
 /// Where leases live, for every command that needs the store.
@@ -130,6 +134,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Config(c) => c.run().await,
             Cmd::Leases(c) => c.run().await,
             Cmd::Agent(a) => agent::run(a).await,
+            Cmd::Lab(c) => lab::run(c).await,
         }
     });
     match result {
