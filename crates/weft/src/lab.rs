@@ -246,6 +246,11 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
     Ok(child.id())
 }
 
+/// This binary, run inside `ns`.
+fn weft_in(ns: &Netns) -> Result<Command> {
+    Ok(in_ns(ns, std::env::current_exe()?))
+}
+
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid as i32, 0) == 0 }
@@ -316,22 +321,15 @@ async fn up(a: &UpArgs) -> Result<State> {
         eprintln!("  etcd       started in {UNDERLAY} on {}:2379", gateway(1));
     }
     save(&st)?;
-    let spec: weft_store::StoreSpec = store_arg(&st).parse()?;
-    let store = {
-        let t = Instant::now();
-        loop {
-            match weft_store::AnyStore::open(&spec, &Default::default()).await {
-                Ok(s) => match weft_store::Store::put_config(&s, &conf).await {
-                    Ok(()) => break s,
-                    Err(e) if t.elapsed() > Duration::from_secs(20) => return Err(e.into()),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                },
-                Err(e) if t.elapsed() > Duration::from_secs(20) => return Err(e.into()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    };
-    drop(store);
+    // The network config goes into the store (as flanneld reads it from etcd). Store traffic
+    // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
+    let conf_path = Path::new(DIR).join("net-conf.json");
+    std::fs::write(&conf_path, &conf)?;
+    wait_for("the store to take the network config", Duration::from_secs(20), || {
+        weft_in(&un)
+            .map(|mut c| c.args(["config", "put"]).arg(&conf_path).args(["--store", &store_arg(&st)]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
+            .unwrap_or(false)
+    })?;
     for i in 1..=a.nodes {
         let name = format!("weft-n{i}");
         let seg = if a.segments == 2 && i % 2 == 0 { 2 } else { 1 };
@@ -553,10 +551,11 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
                 libc::kill(n.agent_pid as i32, libc::SIGTERM);
             }
             let _ = wait_for("the agent to stop", Duration::from_secs(10), || !alive(n.agent_pid));
-            let store = weft_store::AnyStore::open(&store_arg(&st).parse()?, &Default::default()).await?;
-            if let Some(l) = weft_store::Store::find_node(&store, n.ip.into()).await? {
-                weft_store::Store::delete(&store, &l.key).await?;
-                eprintln!("released {} of {name}", l.key);
+            let un = Netns::open(ns_path(UNDERLAY))?;
+            let subnet = weft_core::subnet_env::SubnetEnv::read(&Path::new(DIR).join(&name).join("subnet.env"))?.and_then(|e| e.subnet);
+            if let Some(sub) = subnet {
+                let ok = weft_in(&un)?.args(["leases", "release", &sub.to_string(), "--store", &store_arg(&st)]).status()?.success();
+                anyhow::ensure!(ok, "releasing {sub} of {name} failed");
             }
             for p in st.pods.iter().filter(|p| p.node == name) {
                 Netns::delete_named(&p.name)?;
