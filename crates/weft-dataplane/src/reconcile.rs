@@ -300,8 +300,10 @@ async fn sync_fdb(h: &Nl, vx: &Link, want: &[FdbEntry], report: &mut Report) -> 
     let msgs = h.neighbour_msgs(AddressFamily::Bridge).await?;
     let mut have = Vec::new();
     for m in msgs.iter().filter(|m| m.header.ifindex == vx.index) {
+        // In an AF_BRIDGE dump the parser cannot know NDA_DST's family: 4 bytes are IPv4.
         let dst = m.attributes.iter().find_map(|a| match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
             _ => None,
         });
         let mac = m.attributes.iter().find_map(|a| match a {

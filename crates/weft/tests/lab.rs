@@ -1,0 +1,208 @@
+//! End to end on the lab: real agents in node namespaces, pods wired by weft-cni (needs root).
+//! The lab has fixed names (weft-*), so the scenarios run one at a time.
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static LAB: Mutex<()> = Mutex::new(());
+
+fn weft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft")).args(args).env("NO_COLOR", "1").output().expect("run weft")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = weft(args);
+    assert!(o.status.success(), "weft {args:?}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn exec(target: &str, cmd: &[&str]) -> Output {
+    let mut a = vec!["lab", "exec", target, "--"];
+    a.extend_from_slice(cmd);
+    weft(&a)
+}
+
+fn run_in(target: &str, cmd: &[&str]) -> String {
+    let o = exec(target, cmd);
+    assert!(o.status.success(), "{target}: {cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Tears the lab down when the scenario ends, also on failure.
+struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Lab {
+    fn up(args: &[&str]) -> Lab {
+        let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = weft(&["lab", "down"]);
+        let mut a = vec!["lab", "up"];
+        a.extend_from_slice(args);
+        let lab = Lab(g);
+        ok(&a);
+        lab.converge();
+        lab
+    }
+
+    /// Waits until every pod reaches every pod (agents program peers within a reconcile).
+    fn converge(&self) {
+        let t = Instant::now();
+        loop {
+            let o = weft(&["lab", "check"]);
+            if o.status.success() {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "lab never converged:\n{}", String::from_utf8_lossy(&o.stdout));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn pod_ip(&self, pod: &str) -> String {
+        let out = run_in(pod, &["ip", "-4", "-br", "addr", "show", "eth0"]);
+        out.split_whitespace().nth(2).and_then(|a| a.split('/').next()).expect("pod address").to_string()
+    }
+
+    fn subnet(&self, node: &str) -> String {
+        let env = std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env")).expect("subnet.env");
+        let s = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).expect("FLANNEL_SUBNET").to_string();
+        // 10.244.7.1/24 -> 10.244.7.0/24
+        let (a, p) = s.split_once('/').expect("cidr");
+        let mut o: Vec<&str> = a.split('.').collect();
+        o[3] = "0";
+        format!("{}/{p}", o.join("."))
+    }
+
+    fn agent_pid(&self, node: &str) -> i32 {
+        let st: serde_json::Value = serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state")).expect("json");
+        st["nodes"].as_array().expect("nodes").iter().find(|n| n["name"] == node).expect("node")["agent_pid"].as_i64().expect("pid") as i32
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = weft(&["lab", "down"]);
+    }
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "{what} did not happen within {secs} s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn vxlan_reachability_mtu_drift_join_leave_and_restart() {
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "2", "--backend", "vxlan"]);
+    // MTU: underlay 1500 minus VXLAN's 50; a 1400-byte packet with DF set crosses nodes.
+    assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1450"));
+    let far = lab.pod_ip("n3-p0");
+    let o = exec("n1-p0", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1372", &far]);
+    assert!(o.status.success(), "1400-byte DF ping across vxlan: {}", String::from_utf8_lossy(&o.stdout));
+
+    // flannel's kernel state on n1 for n2: on-link route via subnet.0, neighbour, FDB.
+    let s2 = lab.subnet("weft-n2");
+    let routes = run_in("n1", &["ip", "route"]);
+    assert!(routes.contains(&format!("{s2} via {} dev weft.1 proto 87 onlink", s2.replace(".0/24", ".0"))), "{routes}");
+    assert!(run_in("n1", &["bridge", "fdb", "show", "dev", "weft.1"]).contains("dst 10.0.1.12"));
+
+    // Drift: a route deleted by hand comes back within 10 s.
+    run_in("n1", &["ip", "route", "del", &s2]);
+    wait_until("the deleted route's repair", 10, || run_in("n1", &["ip", "route"]).contains(&s2));
+
+    // A node joins: everyone routes to it.
+    ok(&["lab", "up", "--nodes", "4", "--pods-per-node", "2", "--backend", "vxlan"]);
+    let s4 = lab.subnet("weft-n4");
+    for n in ["n1", "n2", "n3"] {
+        wait_until(&format!("{n}'s route to the new node"), 10, || run_in(n, &["ip", "route"]).contains(&s4));
+    }
+    lab.converge();
+
+    // A node leaves (lease released): every trace of it goes from the others.
+    let mac2 = run_in("n2", &["ip", "-br", "link", "show", "weft.1"]).split_whitespace().nth(2).expect("mac").to_string();
+    ok(&["lab", "leave", "n2"]);
+    for n in ["n1", "n3", "n4"] {
+        wait_until(&format!("{n} forgetting n2"), 10, || {
+            !run_in(n, &["ip", "route"]).contains(&s2)
+                && !run_in(n, &["ip", "neigh", "show", "dev", "weft.1"]).contains(&mac2)
+                && !run_in(n, &["bridge", "fdb", "show", "dev", "weft.1"]).contains(&mac2)
+        });
+    }
+    lab.converge();
+
+    // Agents killed and restarted during a continuous ping: not one packet lost.
+    let target = lab.pod_ip("n3-p0");
+    let pinger = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["lab", "exec", "n1-p0", "--", "ping", "-i", "0.01", "-c", "400", "-W", "1", &target])
+        .output();
+    let pinger = std::thread::spawn(move || pinger);
+    std::thread::sleep(Duration::from_millis(500));
+    for n in ["weft-n1", "weft-n3"] {
+        // SAFETY: killing the agent the lab started.
+        unsafe {
+            libc::kill(lab.agent_pid(n), libc::SIGKILL);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&["lab", "up", "--nodes", "4", "--pods-per-node", "2", "--backend", "vxlan"]); // restarts dead agents
+    let out = pinger.join().expect("pinger").expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("400 received") || text.contains(" 0% packet loss"), "loss across agent restarts:\n{text}");
+}
+
+#[test]
+fn vxlan_direct_routing_across_two_segments() {
+    let lab = Lab::up(&["--nodes", "4", "--pods-per-node", "1", "--backend", "vxlan-dr", "--segments", "2"]);
+    // n1 and n3 share segment 1: plain route via n3's address. n2 is behind the router: tunnel.
+    let routes = run_in("n1", &["ip", "route"]);
+    let s3 = lab.subnet("weft-n3");
+    let s2 = lab.subnet("weft-n2");
+    assert!(routes.contains(&format!("{s3} via 10.0.1.13 dev eth0 proto 87")), "{routes}");
+    assert!(routes.contains(&format!("{s2} via")) && routes.lines().any(|l| l.starts_with(&s2) && l.contains("dev weft.1")), "{routes}");
+}
+
+#[test]
+fn host_gw_routes_via_peers_and_reports_off_link_ones() {
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "2", "--backend", "host-gw"]);
+    let routes = run_in("n1", &["ip", "route"]);
+    assert!(routes.contains(&format!("{} via 10.0.1.12 dev eth0 proto 87", lab.subnet("weft-n2"))), "{routes}");
+    assert!(!routes.contains("weft.1"));
+    assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1500"));
+    // The agent's metrics: ready, two peers programmed.
+    let m = run_in("n1", &["python3", "-c", "import urllib.request as u;print(u.urlopen('http://127.0.0.1:9965/metrics').read().decode())"]);
+    assert!(m.contains("weft_peers_programmed 2"), "{m}");
+    let r = run_in("n1", &["python3", "-c", "import urllib.request as u;print(u.urlopen('http://127.0.0.1:9965/readyz').read().decode())"]);
+    assert!(r.contains("ready"));
+}
+
+#[test]
+fn host_gw_across_segments_is_reported_not_silently_dropped() {
+    let _lab = {
+        let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = weft(&["lab", "down"]);
+        ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "1", "--backend", "host-gw", "--segments", "2"]);
+        Lab(g)
+    };
+    wait_until("the unreachable peer in metrics", 10, || {
+        run_in("n1", &["python3", "-c", "import urllib.request as u;print(u.urlopen('http://127.0.0.1:9965/metrics').read().decode())"])
+            .contains("weft_peers_unreachable 1")
+    });
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
+    assert!(log.contains("not on-link"), "{log}");
+    assert!(!weft(&["lab", "check"]).status.success());
+}
+
+#[test]
+fn down_is_safe_twice_and_leaves_nothing() {
+    let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "1"]);
+    ok(&["lab", "down"]);
+    ok(&["lab", "down"]);
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("weft-")).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!std::path::Path::new("/run/weft/lab").exists());
+    drop(g);
+}
