@@ -59,6 +59,9 @@ pub struct UpArgs {
     /// Pod wiring: bridge (flannel) or routed (Calico).
     #[arg(long, default_value = "bridge")]
     pub mode: String,
+    /// Agents masquerade pod traffic leaving the cluster network.
+    #[arg(long)]
+    pub ip_masq: bool,
     /// A net-conf.json to use instead of the one --backend implies.
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -70,6 +73,8 @@ struct State {
     mode: String,
     store: String,
     segments: u8,
+    #[serde(default)]
+    ip_masq: bool,
     etcd_pid: Option<u32>,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
@@ -236,6 +241,7 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))
         .args(["--store", &store_arg(st), "--log", "info"])
+        .args(st.ip_masq.then_some("--ip-masq"))
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log)
@@ -310,6 +316,7 @@ async fn up(a: &UpArgs) -> Result<State> {
         mode: a.mode.clone(),
         store: a.store.clone(),
         segments: a.segments,
+        ip_masq: a.ip_masq,
         ..Default::default()
     });
     std::fs::create_dir_all(DIR)?;

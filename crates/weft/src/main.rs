@@ -19,6 +19,9 @@ struct Cli {
     /// Log filter (tracing's syntax, e.g. `info` or `weft_store=debug`); RUST_LOG also works.
     #[arg(long, global = true, env = "WEFT_LOG", default_value = "warn")]
     log: String,
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, global = true, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -106,12 +109,11 @@ impl ConfigArgs {
     }
 }
 
-fn init_logs(filter: &str) {
+fn init_logs(filter: &str, json: bool) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
-        .with_writer(std::io::stderr)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { b.json().try_init() } else { b.with_ansi(std::env::var_os("NO_COLOR").is_none()).try_init() };
 }
 
 fn main() -> std::process::ExitCode {
@@ -121,7 +123,7 @@ fn main() -> std::process::ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    init_logs(&cli.log);
+    init_logs(&cli.log, cli.log_format == "json");
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -206,3 +206,29 @@ fn down_is_safe_twice_and_leaves_nothing() {
     assert!(!std::path::Path::new("/run/weft/lab").exists());
     drop(g);
 }
+
+#[test]
+fn ip_masq_hides_pods_leaving_the_cluster_but_not_pod_to_pod() {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--ip-masq"]);
+    let rules = run_in("n1", &["nft", "list", "table", "ip", "weft"]);
+    assert!(rules.contains("masquerade"), "{rules}");
+    // Who does a listener see? One outside the cluster network (the underlay router), one a pod.
+    let listen = |target: &str, ip: &str| {
+        let t = target.to_string();
+        let code = format!("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{ip}',7777));s.listen(1);s.settimeout(15);c,a=s.accept();print(a[0])");
+        std::thread::spawn(move || exec(&t, &["python3", "-c", &code]))
+    };
+    let connect = |from: &str, ip: &str| {
+        let code = format!("import socket,time\nfor i in range(50):\n  try:\n    socket.create_connection(('{ip}',7777),timeout=1);break\n  except OSError:\n    time.sleep(0.1)");
+        run_in(from, &["python3", "-c", &code]);
+    };
+    let outside = listen("underlay", "10.0.1.254");
+    connect("n1-p0", "10.0.1.254");
+    let seen = String::from_utf8_lossy(&outside.join().expect("listener").stdout).trim().to_string();
+    assert_eq!(seen, "10.0.1.11", "leaving the cluster: masqueraded to the node's address");
+    let p2 = lab.pod_ip("n2-p0");
+    let inside = listen("n2-p0", &p2);
+    connect("n1-p0", &p2);
+    let seen = String::from_utf8_lossy(&inside.join().expect("listener").stdout).trim().to_string();
+    assert_eq!(seen, lab.pod_ip("n1-p0"), "pod to pod: never masqueraded");
+}
