@@ -346,7 +346,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             }
         }
         last_unreachable = unreachable;
-        metrics.ready.store(report.errors.is_empty(), Ordering::Relaxed);
+        // Ready: lease held, subnet.env written, every current peer programmed.
+        metrics.ready.store(report.errors.is_empty() && desired.unreachable.is_empty(), Ordering::Relaxed);
     }
     // SIGTERM: stop renewing, leave every route, neighbour and device in place.
     let _ = stop_tx.send(true);
