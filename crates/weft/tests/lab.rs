@@ -232,3 +232,18 @@ fn ip_masq_hides_pods_leaving_the_cluster_but_not_pod_to_pod() {
     let seen = String::from_utf8_lossy(&inside.join().expect("listener").stdout).trim().to_string();
     assert_eq!(seen, lab.pod_ip("n1-p0"), "pod to pod: never masqueraded");
 }
+
+#[test]
+fn routed_pods_on_a_real_etcd() {
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "2", "--store", "etcd", "--mode", "routed"]);
+    // Calico's pod side: a /32 and 169.254.1.1 as the on-link gateway.
+    let r = run_in("n1-p0", &["ip", "route"]);
+    assert!(r.contains("default via 169.254.1.1 dev eth0"), "{r}");
+    let ip = lab.pod_ip("n1-p0");
+    assert!(run_in("n1", &["ip", "route"]).contains(&format!("{ip} dev weft")), "host route to the pod");
+    // The leases are in etcd, in flannel's layout.
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state")).expect("json");
+    assert!(st["etcd_pid"].as_u64().is_some());
+    let keys = run_in("underlay", &["etcdctl", "--endpoints", "10.0.1.254:2379", "get", "--prefix", "--keys-only", "/coreos.com/network/subnets/"]);
+    assert_eq!(keys.lines().filter(|l| !l.trim().is_empty()).count(), 3, "{keys}");
+}
