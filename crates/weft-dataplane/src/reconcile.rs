@@ -257,11 +257,7 @@ async fn sync_neighbours(h: &Nl, vx: &Link, want: &[Neighbour], report: &mut Rep
             NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
             _ => None,
         });
-        let mac = m.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => <[u8; 6]>::try_from(l.as_slice()).ok(),
-            _ => None,
-        });
-        if let (Some(ip), Some(mac)) = (ip, mac) {
+        if let (Some(ip), Some(mac)) = (ip, lladdr(m)) {
             have.push((Neighbour { ip, mac }, m.clone()));
         }
     }
@@ -282,15 +278,7 @@ async fn sync_neighbours(h: &Nl, vx: &Link, want: &[Neighbour], report: &mut Rep
     }
     for (n, m) in have {
         if !want.iter().any(|w| w.ip == n.ip) {
-            match h.handle().neighbours().del(m).execute().await {
-                Ok(()) => report.removed += 1,
-                Err(e) => {
-                    let e = DataplaneError::Netlink { what: format!("removing neighbour {}", n.ip), source: e };
-                    if !is_missing(&e) {
-                        report.fail(e);
-                    }
-                }
-            }
+            remove_entry(h, m, format!("removing neighbour {}", n.ip), report).await;
         }
     }
     Ok(())
@@ -306,11 +294,7 @@ async fn sync_fdb(h: &Nl, vx: &Link, want: &[FdbEntry], report: &mut Report) -> 
             NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
             _ => None,
         });
-        let mac = m.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => <[u8; 6]>::try_from(l.as_slice()).ok(),
-            _ => None,
-        });
-        if let (Some(dst), Some(mac)) = (dst, mac) {
+        if let (Some(dst), Some(mac)) = (dst, lladdr(m)) {
             have.push((FdbEntry { mac, dst }, m.clone()));
         }
     }
@@ -332,18 +316,30 @@ async fn sync_fdb(h: &Nl, vx: &Link, want: &[FdbEntry], report: &mut Report) -> 
     }
     for (f, m) in have {
         if !want.contains(&f) {
-            match h.handle().neighbours().del(m).execute().await {
-                Ok(()) => report.removed += 1,
-                Err(e) => {
-                    let e = DataplaneError::Netlink { what: format!("removing FDB entry dst {}", f.dst), source: e };
-                    if !is_missing(&e) {
-                        report.fail(e);
-                    }
-                }
-            }
+            remove_entry(h, m, format!("removing FDB entry dst {}", f.dst), report).await;
         }
     }
     Ok(())
+}
+
+fn lladdr(m: &NeighbourMessage) -> Option<[u8; 6]> {
+    m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(l.as_slice()).ok(),
+        _ => None,
+    })
+}
+
+/// Removes a neighbour or FDB entry; gone already is fine.
+async fn remove_entry(h: &Nl, m: NeighbourMessage, what: String, report: &mut Report) {
+    match h.handle().neighbours().del(m).execute().await {
+        Ok(()) => report.removed += 1,
+        Err(e) => {
+            let e = DataplaneError::Netlink { what, source: e };
+            if !is_missing(&e) {
+                report.fail(e);
+            }
+        }
+    }
 }
 
 /// The interface and address of the default route, or of `name`: the agent's underlay.
