@@ -85,7 +85,7 @@ fn routed_mode_every_command() {
     assert_eq!(node.ns.run(&["cat", &format!("/proc/sys/net/ipv4/conf/{hveth}/proxy_arp")]).trim(), "1");
     assert!(node.ns.run(&["ip", "-4", "addr", "show", "dev", &hveth]).trim().lines().count() <= 1, "host side has no address");
     let routes = node.ns.run(&["ip", "route"]);
-    assert!(routes.contains(&format!("{ip1} dev {hveth} proto 87 scope link")), "{routes}");
+    assert!(routes.contains(&format!("{ip1} dev {hveth} proto 88 scope link")), "{routes}"); // weft-cni's own protocol
     let pod_routes = p1.run(&["ip", "route"]);
     assert!(pod_routes.contains("default via 169.254.1.1 dev eth0"), "{pod_routes}");
     assert!(pod_routes.contains("169.254.1.1 dev eth0"), "{pod_routes}");
