@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pod-to-pod TCP throughput across two lab nodes, per backend, against (a) host-to-host over the
 # same underlay in the same run and (b) the same topologies built by hand with ip(8)
-# (../shared/bench/handbuilt.sh), also in the same run. Needs root.
+# (../shared/bench/handbuilt.sh), also in the same run. The lab runs with --underlay direct:
+# two nodes on one veth pair, as handbuilt.sh builds them. Needs root; run it on an idle machine.
 # Env: REPS (3), IPERF_T (5 s), STREAMS ("1 2"). Out: JSON lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,8 @@ iperf() { # client-target server-target server-ip streams -> median Gbit/s
 }
 
 for backend in host-gw vxlan; do
-  $W lab demo --nodes 2 --pods-per-node 1 --backend "$backend" >/dev/null 2>&1 || true # warm-up and sanity
-  $W lab up --nodes 2 --pods-per-node 1 --backend "$backend" >/dev/null 2>&1
+  # Two nodes back to back on one veth pair: the hand-built topology's underlay.
+  $W lab up --nodes 2 --pods-per-node 1 --backend "$backend" --underlay direct >/dev/null 2>&1
   for _ in $(seq 50); do $W lab check >/dev/null 2>&1 && break; sleep 0.2; done
   p2=$($W lab exec n2-p0 -- ip -4 -br addr show eth0 | awk '{print $3}' | cut -d/ -f1)
   for p in $STREAMS; do

@@ -62,6 +62,10 @@ pub struct UpArgs {
     /// Agents masquerade pod traffic leaving the cluster network.
     #[arg(long)]
     pub ip_masq: bool,
+    /// The underlay: a bridge (any number of nodes, segments), or `direct`: two nodes joined
+    /// by one veth pair, back to back (the hand-built benchmark topology).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "direct"])]
+    pub underlay: String,
     /// A net-conf.json to use instead of the one --backend implies.
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -75,6 +79,8 @@ struct State {
     segments: u8,
     #[serde(default)]
     ip_masq: bool,
+    #[serde(default)]
+    direct: bool,
     etcd_pid: Option<u32>,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
@@ -178,6 +184,21 @@ async fn underlay(segments: u8) -> Result<(Netns, Nl)> {
     }
     ns.run(|| sysctl::set("net.ipv4.ip_forward", "1"))??;
     Ok((ns, nl))
+}
+
+/// Two nodes back to back: n1's eth0 and n2's eth0 are the two ends of one veth pair.
+async fn add_direct_pair() -> Result<()> {
+    let (n1, n2) = (open_or_create("weft-n1")?, open_or_create("weft-n2")?);
+    let (l1, l2) = (Nl::in_netns(&n1)?, Nl::in_netns(&n2)?);
+    if l1.link("eth0").await?.is_none() {
+        l1.add_veth(&VethSpec { name: "eth0", peer_name: "eth0", peer_netns: Some(&n2), up: true, ..Default::default() }).await?;
+    }
+    for (l, i) in [(&l1, 1), (&l2, 2)] {
+        let eth0 = l.link("eth0").await?.context("eth0 missing")?;
+        l.add_addr(eth0.index, IpNet::V4(Ipv4Net::new(node_ip(1, i), 24)?)).await?;
+        l.set_up(eth0.index).await?;
+    }
+    Ok(())
 }
 
 async fn add_node(un: &Nl, name: &str, seg: u8, ip: Ipv4Addr) -> Result<Netns> {
@@ -317,8 +338,13 @@ async fn up(a: &UpArgs) -> Result<State> {
         store: a.store.clone(),
         segments: a.segments,
         ip_masq: a.ip_masq,
+        direct: a.underlay == "direct",
         ..Default::default()
     });
+    anyhow::ensure!(
+        !st.direct || (a.nodes == 2 && a.segments == 1 && st.store == "sqlite" && st.mode == "bridge"),
+        "--underlay direct joins exactly two nodes back to back: use it with --nodes 2 --segments 1 --store sqlite --mode bridge"
+    );
     std::fs::create_dir_all(DIR)?;
     let (un, unl) = underlay(st.segments.max(a.segments)).await?;
     st.segments = st.segments.max(a.segments);
@@ -337,13 +363,16 @@ async fn up(a: &UpArgs) -> Result<State> {
             .map(|mut c| c.args(["config", "put"]).arg(&conf_path).args(["--store", &store_arg(&st)]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
             .unwrap_or(false)
     })?;
+    if st.direct {
+        add_direct_pair().await?;
+    }
     for i in 1..=a.nodes {
         let name = format!("weft-n{i}");
         let seg = if a.segments == 2 && i % 2 == 0 { 2 } else { 1 };
         let existing = st.nodes.iter().position(|n| n.name == name);
         let seg = existing.map(|k| st.nodes[k].segment).unwrap_or(seg);
         let ip = node_ip(seg, i);
-        let ns = add_node(&unl, &name, seg, ip).await?;
+        let ns = if st.direct { Netns::open(ns_path(&name))? } else { add_node(&unl, &name, seg, ip).await? };
         match existing {
             Some(k) if alive(st.nodes[k].agent_pid) => {}
             _ => {
