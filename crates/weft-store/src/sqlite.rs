@@ -40,6 +40,15 @@ fn expiry_of(ms: Option<i64>) -> Expiry {
     }
 }
 
+/// A connection as every weft process uses it: WAL, fsync on commit, waiting on writers.
+fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 -- v4_start/v4_end: the IPv4 subnet as numbers; v6_start/v6_end: the IPv6 subnet as 32 hex
@@ -78,10 +87,7 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Invalid(format!("cannot create the directory of sqlite store {}: {e}", path.display())))?;
         }
-        let mut conn = Connection::open(&path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        let mut conn = connect(&path).map_err(err)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         tx.execute_batch(SCHEMA).map_err(err)?;
         tx.commit().map_err(err)?;
@@ -93,6 +99,11 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Another connection to the same database.
+    fn connect(&self) -> Result<Connection, StoreError> {
+        connect(&self.path).map_err(self.wrap())
     }
 
     /// Runs `f` on the connection off the async runtime.
@@ -194,6 +205,40 @@ fn decode(key: &str, value: &str, expires: Option<i64>) -> Result<Lease, Corrupt
         expiry: expiry_of(expires),
     }
     .decode()
+}
+
+/// The changes from `from` on, at most 1000; `Compacted` when the log no longer has `from`.
+fn poll_events(conn: &Connection, err: &dyn Fn(rusqlite::Error) -> StoreError, from: u64) -> Result<Vec<Change>, StoreError> {
+    let tx = conn.unchecked_transaction().map_err(err)?;
+    let compacted: u64 = tx.query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'compacted'", [], |r| r.get(0)).map_err(err)?;
+    if from <= compacted {
+        return Err(StoreError::Compacted(from));
+    }
+    let mut stmt = tx
+        .prepare_cached("SELECT rev, key, value, expires_at FROM events WHERE rev >= ?1 ORDER BY rev LIMIT 1000")
+        .map_err(err)?;
+    let mut rows = stmt.query([from]).map_err(err)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(err)? {
+        let rev: u64 = r.get(0).map_err(err)?;
+        let key: String = r.get(1).map_err(err)?;
+        let value: Option<String> = r.get(2).map_err(err)?;
+        let expires: Option<i64> = r.get(3).map_err(err)?;
+        out.push(match value {
+            Some(v) => match decode(&key, &v, expires) {
+                Ok(lease) => Change::Put { lease, rev },
+                Err(corrupt) => Change::Corrupt { corrupt, rev },
+            },
+            None => match key.parse() {
+                Ok(key) => Change::Delete { key, rev },
+                Err(e) => Change::Corrupt {
+                    corrupt: Corrupt { key, reason: format!("{e}") },
+                    rev,
+                },
+            },
+        });
+    }
+    Ok(out)
 }
 
 /// `lease` with the expiry `ttl` gives it from now, and that deadline in milliseconds.
@@ -377,35 +422,59 @@ impl Store for SqliteStore {
 
     async fn changes(&self, from: u64) -> Result<ChangeStream, StoreError> {
         let (tx, rx) = mpsc::channel(16);
-        let store = self.clone();
-        tokio::spawn(async move {
-            let mut next = from;
-            loop {
-                let batch = store.poll(next).await;
-                let stop = match &batch {
-                    Ok(changes) => {
-                        if let Some(last) = changes.last() {
-                            next = last.rev() + 1;
+        // A thread with a connection of its own: an idle poll is one `PRAGMA data_version`
+        // (which moves only when another connection commits), no thread hop, no query.
+        let conn = self.connect()?;
+        let err = self.wrap();
+        std::thread::Builder::new()
+            .name("weft-sqlite-watch".into())
+            .spawn(move || {
+                let mut next = from;
+                let mut seen_version: Option<i64> = None;
+                let mut next_expiry: Option<i64> = None;
+                loop {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    let version: Option<i64> = conn.query_row("PRAGMA data_version", [], |r| r.get(0)).ok();
+                    let expiry_due = next_expiry.is_some_and(|e| e <= now_ms());
+                    if version.is_none() || version != seen_version || expiry_due {
+                        seen_version = version;
+                        let result = (|| {
+                            if expiry_due {
+                                let t = conn.unchecked_transaction().map_err(&err)?;
+                                sweep(&t, &err)?;
+                                t.commit().map_err(&err)?;
+                            }
+                            let batch = poll_events(&conn, &err, next)?;
+                            next_expiry = conn
+                                .query_row("SELECT MIN(expires_at) FROM leases WHERE expires_at IS NOT NULL", [], |r| r.get(0))
+                                .map_err(&err)?;
+                            Ok(batch)
+                        })();
+                        match result {
+                            Ok(batch) if batch.is_empty() => {}
+                            Ok(batch) => {
+                                let full = batch.len() >= 1000;
+                                next = batch.last().map_or(next, |c| c.rev() + 1);
+                                if tx.blocking_send(Ok(batch)).is_err() {
+                                    return;
+                                }
+                                if full {
+                                    seen_version = None; // more to read at once
+                                    continue;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.blocking_send(Err(e));
+                                return;
+                            }
                         }
-                        changes.is_empty()
                     }
-                    Err(_) => false,
-                };
-                let failed = batch.is_err();
-                if !stop && tx.send(batch).await.is_err() {
-                    return; // the watcher went away
+                    std::thread::sleep(POLL);
                 }
-                if failed {
-                    return;
-                }
-                if stop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(POLL) => {}
-                        _ = tx.closed() => return,
-                    }
-                }
-            }
-        });
+            })
+            .map_err(|e| StoreError::Invalid(format!("starting the sqlite watch thread: {e}")))?;
         Ok(rx)
     }
 
@@ -415,48 +484,6 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
-    /// The changes from `from` on, at most 1000.
-    async fn poll(&self, from: u64) -> Result<Vec<Change>, StoreError> {
-        self.sweep_if_due().await?;
-        let err = self.wrap();
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(&err)?;
-            let compacted: u64 = tx.query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'compacted'", [], |r| r.get(0)).map_err(&err)?;
-            if from <= compacted {
-                return Err(StoreError::Compacted(from));
-            }
-            let mut stmt = tx
-                .prepare("SELECT rev, key, value, expires_at FROM events WHERE rev >= ?1 ORDER BY rev LIMIT 1000")
-                .map_err(&err)?;
-            let mut rows = stmt.query([from]).map_err(&err)?;
-            let mut out = Vec::new();
-            while let Some(r) = rows.next().map_err(&err)? {
-                let rev: u64 = r.get(0).map_err(&err)?;
-                let key: String = r.get(1).map_err(&err)?;
-                let value: Option<String> = r.get(2).map_err(&err)?;
-                let expires: Option<i64> = r.get(3).map_err(&err)?;
-                out.push(match value {
-                    Some(v) => match decode(&key, &v, expires) {
-                        Ok(lease) => Change::Put { lease, rev },
-                        Err(corrupt) => Change::Corrupt { corrupt, rev },
-                    },
-                    None => match key.parse() {
-                        Ok(key) => Change::Delete { key, rev },
-                        Err(e) => Change::Corrupt {
-                            corrupt: Corrupt {
-                                key,
-                                reason: format!("{e}"),
-                            },
-                            rev,
-                        },
-                    },
-                });
-            }
-            Ok(out)
-        })
-        .await
-    }
-
     /// Sets how many changes the event log keeps (default [`EVENT_LOG_KEEP`]).
     pub async fn set_event_log_keep(&self, keep: u64) -> Result<(), StoreError> {
         self.write(move |tx, err| {
