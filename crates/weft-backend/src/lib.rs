@@ -55,12 +55,7 @@ pub struct VxlanDevice {
 /// A VTEP MAC derived from the node's identity: the same after every restart, so peers keep
 /// their FDB and neighbour entries, and locally administered (0x02 bit set, unicast).
 pub fn vtep_mac(node: &str, public_ip: Ipv4Addr) -> [u8; 6] {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a: stable across releases
-    for b in node.bytes().chain([0]).chain(public_ip.octets()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
+    let b = weft_core::stable_hash([node.as_bytes(), &public_ip.octets()[..]]).to_be_bytes();
     [0x0e, b[1], b[2], b[3], b[4], b[5]]
 }
 

@@ -17,12 +17,7 @@ fn dp(e: DataplaneError) -> CniError {
 
 /// The host-side veth name: stable for an attachment, so CHECK and DEL find it.
 pub fn host_veth(cid: &str, ifname: &str) -> String {
-    // FNV-1a: stable across releases and platforms (std's hasher is not).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in cid.bytes().chain([0]).chain(ifname.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = weft_core::stable_hash([cid.as_bytes(), ifname.as_bytes()]);
     format!("weft{:08x}", (h >> 32) as u32 ^ h as u32)
 }
 
