@@ -1,7 +1,8 @@
-//! weft's BGP-4 speaker, our own code. This first part is the wire codec; the sans-IO session
-//! state machine (events in, actions out), the RIB and the tokio driver build on it (issue 5).
+//! weft's BGP-4 speaker, our own code: the wire codec and the sans-IO session state machine
+//! (inputs in, outputs out). The RIB, the tokio driver and the bgp backend build on them (issue 5).
 
 pub mod codec;
+pub mod fsm;
 
 #[cfg(test)]
 mod tests;

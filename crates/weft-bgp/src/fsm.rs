@@ -1,0 +1,389 @@
+//! The BGP session state machine (RFC 4271 §8), sans-IO: inputs in, outputs out. The driver
+//! owns the socket and the timers and does what the outputs say; every rule here is a unit test
+//! without a network.
+
+use crate::codec::{self, err, Capability, Message, Notify, Open, Session, Update, AFI_IPV4, SAFI_UNICAST};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    pub peer_as: u32,
+    /// Proposed hold time (seconds); the session uses the smaller of both sides'.
+    pub hold_time: u16,
+    pub connect_retry: Duration,
+    /// RFC 4724 restart time to advertise; `None` leaves graceful restart off.
+    pub graceful_restart: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Idle,
+    Connect,
+    Active,
+    OpenSent,
+    OpenConfirm,
+    Established,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    ConnectRetry,
+    Hold,
+    Keepalive,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Start,
+    Stop,
+    TcpConnected,
+    TcpFailed,
+    /// Bytes read from the connection (any amount; framing is done here).
+    Bytes(Vec<u8>),
+    Expired(Timer),
+    /// Routes to send (only in Established).
+    Announce(Update),
+}
+
+/// What the session agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub peer_as: u32,
+    pub peer_id: Ipv4Addr,
+    pub hold_time: u16,
+    pub four_octet_as: bool,
+    pub route_refresh: bool,
+    /// The peer's graceful-restart capability: its restart time, when it has one.
+    pub peer_restart_time: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Connect,
+    Send(Vec<u8>),
+    SetTimer(Timer, Duration),
+    CancelTimer(Timer),
+    Disconnect,
+    Established(Negotiated),
+    Update(Update),
+    RouteRefreshRequested,
+    Down(String),
+}
+
+pub struct Fsm {
+    cfg: Config,
+    state: State,
+    session: Session,
+    hold: u16,
+    rx: Vec<u8>,
+    /// What the OPEN exchange agreed on, reported once the peer's KEEPALIVE confirms it.
+    pending: Option<Negotiated>,
+}
+
+/// Hold time while waiting for the peer's OPEN (RFC 4271 §8: "a large value", 4 minutes).
+const LARGE_HOLD: Duration = Duration::from_secs(240);
+
+impl Fsm {
+    pub fn new(cfg: Config) -> Fsm {
+        Fsm { cfg, state: State::Idle, session: Session::default(), hold: 0, rx: Vec::new(), pending: None }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    fn open(&self) -> Message {
+        let mut caps = vec![
+            Capability::MultiProtocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+            Capability::RouteRefresh,
+            Capability::FourOctetAs(self.cfg.local_as),
+        ];
+        if let Some(t) = self.cfg.graceful_restart {
+            caps.push(Capability::GracefulRestart { restarting: false, time: t, families: vec![(AFI_IPV4, SAFI_UNICAST, true)] });
+        }
+        Message::Open(Open { version: 4, asn: self.cfg.local_as, hold_time: self.cfg.hold_time, router_id: self.cfg.router_id, capabilities: caps })
+    }
+
+    fn send(&self, m: &Message) -> Output {
+        Output::Send(codec::encode(m, self.session))
+    }
+
+    /// Tears the session down: NOTIFICATION (if given), close, back to Idle, retry later.
+    fn fail(&mut self, n: Option<Notify>, why: String) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Some(n) = n {
+            out.push(self.send(&Message::Notification { code: n.code, subcode: n.subcode, data: n.data }));
+        }
+        out.extend([
+            Output::Disconnect,
+            Output::CancelTimer(Timer::Hold),
+            Output::CancelTimer(Timer::Keepalive),
+            Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry),
+            Output::Down(why),
+        ]);
+        self.state = State::Idle;
+        self.session = Session::default();
+        self.rx.clear();
+        out
+    }
+
+    fn fsm_error(&mut self) -> Vec<Output> {
+        let state = self.state;
+        self.fail(Some(Notify { code: err::FSM, subcode: 0, data: vec![], reason: String::new() }), format!("unexpected message in {state:?}"))
+    }
+
+    pub fn process(&mut self, input: Input) -> Vec<Output> {
+        use State::*;
+        match (self.state, input) {
+            (Idle, Input::Start) | (Idle | Active | Connect, Input::Expired(Timer::ConnectRetry)) => {
+                self.state = Connect;
+                vec![Output::Connect, Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry)]
+            }
+            (Connect | Active, Input::TcpConnected) => {
+                self.state = OpenSent;
+                self.rx.clear();
+                vec![Output::CancelTimer(Timer::ConnectRetry), self.send(&self.open()), Output::SetTimer(Timer::Hold, LARGE_HOLD)]
+            }
+            (Connect, Input::TcpFailed) => {
+                self.state = Active;
+                vec![Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry)]
+            }
+            (Idle, Input::Stop) => vec![],
+            (_, Input::Stop) => {
+                let cease = Notify { code: err::CEASE, subcode: 2, data: vec![], reason: String::new() };
+                let connected = matches!(self.state, OpenSent | OpenConfirm | Established);
+                let mut out = self.fail(connected.then_some(cease), "stopped".into());
+                out.retain(|o| !matches!(o, Output::SetTimer(Timer::ConnectRetry, _)));
+                out.push(Output::CancelTimer(Timer::ConnectRetry));
+                out
+            }
+            (OpenSent | OpenConfirm | Established, Input::TcpFailed) => self.fail(None, "connection lost".into()),
+            (OpenSent | OpenConfirm | Established, Input::Expired(Timer::Hold)) => {
+                let n = Notify { code: err::HOLD_TIMER_EXPIRED, subcode: 0, data: vec![], reason: String::new() };
+                self.fail(Some(n), "hold timer expired".into())
+            }
+            (OpenConfirm | Established, Input::Expired(Timer::Keepalive)) => {
+                let mut out = vec![self.send(&Message::Keepalive)];
+                if self.hold > 0 {
+                    out.push(Output::SetTimer(Timer::Keepalive, Duration::from_secs((self.hold / 3).max(1) as u64)));
+                }
+                out
+            }
+            (Established, Input::Announce(u)) => vec![self.send(&Message::Update(u))],
+            (OpenSent | OpenConfirm | Established, Input::Bytes(b)) => {
+                self.rx.extend_from_slice(&b);
+                let mut out = Vec::new();
+                loop {
+                    let len = match codec::frame(&self.rx) {
+                        Ok(Some(l)) => l,
+                        Ok(None) => break,
+                        Err(n) => {
+                            let why = n.reason.clone();
+                            out.extend(self.fail(Some(n), why));
+                            return out;
+                        }
+                    };
+                    let msg: Vec<u8> = self.rx.drain(..len).collect();
+                    match codec::decode(&msg, self.session) {
+                        Ok(m) => out.extend(self.on_message(m)),
+                        Err(n) => {
+                            let why = n.reason.clone();
+                            out.extend(self.fail(Some(n), why));
+                            return out;
+                        }
+                    }
+                    if self.state == Idle {
+                        break;
+                    }
+                }
+                out
+            }
+            // Anything else in this state is ignored (timers of a state already left, etc.).
+            _ => vec![],
+        }
+    }
+
+    fn restart_hold(&self) -> Option<Output> {
+        (self.hold > 0).then(|| Output::SetTimer(Timer::Hold, Duration::from_secs(self.hold as u64)))
+    }
+
+    fn on_message(&mut self, m: Message) -> Vec<Output> {
+        use State::*;
+        match (self.state, m) {
+            (_, Message::Notification { code, subcode, .. }) => self.fail(None, format!("peer sent NOTIFICATION {code}/{subcode}")),
+            (OpenSent, Message::Open(o)) => {
+                if o.asn != self.cfg.peer_as {
+                    let n = Notify { code: err::OPEN, subcode: err::OPEN_BAD_PEER_AS, data: vec![], reason: String::new() };
+                    return self.fail(Some(n), format!("peer is AS {}, expected AS {}", o.asn, self.cfg.peer_as));
+                }
+                if o.router_id == self.cfg.router_id {
+                    let n = Notify { code: err::OPEN, subcode: err::OPEN_BAD_ID, data: vec![], reason: String::new() };
+                    return self.fail(Some(n), "peer has our own BGP identifier".into());
+                }
+                self.hold = self.cfg.hold_time.min(o.hold_time);
+                let four = o.capabilities.iter().any(|c| matches!(c, Capability::FourOctetAs(_)));
+                self.session = Session { four_octet_as: four };
+                self.state = OpenConfirm;
+                let mut out = vec![self.send(&Message::Keepalive)];
+                if self.hold > 0 {
+                    out.push(Output::SetTimer(Timer::Hold, Duration::from_secs(self.hold as u64)));
+                    out.push(Output::SetTimer(Timer::Keepalive, Duration::from_secs((self.hold / 3).max(1) as u64)));
+                } else {
+                    out.push(Output::CancelTimer(Timer::Hold));
+                }
+                self.pending = Some(Negotiated {
+                    peer_as: o.asn,
+                    peer_id: o.router_id,
+                    hold_time: self.hold,
+                    four_octet_as: four,
+                    route_refresh: o.capabilities.contains(&Capability::RouteRefresh),
+                    peer_restart_time: o.capabilities.iter().find_map(|c| if let Capability::GracefulRestart { time, .. } = c { Some(*time) } else { None }),
+                });
+                out
+            }
+            (OpenConfirm, Message::Keepalive) => {
+                self.state = Established;
+                let mut out: Vec<Output> = self.restart_hold().into_iter().collect();
+                if let Some(n) = self.pending.take() {
+                    out.push(Output::Established(n));
+                }
+                out
+            }
+            (Established, Message::Keepalive) => self.restart_hold().into_iter().collect(),
+            (Established, Message::Update(u)) => {
+                let mut out: Vec<Output> = self.restart_hold().into_iter().collect();
+                out.push(Output::Update(u));
+                out
+            }
+            (Established, Message::RouteRefresh { .. }) => vec![Output::RouteRefreshRequested],
+            _ => self.fsm_error(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Attrs, Origin};
+
+    fn cfg(asn: u32, id: u8, peer: u32) -> Config {
+        Config {
+            local_as: asn,
+            router_id: Ipv4Addr::new(10, 0, 0, id),
+            peer_as: peer,
+            hold_time: 9,
+            connect_retry: Duration::from_secs(1),
+            graceful_restart: Some(120),
+        }
+    }
+
+    fn sent(out: &[Output]) -> Vec<u8> {
+        out.iter().filter_map(|o| if let Output::Send(b) = o { Some(b.clone()) } else { None }).flatten().collect()
+    }
+
+    /// Runs both FSMs to a TCP connection and lets them talk until quiet.
+    fn handshake(a: &mut Fsm, b: &mut Fsm) -> (Vec<Output>, Vec<Output>) {
+        let (mut all_a, mut all_b) = (Vec::new(), Vec::new());
+        all_a.extend(a.process(Input::Start));
+        all_b.extend(b.process(Input::Start));
+        let mut to_b = sent(&a.process(Input::TcpConnected));
+        let mut to_a = sent(&b.process(Input::TcpConnected));
+        for _ in 0..10 {
+            if to_a.is_empty() && to_b.is_empty() {
+                break;
+            }
+            let oa = a.process(Input::Bytes(std::mem::take(&mut to_a)));
+            let ob = b.process(Input::Bytes(std::mem::take(&mut to_b)));
+            to_b = sent(&oa);
+            to_a = sent(&ob);
+            all_a.extend(oa);
+            all_b.extend(ob);
+        }
+        (all_a, all_b)
+    }
+
+    #[test]
+    fn two_speakers_reach_established_and_exchange_routes() {
+        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (oa, _) = handshake(&mut a, &mut b);
+        assert_eq!((a.state(), b.state()), (State::Established, State::Established));
+        let n = oa.iter().find_map(|o| if let Output::Established(n) = o { Some(n.clone()) } else { None }).unwrap();
+        assert_eq!((n.peer_as, n.hold_time, n.four_octet_as, n.route_refresh, n.peer_restart_time), (64512, 9, true, true, Some(120)));
+        assert!(oa.contains(&Output::SetTimer(Timer::Keepalive, Duration::from_secs(3))));
+        // A route from a reaches b's output.
+        let u = Update {
+            attrs: Attrs { origin: Some(Origin::Igp), next_hop: Some(Ipv4Addr::new(10, 0, 1, 1)), local_pref: Some(100), ..Default::default() },
+            nlri: vec!["10.244.1.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let wire = sent(&a.process(Input::Announce(u.clone())));
+        let ob = b.process(Input::Bytes(wire));
+        assert!(ob.contains(&Output::Update(u)), "{ob:?}");
+        assert!(ob.contains(&Output::SetTimer(Timer::Hold, Duration::from_secs(9))), "an UPDATE restarts the hold timer");
+    }
+
+    #[test]
+    fn bytes_may_arrive_in_any_pieces() {
+        let (mut a, mut b) = (Fsm::new(cfg(65001, 1, 65002)), Fsm::new(cfg(65002, 2, 65001)));
+        a.process(Input::Start);
+        b.process(Input::Start);
+        let to_b = sent(&a.process(Input::TcpConnected));
+        b.process(Input::TcpConnected);
+        for byte in to_b {
+            b.process(Input::Bytes(vec![byte]));
+        }
+        assert_eq!(b.state(), State::OpenConfirm);
+    }
+
+    #[test]
+    fn wrong_peer_as_is_refused_with_a_notification() {
+        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64513, 2, 64512)));
+        let (oa, _) = handshake(&mut a, &mut b);
+        assert_ne!(a.state(), State::Established);
+        assert!(oa.iter().any(|o| matches!(o, Output::Down(w) if w.contains("expected AS 64512"))), "{oa:?}");
+        let notif = sent(&oa);
+        assert!(notif.windows(3).any(|w| w == [3, err::OPEN, err::OPEN_BAD_PEER_AS]), "OPEN error NOTIFICATION sent");
+    }
+
+    #[test]
+    fn hold_timer_expiry_tears_the_session_down() {
+        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        handshake(&mut a, &mut b);
+        let out = a.process(Input::Expired(Timer::Hold));
+        assert_eq!(a.state(), State::Idle);
+        assert!(out.contains(&Output::Disconnect));
+        assert!(sent(&out).ends_with(&[3, err::HOLD_TIMER_EXPIRED, 0]));
+        assert!(out.contains(&Output::SetTimer(Timer::ConnectRetry, Duration::from_secs(1))), "it tries again");
+        assert_eq!(a.process(Input::Expired(Timer::ConnectRetry)), vec![Output::Connect, Output::SetTimer(Timer::ConnectRetry, Duration::from_secs(1))]);
+    }
+
+    #[test]
+    fn garbage_from_the_peer_gets_a_notification_not_a_crash() {
+        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        handshake(&mut a, &mut b);
+        let out = a.process(Input::Bytes(vec![0u8; 40]));
+        assert_eq!(a.state(), State::Idle);
+        assert!(sent(&out).ends_with(&[3, err::HEADER, err::HEADER_NOT_SYNC]));
+        // An UPDATE before the session is up is an FSM error.
+        let (mut c, mut d) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        c.process(Input::Start);
+        c.process(Input::TcpConnected);
+        d.process(Input::Start);
+        let upd = codec::encode(&Message::Update(Update::default()), Session::default());
+        let out = c.process(Input::Bytes(upd));
+        assert!(sent(&out).ends_with(&[3, err::FSM, 0]));
+    }
+
+    #[test]
+    fn stop_sends_cease_and_stays_down() {
+        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        handshake(&mut a, &mut b);
+        let out = a.process(Input::Stop);
+        assert!(sent(&out).ends_with(&[3, err::CEASE, 2]));
+        assert!(!out.iter().any(|o| matches!(o, Output::SetTimer(Timer::ConnectRetry, _))));
+        assert_eq!(a.state(), State::Idle);
+    }
+}
