@@ -1,0 +1,142 @@
+//! The codec and the session FSM against a real peer: BIRD 2 (Debian's bird2) on loopback.
+//! Our side is driven by hand here (the tokio driver is issue 5's next part): a blocking
+//! socket, the FSM's outputs carried out, its timers ignored (the test is shorter than them).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use weft_bgp::codec::{Attrs, Origin, Segment, Update};
+use weft_bgp::fsm::{Config, Fsm, Input, Output, State};
+
+struct Bird {
+    child: Child,
+    ctl: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bird(port: u16) -> Bird {
+    let dir = tempfile::tempdir().expect("tmp");
+    let conf = dir.path().join("bird.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "router id 10.0.0.2;\nprotocol device {{}}\nprotocol static s1 {{ ipv4; route 10.99.0.0/24 blackhole; }}\n\
+             protocol bgp weft {{\n  local 127.0.0.2 port {port} as 65002;\n  neighbor 127.0.0.1 as 65001;\n  passive on;\n  multihop;\n\
+             hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; next hop self; }};\n}}\n"
+        ),
+    )
+    .expect("conf");
+    let ctl = dir.path().join("bird.ctl");
+    let child = Command::new("bird")
+        .args(["-f", "-c"])
+        .arg(&conf)
+        .arg("-s")
+        .arg(&ctl)
+        .arg("-P")
+        .arg(dir.path().join("bird.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bird not installed: apt-get install bird2");
+    Bird { child, ctl, _dir: dir }
+}
+
+#[test]
+fn session_with_bird_exchanges_routes_both_ways() {
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let b = bird(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sock = loop {
+        match TcpStream::connect(("127.0.0.2", port)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("bird did not listen: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let mut fsm = Fsm::new(Config {
+        local_as: 65001,
+        router_id: Ipv4Addr::new(10, 0, 0, 1),
+        peer_as: 65002,
+        hold_time: 9,
+        connect_retry: Duration::from_secs(1),
+        graceful_restart: Some(120),
+    });
+    let mut pending = fsm.process(Input::Start);
+    pending.extend(fsm.process(Input::TcpConnected));
+    let mut established = None;
+    let mut got_route = false;
+    let mut announced = false;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !(got_route && announced) {
+        for o in std::mem::take(&mut pending) {
+            match o {
+                Output::Send(bytes) => sock.write_all(&bytes).expect("write"),
+                Output::Established(n) => established = Some(n),
+                Output::Update(u) => {
+                    assert!(u.treat_as_withdraw.is_none(), "BIRD's UPDATE decoded as malformed: {u:?}");
+                    if u.nlri.contains(&"10.99.0.0/24".parse().expect("net")) {
+                        assert_eq!(u.attrs.as_path, vec![Segment::Sequence(vec![65002])]);
+                        assert_eq!(u.attrs.next_hop, Some(Ipv4Addr::new(127, 0, 0, 2)));
+                        got_route = true;
+                    }
+                }
+                Output::Down(why) => panic!("session went down: {why}"),
+                _ => {}
+            }
+        }
+        if fsm.state() == State::Established && !announced {
+            let u = Update {
+                attrs: Attrs {
+                    origin: Some(Origin::Igp),
+                    as_path: vec![Segment::Sequence(vec![65001])],
+                    next_hop: Some(Ipv4Addr::new(127, 0, 0, 1)),
+                    ..Default::default()
+                },
+                nlri: vec!["10.98.0.0/24".parse().expect("net")],
+                ..Default::default()
+            };
+            pending.extend(fsm.process(Input::Announce(u)));
+            announced = true;
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        match sock.read(&mut buf) {
+            Ok(0) => panic!("bird closed the connection"),
+            Ok(n) => pending.extend(fsm.process(Input::Bytes(buf[..n].to_vec()))),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    let n = established.expect("no session with bird");
+    assert_eq!((n.peer_as, n.peer_id, n.hold_time, n.four_octet_as), (65002, Ipv4Addr::new(10, 0, 0, 2), 9, true));
+    assert!(got_route, "bird's static route never arrived");
+    // BIRD took our route.
+    let t = Instant::now();
+    loop {
+        let out = Command::new("birdc").arg("-s").arg(&b.ctl).args(["show", "route", "10.98.0.0/24", "all"]).output().expect("birdc");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("10.98.0.0/24") && text.contains("65001") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "bird does not have our route:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+        // Keep the session fed meanwhile.
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = sock.read(&mut buf) {
+            for o in fsm.process(Input::Bytes(buf[..n].to_vec())) {
+                if let Output::Send(bytes) = o {
+                    let _ = sock.write_all(&bytes);
+                }
+            }
+        }
+    }
+}
