@@ -28,7 +28,7 @@ pub enum State {
     Established,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Timer {
     ConnectRetry,
     Hold,

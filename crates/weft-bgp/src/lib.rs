@@ -2,6 +2,7 @@
 //! (inputs in, outputs out). The RIB, the tokio driver and the bgp backend build on them (issue 5).
 
 pub mod codec;
+pub mod driver;
 pub mod fsm;
 
 #[cfg(test)]

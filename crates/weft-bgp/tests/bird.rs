@@ -2,57 +2,19 @@
 //! Our side is driven by hand here (the tokio driver is issue 5's next part): a blocking
 //! socket, the FSM's outputs carried out, its timers ignored (the test is shorter than them).
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use weft_bgp::codec::{Attrs, Origin, Segment, Update};
 use weft_bgp::fsm::{Config, Fsm, Input, Output, State};
 
-struct Bird {
-    child: Child,
-    ctl: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bird(port: u16) -> Bird {
-    let dir = tempfile::tempdir().expect("tmp");
-    let conf = dir.path().join("bird.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "router id 10.0.0.2;\nprotocol device {{}}\nprotocol static s1 {{ ipv4; route 10.99.0.0/24 blackhole; }}\n\
-             protocol bgp weft {{\n  local 127.0.0.2 port {port} as 65002;\n  neighbor 127.0.0.1 as 65001;\n  passive on;\n  multihop;\n\
-             hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; next hop self; }};\n}}\n"
-        ),
-    )
-    .expect("conf");
-    let ctl = dir.path().join("bird.ctl");
-    let child = Command::new("bird")
-        .args(["-f", "-c"])
-        .arg(&conf)
-        .arg("-s")
-        .arg(&ctl)
-        .arg("-P")
-        .arg(dir.path().join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bird not installed: apt-get install bird2");
-    Bird { child, ctl, _dir: dir }
-}
-
 #[test]
 fn session_with_bird_exchanges_routes_both_ways() {
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let b = bird(port);
+    let b = support::bird(port);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut sock = loop {
         match TcpStream::connect(("127.0.0.2", port)) {

@@ -1,0 +1,214 @@
+//! The thin async driver: TCP and timers around the sans-IO [`Fsm`], one task per peer.
+//!
+//! A speaker listens on one address; a connection from an address that is not a configured
+//! peer is closed at once. Between two weft speakers only the one with the lower address
+//! connects (the other waits for it), so the two never race into a connection collision;
+//! external peers are connected to and accepted from.
+
+use crate::codec::Update;
+use crate::fsm::{Config, Fsm, Input, Negotiated, Output, Timer};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// What the speaker reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Up { peer: IpAddr, negotiated: Negotiated },
+    Update { peer: IpAddr, update: Update },
+    Down { peer: IpAddr, reason: String },
+    /// A connection from an address that is no peer, closed unread.
+    Refused { from: IpAddr },
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    pub fsm: Config,
+    /// Connect to it (else only accept its connection).
+    pub active: bool,
+}
+
+enum Cmd {
+    Conn(TcpStream),
+    Announce(Update),
+    Stop,
+}
+
+struct Peers {
+    tasks: HashMap<IpAddr, mpsc::Sender<Cmd>>,
+}
+
+/// A BGP speaker: a listener and its peers' sessions.
+#[derive(Clone)]
+pub struct Speaker {
+    peers: Arc<Mutex<Peers>>,
+    events: mpsc::Sender<Event>,
+    local: SocketAddr,
+}
+
+impl Speaker {
+    /// Listens on `listen`; events arrive on the returned channel (bounded: a slow reader
+    /// slows the sessions down rather than growing memory).
+    pub async fn bind(listen: SocketAddr) -> std::io::Result<(Speaker, mpsc::Receiver<Event>)> {
+        let listener = TcpListener::bind(listen).await?;
+        let local = listener.local_addr()?;
+        let (events, rx) = mpsc::channel(1024);
+        let sp = Speaker { peers: Arc::new(Mutex::new(Peers { tasks: HashMap::new() })), events, local };
+        let s2 = sp.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, from)) = listener.accept().await else { continue };
+                let tx = s2.peers.lock().ok().and_then(|p| p.tasks.get(&from.ip()).cloned());
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(Cmd::Conn(sock)).await;
+                    }
+                    None => {
+                        drop(sock);
+                        let _ = s2.events.send(Event::Refused { from: from.ip() }).await;
+                    }
+                }
+            }
+        });
+        Ok((sp, rx))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Starts a session with a peer (replacing one to the same address).
+    pub fn add_peer(&self, p: PeerConfig) {
+        let (tx, rx) = mpsc::channel(256);
+        let old = self.peers.lock().ok().and_then(|mut g| g.tasks.insert(p.address, tx));
+        if let Some(old) = old {
+            let _ = old.try_send(Cmd::Stop);
+        }
+        tokio::spawn(run_peer(p, rx, self.events.clone(), self.local.ip()));
+    }
+
+    /// Ends the session with a peer (CEASE) and forgets it.
+    pub fn remove_peer(&self, addr: IpAddr) {
+        if let Some(tx) = self.peers.lock().ok().and_then(|mut g| g.tasks.remove(&addr)) {
+            let _ = tx.try_send(Cmd::Stop);
+        }
+    }
+
+    /// Sends an UPDATE to every peer whose session is up.
+    pub async fn announce(&self, u: Update) {
+        let txs: Vec<_> = self.peers.lock().map(|g| g.tasks.values().cloned().collect()).unwrap_or_default();
+        for tx in txs {
+            let _ = tx.send(Cmd::Announce(u.clone())).await;
+        }
+    }
+}
+
+async fn run_peer(p: PeerConfig, mut cmds: mpsc::Receiver<Cmd>, events: mpsc::Sender<Event>, local: IpAddr) {
+    let mut fsm = Fsm::new(p.fsm.clone());
+    let mut sock: Option<TcpStream> = None;
+    let mut timers: HashMap<Timer, Instant> = HashMap::new();
+    let mut pending = fsm.process(Input::Start);
+    let far = Instant::now() + Duration::from_secs(86400 * 365);
+    loop {
+        // Carry out what the FSM asked for; feed back what that caused.
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for o in std::mem::take(&mut pending) {
+                match o {
+                    Output::Connect if p.active => {
+                        let target = SocketAddr::new(p.address, p.port);
+                        let bind = SocketAddr::new(local, 0);
+                        let r = async {
+                            let s = if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                            s.bind(bind)?;
+                            tokio::time::timeout(Duration::from_secs(5), s.connect(target)).await?
+                        }
+                        .await;
+                        match r {
+                            Ok(s) => {
+                                let _ = s.set_nodelay(true);
+                                sock = Some(s);
+                                next.extend(fsm.process(Input::TcpConnected));
+                            }
+                            Err(_) => next.extend(fsm.process(Input::TcpFailed)),
+                        }
+                    }
+                    Output::Connect => {} // passive: wait for the peer's connection
+                    Output::Send(b) => {
+                        let ok = match sock.as_mut() {
+                            Some(s) => s.write_all(&b).await.is_ok(),
+                            None => false,
+                        };
+                        if !ok {
+                            next.extend(fsm.process(Input::TcpFailed));
+                        }
+                    }
+                    Output::SetTimer(t, d) => {
+                        timers.insert(t, Instant::now() + d);
+                    }
+                    Output::CancelTimer(t) => {
+                        timers.remove(&t);
+                    }
+                    Output::Disconnect => sock = None,
+                    Output::Established(n) => {
+                        let _ = events.send(Event::Up { peer: p.address, negotiated: n }).await;
+                    }
+                    Output::Update(u) => {
+                        let _ = events.send(Event::Update { peer: p.address, update: u }).await;
+                    }
+                    Output::RouteRefreshRequested => {}
+                    Output::Down(reason) => {
+                        let _ = events.send(Event::Down { peer: p.address, reason }).await;
+                    }
+                }
+            }
+            pending = next;
+        }
+        let (timer, at) = timers.iter().min_by_key(|(_, at)| **at).map(|(t, at)| (Some(*t), *at)).unwrap_or((None, far));
+        let mut buf = [0u8; 8192];
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                None | Some(Cmd::Stop) => {
+                    for o in fsm.process(Input::Stop) {
+                        if let (Output::Send(b), Some(s)) = (o, sock.as_mut()) {
+                            let _ = s.write_all(&b).await;
+                        }
+                    }
+                    return;
+                }
+                Some(Cmd::Conn(s)) => {
+                    if sock.is_none() {
+                        let _ = s.set_nodelay(true);
+                        sock = Some(s);
+                        pending.extend(fsm.process(Input::TcpConnected));
+                    }
+                    // A second connection while one is up: the first stands (no collision
+                    // between weft speakers; an external peer retries).
+                }
+                Some(Cmd::Announce(u)) => pending.extend(fsm.process(Input::Announce(u))),
+            },
+            _ = tokio::time::sleep_until(at) => {
+                if let Some(t) = timer {
+                    timers.remove(&t);
+                    pending.extend(fsm.process(Input::Expired(t)));
+                }
+            }
+            n = async {
+                match sock.as_mut() {
+                    Some(s) => s.read(&mut buf).await,
+                    None => std::future::pending().await,
+                }
+            } => match n {
+                Ok(0) | Err(_) => pending.extend(fsm.process(Input::TcpFailed)),
+                Ok(n) => pending.extend(fsm.process(Input::Bytes(buf[..n].to_vec()))),
+            },
+        }
+    }
+}

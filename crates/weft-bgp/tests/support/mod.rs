@@ -1,0 +1,47 @@
+//! A real BGP peer for the tests: BIRD 2 on loopback, killed on drop.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+
+pub struct Bird {
+    child: Child,
+    pub ctl: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// BIRD as AS 65002 (router id 10.0.0.2) on 127.0.0.2:`port`, passive, peering with
+/// AS 65001 at 127.0.0.1 and exporting a static 10.99.0.0/24.
+pub fn bird(port: u16) -> Bird {
+    let dir = tempfile::tempdir().expect("tmp");
+    let conf = dir.path().join("bird.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "router id 10.0.0.2;\nprotocol device {{}}\nprotocol static s1 {{ ipv4; route 10.99.0.0/24 blackhole; }}\n\
+             protocol bgp weft {{\n  local 127.0.0.2 port {port} as 65002;\n  neighbor 127.0.0.1 as 65001;\n  passive on;\n  multihop;\n\
+             hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; next hop self; }};\n}}\n"
+        ),
+    )
+    .expect("conf");
+    let ctl = dir.path().join("bird.ctl");
+    let child = Command::new("bird")
+        .args(["-f", "-c"])
+        .arg(&conf)
+        .arg("-s")
+        .arg(&ctl)
+        .arg("-P")
+        .arg(dir.path().join("bird.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bird not installed: apt-get install bird2");
+    Bird { child, ctl, _dir: dir }
+}
+
