@@ -4,7 +4,7 @@
 
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
-use weft_core::config::{Backend, VxlanConf};
+use weft_core::config::{Backend, BgpConf, Encapsulation, VxlanConf};
 use weft_core::{Lease, LeaseKey, NetConfig};
 
 /// VXLAN's encapsulation overhead on IPv4 (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
@@ -102,6 +102,13 @@ pub fn mac_text(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
+/// A route the bgp backend learned: a prefix and the next hop its peer gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Learned {
+    pub prefix: Ipv4Net,
+    pub next_hop: Ipv4Addr,
+}
+
 /// The VTEP device name for a VNI (flannel names it `flannel.<VNI>`; weft `weft.<VNI>`).
 pub fn vxlan_name(vni: u32) -> String {
     format!("weft.{vni}")
@@ -111,6 +118,9 @@ pub fn vxlan_name(vni: u32) -> String {
 pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::Value {
     match (&cfg.backend, vtep_mac) {
         (Backend::Vxlan(v), Some(mac)) => serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)}),
+        (Backend::Bgp(g), Some(mac)) if g.encapsulation != Encapsulation::Never => {
+            serde_json::json!({"VNI": g.vxlan.vni, "VtepMAC": mac_text(&mac)})
+        }
         _ => serde_json::Value::Null,
     }
 }
@@ -121,11 +131,14 @@ pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
         Backend::Vxlan(v) => v.mtu.unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD)),
         Backend::HostGw => underlay_mtu,
         Backend::Udp(_) => underlay_mtu.saturating_sub(28),
+        Backend::Bgp(g) if g.encapsulation == Encapsulation::Never => underlay_mtu,
+        Backend::Bgp(_) => underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
     }
 }
 
-/// The kernel state this node wants, given every lease it knows (its own among them or not).
-pub fn plan(cfg: &NetConfig, local: &Local, own: &Lease, leases: &[Lease], vxlan_dev_name: &str, mac: [u8; 6]) -> DesiredState {
+/// The kernel state this node wants, given every lease it knows (its own among them or not)
+/// and, for the bgp backend, the routes BGP learned.
+pub fn plan(cfg: &NetConfig, local: &Local, own: &Lease, leases: &[Lease], rib: &[Learned], vxlan_dev_name: &str, mac: [u8; 6]) -> DesiredState {
     let mut d = DesiredState {
         pod_mtu: pod_mtu(cfg, local.underlay_mtu),
         ..Default::default()
@@ -154,6 +167,7 @@ pub fn plan(cfg: &NetConfig, local: &Local, own: &Lease, leases: &[Lease], vxlan
             }
         }
         Backend::Udp(_) => {} // the udp backend routes into its TUN device (a later issue)
+        Backend::Bgp(g) => plan_bgp(&mut d, g, local, own_v4, leases, rib, vxlan_dev_name, mac),
     }
     d.routes.sort();
     d.neighbours.sort();
@@ -180,19 +194,67 @@ fn plan_vxlan<'a>(d: &mut DesiredState, v: &VxlanConf, local: &Local, own: Ipv4N
             d.routes.push(PlannedRoute { dst: sub, via: p.attrs.public_ip, dev: Dev::Underlay, onlink: false });
             continue;
         }
-        let mac = p.attrs.backend_data.get("VtepMAC").and_then(|m| m.as_str()).and_then(parse_mac);
-        let Some(mac) = mac else {
-            d.unreachable.push(Unreachable {
-                lease: p.key,
-                reason: format!("lease of {} has no valid BackendData.VtepMAC", p.attrs.owner()),
-            });
+        tunnel_to(d, p, sub);
+    }
+}
+
+/// flannel's kernel-resident design for one peer: an on-link route via the peer's subnet.0,
+/// a permanent neighbour for that address, and an FDB entry sending its MAC to its node.
+fn tunnel_to(d: &mut DesiredState, p: &Lease, sub: Ipv4Net) {
+    let mac = p.attrs.backend_data.get("VtepMAC").and_then(|m| m.as_str()).and_then(parse_mac);
+    let Some(mac) = mac else {
+        d.unreachable.push(Unreachable {
+            lease: p.key,
+            reason: format!("lease of {} has no valid BackendData.VtepMAC", p.attrs.owner()),
+        });
+        return;
+    };
+    d.routes.push(PlannedRoute { dst: sub, via: sub.network(), dev: Dev::Vxlan, onlink: true });
+    d.neighbours.push(Neighbour { ip: sub.network(), mac });
+    d.fdb.push(FdbEntry { mac, dst: p.attrs.public_ip });
+}
+
+/// Calico's design: routes learned by BGP, plain to on-link next hops; through the vxlan tunnel
+/// where `Encapsulation` says so (CrossSubnet: next hops on another segment).
+#[allow(clippy::too_many_arguments)]
+fn plan_bgp(d: &mut DesiredState, g: &BgpConf, local: &Local, own: Ipv4Net, leases: &[Lease], rib: &[Learned], name: &str, mac: [u8; 6]) {
+    if g.encapsulation != Encapsulation::Never {
+        d.vxlan = Some(VxlanDevice {
+            name: name.to_string(),
+            vni: g.vxlan.vni,
+            port: g.vxlan.port,
+            local: local.public_ip,
+            mtu: d.pod_mtu,
+            learning: false,
+            gbp: false,
+            address: own.network(),
+            mac,
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for l in rib {
+        if own.contains(&l.prefix.network()) || l.next_hop == local.public_ip || !seen.insert(l.prefix) {
             continue;
+        }
+        let on_link = local.underlay_net.contains(&l.next_hop);
+        let encap = match g.encapsulation {
+            Encapsulation::Never => false,
+            Encapsulation::Always => true,
+            Encapsulation::CrossSubnet => !on_link,
         };
-        // flannel's kernel-resident design: on-link route via the peer's subnet.0, a permanent
-        // neighbour for that address, and an FDB entry sending its MAC to the peer's node.
-        d.routes.push(PlannedRoute { dst: sub, via: sub.network(), dev: Dev::Vxlan, onlink: true });
-        d.neighbours.push(Neighbour { ip: sub.network(), mac });
-        d.fdb.push(FdbEntry { mac, dst: p.attrs.public_ip });
+        let peer = leases.iter().find(|p| p.attrs.public_ip == l.next_hop);
+        match (encap, on_link, peer) {
+            (true, _, Some(p)) => tunnel_to(d, p, l.prefix),
+            (false, true, _) => d.routes.push(PlannedRoute { dst: l.prefix, via: l.next_hop, dev: Dev::Underlay, onlink: false }),
+            (true, _, None) => d.unreachable.push(Unreachable {
+                lease: LeaseKey::v4(l.prefix),
+                reason: format!("no lease holds next hop {} to tunnel to", l.next_hop),
+            }),
+            (false, false, _) => d.unreachable.push(Unreachable {
+                lease: LeaseKey::v4(l.prefix),
+                reason: format!("next hop {} is not on-link and Encapsulation is Never", l.next_hop),
+            }),
+        }
     }
 }
 
@@ -222,7 +284,7 @@ mod tests {
         let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
         let peers = vec![own.clone(), lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
-        let d = plan(&c, &local(), &own, &peers, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let d = plan(&c, &local(), &own, &peers, &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
         let vx = d.vxlan.unwrap();
         assert_eq!((vx.vni, vx.port, vx.mtu, vx.address.to_string()), (1, 8472, 1450, "10.244.1.0".into()));
         assert_eq!(d.routes.len(), 2);
@@ -237,7 +299,7 @@ mod tests {
         let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
         let peers = vec![lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
-        let d = plan(&c, &local(), &own, &peers, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let d = plan(&c, &local(), &own, &peers, &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
         assert!(d.routes.contains(&PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }));
         assert!(d.routes.contains(&PlannedRoute { dst: "10.244.3.0/24".parse().unwrap(), via: "10.244.3.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true }));
         assert_eq!(d.fdb.len(), 1);
@@ -248,7 +310,7 @@ mod tests {
         let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", None);
         let peers = vec![lease("10.244.2.0-24", "10.0.1.2", None), lease("10.244.3.0-24", "10.0.2.3", None)];
-        let d = plan(&c, &local(), &own, &peers, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let d = plan(&c, &local(), &own, &peers, &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
         assert!(d.vxlan.is_none());
         assert_eq!(d.routes, vec![PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }]);
         assert_eq!(d.unreachable.len(), 1);
@@ -260,9 +322,32 @@ mod tests {
     fn a_peer_without_vtep_mac_is_reported() {
         let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let d = plan(&c, &local(), &own, &[lease("10.244.2.0-24", "10.0.1.2", None)], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let d = plan(&c, &local(), &own, &[lease("10.244.2.0-24", "10.0.1.2", None)], &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
         assert!(d.routes.is_empty());
         assert_eq!(d.unreachable.len(), 1);
+    }
+
+    #[test]
+    fn bgp_routes_plainly_on_link_and_tunnels_cross_subnet() {
+        let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#);
+        let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
+        let leases = vec![lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
+        let rib = vec![
+            Learned { prefix: "10.244.2.0/24".parse().unwrap(), next_hop: "10.0.1.2".parse().unwrap() },
+            Learned { prefix: "10.244.3.0/24".parse().unwrap(), next_hop: "10.0.2.3".parse().unwrap() },
+            Learned { prefix: "10.244.1.0/24".parse().unwrap(), next_hop: "10.0.1.9".parse().unwrap() }, // our own: never
+        ];
+        let d = plan(&c, &local(), &own, &leases, &rib, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        assert_eq!(d.routes.len(), 2);
+        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }));
+        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.3.0/24".parse().unwrap(), via: "10.244.3.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true }));
+        assert_eq!(d.pod_mtu, 1450);
+        let never = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "Never"}}"#);
+        let d = plan(&never, &local(), &own, &leases, &rib, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        assert!(d.vxlan.is_none());
+        assert_eq!(d.routes.len(), 1);
+        assert_eq!(d.unreachable.len(), 1, "off-link next hop without a tunnel is reported");
+        assert_eq!(d.pod_mtu, 1500);
     }
 
     #[test]

@@ -99,6 +99,34 @@ pub enum Backend {
     Vxlan(VxlanConf),
     HostGw,
     Udp(UdpConf),
+    Bgp(BgpConf),
+}
+
+/// Where the bgp backend encapsulates (Calico's `CrossSubnet`): never, only to nodes on
+/// another L2 segment, or always. The tunnel is the vxlan backend's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encapsulation {
+    Never,
+    CrossSubnet,
+    Always,
+}
+
+/// An external BGP peer (a top-of-rack router).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpPeer {
+    pub address: std::net::IpAddr,
+    pub as_number: u32,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpConf {
+    pub as_number: u32,
+    pub node_mesh: bool,
+    pub peers: Vec<BgpPeer>,
+    pub encapsulation: Encapsulation,
+    /// The tunnel used where encapsulating (VNI 1, port 8472).
+    pub vxlan: VxlanConf,
 }
 
 impl Backend {
@@ -108,6 +136,7 @@ impl Backend {
             Backend::Vxlan(_) => "vxlan",
             Backend::HostGw => "host-gw",
             Backend::Udp(_) => "udp",
+            Backend::Bgp(_) => "bgp",
         }
     }
 }
@@ -509,6 +538,48 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
             })
         }
         Some("host-gw") => Backend::HostGw,
+        Some("bgp") => {
+            let as_number = ctx.int(&mut o, "ASNumber", 1, u32::MAX as u64, "\"ASNumber\": 64512").unwrap_or(64512) as u32;
+            let node_mesh = ctx.bool(&mut o, "NodeMesh", true);
+            let encapsulation = match ctx.string(&mut o, "Encapsulation", "\"Encapsulation\": \"CrossSubnet\"") {
+                None | Some("CrossSubnet") => Encapsulation::CrossSubnet,
+                Some("Never") => Encapsulation::Never,
+                Some("Always") => Encapsulation::Always,
+                Some(other) => {
+                    ctx.problem("Backend.Encapsulation", Some(&Value::String(other.into())), "must be Never, CrossSubnet or Always", "\"Encapsulation\": \"CrossSubnet\"");
+                    Encapsulation::CrossSubnet
+                }
+            };
+            let mut peers = Vec::new();
+            if let Some(v) = o.get("Peers") {
+                let example = "\"Peers\": [{\"Address\": \"10.0.1.254\", \"ASNumber\": 65000}]";
+                match v.as_array() {
+                    None => ctx.problem("Backend.Peers", Some(v), "must be a list of peers", example),
+                    Some(list) => {
+                        for (i, p) in list.iter().enumerate() {
+                            let key = format!("Backend.Peers[{i}]");
+                            let addr = p.get("Address").and_then(Value::as_str).and_then(|a| a.parse().ok());
+                            let asn = p.get("ASNumber").and_then(Value::as_u64).filter(|a| *a >= 1 && *a <= u32::MAX as u64);
+                            match (addr, asn) {
+                                (Some(address), Some(a)) => peers.push(BgpPeer {
+                                    address,
+                                    as_number: a as u32,
+                                    password: p.get("Password").and_then(Value::as_str).map(str::to_string),
+                                }),
+                                _ => ctx.problem(&key, Some(p), "needs an IP \"Address\" and an \"ASNumber\" from 1 to 4294967295", example),
+                            }
+                        }
+                    }
+                }
+            }
+            Backend::Bgp(BgpConf {
+                as_number,
+                node_mesh,
+                peers,
+                encapsulation,
+                vxlan: VxlanConf { vni: DEFAULT_VXLAN_VNI, port: DEFAULT_VXLAN_PORT, direct_routing: false, mtu: None, gbp: false, learning: false },
+            })
+        }
         Some("udp") => {
             let port = match ctx.int(&mut o, "Port", 0, 65535, "\"Port\": 8285") {
                 Some(0) | None => DEFAULT_UDP_PORT,
@@ -520,7 +591,7 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
             ctx.problem(
                 "Backend.Type",
                 Some(&Value::String(other.to_string())),
-                "is not a backend weft supports (vxlan, host-gw, udp)",
+                "is not a backend weft supports (vxlan, host-gw, udp, bgp)",
                 "\"Type\": \"vxlan\"",
             );
             return (default, false);
@@ -621,6 +692,30 @@ impl NetConfig {
                 b.insert("Learning".into(), Value::Bool(v.learning));
             }
             Backend::HostGw => {}
+            Backend::Bgp(g) => {
+                b.insert("ASNumber".into(), Value::from(g.as_number));
+                b.insert("NodeMesh".into(), Value::Bool(g.node_mesh));
+                let enc = match g.encapsulation {
+                    Encapsulation::Never => "Never",
+                    Encapsulation::CrossSubnet => "CrossSubnet",
+                    Encapsulation::Always => "Always",
+                };
+                b.insert("Encapsulation".into(), Value::String(enc.into()));
+                let peers: Vec<Value> = g
+                    .peers
+                    .iter()
+                    .map(|p| {
+                        let mut m = Map::new();
+                        m.insert("Address".into(), Value::String(p.address.to_string()));
+                        m.insert("ASNumber".into(), Value::from(p.as_number));
+                        if p.password.is_some() {
+                            m.insert("Password".into(), Value::String("<set>".into()));
+                        }
+                        Value::Object(m)
+                    })
+                    .collect();
+                b.insert("Peers".into(), Value::Array(peers));
+            }
             Backend::Udp(u) => {
                 b.insert("Port".into(), Value::from(u.port));
             }
@@ -768,6 +863,23 @@ mod tests {
         let p = ok(r#"{"network": "10.0.0.0/16", "backend": {"type": "udp"}}"#);
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
         assert_eq!(p.config.backend, Backend::Udp(UdpConf { port: 8285 }));
+    }
+
+    #[test]
+    fn bgp_backend() {
+        let c = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 65010, "Encapsulation": "Never", "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000, "Password": "s3"}]}}"#).config;
+        match c.backend {
+            Backend::Bgp(g) => {
+                assert_eq!((g.as_number, g.node_mesh, g.encapsulation), (65010, true, Encapsulation::Never));
+                assert_eq!(g.peers[0].as_number, 65000);
+                assert_eq!(g.peers[0].password.as_deref(), Some("s3"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let d = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp"}}"#).config;
+        assert!(matches!(d.backend, Backend::Bgp(BgpConf { as_number: 64512, encapsulation: Encapsulation::CrossSubnet, .. })));
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIP"}}"#)[0].key, "Backend.Encapsulation");
+        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Peers": [{"Address": "x"}]}}"#)[0].key, "Backend.Peers[0]");
     }
 
     #[test]

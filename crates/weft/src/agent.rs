@@ -12,11 +12,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio::sync::watch;
 use weft_backend::{Local, DesiredState};
 use weft_core::subnet_env::SubnetEnv;
@@ -56,6 +57,9 @@ pub struct AgentArgs {
     /// Lease lifetime (seconds; flannel's 24 h).
     #[arg(long, default_value_t = 24 * 3600)]
     pub lease_ttl: u64,
+    /// The bgp backend's TCP port (peers use the same).
+    #[arg(long, default_value_t = 179)]
+    pub bgp_port: u16,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -216,7 +220,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     anyhow::ensure!(cfg.v4.is_some(), "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet");
     anyhow::ensure!(
         !matches!(cfg.backend, Backend::Udp(_)),
-        "Backend.Type udp is not built yet; use vxlan or host-gw"
+        "Backend.Type udp is not built yet; use vxlan, host-gw or bgp"
     );
     let nl = Nl::here()?;
     let re = match &a.iface_regex {
@@ -235,6 +239,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let mac = weft_backend::vtep_mac(&a.node_name, public_ip);
     let vx_name = match &cfg.backend {
         Backend::Vxlan(v) => a.vxlan_device.clone().unwrap_or_else(|| weft_backend::vxlan_name(v.vni)),
+        Backend::Bgp(g) => a.vxlan_device.clone().unwrap_or_else(|| weft_backend::vxlan_name(g.vxlan.vni)),
         _ => String::new(),
     };
     let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
@@ -299,6 +304,20 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         }
     });
 
+    // The bgp backend: a speaker on the public address, a session per peer, a RIB per peer.
+    let mut bgp = match &cfg.backend {
+        Backend::Bgp(g) => {
+            let (sp, ev) = weft_bgp::driver::Speaker::bind(SocketAddr::new(public_ip.into(), a.bgp_port))
+                .await
+                .with_context(|| format!("listening for BGP on {public_ip}:{}", a.bgp_port))?;
+            let mut b = Bgp { conf: g.clone(), speaker: sp, events: ev, peers: HashMap::new(), rib: HashMap::new(), port: a.bgp_port, started: Instant::now(), last_up: None };
+            for p in &g.peers {
+                b.add(p.address, p.as_number, true, public_ip);
+            }
+            Some(b)
+        }
+        _ => None,
+    };
     let mut own = lease;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(a.resync.max(1)));
@@ -318,10 +337,27 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             }
             r = leases_rx.changed() => { if r.is_err() { break; } }
             _ = tick.tick() => {}
+            ev = async { match bgp.as_mut() { Some(b) => b.events.recv().await, None => std::future::pending().await } } => {
+                if let (Some(b), Some(ev)) = (bgp.as_mut(), ev) {
+                    b.on_event(ev, &own).await;
+                }
+            }
         }
         let Some(all) = leases_rx.borrow().clone() else { continue };
         let leases: Vec<Lease> = all.into_values().collect();
-        let desired: DesiredState = weft_backend::plan(&cfg, &local, &own, &leases, &vx_name, mac);
+        let rib = match bgp.as_mut() {
+            Some(b) => {
+                b.sync_mesh(&leases, &own, public_ip);
+                // After a restart, wait for the peers to re-send their routes before removing
+                // anything (an approximation of end-of-RIB: every peer up, or 10 s).
+                if !b.settled() {
+                    continue;
+                }
+                b.learned()
+            }
+            None => Vec::new(),
+        };
+        let desired: DesiredState = weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
         let start = Instant::now();
         let report = reconcile::reconcile(&nl, &desired, &underlay).await;
         metrics.reconcile_seconds.observe(start.elapsed().as_secs_f64());
@@ -354,6 +390,124 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let _ = keeper.await;
     tracing::info!("stopped; the dataplane stays as it is");
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The bgp backend's state in the agent: sessions and what each peer announced.
+struct Bgp {
+    conf: weft_core::config::BgpConf,
+    speaker: weft_bgp::driver::Speaker,
+    events: tokio::sync::mpsc::Receiver<weft_bgp::driver::Event>,
+    /// Peer address -> whether the session is up.
+    peers: HashMap<std::net::IpAddr, bool>,
+    rib: HashMap<std::net::IpAddr, HashMap<ipnet::Ipv4Net, Ipv4Addr>>,
+    port: u16,
+    started: Instant,
+    last_up: Option<Instant>,
+}
+
+impl Bgp {
+    fn add(&mut self, addr: std::net::IpAddr, peer_as: u32, active: bool, me: Ipv4Addr) {
+        self.peers.insert(addr, false);
+        self.speaker.add_peer(weft_bgp::driver::PeerConfig {
+            address: addr,
+            port: self.port,
+            fsm: weft_bgp::fsm::Config {
+                local_as: self.conf.as_number,
+                router_id: me,
+                peer_as,
+                hold_time: 30,
+                connect_retry: Duration::from_secs(1),
+                graceful_restart: Some(120),
+            },
+            active,
+        });
+        tracing::info!(peer = %addr, peer_as, active, "BGP peer added");
+    }
+
+    /// Node mesh: a session with every node holding a lease; the lower address connects.
+    fn sync_mesh(&mut self, leases: &[Lease], own: &Lease, me: Ipv4Addr) {
+        if !self.conf.node_mesh {
+            return;
+        }
+        let want: std::collections::HashSet<std::net::IpAddr> =
+            leases.iter().filter(|l| l.key != own.key && l.attrs.public_ip != me).map(|l| l.attrs.public_ip.into()).collect();
+        let external: std::collections::HashSet<std::net::IpAddr> = self.conf.peers.iter().map(|p| p.address).collect();
+        for addr in want.iter().filter(|a| !self.peers.contains_key(a)).copied().collect::<Vec<_>>() {
+            let active = std::net::IpAddr::from(me) < addr;
+            self.add(addr, self.conf.as_number, active, me);
+        }
+        for addr in self.peers.keys().filter(|a| !want.contains(a) && !external.contains(a)).copied().collect::<Vec<_>>() {
+            self.speaker.remove_peer(addr);
+            self.peers.remove(&addr);
+            self.rib.remove(&addr);
+            tracing::info!(peer = %addr, "BGP peer removed (its lease is gone)");
+        }
+    }
+
+    async fn on_event(&mut self, ev: weft_bgp::driver::Event, own: &Lease) {
+        use weft_bgp::driver::Event;
+        match ev {
+            Event::Up { peer, negotiated } => {
+                tracing::info!(%peer, peer_as = negotiated.peer_as, hold = negotiated.hold_time, "BGP session established");
+                self.peers.insert(peer, true);
+                self.last_up = Some(Instant::now());
+                if let (Some(sub), IpAddr::V4(_)) = (own.key.v4, peer) {
+                    let u = weft_bgp::codec::Update {
+                        attrs: weft_bgp::codec::Attrs {
+                            origin: Some(weft_bgp::codec::Origin::Igp),
+                            next_hop: Some(own.attrs.public_ip),
+                            local_pref: Some(100),
+                            ..Default::default()
+                        },
+                        nlri: vec![sub],
+                        ..Default::default()
+                    };
+                    self.speaker.announce(u).await;
+                }
+            }
+            Event::Update { peer, update } => {
+                let routes = self.rib.entry(peer).or_default();
+                for w in &update.withdrawn {
+                    routes.remove(w);
+                }
+                match (update.treat_as_withdraw, update.attrs.next_hop) {
+                    (None, Some(nh)) => {
+                        for n in update.nlri {
+                            routes.insert(n, nh);
+                        }
+                    }
+                    (why, _) => {
+                        tracing::warn!(%peer, reason = ?why, "malformed UPDATE: its routes are withdrawn (RFC 7606)");
+                        for n in &update.nlri {
+                            routes.remove(n);
+                        }
+                    }
+                }
+            }
+            Event::Down { peer, reason } => {
+                tracing::warn!(%peer, %reason, "BGP session down");
+                self.peers.insert(peer, false);
+                self.rib.remove(&peer);
+            }
+            Event::Refused { from } => tracing::warn!(%from, "BGP connection from a stranger refused"),
+        }
+    }
+
+    fn settled(&self) -> bool {
+        let all_up = self.peers.values().all(|up| *up);
+        let quiet = self.last_up.is_none_or(|t| t.elapsed() > Duration::from_millis(300));
+        (all_up && quiet) || self.started.elapsed() > Duration::from_secs(10)
+    }
+
+    fn learned(&self) -> Vec<weft_backend::Learned> {
+        let mut v: Vec<weft_backend::Learned> = self
+            .rib
+            .values()
+            .flat_map(|r| r.iter().map(|(p, nh)| weft_backend::Learned { prefix: *p, next_hop: *nh }))
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 #[cfg(test)]

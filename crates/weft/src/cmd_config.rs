@@ -88,6 +88,7 @@ fn print(cfg: &NetConfig, json: bool) {
             v.learning
         ),
         Backend::HostGw => "host-gw".to_string(),
+        Backend::Bgp(g) => format!("bgp (ASNumber {}, NodeMesh {}, Encapsulation {:?}, {} external peers)", g.as_number, g.node_mesh, g.encapsulation, g.peers.len()),
         Backend::Udp(u) => format!("udp (Port {})", u.port),
     };
     println!("Backend        {backend}");

@@ -47,7 +47,7 @@ pub struct UpArgs {
     pub nodes: usize,
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
-    /// vxlan, vxlan-dr (vxlan with DirectRouting) or host-gw.
+    /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw or bgp (node mesh, CrossSubnet).
     #[arg(long, default_value = "vxlan")]
     pub backend: String,
     /// 2 puts the nodes on two L2 segments joined by a router.
@@ -158,7 +158,8 @@ fn net_conf(backend: &str) -> Result<String> {
         "vxlan" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#.into(),
         "vxlan-dr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#.into(),
         "host-gw" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#.into(),
-        other => bail!("--backend {other:?}: use vxlan, vxlan-dr or host-gw"),
+        "bgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#.into(),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw or bgp"),
     })
 }
 

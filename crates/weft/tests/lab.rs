@@ -247,3 +247,34 @@ fn routed_pods_on_a_real_etcd() {
     let keys = run_in("underlay", &["etcdctl", "--endpoints", "10.0.1.254:2379", "get", "--prefix", "--keys-only", "/coreos.com/network/subnets/"]);
     assert_eq!(keys.lines().filter(|l| !l.trim().is_empty()).count(), 3, "{keys}");
 }
+
+#[test]
+fn bgp_node_mesh_of_five() {
+    let lab = Lab::up(&["--nodes", "5", "--pods-per-node", "1", "--backend", "bgp"]);
+    // Calico-style: plain routes via each peer, learned over BGP (no tunnel on one segment).
+    let routes = run_in("n1", &["ip", "route"]);
+    for (n, ip) in [("weft-n2", "10.0.1.12"), ("weft-n5", "10.0.1.15")] {
+        assert!(routes.contains(&format!("{} via {ip} dev eth0 proto 87", lab.subnet(n))), "{routes}");
+    }
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
+    assert_eq!(log.matches("BGP session established").count(), 4, "{log}");
+    // A node leaves: its session goes, its route is withdrawn everywhere.
+    let s3 = lab.subnet("weft-n3");
+    ok(&["lab", "leave", "n3"]);
+    for n in ["n1", "n2", "n4", "n5"] {
+        wait_until(&format!("{n} dropping n3's route"), 10, || !run_in(n, &["ip", "route"]).contains(&s3));
+    }
+    lab.converge();
+}
+
+#[test]
+fn bgp_cross_subnet_tunnels_only_across_segments() {
+    let lab = Lab::up(&["--nodes", "4", "--pods-per-node", "1", "--backend", "bgp", "--segments", "2"]);
+    let routes = run_in("n1", &["ip", "route"]);
+    // n3 shares n1's segment: plain. n2 and n4 are behind the router: vxlan.
+    assert!(routes.contains(&format!("{} via 10.0.1.13 dev eth0 proto 87", lab.subnet("weft-n3"))), "{routes}");
+    for n in ["weft-n2", "weft-n4"] {
+        let s = lab.subnet(n);
+        assert!(routes.lines().any(|l| l.starts_with(&s) && l.contains("dev weft.1") && l.contains("onlink")), "{n}: {routes}");
+    }
+}
