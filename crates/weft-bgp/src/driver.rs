@@ -103,7 +103,16 @@ impl Speaker {
 
     /// Sends an UPDATE to every peer whose session is up.
     pub async fn announce(&self, u: Update) {
-        let txs: Vec<_> = self.peers.lock().map(|g| g.tasks.values().cloned().collect()).unwrap_or_default();
+        self.announce_except(u, None).await
+    }
+
+    /// Sends an UPDATE to every peer but `except` (route reflection: not back to its source).
+    pub async fn announce_except(&self, u: Update, except: Option<IpAddr>) {
+        let txs: Vec<_> = self
+            .peers
+            .lock()
+            .map(|g| g.tasks.iter().filter(|(a, _)| Some(**a) != except).map(|(_, t)| t.clone()).collect())
+            .unwrap_or_default();
         for tx in txs {
             let _ = tx.send(Cmd::Announce(u.clone())).await;
         }

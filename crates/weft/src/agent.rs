@@ -60,6 +60,13 @@ pub struct AgentArgs {
     /// The bgp backend's TCP port (peers use the same).
     #[arg(long, default_value_t = 179)]
     pub bgp_port: u16,
+    /// This node reflects routes (RFC 4456): with NodeMesh false, the others peer only with
+    /// the reflectors. Published in the lease so the others find it.
+    #[arg(long)]
+    pub bgp_route_reflector: bool,
+    /// The reflector's cluster ID (default: its public IP).
+    #[arg(long)]
+    pub bgp_cluster_id: Option<Ipv4Addr>,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -248,6 +255,13 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // The lease: ours from before (same public IP, or the subnet in subnet.env), else a new one.
     let mut attrs = LeaseAttrs::new(&a.node_name, public_ip, cfg.backend.type_name());
     attrs.backend_data = weft_backend::backend_data(&cfg, Some(mac));
+    if a.bgp_route_reflector {
+        if let serde_json::Value::Object(m) = &mut attrs.backend_data {
+            m.insert("RouteReflector".into(), serde_json::Value::Bool(true));
+        } else {
+            attrs.backend_data = serde_json::json!({"RouteReflector": true});
+        }
+    }
     let previous = SubnetEnv::read(&a.subnet_file).ok().flatten().and_then(|e| e.lease_key());
     let ttl = Duration::from_secs(a.lease_ttl.max(1));
     let lease = manager::acquire(&store, &cfg, &attrs, previous, ttl).await.context("acquiring this node's lease")?;
@@ -310,7 +324,19 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             let (sp, ev) = weft_bgp::driver::Speaker::bind(SocketAddr::new(public_ip.into(), a.bgp_port))
                 .await
                 .with_context(|| format!("listening for BGP on {public_ip}:{}", a.bgp_port))?;
-            let mut b = Bgp { conf: g.clone(), speaker: sp, events: ev, peers: HashMap::new(), rib: HashMap::new(), port: a.bgp_port, started: Instant::now(), last_up: None };
+            let mut b = Bgp {
+                conf: g.clone(),
+                speaker: sp,
+                events: ev,
+                peers: HashMap::new(),
+                rib: HashMap::new(),
+                port: a.bgp_port,
+                started: Instant::now(),
+                last_up: None,
+                reflector: a.bgp_route_reflector.then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
+                router_id: public_ip,
+                peer_ids: HashMap::new(),
+            };
             for p in &g.peers {
                 b.add(p.address, p.as_number, true, public_ip);
             }
@@ -392,6 +418,14 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// One path to a prefix as a peer announced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Path {
+    next_hop: Ipv4Addr,
+    originator: Option<Ipv4Addr>,
+    clusters: Vec<Ipv4Addr>,
+}
+
 /// The bgp backend's state in the agent: sessions and what each peer announced.
 struct Bgp {
     conf: weft_core::config::BgpConf,
@@ -399,10 +433,15 @@ struct Bgp {
     events: tokio::sync::mpsc::Receiver<weft_bgp::driver::Event>,
     /// Peer address -> whether the session is up.
     peers: HashMap<std::net::IpAddr, bool>,
-    rib: HashMap<std::net::IpAddr, HashMap<ipnet::Ipv4Net, Ipv4Addr>>,
+    rib: HashMap<std::net::IpAddr, HashMap<ipnet::Ipv4Net, Path>>,
     port: u16,
     started: Instant,
     last_up: Option<Instant>,
+    /// Our cluster ID when we reflect routes.
+    reflector: Option<Ipv4Addr>,
+    router_id: Ipv4Addr,
+    /// Peer address -> its BGP identifier (for ORIGINATOR_ID).
+    peer_ids: HashMap<std::net::IpAddr, Ipv4Addr>,
 }
 
 impl Bgp {
@@ -426,11 +465,15 @@ impl Bgp {
 
     /// Node mesh: a session with every node holding a lease; the lower address connects.
     fn sync_mesh(&mut self, leases: &[Lease], own: &Lease, me: Ipv4Addr) {
-        if !self.conf.node_mesh {
-            return;
-        }
-        let want: std::collections::HashSet<std::net::IpAddr> =
-            leases.iter().filter(|l| l.key != own.key && l.attrs.public_ip != me).map(|l| l.attrs.public_ip.into()).collect();
+        // Mesh: everyone. Without it: a reflector peers with everyone (all are its clients),
+        // every other node with the reflectors only.
+        let is_rr = |l: &Lease| l.attrs.backend_data.get("RouteReflector").and_then(|v| v.as_bool()).unwrap_or(false);
+        let want: std::collections::HashSet<std::net::IpAddr> = leases
+            .iter()
+            .filter(|l| l.key != own.key && l.attrs.public_ip != me)
+            .filter(|l| self.conf.node_mesh || self.reflector.is_some() || is_rr(l))
+            .map(|l| l.attrs.public_ip.into())
+            .collect();
         let external: std::collections::HashSet<std::net::IpAddr> = self.conf.peers.iter().map(|p| p.address).collect();
         for addr in want.iter().filter(|a| !self.peers.contains_key(a)).copied().collect::<Vec<_>>() {
             let active = std::net::IpAddr::from(me) < addr;
@@ -450,6 +493,20 @@ impl Bgp {
             Event::Up { peer, negotiated } => {
                 tracing::info!(%peer, peer_as = negotiated.peer_as, hold = negotiated.hold_time, "BGP session established");
                 self.peers.insert(peer, true);
+                self.peer_ids.insert(peer, negotiated.peer_id);
+                // A reflector hands a new client every route it holds from the others.
+                if let Some(cluster) = self.reflector {
+                    let mut held: Vec<(std::net::IpAddr, ipnet::Ipv4Net, Path)> = Vec::new();
+                    for (from, routes) in &self.rib {
+                        if *from != peer {
+                            held.extend(routes.iter().map(|(p, path)| (*from, *p, path.clone())));
+                        }
+                    }
+                    for (from, prefix, path) in held {
+                        let u = self.reflected(from, cluster, prefix, &path);
+                        self.speaker.announce_except(u, Some(from)).await;
+                    }
+                }
                 self.last_up = Some(Instant::now());
                 if let (Some(sub), IpAddr::V4(_)) = (own.key.v4, peer) {
                     let u = weft_bgp::codec::Update {
@@ -466,14 +523,21 @@ impl Bgp {
                 }
             }
             Event::Update { peer, update } => {
+                // RFC 4456 §8 loop checks: our own route, or one that passed our cluster.
+                let looped = update.attrs.originator_id == Some(self.router_id)
+                    || self.reflector.is_some_and(|c| update.attrs.cluster_list.contains(&c));
                 let routes = self.rib.entry(peer).or_default();
                 for w in &update.withdrawn {
                     routes.remove(w);
                 }
+                let mut accepted = Vec::new();
                 match (update.treat_as_withdraw, update.attrs.next_hop) {
+                    (None, Some(_)) if looped => {}
                     (None, Some(nh)) => {
+                        let path = Path { next_hop: nh, originator: update.attrs.originator_id, clusters: update.attrs.cluster_list.clone() };
                         for n in update.nlri {
-                            routes.insert(n, nh);
+                            routes.insert(n, path.clone());
+                            accepted.push((n, path.clone()));
                         }
                     }
                     (why, _) => {
@@ -483,13 +547,64 @@ impl Bgp {
                         }
                     }
                 }
+                if let Some(cluster) = self.reflector {
+                    self.reflect_withdraw(peer, update.withdrawn.clone(), cluster).await;
+                    for (prefix, path) in accepted {
+                        let u = self.reflected(peer, cluster, prefix, &path);
+                        self.speaker.announce_except(u, Some(peer)).await;
+                    }
+                }
             }
             Event::Down { peer, reason } => {
                 tracing::warn!(%peer, %reason, "BGP session down");
                 self.peers.insert(peer, false);
-                self.rib.remove(&peer);
+                let gone = self.rib.remove(&peer).unwrap_or_default();
+                if let Some(cluster) = self.reflector {
+                    self.reflect_withdraw(peer, gone.into_keys().collect(), cluster).await;
+                }
             }
             Event::Refused { from } => tracing::warn!(%from, "BGP connection from a stranger refused"),
+        }
+    }
+
+    /// A reflector's clients lose a route only when no peer offers it any more; while another
+    /// one does, they get that path instead.
+    async fn reflect_withdraw(&mut self, source: std::net::IpAddr, prefixes: Vec<ipnet::Ipv4Net>, cluster: Ipv4Addr) {
+        let mut withdraw = Vec::new();
+        for prefix in prefixes {
+            let other = self.rib.iter().find_map(|(q, r)| if *q != source { r.get(&prefix).map(|p| (*q, p.clone())) } else { None });
+            match other {
+                Some((q, path)) => {
+                    let u = self.reflected(q, cluster, prefix, &path);
+                    self.speaker.announce_except(u, Some(q)).await;
+                }
+                None => withdraw.push(prefix),
+            }
+        }
+        if !withdraw.is_empty() {
+            let w = weft_bgp::codec::Update { withdrawn: withdraw, ..Default::default() };
+            self.speaker.announce_except(w, Some(source)).await;
+        }
+    }
+
+    /// A route learned from `from`, as a reflector passes it on (RFC 4456 §8): ORIGINATOR_ID
+    /// kept, or set to the peer it came from; our cluster ID prepended to CLUSTER_LIST; the
+    /// next hop unchanged.
+    fn reflected(&self, from: std::net::IpAddr, cluster: Ipv4Addr, prefix: ipnet::Ipv4Net, path: &Path) -> weft_bgp::codec::Update {
+        let originator = path.originator.or_else(|| self.peer_ids.get(&from).copied()).unwrap_or(path.next_hop);
+        let mut clusters = vec![cluster];
+        clusters.extend(path.clusters.iter().copied());
+        weft_bgp::codec::Update {
+            attrs: weft_bgp::codec::Attrs {
+                origin: Some(weft_bgp::codec::Origin::Igp),
+                next_hop: Some(path.next_hop),
+                local_pref: Some(100),
+                originator_id: Some(originator),
+                cluster_list: clusters,
+                ..Default::default()
+            },
+            nlri: vec![prefix],
+            ..Default::default()
         }
     }
 
@@ -503,7 +618,7 @@ impl Bgp {
         let mut v: Vec<weft_backend::Learned> = self
             .rib
             .values()
-            .flat_map(|r| r.iter().map(|(p, nh)| weft_backend::Learned { prefix: *p, next_hop: *nh }))
+            .flat_map(|r| r.iter().map(|(p, path)| weft_backend::Learned { prefix: *p, next_hop: path.next_hop }))
             .collect();
         v.sort();
         v

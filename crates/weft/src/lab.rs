@@ -47,7 +47,8 @@ pub struct UpArgs {
     pub nodes: usize,
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
-    /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw or bgp (node mesh, CrossSubnet).
+    /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, bgp (node mesh, CrossSubnet) or
+    /// bgp-rr (no mesh: nodes peer with the --route-reflectors).
     #[arg(long, default_value = "vxlan")]
     pub backend: String,
     /// 2 puts the nodes on two L2 segments joined by a router.
@@ -66,6 +67,9 @@ pub struct UpArgs {
     /// by one veth pair, back to back (the hand-built benchmark topology).
     #[arg(long, default_value = "bridge", value_parser = ["bridge", "direct"])]
     pub underlay: String,
+    /// With bgp-rr: the first K nodes reflect routes.
+    #[arg(long, default_value_t = 2)]
+    pub route_reflectors: usize,
     /// A net-conf.json to use instead of the one --backend implies.
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -81,6 +85,8 @@ struct State {
     ip_masq: bool,
     #[serde(default)]
     direct: bool,
+    #[serde(default)]
+    route_reflectors: usize,
     etcd_pid: Option<u32>,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
@@ -159,7 +165,8 @@ fn net_conf(backend: &str) -> Result<String> {
         "vxlan-dr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#.into(),
         "host-gw" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#.into(),
         "bgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#.into(),
-        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw or bgp"),
+        "bgp-rr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false}}"#.into(),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, bgp or bgp-rr"),
     })
 }
 
@@ -264,6 +271,7 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         .arg(dir.join("subnet.env"))
         .args(["--store", &store_arg(st), "--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))
+        .args(node.strip_prefix("weft-n").and_then(|i| i.parse::<usize>().ok()).filter(|i| *i <= st.route_reflectors).map(|_| "--bgp-route-reflector"))
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log)
@@ -340,6 +348,7 @@ async fn up(a: &UpArgs) -> Result<State> {
         segments: a.segments,
         ip_masq: a.ip_masq,
         direct: a.underlay == "direct",
+        route_reflectors: if a.backend == "bgp-rr" { a.route_reflectors } else { 0 },
         ..Default::default()
     });
     anyhow::ensure!(

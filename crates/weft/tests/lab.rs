@@ -278,3 +278,18 @@ fn bgp_cross_subnet_tunnels_only_across_segments() {
         assert!(routes.lines().any(|l| l.starts_with(&s) && l.contains("dev weft.1") && l.contains("onlink")), "{n}: {routes}");
     }
 }
+
+#[test]
+fn bgp_route_reflectors_and_losing_one() {
+    let lab = Lab::up(&["--nodes", "5", "--pods-per-node", "1", "--backend", "bgp-rr", "--route-reflectors", "2"]);
+    // Clients peer only with the two reflectors; reflectors with everyone.
+    let client = std::fs::read_to_string("/run/weft/lab/weft-n4/agent.log").expect("log");
+    assert_eq!(client.matches("BGP session established").count(), 2, "{client}");
+    let routes = run_in("n4", &["ip", "route"]);
+    assert!(routes.contains(&format!("{} via 10.0.1.15 dev eth0 proto 87", lab.subnet("weft-n5"))), "a client's route via the reflectors: {routes}");
+    // One reflector goes: no route is lost between the rest.
+    ok(&["lab", "leave", "n1"]);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.converge();
+    assert!(run_in("n4", &["ip", "route"]).contains(&lab.subnet("weft-n5")));
+}
