@@ -336,6 +336,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 reflector: a.bgp_route_reflector.then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
                 router_id: public_ip,
                 peer_ids: HashMap::new(),
+                gr_times: HashMap::new(),
+                stale: HashMap::new(),
             };
             for p in &g.peers {
                 b.add(p.address, p.as_number, true, public_ip);
@@ -442,6 +444,11 @@ struct Bgp {
     router_id: Ipv4Addr,
     /// Peer address -> its BGP identifier (for ORIGINATOR_ID).
     peer_ids: HashMap<std::net::IpAddr, Ipv4Addr>,
+    /// Peer address -> its graceful-restart time, when it advertised one.
+    gr_times: HashMap<std::net::IpAddr, u16>,
+    /// Graceful restart (RFC 4724 §4.2): the routes of a restarting peer, kept until it sends
+    /// End-of-RIB or its restart time runs out.
+    stale: HashMap<std::net::IpAddr, (HashMap<ipnet::Ipv4Net, Path>, Instant)>,
 }
 
 impl Bgp {
@@ -483,6 +490,7 @@ impl Bgp {
             self.speaker.remove_peer(addr);
             self.peers.remove(&addr);
             self.rib.remove(&addr);
+            self.stale.remove(&addr);
             tracing::info!(peer = %addr, "BGP peer removed (its lease is gone)");
         }
     }
@@ -494,6 +502,15 @@ impl Bgp {
                 tracing::info!(%peer, peer_as = negotiated.peer_as, hold = negotiated.hold_time, "BGP session established");
                 self.peers.insert(peer, true);
                 self.peer_ids.insert(peer, negotiated.peer_id);
+                match negotiated.peer_restart_time {
+                    Some(t) => self.gr_times.insert(peer, t),
+                    None => self.gr_times.remove(&peer),
+                };
+                // Back after a restart: what it held stays stale until its End-of-RIB.
+                if let Some(held) = self.rib.remove(&peer).filter(|r| !r.is_empty()) {
+                    let until = self.stale.get(&peer).map(|s| s.1).unwrap_or_else(|| Instant::now() + Duration::from_secs(120));
+                    self.stale.insert(peer, (held, until));
+                }
                 // A reflector hands a new client every route it holds from the others.
                 if let Some(cluster) = self.reflector {
                     let mut held: Vec<(std::net::IpAddr, ipnet::Ipv4Net, Path)> = Vec::new();
@@ -520,6 +537,13 @@ impl Bgp {
                         ..Default::default()
                     };
                     self.speaker.announce(u).await;
+                    // End-of-RIB (RFC 4724 §2): an empty UPDATE, "that was all".
+                    self.speaker.announce(weft_bgp::codec::Update::default()).await;
+                }
+            }
+            Event::Update { peer, update } if update.withdrawn.is_empty() && update.nlri.is_empty() && update.attrs == Default::default() => {
+                if self.stale.remove(&peer).is_some() {
+                    tracing::info!(%peer, "End-of-RIB: the peer's stale routes are dropped");
                 }
             }
             Event::Update { peer, update } => {
@@ -558,6 +582,13 @@ impl Bgp {
             Event::Down { peer, reason } => {
                 tracing::warn!(%peer, %reason, "BGP session down");
                 self.peers.insert(peer, false);
+                if let Some(t) = self.gr_times.get(&peer).copied().filter(|t| *t > 0) {
+                    // Graceful restart: keep forwarding to it while it comes back.
+                    let held = self.rib.remove(&peer).unwrap_or_default();
+                    tracing::info!(%peer, routes = held.len(), restart_time = t, "peer restarting: its routes stay (graceful restart)");
+                    self.stale.insert(peer, (held, Instant::now() + Duration::from_secs(t as u64)));
+                    return;
+                }
                 let gone = self.rib.remove(&peer).unwrap_or_default();
                 if let Some(cluster) = self.reflector {
                     self.reflect_withdraw(peer, gone.into_keys().collect(), cluster).await;
@@ -614,10 +645,19 @@ impl Bgp {
         (all_up && quiet) || self.started.elapsed() > Duration::from_secs(10)
     }
 
-    fn learned(&self) -> Vec<weft_backend::Learned> {
+    fn learned(&mut self) -> Vec<weft_backend::Learned> {
+        let now = Instant::now();
+        self.stale.retain(|peer, (_, until)| {
+            let keep = *until > now;
+            if !keep {
+                tracing::warn!(%peer, "restart time over: the peer's stale routes are dropped");
+            }
+            keep
+        });
         let mut v: Vec<weft_backend::Learned> = self
             .rib
             .values()
+            .chain(self.stale.values().map(|(r, _)| r))
             .flat_map(|r| r.iter().map(|(p, path)| weft_backend::Learned { prefix: *p, next_hop: path.next_hop }))
             .collect();
         v.sort();

@@ -293,3 +293,30 @@ fn bgp_route_reflectors_and_losing_one() {
     lab.converge();
     assert!(run_in("n4", &["ip", "route"]).contains(&lab.subnet("weft-n5")));
 }
+
+#[test]
+fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp"]);
+    let target = lab.pod_ip("n3-p0");
+    let pinger = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_weft")).args(["lab", "exec", "n2-p0", "--", "ping", "-i", "0.01", "-c", "500", "-W", "1", &target]).output()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // n3's agent (and n1's) die, their BGP sessions with them, then come back. n2 keeps
+    // forwarding to n3's pods only because it keeps n3's routes through the restart.
+    for n in ["weft-n1", "weft-n3"] {
+        // SAFETY: killing the agent the lab started.
+        unsafe {
+            libc::kill(lab.agent_pid(n), libc::SIGKILL);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&["lab", "up", "--nodes", "3", "--pods-per-node", "1", "--backend", "bgp"]);
+    let out = pinger.join().expect("pinger").expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "loss across agent restarts:\n{text}");
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
+    assert!(log.contains("graceful restart"), "n2 kept the restarting peers' routes:\n{log}");
+    wait_until("End-of-RIB", 10, || std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB"));
+    lab.converge();
+}
