@@ -82,6 +82,11 @@ struct Metrics {
     reconcile_errors: Counter,
     store_errors: Counter,
     ready: AtomicBool,
+    bgp_peer_up: prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
+    bgp_prefixes_received: prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
+    /// `weft bgp peers` and `weft bgp routes` read these (JSON).
+    bgp_peers: std::sync::Mutex<serde_json::Value>,
+    bgp_routes: std::sync::Mutex<serde_json::Value>,
 }
 
 impl Metrics {
@@ -96,6 +101,10 @@ impl Metrics {
             store_errors: Counter::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
+            bgp_peer_up: Default::default(),
+            bgp_prefixes_received: Default::default(),
+            bgp_peers: std::sync::Mutex::new(serde_json::json!([])),
+            bgp_routes: std::sync::Mutex::new(serde_json::json!([])),
         };
         registry.register("leases", "Leases seen in the store", m.leases.clone());
         registry.register("peers_programmed", "Remote nodes whose routes are programmed", m.peers_programmed.clone());
@@ -103,6 +112,8 @@ impl Metrics {
         registry.register("reconcile_seconds", "Duration of one reconcile", m.reconcile_seconds.clone());
         registry.register("reconcile_errors", "Reconcile steps that failed", m.reconcile_errors.clone());
         registry.register("store_errors", "Store errors survived by the lease watch", m.store_errors.clone());
+        registry.register("bgp_peer_up", "BGP session established (1) or not (0), per peer", m.bgp_peer_up.clone());
+        registry.register("bgp_prefixes_received", "Prefixes held from each BGP peer", m.bgp_prefixes_received.clone());
         Metrics { registry, ..m }
     }
 
@@ -137,6 +148,8 @@ async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                         "/readyz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ready\n".to_string()),
                         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
                         "/metrics" => (StatusCode::OK, metrics.encode()),
+                        "/bgp/peers" => (StatusCode::OK, metrics.bgp_peers.lock().map(|v| v.to_string()).unwrap_or_default()),
+                        "/bgp/routes" => (StatusCode::OK, metrics.bgp_routes.lock().map(|v| v.to_string()).unwrap_or_default()),
                         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
                     };
                     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -329,6 +342,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 speaker: sp,
                 events: ev,
                 peers: HashMap::new(),
+                since: HashMap::new(),
                 rib: HashMap::new(),
                 port: a.bgp_port,
                 started: Instant::now(),
@@ -368,6 +382,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             ev = async { match bgp.as_mut() { Some(b) => b.events.recv().await, None => std::future::pending().await } } => {
                 if let (Some(b), Some(ev)) = (bgp.as_mut(), ev) {
                     b.on_event(ev, &own).await;
+                    b.publish(&metrics);
                 }
             }
         }
@@ -435,6 +450,8 @@ struct Bgp {
     events: tokio::sync::mpsc::Receiver<weft_bgp::driver::Event>,
     /// Peer address -> whether the session is up.
     peers: HashMap<std::net::IpAddr, bool>,
+    /// Peer address -> when its session last changed state.
+    since: HashMap<std::net::IpAddr, std::time::SystemTime>,
     rib: HashMap<std::net::IpAddr, HashMap<ipnet::Ipv4Net, Path>>,
     port: u16,
     started: Instant,
@@ -501,6 +518,7 @@ impl Bgp {
             Event::Up { peer, negotiated } => {
                 tracing::info!(%peer, peer_as = negotiated.peer_as, hold = negotiated.hold_time, "BGP session established");
                 self.peers.insert(peer, true);
+                self.since.insert(peer, std::time::SystemTime::now());
                 self.peer_ids.insert(peer, negotiated.peer_id);
                 match negotiated.peer_restart_time {
                     Some(t) => self.gr_times.insert(peer, t),
@@ -582,6 +600,7 @@ impl Bgp {
             Event::Down { peer, reason } => {
                 tracing::warn!(%peer, %reason, "BGP session down");
                 self.peers.insert(peer, false);
+                self.since.insert(peer, std::time::SystemTime::now());
                 if let Some(t) = self.gr_times.get(&peer).copied().filter(|t| *t > 0) {
                     // Graceful restart: keep forwarding to it while it comes back.
                     let held = self.rib.remove(&peer).unwrap_or_default();
@@ -636,6 +655,40 @@ impl Bgp {
             },
             nlri: vec![prefix],
             ..Default::default()
+        }
+    }
+
+    /// Peer and route tables for `weft bgp`, and the per-peer metrics.
+    fn publish(&self, m: &Metrics) {
+        let mut peers: Vec<_> = self.peers.iter().collect();
+        peers.sort_by_key(|(a, _)| **a);
+        let mut rows = Vec::new();
+        for (addr, up) in peers {
+            let received = self.rib.get(addr).map_or(0, |r| r.len()) + self.stale.get(addr).map_or(0, |s| s.0.len());
+            let sent = if *up { 1 + if self.reflector.is_some() { self.rib.iter().filter(|(q, _)| *q != addr).map(|(_, r)| r.len()).sum::<usize>() } else { 0 } } else { 0 };
+            let since = self.since.get(addr).map(|t| humantime::format_rfc3339_seconds(*t).to_string());
+            let label = vec![("peer".to_string(), addr.to_string())];
+            m.bgp_peer_up.get_or_create(&label).set(*up as i64);
+            m.bgp_prefixes_received.get_or_create(&label).set(received as i64);
+            rows.push(serde_json::json!({
+                "peer": addr.to_string(), "state": if *up { "Established" } else { "Down" }, "since": since,
+                "prefixes_received": received, "prefixes_sent": sent,
+                "route_reflector_client": self.reflector.is_some(), "stale": self.stale.contains_key(addr),
+            }));
+        }
+        if let Ok(mut p) = m.bgp_peers.lock() {
+            *p = serde_json::Value::Array(rows);
+        }
+        let mut routes: Vec<serde_json::Value> = Vec::new();
+        for (peer, r) in self.rib.iter().map(|(p, r)| (p, r, false)).chain(self.stale.iter().map(|(p, (r, _))| (p, r, true))).map(|(p, r, stale)| ((p, stale), r)) {
+            for (prefix, path) in r {
+                routes.push(serde_json::json!({"prefix": prefix.to_string(), "next_hop": path.next_hop.to_string(), "from": peer.0.to_string(), "stale": peer.1,
+                    "originator_id": path.originator.map(|o| o.to_string()), "cluster_list": path.clusters.iter().map(|c| c.to_string()).collect::<Vec<_>>()}));
+            }
+        }
+        routes.sort_by(|a, b| a["prefix"].as_str().cmp(&b["prefix"].as_str()));
+        if let Ok(mut r) = m.bgp_routes.lock() {
+            *r = serde_json::Value::Array(routes);
         }
     }
 

@@ -2,6 +2,7 @@
 //! build on the same store options.
 
 mod agent;
+mod cmd_bgp;
 mod cmd_config;
 mod cmd_leases;
 mod lab;
@@ -36,6 +37,9 @@ enum Cmd {
     Leases(cmd_leases::LeasesCmd),
     /// The node agent: lease, subnet.env, and the dataplane to every other node.
     Agent(agent::AgentArgs),
+    /// The bgp backend's sessions and routes, asked of this node's agent.
+    #[command(subcommand)]
+    Bgp(cmd_bgp::BgpCmd),
     /// A whole cluster on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -137,6 +141,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Leases(c) => c.run().await,
             Cmd::Agent(a) => agent::run(a).await,
             Cmd::Lab(c) => lab::run(c).await,
+            Cmd::Bgp(c) => c.run().await,
         }
     });
     match result {

@@ -258,6 +258,12 @@ fn bgp_node_mesh_of_five() {
     }
     let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
     assert_eq!(log.matches("BGP session established").count(), 4, "{log}");
+    // `weft bgp peers|routes` ask the node's agent, as calicoctl node status does.
+    let weft = env!("CARGO_BIN_EXE_weft");
+    let peers = run_in("n1", &[weft, "bgp", "peers"]);
+    assert_eq!(peers.matches("Established").count(), 4, "{peers}");
+    let routes: serde_json::Value = serde_json::from_str(&run_in("n1", &[weft, "bgp", "routes", "--json"])).expect("json");
+    assert_eq!(routes.as_array().expect("routes").len(), 4);
     // A node leaves: its session goes, its route is withdrawn everywhere.
     let s3 = lab.subnet("weft-n3");
     ok(&["lab", "leave", "n3"]);
