@@ -106,6 +106,14 @@ impl Speaker {
         self.announce_except(u, None).await
     }
 
+    /// Sends an UPDATE to some peers.
+    pub async fn announce_to(&self, u: Update, to: &[IpAddr]) {
+        let txs: Vec<_> = self.peers.lock().map(|g| to.iter().filter_map(|a| g.tasks.get(a).cloned()).collect()).unwrap_or_default();
+        for tx in txs {
+            let _ = tx.send(Cmd::Announce(u.clone())).await;
+        }
+    }
+
     /// Sends an UPDATE to every peer but `except` (route reflection: not back to its source).
     pub async fn announce_except(&self, u: Update, except: Option<IpAddr>) {
         let txs: Vec<_> = self

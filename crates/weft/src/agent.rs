@@ -342,6 +342,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 speaker: sp,
                 events: ev,
                 peers: HashMap::new(),
+                peer_as: HashMap::new(),
                 since: HashMap::new(),
                 rib: HashMap::new(),
                 port: a.bgp_port,
@@ -353,7 +354,14 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 gr_times: HashMap::new(),
                 stale: HashMap::new(),
             };
-            for p in &g.peers {
+            // External peers: the ones on this node's own segment when the config lists any
+            // there (one ToR per segment, as Calico's per-node peerings do), else all of them.
+            let on_link: Vec<_> = g.peers.iter().filter(|p| matches!(p.address, IpAddr::V4(a) if local.underlay_net.contains(&a))).collect();
+            let chosen = if on_link.is_empty() { g.peers.iter().collect() } else { on_link };
+            for p in chosen {
+                if p.password.is_some() {
+                    tracing::warn!(peer = %p.address, "TCP MD5 passwords are not supported yet; peering without one");
+                }
                 b.add(p.address, p.as_number, true, public_ip);
             }
             Some(b)
@@ -450,6 +458,8 @@ struct Bgp {
     events: tokio::sync::mpsc::Receiver<weft_bgp::driver::Event>,
     /// Peer address -> whether the session is up.
     peers: HashMap<std::net::IpAddr, bool>,
+    /// Peer address -> its AS (iBGP when it is ours).
+    peer_as: HashMap<std::net::IpAddr, u32>,
     /// Peer address -> when its session last changed state.
     since: HashMap<std::net::IpAddr, std::time::SystemTime>,
     rib: HashMap<std::net::IpAddr, HashMap<ipnet::Ipv4Net, Path>>,
@@ -471,6 +481,7 @@ struct Bgp {
 impl Bgp {
     fn add(&mut self, addr: std::net::IpAddr, peer_as: u32, active: bool, me: Ipv4Addr) {
         self.peers.insert(addr, false);
+        self.peer_as.insert(addr, peer_as);
         self.speaker.add_peer(weft_bgp::driver::PeerConfig {
             address: addr,
             port: self.port,
@@ -537,26 +548,31 @@ impl Bgp {
                             held.extend(routes.iter().map(|(p, path)| (*from, *p, path.clone())));
                         }
                     }
-                    for (from, prefix, path) in held {
-                        let u = self.reflected(from, cluster, prefix, &path);
-                        self.speaker.announce_except(u, Some(from)).await;
+                    if self.ibgp(peer) {
+                        for (from, prefix, path) in held {
+                            let u = self.reflected(from, cluster, prefix, &path);
+                            self.speaker.announce_to(u, &[peer]).await;
+                        }
                     }
                 }
                 self.last_up = Some(Instant::now());
                 if let (Some(sub), IpAddr::V4(_)) = (own.key.v4, peer) {
+                    // iBGP: empty AS_PATH and LOCAL_PREF; eBGP (a top-of-rack router): our AS.
+                    let ibgp = self.ibgp(peer);
                     let u = weft_bgp::codec::Update {
                         attrs: weft_bgp::codec::Attrs {
                             origin: Some(weft_bgp::codec::Origin::Igp),
+                            as_path: if ibgp { vec![] } else { vec![weft_bgp::codec::Segment::Sequence(vec![self.conf.as_number])] },
                             next_hop: Some(own.attrs.public_ip),
-                            local_pref: Some(100),
+                            local_pref: ibgp.then_some(100),
                             ..Default::default()
                         },
                         nlri: vec![sub],
                         ..Default::default()
                     };
-                    self.speaker.announce(u).await;
+                    self.speaker.announce_to(u, &[peer]).await;
                     // End-of-RIB (RFC 4724 §2): an empty UPDATE, "that was all".
-                    self.speaker.announce(weft_bgp::codec::Update::default()).await;
+                    self.speaker.announce_to(weft_bgp::codec::Update::default(), &[peer]).await;
                 }
             }
             Event::Update { peer, update } if update.withdrawn.is_empty() && update.nlri.is_empty() && update.attrs == Default::default() => {
@@ -567,7 +583,10 @@ impl Bgp {
             Event::Update { peer, update } => {
                 // RFC 4456 §8 loop checks: our own route, or one that passed our cluster.
                 let looped = update.attrs.originator_id == Some(self.router_id)
-                    || self.reflector.is_some_and(|c| update.attrs.cluster_list.contains(&c));
+                    || self.reflector.is_some_and(|c| update.attrs.cluster_list.contains(&c))
+                    || update.attrs.as_path.iter().any(|seg| match seg {
+                        weft_bgp::codec::Segment::Sequence(a) | weft_bgp::codec::Segment::Set(a) => a.contains(&self.conf.as_number),
+                    });
                 let routes = self.rib.entry(peer).or_default();
                 for w in &update.withdrawn {
                     routes.remove(w);
@@ -589,11 +608,12 @@ impl Bgp {
                         }
                     }
                 }
-                if let Some(cluster) = self.reflector {
+                if let Some(cluster) = self.reflector.filter(|_| self.ibgp(peer)) {
                     self.reflect_withdraw(peer, update.withdrawn.clone(), cluster).await;
                     for (prefix, path) in accepted {
                         let u = self.reflected(peer, cluster, prefix, &path);
-                        self.speaker.announce_except(u, Some(peer)).await;
+                        let to = self.ibgp_peers(Some(peer));
+                        self.speaker.announce_to(u, &to).await;
                     }
                 }
             }
@@ -617,6 +637,15 @@ impl Bgp {
         }
     }
 
+    fn ibgp(&self, peer: std::net::IpAddr) -> bool {
+        self.peer_as.get(&peer).is_none_or(|a| *a == self.conf.as_number)
+    }
+
+    /// The iBGP peers (route reflection stays inside the AS), but `except`.
+    fn ibgp_peers(&self, except: Option<std::net::IpAddr>) -> Vec<std::net::IpAddr> {
+        self.peer_as.iter().filter(|(a, asn)| **asn == self.conf.as_number && Some(**a) != except).map(|(a, _)| *a).collect()
+    }
+
     /// A reflector's clients lose a route only when no peer offers it any more; while another
     /// one does, they get that path instead.
     async fn reflect_withdraw(&mut self, source: std::net::IpAddr, prefixes: Vec<ipnet::Ipv4Net>, cluster: Ipv4Addr) {
@@ -626,14 +655,16 @@ impl Bgp {
             match other {
                 Some((q, path)) => {
                     let u = self.reflected(q, cluster, prefix, &path);
-                    self.speaker.announce_except(u, Some(q)).await;
+                    let to = self.ibgp_peers(Some(q));
+                    self.speaker.announce_to(u, &to).await;
                 }
                 None => withdraw.push(prefix),
             }
         }
         if !withdraw.is_empty() {
             let w = weft_bgp::codec::Update { withdrawn: withdraw, ..Default::default() };
-            self.speaker.announce_except(w, Some(source)).await;
+            let to = self.ibgp_peers(Some(source));
+            self.speaker.announce_to(w, &to).await;
         }
     }
 

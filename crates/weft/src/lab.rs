@@ -48,7 +48,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
     /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, bgp (node mesh, CrossSubnet) or
-    /// bgp-rr (no mesh: nodes peer with the --route-reflectors).
+    /// bgp-rr (no mesh: nodes peer with the --route-reflectors) or bgp-tor (no mesh: nodes peer
+    /// with BIRD as the top-of-rack router in the underlay namespace, Encapsulation Never).
     #[arg(long, default_value = "vxlan")]
     pub backend: String,
     /// 2 puts the nodes on two L2 segments joined by a router.
@@ -88,6 +89,8 @@ struct State {
     #[serde(default)]
     route_reflectors: usize,
     etcd_pid: Option<u32>,
+    #[serde(default)]
+    bird_pid: Option<u32>,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
 }
@@ -166,7 +169,11 @@ fn net_conf(backend: &str) -> Result<String> {
         "host-gw" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#.into(),
         "bgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#.into(),
         "bgp-rr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false}}"#.into(),
-        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, bgp or bgp-rr"),
+        // Calico's top-of-rack design: no mesh, every node peers with BIRD in the router
+        // namespace (one address per segment), routes across segments without encapsulation.
+        "bgp-tor" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
+            "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000}, {"Address": "10.0.2.254", "ASNumber": 65000}]}}"#.into(),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, bgp, bgp-rr or bgp-tor"),
     })
 }
 
@@ -258,6 +265,36 @@ fn start_etcd(un: &Netns) -> Result<u32> {
         .process_group(0)
         .spawn()
         .context("starting etcd (apt-get install etcd-server)")?;
+    Ok(child.id())
+}
+
+/// BIRD as the top-of-rack router: AS 65000 in the underlay namespace, accepting any node of
+/// 10.0.0.0/16 (AS 64512) and installing the pod routes it learns in the router's kernel.
+fn start_bird(un: &Netns) -> Result<u32> {
+    let dir = Path::new(DIR).join("bird");
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("bird.conf");
+    std::fs::write(
+        &conf,
+        "router id 10.0.1.254;\nprotocol device {}\n\
+         protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }\n\
+         protocol bgp nodes {\n  local as 65000;\n  neighbor range 10.0.0.0/16 as 64512;\n  hold time 9; keepalive time 3;\n\
+         ipv4 { import all; export where source = RTS_BGP; next hop self; };\n}\n",
+    )?;
+    let log = std::fs::File::create(dir.join("bird.log"))?;
+    let child = in_ns(un, "bird")
+        .arg("-f")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-s")
+        .arg(dir.join("bird.ctl"))
+        .arg("-P")
+        .arg(dir.join("bird.pid"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting bird (apt-get install bird2)")?;
     Ok(child.id())
 }
 
@@ -359,6 +396,10 @@ async fn up(a: &UpArgs) -> Result<State> {
     let (un, unl) = underlay(st.segments.max(a.segments)).await?;
     st.segments = st.segments.max(a.segments);
     // The store, with the network config in it (as flanneld reads it from etcd).
+    if a.backend == "bgp-tor" && !st.bird_pid.is_some_and(alive) {
+        st.bird_pid = Some(start_bird(&un)?);
+        eprintln!("  bird       the top-of-rack router, AS 65000, in {UNDERLAY}");
+    }
     if st.store == "etcd" && !st.etcd_pid.is_some_and(alive) {
         st.etcd_pid = Some(start_etcd(&un)?);
         eprintln!("  etcd       started in {UNDERLAY} on {}:2379", gateway(1));
@@ -513,7 +554,7 @@ fn check(st: &State, quiet: bool) -> Result<usize> {
 
 fn down() -> Result<()> {
     if let Some(st) = load() {
-        for pid in st.nodes.iter().map(|n| n.agent_pid).chain(st.etcd_pid) {
+        for pid in st.nodes.iter().map(|n| n.agent_pid).chain(st.etcd_pid).chain(st.bird_pid) {
             if alive(pid) {
                 // SAFETY: signalling a process the lab started.
                 unsafe {

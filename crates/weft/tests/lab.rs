@@ -326,3 +326,20 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
     wait_until("End-of-RIB", 10, || std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB"));
     lab.converge();
 }
+
+#[test]
+fn bgp_with_bird_as_top_of_rack_across_two_segments() {
+    let lab = Lab::up(&["--nodes", "4", "--pods-per-node", "1", "--backend", "bgp-tor", "--segments", "2"]);
+    // BIRD (the router namespace) learned every node's subnet and routes between segments.
+    let router = run_in("underlay", &["ip", "route"]);
+    for n in ["weft-n1", "weft-n2", "weft-n3", "weft-n4"] {
+        assert!(router.lines().any(|l| l.starts_with(&lab.subnet(n)) && l.contains("proto bird")), "{n}: {router}");
+    }
+    let protos = String::from_utf8_lossy(&Command::new("birdc").args(["-s", "/run/weft/lab/bird/bird.ctl", "show", "protocols"]).output().expect("birdc").stdout).into_owned();
+    assert_eq!(protos.matches("Established").count(), 4, "{protos}");
+    // Encapsulation Never: no tunnel device anywhere.
+    for n in ["n1", "n2"] {
+        assert!(!run_in(n, &["ip", "-br", "link"]).contains("weft.1"));
+    }
+    assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1500"));
+}
