@@ -33,6 +33,49 @@ pub struct PeerConfig {
     pub fsm: Config,
     /// Connect to it (else only accept its connection).
     pub active: bool,
+    /// TCP MD5 signature key (RFC 2385), set on both the listener and the connecting socket.
+    pub password: Option<String>,
+}
+
+/// Installs (or with an empty key, removes) the TCP MD5 key for `peer` on socket `fd`
+/// (Linux `TCP_MD5SIG`, struct tcp_md5sig).
+pub fn set_md5(fd: std::os::fd::RawFd, peer: IpAddr, key: &[u8]) -> std::io::Result<()> {
+    const TCP_MD5SIG: libc::c_int = 14;
+    #[repr(C)]
+    struct TcpMd5Sig {
+        addr: libc::sockaddr_storage,
+        flags: u8,
+        prefixlen: u8,
+        keylen: u16,
+        ifindex: libc::c_int,
+        key: [u8; 80],
+    }
+    if key.len() > 80 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a TCP MD5 key is at most 80 bytes"));
+    }
+    // SAFETY: a zeroed plain-old-data struct, filled field by field, passed with its size.
+    unsafe {
+        let mut sig: TcpMd5Sig = std::mem::zeroed();
+        match peer {
+            IpAddr::V4(a) => {
+                let sin = &mut sig.addr as *mut libc::sockaddr_storage as *mut libc::sockaddr_in;
+                (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
+                (*sin).sin_addr.s_addr = u32::from(a).to_be();
+            }
+            IpAddr::V6(a) => {
+                let sin6 = &mut sig.addr as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6;
+                (*sin6).sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                (*sin6).sin6_addr.s6_addr = a.octets();
+            }
+        }
+        sig.keylen = key.len() as u16;
+        sig.key[..key.len()].copy_from_slice(key);
+        let rc = libc::setsockopt(fd, libc::IPPROTO_TCP, TCP_MD5SIG, &sig as *const TcpMd5Sig as *const libc::c_void, std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t);
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 enum Cmd {
@@ -51,6 +94,9 @@ pub struct Speaker {
     peers: Arc<Mutex<Peers>>,
     events: mpsc::Sender<Event>,
     local: SocketAddr,
+    /// The listener's descriptor, for per-peer MD5 keys (the listener lives as long as the
+    /// accept task, which lives as long as the process).
+    listen_fd: std::os::fd::RawFd,
 }
 
 impl Speaker {
@@ -59,8 +105,9 @@ impl Speaker {
     pub async fn bind(listen: SocketAddr) -> std::io::Result<(Speaker, mpsc::Receiver<Event>)> {
         let listener = TcpListener::bind(listen).await?;
         let local = listener.local_addr()?;
+        let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let (events, rx) = mpsc::channel(1024);
-        let sp = Speaker { peers: Arc::new(Mutex::new(Peers { tasks: HashMap::new() })), events, local };
+        let sp = Speaker { peers: Arc::new(Mutex::new(Peers { tasks: HashMap::new() })), events, local, listen_fd };
         let s2 = sp.clone();
         tokio::spawn(async move {
             loop {
@@ -86,6 +133,12 @@ impl Speaker {
 
     /// Starts a session with a peer (replacing one to the same address).
     pub fn add_peer(&self, p: PeerConfig) {
+        if let Some(pw) = &p.password {
+            // Connections from this peer must be signed with its key (RFC 2385).
+            if let Err(e) = set_md5(self.listen_fd, p.address, pw.as_bytes()) {
+                let _ = self.events.try_send(Event::Down { peer: p.address, reason: format!("TCP MD5 on the listener: {e}") });
+            }
+        }
         let (tx, rx) = mpsc::channel(256);
         let old = self.peers.lock().ok().and_then(|mut g| g.tasks.insert(p.address, tx));
         if let Some(old) = old {
@@ -145,6 +198,9 @@ async fn run_peer(p: PeerConfig, mut cmds: mpsc::Receiver<Cmd>, events: mpsc::Se
                         let r = async {
                             let s = if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
                             s.bind(bind)?;
+                            if let Some(pw) = &p.password {
+                                set_md5(std::os::fd::AsRawFd::as_raw_fd(&s), p.address, pw.as_bytes())?;
+                            }
                             tokio::time::timeout(Duration::from_secs(5), s.connect(target)).await?
                         }
                         .await;

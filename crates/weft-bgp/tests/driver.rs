@@ -40,8 +40,8 @@ async fn two_weft_speakers_and_a_stranger() {
     let (a, mut ea) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), port)).await.expect("bind a");
     let (b, mut eb) = Speaker::bind(SocketAddr::new(ip("127.0.0.2"), port)).await.expect("bind b");
     // The lower address connects; the other waits.
-    a.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(64512, 1, 64512), active: true });
-    b.add_peer(PeerConfig { address: ip("127.0.0.1"), port, fsm: fsm(64512, 2, 64512), active: false });
+    a.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(64512, 1, 64512), active: true, password: None });
+    b.add_peer(PeerConfig { address: ip("127.0.0.1"), port, fsm: fsm(64512, 2, 64512), active: false, password: None });
     next(&mut ea, "a up", |e| matches!(e, Event::Up { .. })).await;
     next(&mut eb, "b up", |e| matches!(e, Event::Up { .. })).await;
     a.announce(route("10.244.1.0/24", "127.0.0.1", 64512)).await;
@@ -66,7 +66,7 @@ async fn weft_speaker_with_bird() {
     let port = 40000 + (std::process::id() % 20000) as u16;
     let b = support::bird(port);
     let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0)).await.expect("bind");
-    sp.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(65001, 1, 65002), active: true });
+    sp.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(65001, 1, 65002), active: true, password: None });
     let up = next(&mut ev, "session with bird", |e| matches!(e, Event::Up { .. })).await;
     assert!(matches!(up, Event::Up { negotiated, .. } if negotiated.peer_as == 65002 && negotiated.four_octet_as));
     next(&mut ev, "bird's route", |e| matches!(e, Event::Update { update, .. } if update.nlri.iter().any(|n| n.to_string() == "10.99.0.0/24"))).await;
@@ -80,4 +80,29 @@ async fn weft_speaker_with_bird() {
         assert!(t.elapsed() < Duration::from_secs(5), "bird lacks our route");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_md5_with_bird() {
+    // The right key: the session comes up.
+    let port = 45000 + (std::process::id() % 15000) as u16;
+    let _b = support::bird_with(port, Some("weft-secret"));
+    let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0)).await.expect("bind");
+    sp.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(65001, 1, 65002), active: true, password: Some("weft-secret".into()) });
+    next(&mut ev, "a signed session", |e| matches!(e, Event::Up { .. })).await;
+    sp.remove_peer(ip("127.0.0.2"));
+    // A wrong key: the kernel drops every segment, no session.
+    let port2 = port + 1;
+    let _c = support::bird_with(port2, Some("weft-secret"));
+    let (sp2, mut ev2) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0)).await.expect("bind");
+    sp2.add_peer(PeerConfig { address: ip("127.0.0.2"), port: port2, fsm: fsm(65001, 1, 65002), active: true, password: Some("wrong".into()) });
+    let up = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            if let Some(Event::Up { .. }) = ev2.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(up.is_err(), "a session came up with the wrong MD5 key");
 }

@@ -359,10 +359,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             let on_link: Vec<_> = g.peers.iter().filter(|p| matches!(p.address, IpAddr::V4(a) if local.underlay_net.contains(&a))).collect();
             let chosen = if on_link.is_empty() { g.peers.iter().collect() } else { on_link };
             for p in chosen {
-                if p.password.is_some() {
-                    tracing::warn!(peer = %p.address, "TCP MD5 passwords are not supported yet; peering without one");
-                }
-                b.add(p.address, p.as_number, true, public_ip);
+                b.add(p.address, p.as_number, true, public_ip, p.password.clone());
             }
             Some(b)
         }
@@ -479,7 +476,7 @@ struct Bgp {
 }
 
 impl Bgp {
-    fn add(&mut self, addr: std::net::IpAddr, peer_as: u32, active: bool, me: Ipv4Addr) {
+    fn add(&mut self, addr: std::net::IpAddr, peer_as: u32, active: bool, me: Ipv4Addr, password: Option<String>) {
         self.peers.insert(addr, false);
         self.peer_as.insert(addr, peer_as);
         self.speaker.add_peer(weft_bgp::driver::PeerConfig {
@@ -494,6 +491,7 @@ impl Bgp {
                 graceful_restart: Some(120),
             },
             active,
+            password,
         });
         tracing::info!(peer = %addr, peer_as, active, "BGP peer added");
     }
@@ -512,7 +510,7 @@ impl Bgp {
         let external: std::collections::HashSet<std::net::IpAddr> = self.conf.peers.iter().map(|p| p.address).collect();
         for addr in want.iter().filter(|a| !self.peers.contains_key(a)).copied().collect::<Vec<_>>() {
             let active = std::net::IpAddr::from(me) < addr;
-            self.add(addr, self.conf.as_number, active, me);
+            self.add(addr, self.conf.as_number, active, me, None);
         }
         for addr in self.peers.keys().filter(|a| !want.contains(a) && !external.contains(a)).copied().collect::<Vec<_>>() {
             self.speaker.remove_peer(addr);

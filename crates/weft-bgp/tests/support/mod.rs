@@ -19,6 +19,12 @@ impl Drop for Bird {
 /// BIRD as AS 65002 (router id 10.0.0.2) on 127.0.0.2:`port`, passive, peering with
 /// AS 65001 at 127.0.0.1 and exporting a static 10.99.0.0/24.
 pub fn bird(port: u16) -> Bird {
+    bird_with(port, None)
+}
+
+/// The same, with a TCP MD5 password on the session.
+pub fn bird_with(port: u16, password: Option<&str>) -> Bird {
+    let pw = password.map(|p| format!("  password \"{p}\";\n")).unwrap_or_default();
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("bird.conf");
     std::fs::write(
@@ -26,7 +32,7 @@ pub fn bird(port: u16) -> Bird {
         format!(
             "router id 10.0.0.2;\nprotocol device {{}}\nprotocol static s1 {{ ipv4; route 10.99.0.0/24 blackhole; }}\n\
              protocol bgp weft {{\n  local 127.0.0.2 port {port} as 65002;\n  neighbor 127.0.0.1 as 65001;\n  passive on;\n  multihop;\n\
-             hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; next hop self; }};\n}}\n"
+             hold time 9; keepalive time 3;\n{pw}  ipv4 {{ import all; export all; next hop self; }};\n}}\n"
         ),
     )
     .expect("conf");
