@@ -265,6 +265,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
     tracing::info!(node = %a.node_name, iface = %underlay.name, %public_ip, backend = cfg.backend.type_name(), pod_mtu, "starting");
 
+    // The bgp backend's listener exists before our lease does: peers connect as soon as they
+    // see the lease.
+    let bgp_bound = match &cfg.backend {
+        Backend::Bgp(_) => Some(
+            weft_bgp::driver::Speaker::bind(SocketAddr::new(public_ip.into(), a.bgp_port))
+                .await
+                .with_context(|| format!("listening for BGP on {public_ip}:{}", a.bgp_port))?,
+        ),
+        _ => None,
+    };
     // The lease: ours from before (same public IP, or the subnet in subnet.env), else a new one.
     let mut attrs = LeaseAttrs::new(&a.node_name, public_ip, cfg.backend.type_name());
     attrs.backend_data = weft_backend::backend_data(&cfg, Some(mac));
@@ -334,9 +344,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // The bgp backend: a speaker on the public address, a session per peer, a RIB per peer.
     let mut bgp = match &cfg.backend {
         Backend::Bgp(g) => {
-            let (sp, ev) = weft_bgp::driver::Speaker::bind(SocketAddr::new(public_ip.into(), a.bgp_port))
-                .await
-                .with_context(|| format!("listening for BGP on {public_ip}:{}", a.bgp_port))?;
+            let (sp, ev) = bgp_bound.context("the BGP listener")?;
             let mut b = Bgp {
                 conf: g.clone(),
                 speaker: sp,
@@ -369,8 +377,11 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(a.resync.max(1)));
     let mut last_unreachable = String::new();
+    // The bgp backend is waiting for its peers before reconciling: look again soon.
+    let mut unsettled = false;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)), if unsettled => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             r = own_rx.changed() => {
@@ -398,7 +409,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 b.sync_mesh(&leases, &own, public_ip);
                 // After a restart, wait for the peers to re-send their routes before removing
                 // anything (an approximation of end-of-RIB: every peer up, or 10 s).
-                if !b.settled() {
+                unsettled = !b.settled();
+                if unsettled {
                     continue;
                 }
                 b.learned()
