@@ -48,8 +48,9 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
     /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, bgp (node mesh, CrossSubnet) or
-    /// bgp-rr (no mesh: nodes peer with the --route-reflectors) or bgp-tor (no mesh: nodes peer
-    /// with BIRD as the top-of-rack router in the underlay namespace, Encapsulation Never).
+    /// bgp-rr (no mesh: nodes peer with the --route-reflectors), bgp-tor (no mesh: nodes peer
+    /// with BIRD as the top-of-rack router in the underlay namespace, Encapsulation Never) or
+    /// bgp-gobgp (no mesh: GoBGP in the underlay namespace reflects for every node).
     #[arg(long, default_value = "vxlan")]
     pub backend: String,
     /// 2 puts the nodes on two L2 segments joined by a router.
@@ -89,8 +90,9 @@ struct State {
     #[serde(default)]
     route_reflectors: usize,
     etcd_pid: Option<u32>,
+    /// BIRD or gobgpd in the router namespace.
     #[serde(default)]
-    bird_pid: Option<u32>,
+    router_pid: Option<u32>,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
 }
@@ -173,7 +175,10 @@ fn net_conf(backend: &str) -> Result<String> {
         // namespace (one address per segment), routes across segments without encapsulation.
         "bgp-tor" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
             "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000}, {"Address": "10.0.2.254", "ASNumber": 65000}]}}"#.into(),
-        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, bgp, bgp-rr or bgp-tor"),
+        // GoBGP as the route reflector of every node (iBGP, AS 64512), in the router namespace.
+        "bgp-gobgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false,
+            "Peers": [{"Address": "10.0.1.254", "ASNumber": 64512}]}}"#.into(),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, bgp, bgp-rr, bgp-tor or bgp-gobgp"),
     })
 }
 
@@ -298,6 +303,33 @@ fn start_bird(un: &Netns) -> Result<u32> {
     Ok(child.id())
 }
 
+/// gobgpd as the route reflector: every node of 10.0.0.0/16 a client (dynamic neighbours).
+fn start_gobgpd(un: &Netns) -> Result<u32> {
+    let dir = Path::new(DIR).join("gobgp");
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("gobgpd.toml");
+    std::fs::write(
+        &conf,
+        "[global.config]\n  as = 64512\n  router-id = \"10.0.1.254\"\n  local-address-list = [\"10.0.1.254\"]\n\
+         [[peer-groups]]\n  [peer-groups.config]\n    peer-group-name = \"nodes\"\n    peer-as = 64512\n\
+         [peer-groups.timers.config]\n    hold-time = 9\n    keepalive-interval = 3\n\
+         [peer-groups.route-reflector.config]\n    route-reflector-client = true\n    route-reflector-cluster-id = \"10.0.1.254\"\n\
+         [[peer-groups.afi-safis]]\n  [peer-groups.afi-safis.config]\n    afi-safi-name = \"ipv4-unicast\"\n\
+         [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.0.0.0/16\"\n    peer-group = \"nodes\"\n",
+    )?;
+    let log = std::fs::File::create(dir.join("gobgpd.log"))?;
+    let child = in_ns(un, "gobgpd")
+        .arg("-f")
+        .arg(&conf)
+        .args(["--api-hosts", "127.0.0.1:50051"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting gobgpd (apt-get install gobgpd)")?;
+    Ok(child.id())
+}
+
 fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
     let dir = Path::new(DIR).join(node);
     std::fs::create_dir_all(&dir)?;
@@ -396,9 +428,13 @@ async fn up(a: &UpArgs) -> Result<State> {
     let (un, unl) = underlay(st.segments.max(a.segments)).await?;
     st.segments = st.segments.max(a.segments);
     // The store, with the network config in it (as flanneld reads it from etcd).
-    if a.backend == "bgp-tor" && !st.bird_pid.is_some_and(alive) {
-        st.bird_pid = Some(start_bird(&un)?);
+    if a.backend == "bgp-tor" && !st.router_pid.is_some_and(alive) {
+        st.router_pid = Some(start_bird(&un)?);
         eprintln!("  bird       the top-of-rack router, AS 65000, in {UNDERLAY}");
+    }
+    if a.backend == "bgp-gobgp" && !st.router_pid.is_some_and(alive) {
+        st.router_pid = Some(start_gobgpd(&un)?);
+        eprintln!("  gobgpd     the route reflector, AS 64512, in {UNDERLAY}");
     }
     if st.store == "etcd" && !st.etcd_pid.is_some_and(alive) {
         st.etcd_pid = Some(start_etcd(&un)?);
@@ -554,7 +590,7 @@ fn check(st: &State, quiet: bool) -> Result<usize> {
 
 fn down() -> Result<()> {
     if let Some(st) = load() {
-        for pid in st.nodes.iter().map(|n| n.agent_pid).chain(st.etcd_pid).chain(st.bird_pid) {
+        for pid in st.nodes.iter().map(|n| n.agent_pid).chain(st.etcd_pid).chain(st.router_pid) {
             if alive(pid) {
                 // SAFETY: signalling a process the lab started.
                 unsafe {

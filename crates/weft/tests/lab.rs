@@ -343,3 +343,17 @@ fn bgp_with_bird_as_top_of_rack_across_two_segments() {
     }
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1500"));
 }
+
+#[test]
+fn bgp_with_gobgp_as_route_reflector() {
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp-gobgp"]);
+    // GoBGP reflected every node's route to the others; next hops are the nodes themselves.
+    let routes = run_in("n1", &["ip", "route"]);
+    assert!(routes.contains(&format!("{} via 10.0.1.12 dev eth0 proto 87", lab.subnet("weft-n2"))), "{routes}");
+    assert!(routes.contains(&format!("{} via 10.0.1.13 dev eth0 proto 87", lab.subnet("weft-n3"))), "{routes}");
+    let peers = run_in("underlay", &["gobgp", "-u", "127.0.0.1", "-p", "50051", "neighbor"]);
+    assert_eq!(peers.matches("Establ").count(), 3, "{peers}");
+    // What weft's agent learned carries GoBGP's reflection attributes.
+    let learned: serde_json::Value = serde_json::from_str(&run_in("n1", &[env!("CARGO_BIN_EXE_weft"), "bgp", "routes", "--json"])).expect("json");
+    assert!(learned.as_array().expect("routes").iter().all(|r| r["cluster_list"][0] == "10.0.1.254"), "{learned}");
+}
