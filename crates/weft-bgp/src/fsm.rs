@@ -142,7 +142,9 @@ impl Fsm {
                 self.state = Connect;
                 vec![Output::Connect, Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry)]
             }
-            (Connect | Active, Input::TcpConnected) => {
+            // Idle too: a passive session waiting out its connect-retry timer must still take
+            // the connection its peer makes (else both sides wait for each other).
+            (Idle | Connect | Active, Input::TcpConnected) => {
                 self.state = OpenSent;
                 self.rx.clear();
                 vec![Output::CancelTimer(Timer::ConnectRetry), self.send(&self.open()), Output::SetTimer(Timer::Hold, LARGE_HOLD)]
@@ -375,6 +377,15 @@ mod tests {
         let upd = codec::encode(&Message::Update(Update::default()), Session::default());
         let out = c.process(Input::Bytes(upd));
         assert!(sent(&out).ends_with(&[3, err::FSM, 0]));
+    }
+
+    #[test]
+    fn an_idle_session_takes_an_incoming_connection() {
+        let mut a = Fsm::new(cfg(64512, 1, 64512));
+        assert_eq!(a.state(), State::Idle);
+        let out = a.process(Input::TcpConnected);
+        assert_eq!(a.state(), State::OpenSent);
+        assert!(!sent(&out).is_empty(), "OPEN sent");
     }
 
     #[test]

@@ -323,7 +323,7 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
     assert!(text.contains(" 0% packet loss"), "loss across agent restarts:\n{text}");
     let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
     assert!(log.contains("graceful restart"), "n2 kept the restarting peers' routes:\n{log}");
-    wait_until("End-of-RIB", 10, || std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB"));
+    wait_until("End-of-RIB", 30, || std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB"));
     lab.converge();
 }
 
