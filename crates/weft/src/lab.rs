@@ -356,9 +356,18 @@ fn weft_in(ns: &Netns) -> Result<Command> {
     Ok(in_ns(ns, std::env::current_exe()?))
 }
 
+/// Whether the process the lab started is still running: it exists, is not a zombie waiting
+/// for a parent that will never reap it, and is still a weft/etcd/bird/gobgpd process (a
+/// recycled PID is not ours).
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    if matches!(state, Some('Z' | 'X') | None) {
+        return false;
+    }
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmd = String::from_utf8_lossy(&cmd);
+    ["weft", "etcd", "bird", "gobgpd"].iter().any(|n| cmd.contains(n))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {

@@ -323,7 +323,16 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
     assert!(text.contains(" 0% packet loss"), "loss across agent restarts:\n{text}");
     let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
     assert!(log.contains("graceful restart"), "n2 kept the restarting peers' routes:\n{log}");
-    wait_until("End-of-RIB", 30, || std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB"));
+    let t = Instant::now();
+    while !std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no End-of-RIB at n2:\n{}\n--- n1 after its restart:\n{}",
+            std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default(),
+            std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     lab.converge();
 }
 
