@@ -178,8 +178,11 @@ impl Fsm {
             (OpenSent | OpenConfirm | Established, Input::Bytes(b)) => {
                 self.rx.extend_from_slice(&b);
                 let mut out = Vec::new();
+                // Walk the buffer with an offset and drop what was read once at the end: a flood
+                // of messages in one read must cost linear time, not a memmove per message.
+                let mut off = 0;
                 loop {
-                    let len = match codec::frame(&self.rx) {
+                    let len = match codec::frame(&self.rx[off..]) {
                         Ok(Some(l)) => l,
                         Ok(None) => break,
                         Err(n) => {
@@ -188,8 +191,9 @@ impl Fsm {
                             return out;
                         }
                     };
-                    let msg: Vec<u8> = self.rx.drain(..len).collect();
-                    match codec::decode(&msg, self.session) {
+                    let decoded = codec::decode(&self.rx[off..off + len], self.session);
+                    off += len;
+                    match decoded {
                         Ok(m) => out.extend(self.on_message(m)),
                         Err(n) => {
                             let why = n.reason.clone();
@@ -198,9 +202,10 @@ impl Fsm {
                         }
                     }
                     if self.state == Idle {
-                        break;
+                        return out; // the session was torn down; its buffer is gone
                     }
                 }
+                self.rx.drain(..off);
                 out
             }
             // Anything else in this state is ignored (timers of a state already left, etc.).
@@ -377,6 +382,30 @@ mod tests {
         let upd = codec::encode(&Message::Update(Update::default()), Session::default());
         let out = c.process(Input::Bytes(upd));
         assert!(sent(&out).ends_with(&[3, err::FSM, 0]));
+    }
+
+    #[test]
+    fn a_flood_of_updates_is_taken_in_stride() {
+        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        handshake(&mut a, &mut b);
+        // 5,000 UPDATEs of 1,000 prefixes each in one read, then a truncated tail. (Before the
+        // buffer was walked by offset, this took minutes: a memmove of the rest per message.)
+        let mut flood = Vec::new();
+        for i in 0..5_000u32 {
+            let nlri = (0..1000u32).map(|j| ipnet::Ipv4Net::new(Ipv4Addr::from((i * 1000 + j) << 8), 24).unwrap()).collect();
+            let u = Update { attrs: Attrs { origin: Some(Origin::Igp), next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)), ..Default::default() }, nlri, ..Default::default() };
+            let wire = codec::encode(&Message::Update(u), Session { four_octet_as: true });
+            assert!(wire.len() <= codec::MAX_LEN);
+            flood.extend_from_slice(&wire);
+        }
+        let tail = codec::encode(&Message::Keepalive, Session::default());
+        flood.extend_from_slice(&tail[..10]);
+        let out = b.process(Input::Bytes(flood));
+        let updates = out.iter().filter(|o| matches!(o, Output::Update(_))).count();
+        assert_eq!(updates, 5_000);
+        assert_eq!(b.state(), State::Established, "a partial message waits for its rest");
+        b.process(Input::Bytes(tail[10..].to_vec()));
+        assert_eq!(b.state(), State::Established);
     }
 
     #[test]
