@@ -144,24 +144,6 @@ impl Nl {
         }
     }
 
-    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, DataplaneError> {
-        let mut s = self.handle.link().get().match_index(index).execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m.as_ref().map(link_of)),
-            Err(e) => {
-                let e = DataplaneError::Netlink {
-                    what: format!("looking up link #{index}"),
-                    source: e,
-                };
-                if is_missing(&e) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-
     pub async fn links(&self) -> Result<Vec<Link>, DataplaneError> {
         let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await.map_err(nl_err("listing links"))?;
         Ok(msgs.iter().map(link_of).collect())

@@ -254,23 +254,33 @@ fn store_arg(st: &State) -> String {
     }
 }
 
+/// A daemon of the lab's, in the underlay namespace: its own process group (it outlives the
+/// lab command; `down` stops it), stderr to `log`.
+fn spawn_daemon(un: &Netns, program: &str, args: &[&std::ffi::OsStr], log: &Path, hint: &str) -> Result<u32> {
+    let child = in_ns(un, program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {program} ({hint})"))?;
+    Ok(child.id())
+}
+
 fn start_etcd(un: &Netns) -> Result<u32> {
     let dir = Path::new(DIR).join("etcd");
     std::fs::create_dir_all(&dir)?;
     let c = format!("http://{}:2379", gateway(1));
     let p = format!("http://{}:2380", gateway(1));
-    let log = std::fs::File::create(Path::new(DIR).join("etcd.log"))?;
-    let child = in_ns(un, "etcd")
-        .args(["--name", "lab", "--data-dir"])
-        .arg(dir.join("data"))
-        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c, "--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-        .args(["--initial-cluster", &format!("lab={p}"), "--heartbeat-interval=10", "--election-timeout=100", "--log-level=error"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting etcd (apt-get install etcd-server)")?;
-    Ok(child.id())
+    let data = dir.join("data");
+    let cluster = format!("lab={p}");
+    let strs = [
+        "--name", "lab", "--data-dir", data.to_str().unwrap_or_default(),
+        "--listen-client-urls", &c, "--advertise-client-urls", &c, "--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p,
+        "--initial-cluster", &cluster, "--heartbeat-interval=10", "--election-timeout=100", "--log-level=error",
+    ];
+    let args: Vec<&std::ffi::OsStr> = strs.iter().map(std::ffi::OsStr::new).collect();
+    spawn_daemon(un, "etcd", &args, &Path::new(DIR).join("etcd.log"), "apt-get install etcd-server")
 }
 
 /// BIRD as the top-of-rack router: AS 65000 in the underlay namespace, accepting any node of
@@ -286,21 +296,9 @@ fn start_bird(un: &Netns) -> Result<u32> {
          protocol bgp nodes {\n  local as 65000;\n  neighbor range 10.0.0.0/16 as 64512;\n  hold time 9; keepalive time 3;\n\
          ipv4 { import all; export where source = RTS_BGP; next hop self; };\n}\n",
     )?;
-    let log = std::fs::File::create(dir.join("bird.log"))?;
-    let child = in_ns(un, "bird")
-        .arg("-f")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-s")
-        .arg(dir.join("bird.ctl"))
-        .arg("-P")
-        .arg(dir.join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting bird (apt-get install bird2)")?;
-    Ok(child.id())
+    let (ctl, pid) = (dir.join("bird.ctl"), dir.join("bird.pid"));
+    let args = [std::ffi::OsStr::new("-f"), "-c".as_ref(), conf.as_os_str(), "-s".as_ref(), ctl.as_os_str(), "-P".as_ref(), pid.as_os_str()];
+    spawn_daemon(un, "bird", &args, &dir.join("bird.log"), "apt-get install bird2")
 }
 
 /// gobgpd as the route reflector: every node of 10.0.0.0/16 a client (dynamic neighbours).
@@ -317,17 +315,8 @@ fn start_gobgpd(un: &Netns) -> Result<u32> {
          [[peer-groups.afi-safis]]\n  [peer-groups.afi-safis.config]\n    afi-safi-name = \"ipv4-unicast\"\n\
          [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.0.0.0/16\"\n    peer-group = \"nodes\"\n",
     )?;
-    let log = std::fs::File::create(dir.join("gobgpd.log"))?;
-    let child = in_ns(un, "gobgpd")
-        .arg("-f")
-        .arg(&conf)
-        .args(["--api-hosts", "127.0.0.1:50051"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting gobgpd (apt-get install gobgpd)")?;
-    Ok(child.id())
+    let args = [std::ffi::OsStr::new("-f"), conf.as_os_str(), "--api-hosts".as_ref(), "127.0.0.1:50051".as_ref()];
+    spawn_daemon(un, "gobgpd", &args, &dir.join("gobgpd.log"), "apt-get install gobgpd")
 }
 
 fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
