@@ -317,27 +317,33 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let wm = metrics.clone();
     tokio::spawn(async move {
         let mut w = LeaseWatcher::new(wstore);
-        let mut all: HashMap<LeaseKey, Lease> = HashMap::new();
+        // Events change the published set in place (no copy of every lease per event); the
+        // reconcile loop copies it once per reconcile, however many events came meanwhile.
         loop {
-            match w.next().await {
-                Ok(WatchEvent::Snapshot(s)) => all = s.into_iter().map(|l| (l.key, l)).collect(),
-                Ok(WatchEvent::Lease(LeaseEvent::Added(l) | LeaseEvent::Changed(l))) => {
-                    tracing::info!(lease = %l.key, node = %l.attrs.owner(), "peer lease seen");
-                    all.insert(l.key, l);
-                }
-                Ok(WatchEvent::Lease(LeaseEvent::Removed(k))) => {
-                    tracing::info!(lease = %k, "peer lease gone");
-                    all.remove(&k);
-                }
-                Ok(WatchEvent::Corrupt(c)) => tracing::warn!(key = %c.key, reason = %c.reason, "unreadable lease skipped"),
+            let ev = match w.next().await {
+                Ok(ev) => ev,
                 Err(e) => {
                     tracing::error!(error = %e, "lease watch failed for good");
                     return;
                 }
-            }
+            };
+            leases_tx.send_modify(|set| {
+                let all = set.get_or_insert_with(HashMap::new);
+                match ev {
+                    WatchEvent::Snapshot(s) => *all = s.into_iter().map(|l| (l.key, l)).collect(),
+                    WatchEvent::Lease(LeaseEvent::Added(l) | LeaseEvent::Changed(l)) => {
+                        tracing::info!(lease = %l.key, node = %l.attrs.owner(), "peer lease seen");
+                        all.insert(l.key, l);
+                    }
+                    WatchEvent::Lease(LeaseEvent::Removed(k)) => {
+                        tracing::info!(lease = %k, "peer lease gone");
+                        all.remove(&k);
+                    }
+                    WatchEvent::Corrupt(c) => tracing::warn!(key = %c.key, reason = %c.reason, "unreadable lease skipped"),
+                }
+            });
             wm.store_errors.inner().store(w.errors, Ordering::Relaxed);
-            wm.leases.set(all.len() as i64);
-            let _ = leases_tx.send(Some(all.clone()));
+            wm.leases.set(w.len() as i64);
         }
     });
 
