@@ -99,7 +99,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 pub fn mac_text(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A route the bgp backend learned: a prefix and the next hop its peer gave.
@@ -117,7 +120,9 @@ pub fn vxlan_name(vni: u32) -> String {
 /// The backend data a node publishes in its lease.
 pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::Value {
     match (&cfg.backend, vtep_mac) {
-        (Backend::Vxlan(v), Some(mac)) => serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)}),
+        (Backend::Vxlan(v), Some(mac)) => {
+            serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)})
+        }
         (Backend::Bgp(g), Some(mac)) if g.encapsulation != Encapsulation::Never => {
             serde_json::json!({"VNI": g.vxlan.vni, "VtepMAC": mac_text(&mac)})
         }
@@ -138,20 +143,35 @@ pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
 
 /// The kernel state this node wants, given every lease it knows (its own among them or not)
 /// and, for the bgp backend, the routes BGP learned.
-pub fn plan(cfg: &NetConfig, local: &Local, own: &Lease, leases: &[Lease], rib: &[Learned], vxlan_dev_name: &str, mac: [u8; 6]) -> DesiredState {
+pub fn plan(
+    cfg: &NetConfig,
+    local: &Local,
+    own: &Lease,
+    leases: &[Lease],
+    rib: &[Learned],
+    vxlan_dev_name: &str,
+    mac: [u8; 6],
+) -> DesiredState {
     let mut d = DesiredState {
         pod_mtu: pod_mtu(cfg, local.underlay_mtu),
         ..Default::default()
     };
     let Some(own_v4) = own.key.v4 else { return d };
-    let peers = leases.iter().filter(|l| l.key != own.key && l.attrs.public_ip != local.public_ip);
+    let peers = leases
+        .iter()
+        .filter(|l| l.key != own.key && l.attrs.public_ip != local.public_ip);
     match &cfg.backend {
         Backend::Vxlan(v) => plan_vxlan(&mut d, v, local, own_v4, peers, vxlan_dev_name, mac),
         Backend::HostGw => {
             for p in peers {
                 let Some(sub) = p.key.v4 else { continue };
                 if local.underlay_net.contains(&p.attrs.public_ip) {
-                    d.routes.push(PlannedRoute { dst: sub, via: p.attrs.public_ip, dev: Dev::Underlay, onlink: false });
+                    d.routes.push(PlannedRoute {
+                        dst: sub,
+                        via: p.attrs.public_ip,
+                        dev: Dev::Underlay,
+                        onlink: false,
+                    });
                 } else {
                     d.unreachable.push(Unreachable {
                         lease: p.key,
@@ -175,7 +195,15 @@ pub fn plan(cfg: &NetConfig, local: &Local, own: &Lease, leases: &[Lease], rib: 
     d
 }
 
-fn plan_vxlan<'a>(d: &mut DesiredState, v: &VxlanConf, local: &Local, own: Ipv4Net, peers: impl Iterator<Item = &'a Lease>, name: &str, mac: [u8; 6]) {
+fn plan_vxlan<'a>(
+    d: &mut DesiredState,
+    v: &VxlanConf,
+    local: &Local,
+    own: Ipv4Net,
+    peers: impl Iterator<Item = &'a Lease>,
+    name: &str,
+    mac: [u8; 6],
+) {
     d.vxlan = Some(VxlanDevice {
         name: name.to_string(),
         vni: v.vni,
@@ -191,7 +219,12 @@ fn plan_vxlan<'a>(d: &mut DesiredState, v: &VxlanConf, local: &Local, own: Ipv4N
         let Some(sub) = p.key.v4 else { continue };
         // DirectRouting: a peer on the same L2 network gets a plain route via its address.
         if v.direct_routing && local.underlay_net.contains(&p.attrs.public_ip) {
-            d.routes.push(PlannedRoute { dst: sub, via: p.attrs.public_ip, dev: Dev::Underlay, onlink: false });
+            d.routes.push(PlannedRoute {
+                dst: sub,
+                via: p.attrs.public_ip,
+                dev: Dev::Underlay,
+                onlink: false,
+            });
             continue;
         }
         tunnel_to(d, p, sub);
@@ -201,23 +234,51 @@ fn plan_vxlan<'a>(d: &mut DesiredState, v: &VxlanConf, local: &Local, own: Ipv4N
 /// flannel's kernel-resident design for one peer: an on-link route via the peer's subnet.0,
 /// a permanent neighbour for that address, and an FDB entry sending its MAC to its node.
 fn tunnel_to(d: &mut DesiredState, p: &Lease, sub: Ipv4Net) {
-    let mac = p.attrs.backend_data.get("VtepMAC").and_then(|m| m.as_str()).and_then(parse_mac);
+    let mac = p
+        .attrs
+        .backend_data
+        .get("VtepMAC")
+        .and_then(|m| m.as_str())
+        .and_then(parse_mac);
     let Some(mac) = mac else {
         d.unreachable.push(Unreachable {
             lease: p.key,
-            reason: format!("lease of {} has no valid BackendData.VtepMAC", p.attrs.owner()),
+            reason: format!(
+                "lease of {} has no valid BackendData.VtepMAC",
+                p.attrs.owner()
+            ),
         });
         return;
     };
-    d.routes.push(PlannedRoute { dst: sub, via: sub.network(), dev: Dev::Vxlan, onlink: true });
-    d.neighbours.push(Neighbour { ip: sub.network(), mac });
-    d.fdb.push(FdbEntry { mac, dst: p.attrs.public_ip });
+    d.routes.push(PlannedRoute {
+        dst: sub,
+        via: sub.network(),
+        dev: Dev::Vxlan,
+        onlink: true,
+    });
+    d.neighbours.push(Neighbour {
+        ip: sub.network(),
+        mac,
+    });
+    d.fdb.push(FdbEntry {
+        mac,
+        dst: p.attrs.public_ip,
+    });
 }
 
 /// Calico's design: routes learned by BGP, plain to on-link next hops; through the vxlan tunnel
 /// where `Encapsulation` says so (CrossSubnet: next hops on another segment).
 #[allow(clippy::too_many_arguments)]
-fn plan_bgp(d: &mut DesiredState, g: &BgpConf, local: &Local, own: Ipv4Net, leases: &[Lease], rib: &[Learned], name: &str, mac: [u8; 6]) {
+fn plan_bgp(
+    d: &mut DesiredState,
+    g: &BgpConf,
+    local: &Local,
+    own: Ipv4Net,
+    leases: &[Lease],
+    rib: &[Learned],
+    name: &str,
+    mac: [u8; 6],
+) {
     if g.encapsulation != Encapsulation::Never {
         d.vxlan = Some(VxlanDevice {
             name: name.to_string(),
@@ -233,7 +294,10 @@ fn plan_bgp(d: &mut DesiredState, g: &BgpConf, local: &Local, own: Ipv4Net, leas
     }
     let mut seen = std::collections::HashSet::new();
     for l in rib {
-        if own.contains(&l.prefix.network()) || l.next_hop == local.public_ip || !seen.insert(l.prefix) {
+        if own.contains(&l.prefix.network())
+            || l.next_hop == local.public_ip
+            || !seen.insert(l.prefix)
+        {
             continue;
         }
         let on_link = local.underlay_net.contains(&l.next_hop);
@@ -245,14 +309,22 @@ fn plan_bgp(d: &mut DesiredState, g: &BgpConf, local: &Local, own: Ipv4Net, leas
         let peer = leases.iter().find(|p| p.attrs.public_ip == l.next_hop);
         match (encap, on_link, peer) {
             (true, _, Some(p)) => tunnel_to(d, p, l.prefix),
-            (false, true, _) => d.routes.push(PlannedRoute { dst: l.prefix, via: l.next_hop, dev: Dev::Underlay, onlink: false }),
+            (false, true, _) => d.routes.push(PlannedRoute {
+                dst: l.prefix,
+                via: l.next_hop,
+                dev: Dev::Underlay,
+                onlink: false,
+            }),
             (true, _, None) => d.unreachable.push(Unreachable {
                 lease: LeaseKey::v4(l.prefix),
                 reason: format!("no lease holds next hop {} to tunnel to", l.next_hop),
             }),
             (false, false, _) => d.unreachable.push(Unreachable {
                 lease: LeaseKey::v4(l.prefix),
-                reason: format!("next hop {} is not on-link and Encapsulation is Never", l.next_hop),
+                reason: format!(
+                    "next hop {} is not on-link and Encapsulation is Never",
+                    l.next_hop
+                ),
             }),
         }
     }
@@ -272,36 +344,103 @@ mod tests {
         if let Some(m) = mac {
             attrs.backend_data = serde_json::json!({"VNI": 1, "VtepMAC": m});
         }
-        Lease { key: sub.parse().unwrap(), attrs, expiry: Expiry::Unknown }
+        Lease {
+            key: sub.parse().unwrap(),
+            attrs,
+            expiry: Expiry::Unknown,
+        }
     }
 
     fn local() -> Local {
-        Local { public_ip: "10.0.1.1".parse().unwrap(), underlay_net: "10.0.1.1/24".parse().unwrap(), underlay_dev: "eth0".into(), underlay_mtu: 1500 }
+        Local {
+            public_ip: "10.0.1.1".parse().unwrap(),
+            underlay_net: "10.0.1.1/24".parse().unwrap(),
+            underlay_dev: "eth0".into(),
+            underlay_mtu: 1500,
+        }
     }
 
     #[test]
     fn vxlan_programs_route_neighbour_and_fdb_per_peer() {
         let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let peers = vec![own.clone(), lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
-        let d = plan(&c, &local(), &own, &peers, &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let peers = vec![
+            own.clone(),
+            lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")),
+            lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03")),
+        ];
+        let d = plan(
+            &c,
+            &local(),
+            &own,
+            &peers,
+            &[],
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
         let vx = d.vxlan.unwrap();
-        assert_eq!((vx.vni, vx.port, vx.mtu, vx.address.to_string()), (1, 8472, 1450, "10.244.1.0".into()));
+        assert_eq!(
+            (vx.vni, vx.port, vx.mtu, vx.address.to_string()),
+            (1, 8472, 1450, "10.244.1.0".into())
+        );
         assert_eq!(d.routes.len(), 2);
-        assert_eq!(d.routes[0], PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.244.2.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true });
-        assert_eq!(d.neighbours[1], Neighbour { ip: "10.244.3.0".parse().unwrap(), mac: [0x0e, 0, 0, 0, 0, 3] });
-        assert_eq!(d.fdb[0], FdbEntry { mac: [0x0e, 0, 0, 0, 0, 2], dst: "10.0.1.2".parse().unwrap() });
+        assert_eq!(
+            d.routes[0],
+            PlannedRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                via: "10.244.2.0".parse().unwrap(),
+                dev: Dev::Vxlan,
+                onlink: true
+            }
+        );
+        assert_eq!(
+            d.neighbours[1],
+            Neighbour {
+                ip: "10.244.3.0".parse().unwrap(),
+                mac: [0x0e, 0, 0, 0, 0, 3]
+            }
+        );
+        assert_eq!(
+            d.fdb[0],
+            FdbEntry {
+                mac: [0x0e, 0, 0, 0, 0, 2],
+                dst: "10.0.1.2".parse().unwrap()
+            }
+        );
         assert_eq!(d.pod_mtu, 1450);
     }
 
     #[test]
     fn direct_routing_routes_l2_neighbours_and_tunnels_the_rest() {
-        let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#);
+        let c = cfg(
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#,
+        );
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let peers = vec![lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
-        let d = plan(&c, &local(), &own, &peers, &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
-        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }));
-        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.3.0/24".parse().unwrap(), via: "10.244.3.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true }));
+        let peers = vec![
+            lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")),
+            lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03")),
+        ];
+        let d = plan(
+            &c,
+            &local(),
+            &own,
+            &peers,
+            &[],
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
+        assert!(d.routes.contains(&PlannedRoute {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            via: "10.0.1.2".parse().unwrap(),
+            dev: Dev::Underlay,
+            onlink: false
+        }));
+        assert!(d.routes.contains(&PlannedRoute {
+            dst: "10.244.3.0/24".parse().unwrap(),
+            via: "10.244.3.0".parse().unwrap(),
+            dev: Dev::Vxlan,
+            onlink: true
+        }));
         assert_eq!(d.fdb.len(), 1);
     }
 
@@ -309,10 +448,29 @@ mod tests {
     fn host_gw_reports_off_link_peers() {
         let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", None);
-        let peers = vec![lease("10.244.2.0-24", "10.0.1.2", None), lease("10.244.3.0-24", "10.0.2.3", None)];
-        let d = plan(&c, &local(), &own, &peers, &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let peers = vec![
+            lease("10.244.2.0-24", "10.0.1.2", None),
+            lease("10.244.3.0-24", "10.0.2.3", None),
+        ];
+        let d = plan(
+            &c,
+            &local(),
+            &own,
+            &peers,
+            &[],
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
         assert!(d.vxlan.is_none());
-        assert_eq!(d.routes, vec![PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }]);
+        assert_eq!(
+            d.routes,
+            vec![PlannedRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                via: "10.0.1.2".parse().unwrap(),
+                dev: Dev::Underlay,
+                onlink: false
+            }]
+        );
         assert_eq!(d.unreachable.len(), 1);
         assert!(d.unreachable[0].reason.contains("not on-link"));
         assert_eq!(d.pod_mtu, 1500);
@@ -322,7 +480,15 @@ mod tests {
     fn a_peer_without_vtep_mac_is_reported() {
         let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let d = plan(&c, &local(), &own, &[lease("10.244.2.0-24", "10.0.1.2", None)], &[], "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let d = plan(
+            &c,
+            &local(),
+            &own,
+            &[lease("10.244.2.0-24", "10.0.1.2", None)],
+            &[],
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
         assert!(d.routes.is_empty());
         assert_eq!(d.unreachable.len(), 1);
     }
@@ -331,30 +497,80 @@ mod tests {
     fn bgp_routes_plainly_on_link_and_tunnels_cross_subnet() {
         let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let leases = vec![lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")), lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03"))];
-        let rib = vec![
-            Learned { prefix: "10.244.2.0/24".parse().unwrap(), next_hop: "10.0.1.2".parse().unwrap() },
-            Learned { prefix: "10.244.3.0/24".parse().unwrap(), next_hop: "10.0.2.3".parse().unwrap() },
-            Learned { prefix: "10.244.1.0/24".parse().unwrap(), next_hop: "10.0.1.9".parse().unwrap() }, // our own: never
+        let leases = vec![
+            lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")),
+            lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03")),
         ];
-        let d = plan(&c, &local(), &own, &leases, &rib, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let rib = vec![
+            Learned {
+                prefix: "10.244.2.0/24".parse().unwrap(),
+                next_hop: "10.0.1.2".parse().unwrap(),
+            },
+            Learned {
+                prefix: "10.244.3.0/24".parse().unwrap(),
+                next_hop: "10.0.2.3".parse().unwrap(),
+            },
+            Learned {
+                prefix: "10.244.1.0/24".parse().unwrap(),
+                next_hop: "10.0.1.9".parse().unwrap(),
+            }, // our own: never
+        ];
+        let d = plan(
+            &c,
+            &local(),
+            &own,
+            &leases,
+            &rib,
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
         assert_eq!(d.routes.len(), 2);
-        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.2.0/24".parse().unwrap(), via: "10.0.1.2".parse().unwrap(), dev: Dev::Underlay, onlink: false }));
-        assert!(d.routes.contains(&PlannedRoute { dst: "10.244.3.0/24".parse().unwrap(), via: "10.244.3.0".parse().unwrap(), dev: Dev::Vxlan, onlink: true }));
+        assert!(d.routes.contains(&PlannedRoute {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            via: "10.0.1.2".parse().unwrap(),
+            dev: Dev::Underlay,
+            onlink: false
+        }));
+        assert!(d.routes.contains(&PlannedRoute {
+            dst: "10.244.3.0/24".parse().unwrap(),
+            via: "10.244.3.0".parse().unwrap(),
+            dev: Dev::Vxlan,
+            onlink: true
+        }));
         assert_eq!(d.pod_mtu, 1450);
-        let never = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "Never"}}"#);
-        let d = plan(&never, &local(), &own, &leases, &rib, "weft.1", [0x0e, 0, 0, 0, 0, 1]);
+        let never = cfg(
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "Never"}}"#,
+        );
+        let d = plan(
+            &never,
+            &local(),
+            &own,
+            &leases,
+            &rib,
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
         assert!(d.vxlan.is_none());
         assert_eq!(d.routes.len(), 1);
-        assert_eq!(d.unreachable.len(), 1, "off-link next hop without a tunnel is reported");
+        assert_eq!(
+            d.unreachable.len(),
+            1,
+            "off-link next hop without a tunnel is reported"
+        );
         assert_eq!(d.pod_mtu, 1500);
     }
 
     #[test]
     fn macs_parse() {
-        assert_eq!(parse_mac("0e:2a:00:ff:10:01"), Some([0x0e, 0x2a, 0, 0xff, 0x10, 1]));
+        assert_eq!(
+            parse_mac("0e:2a:00:ff:10:01"),
+            Some([0x0e, 0x2a, 0, 0xff, 0x10, 1])
+        );
         assert_eq!(parse_mac("0e:2a:00:ff:10"), None);
         assert_eq!(parse_mac("0e:2a:00:ff:10:01:02"), None);
-        assert_eq!(mac_text(&[0x0e, 0x2a, 0, 0xff, 0x10, 1]), "0e:2a:00:ff:10:01");
+        assert_eq!(
+            mac_text(&[0x0e, 0x2a, 0, 0xff, 0x10, 1]),
+            "0e:2a:00:ff:10:01"
+        );
     }
 }

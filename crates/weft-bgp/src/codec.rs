@@ -50,18 +50,33 @@ pub struct Notify {
 }
 
 fn notify(code: u8, subcode: u8, data: &[u8], reason: impl Into<String>) -> Notify {
-    Notify { code, subcode, data: data.to_vec(), reason: reason.into() }
+    Notify {
+        code,
+        subcode,
+        data: data.to_vec(),
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Capability {
-    MultiProtocol { afi: u16, safi: u8 },
+    MultiProtocol {
+        afi: u16,
+        safi: u8,
+    },
     RouteRefresh,
     /// RFC 4724: restart time (seconds, 12 bits), the restarting bit, and per family whether
     /// forwarding state was kept.
-    GracefulRestart { restarting: bool, time: u16, families: Vec<(u16, u8, bool)> },
+    GracefulRestart {
+        restarting: bool,
+        time: u16,
+        families: Vec<(u16, u8, bool)>,
+    },
     FourOctetAs(u32),
-    Unknown { code: u8, data: Vec<u8> },
+    Unknown {
+        code: u8,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,9 +135,16 @@ pub struct Update {
 pub enum Message {
     Open(Open),
     Update(Update),
-    Notification { code: u8, subcode: u8, data: Vec<u8> },
+    Notification {
+        code: u8,
+        subcode: u8,
+        data: Vec<u8>,
+    },
     Keepalive,
-    RouteRefresh { afi: u16, safi: u8 },
+    RouteRefresh {
+        afi: u16,
+        safi: u8,
+    },
 }
 
 /// What the two speakers agreed on; decoding and encoding depend on it.
@@ -137,11 +159,21 @@ pub fn frame(buf: &[u8]) -> Result<Option<usize>, Notify> {
         return Ok(None);
     }
     if buf[..16] != MARKER {
-        return Err(notify(err::HEADER, err::HEADER_NOT_SYNC, &[], "marker is not all ones"));
+        return Err(notify(
+            err::HEADER,
+            err::HEADER_NOT_SYNC,
+            &[],
+            "marker is not all ones",
+        ));
     }
     let len = u16::from_be_bytes([buf[16], buf[17]]) as usize;
     if !(HEADER_LEN..=MAX_LEN).contains(&len) {
-        return Err(notify(err::HEADER, err::HEADER_BAD_LENGTH, &buf[16..18], format!("message length {len}")));
+        return Err(notify(
+            err::HEADER,
+            err::HEADER_BAD_LENGTH,
+            &buf[16..18],
+            format!("message length {len}"),
+        ));
     }
     Ok((buf.len() >= len).then_some(len))
 }
@@ -167,7 +199,8 @@ impl<'a> Rd<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn ipv4(&mut self) -> Option<Ipv4Addr> {
         self.u32().map(Ipv4Addr::from)
@@ -178,11 +211,25 @@ impl<'a> Rd<'a> {
 pub fn decode(msg: &[u8], s: Session) -> Result<Message, Notify> {
     let len = match frame(msg)? {
         Some(l) if l == msg.len() => l,
-        _ => return Err(notify(err::HEADER, err::HEADER_BAD_LENGTH, &[], "length field does not match the message")),
+        _ => {
+            return Err(notify(
+                err::HEADER,
+                err::HEADER_BAD_LENGTH,
+                &[],
+                "length field does not match the message",
+            ))
+        }
     };
     let ty = msg[18];
     let body = &msg[HEADER_LEN..len];
-    let bad_len = || notify(err::HEADER, err::HEADER_BAD_LENGTH, &msg[16..18], format!("length {len} is wrong for message type {ty}"));
+    let bad_len = || {
+        notify(
+            err::HEADER,
+            err::HEADER_BAD_LENGTH,
+            &msg[16..18],
+            format!("length {len} is wrong for message type {ty}"),
+        )
+    };
     match ty {
         1 => decode_open(body).map(Message::Open),
         2 => decode_update(body, s).map(Message::Update),
@@ -190,13 +237,25 @@ pub fn decode(msg: &[u8], s: Session) -> Result<Message, Notify> {
             if body.len() < 2 {
                 return Err(bad_len());
             }
-            Ok(Message::Notification { code: body[0], subcode: body[1], data: body[2..].to_vec() })
+            Ok(Message::Notification {
+                code: body[0],
+                subcode: body[1],
+                data: body[2..].to_vec(),
+            })
         }
         4 if body.is_empty() => Ok(Message::Keepalive),
         4 => Err(bad_len()),
-        5 if body.len() == 4 => Ok(Message::RouteRefresh { afi: u16::from_be_bytes([body[0], body[1]]), safi: body[3] }),
+        5 if body.len() == 4 => Ok(Message::RouteRefresh {
+            afi: u16::from_be_bytes([body[0], body[1]]),
+            safi: body[3],
+        }),
         5 => Err(bad_len()),
-        t => Err(notify(err::HEADER, err::HEADER_BAD_TYPE, &[t], format!("unknown message type {t}"))),
+        t => Err(notify(
+            err::HEADER,
+            err::HEADER_BAD_TYPE,
+            &[t],
+            format!("unknown message type {t}"),
+        )),
     }
 }
 
@@ -205,21 +264,41 @@ fn decode_open(body: &[u8]) -> Result<Open, Notify> {
     let mut r = Rd { b: body };
     let version = r.u8().ok_or_else(short)?;
     if version != 4 {
-        return Err(notify(err::OPEN, err::OPEN_VERSION, &[0, 4], format!("BGP version {version}")));
+        return Err(notify(
+            err::OPEN,
+            err::OPEN_VERSION,
+            &[0, 4],
+            format!("BGP version {version}"),
+        ));
     }
     let my_as = r.u16().ok_or_else(short)?;
     let hold_time = r.u16().ok_or_else(short)?;
     if hold_time == 1 || hold_time == 2 {
-        return Err(notify(err::OPEN, err::OPEN_HOLD_TIME, &[], format!("hold time {hold_time} (must be 0 or at least 3)")));
+        return Err(notify(
+            err::OPEN,
+            err::OPEN_HOLD_TIME,
+            &[],
+            format!("hold time {hold_time} (must be 0 or at least 3)"),
+        ));
     }
     let router_id = r.ipv4().ok_or_else(short)?;
     if router_id.is_unspecified() {
-        return Err(notify(err::OPEN, err::OPEN_BAD_ID, &[], "BGP identifier 0.0.0.0"));
+        return Err(notify(
+            err::OPEN,
+            err::OPEN_BAD_ID,
+            &[],
+            "BGP identifier 0.0.0.0",
+        ));
     }
     let plen = r.u8().ok_or_else(short)? as usize;
     let params = r.take(plen).ok_or_else(short)?;
     if !r.b.is_empty() {
-        return Err(notify(err::HEADER, err::HEADER_BAD_LENGTH, &[], "OPEN longer than its parameters"));
+        return Err(notify(
+            err::HEADER,
+            err::HEADER_BAD_LENGTH,
+            &[],
+            "OPEN longer than its parameters",
+        ));
     }
     let mut caps = Vec::new();
     let mut p = Rd { b: params };
@@ -229,21 +308,43 @@ fn decode_open(body: &[u8]) -> Result<Open, Notify> {
         let l = p.u8().ok_or_else(malformed)? as usize;
         let v = p.take(l).ok_or_else(malformed)?;
         if ptype != 2 {
-            return Err(notify(err::OPEN, err::OPEN_UNSUPPORTED_PARAM, &[], format!("optional parameter type {ptype}")));
+            return Err(notify(
+                err::OPEN,
+                err::OPEN_UNSUPPORTED_PARAM,
+                &[],
+                format!("optional parameter type {ptype}"),
+            ));
         }
         let mut c = Rd { b: v };
         while !c.b.is_empty() {
             let code = c.u8().ok_or_else(malformed)?;
             let cl = c.u8().ok_or_else(malformed)? as usize;
             let cv = c.take(cl).ok_or_else(malformed)?;
-            caps.push(decode_capability(code, cv).ok_or_else(|| notify(err::OPEN, 0, &[], format!("malformed capability {code}")))?);
+            caps.push(decode_capability(code, cv).ok_or_else(|| {
+                notify(err::OPEN, 0, &[], format!("malformed capability {code}"))
+            })?);
         }
     }
-    let asn = caps.iter().find_map(|c| if let Capability::FourOctetAs(a) = c { Some(*a) } else { None }).unwrap_or(my_as as u32);
+    let asn = caps
+        .iter()
+        .find_map(|c| {
+            if let Capability::FourOctetAs(a) = c {
+                Some(*a)
+            } else {
+                None
+            }
+        })
+        .unwrap_or(my_as as u32);
     if asn == 0 {
         return Err(notify(err::OPEN, err::OPEN_BAD_PEER_AS, &[], "AS 0"));
     }
-    Ok(Open { version, asn, hold_time, router_id, capabilities: caps })
+    Ok(Open {
+        version,
+        asn,
+        hold_time,
+        router_id,
+        capabilities: caps,
+    })
 }
 
 fn decode_capability(code: u8, v: &[u8]) -> Option<Capability> {
@@ -264,11 +365,18 @@ fn decode_capability(code: u8, v: &[u8]) -> Option<Capability> {
                 let flags = r.u8()?;
                 families.push((afi, safi, flags & 0x80 != 0));
             }
-            Capability::GracefulRestart { restarting: w & 0x8000 != 0, time: w & 0x0fff, families }
+            Capability::GracefulRestart {
+                restarting: w & 0x8000 != 0,
+                time: w & 0x0fff,
+                families,
+            }
         }
         65 if v.len() == 4 => Capability::FourOctetAs(r.u32()?),
         1 | 2 | 64 | 65 => return None,
-        _ => Capability::Unknown { code, data: v.to_vec() },
+        _ => Capability::Unknown {
+            code,
+            data: v.to_vec(),
+        },
     })
 }
 
@@ -300,23 +408,63 @@ fn encode_prefixes(out: &mut Vec<u8>, ps: &[Ipv4Net]) {
 }
 
 fn decode_update(body: &[u8], s: Session) -> Result<Update, Notify> {
-    let malformed = |why: &str| notify(err::UPDATE, err::UPDATE_MALFORMED_ATTRS, &[], why.to_string());
+    let malformed = |why: &str| {
+        notify(
+            err::UPDATE,
+            err::UPDATE_MALFORMED_ATTRS,
+            &[],
+            why.to_string(),
+        )
+    };
     let mut r = Rd { b: body };
-    let wl = r.u16().ok_or_else(|| malformed("no withdrawn-routes length"))? as usize;
-    let wb = r.take(wl).ok_or_else(|| malformed("withdrawn routes overrun the message"))?;
-    let al = r.u16().ok_or_else(|| malformed("no path-attributes length"))? as usize;
-    let ab = r.take(al).ok_or_else(|| malformed("path attributes overrun the message"))?;
-    let withdrawn = decode_prefixes(wb).ok_or_else(|| notify(err::UPDATE, err::UPDATE_INVALID_NETWORK, &[], "malformed withdrawn routes"))?;
-    let nlri = decode_prefixes(r.b).ok_or_else(|| notify(err::UPDATE, err::UPDATE_INVALID_NETWORK, &[], "malformed NLRI"))?;
-    let mut u = Update { withdrawn, nlri, ..Default::default() };
+    let wl = r
+        .u16()
+        .ok_or_else(|| malformed("no withdrawn-routes length"))? as usize;
+    let wb = r
+        .take(wl)
+        .ok_or_else(|| malformed("withdrawn routes overrun the message"))?;
+    let al = r
+        .u16()
+        .ok_or_else(|| malformed("no path-attributes length"))? as usize;
+    let ab = r
+        .take(al)
+        .ok_or_else(|| malformed("path attributes overrun the message"))?;
+    let withdrawn = decode_prefixes(wb).ok_or_else(|| {
+        notify(
+            err::UPDATE,
+            err::UPDATE_INVALID_NETWORK,
+            &[],
+            "malformed withdrawn routes",
+        )
+    })?;
+    let nlri = decode_prefixes(r.b).ok_or_else(|| {
+        notify(
+            err::UPDATE,
+            err::UPDATE_INVALID_NETWORK,
+            &[],
+            "malformed NLRI",
+        )
+    })?;
+    let mut u = Update {
+        withdrawn,
+        nlri,
+        ..Default::default()
+    };
     let mut a = Rd { b: ab };
     let mut seen = [false; 256];
     while !a.b.is_empty() {
         // The attribute's framing must hold, or nothing after it can be trusted (RFC 7606 §4).
         let flags = a.u8().ok_or_else(|| malformed("truncated attribute"))?;
         let code = a.u8().ok_or_else(|| malformed("truncated attribute"))?;
-        let l = if flags & 0x10 != 0 { a.u16().map(|v| v as usize) } else { a.u8().map(|v| v as usize) }.ok_or_else(|| malformed("truncated attribute length"))?;
-        let v = a.take(l).ok_or_else(|| malformed("attribute overruns the attributes"))?;
+        let l = if flags & 0x10 != 0 {
+            a.u16().map(|v| v as usize)
+        } else {
+            a.u8().map(|v| v as usize)
+        }
+        .ok_or_else(|| malformed("truncated attribute length"))?;
+        let v = a
+            .take(l)
+            .ok_or_else(|| malformed("attribute overruns the attributes"))?;
         if std::mem::replace(&mut seen[code as usize], true) {
             if matches!(code, 14 | 15) {
                 return Err(malformed("MP_REACH_NLRI or MP_UNREACH_NLRI twice"));
@@ -359,18 +507,40 @@ fn decode_update(body: &[u8], s: Session) -> Result<Update, Notify> {
                 (4, Some(id)) => u.attrs.originator_id = Some(id),
                 _ => tw("malformed ORIGINATOR_ID".into()),
             },
-            10 if l % 4 == 0 => u.attrs.cluster_list = v.chunks(4).map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3])).collect(),
-            10 => tw("malformed CLUSTER_LIST".into()),
-            6 | 7 | 14 | 15 => u.attrs.other.push(RawAttr { flags, code, value: v.to_vec() }),
-            _ if flags & 0x80 == 0 => {
-                return Err(notify(err::UPDATE, err::UPDATE_UNRECOGNIZED_WELL_KNOWN, &[flags, code], format!("unrecognized well-known attribute {code}")));
+            10 if l % 4 == 0 => {
+                u.attrs.cluster_list = v
+                    .chunks(4)
+                    .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
+                    .collect()
             }
-            _ => u.attrs.other.push(RawAttr { flags, code, value: v.to_vec() }),
+            10 => tw("malformed CLUSTER_LIST".into()),
+            6 | 7 | 14 | 15 => u.attrs.other.push(RawAttr {
+                flags,
+                code,
+                value: v.to_vec(),
+            }),
+            _ if flags & 0x80 == 0 => {
+                return Err(notify(
+                    err::UPDATE,
+                    err::UPDATE_UNRECOGNIZED_WELL_KNOWN,
+                    &[flags, code],
+                    format!("unrecognized well-known attribute {code}"),
+                ));
+            }
+            _ => u.attrs.other.push(RawAttr {
+                flags,
+                code,
+                value: v.to_vec(),
+            }),
         }
     }
     // RFC 7606 §3.d: missing well-known mandatory attributes withdraw the routes.
     if !u.nlri.is_empty() && u.treat_as_withdraw.is_none() {
-        for (have, name) in [(u.attrs.origin.is_some(), "ORIGIN"), (seen[2], "AS_PATH"), (u.attrs.next_hop.is_some(), "NEXT_HOP")] {
+        for (have, name) in [
+            (u.attrs.origin.is_some(), "ORIGIN"),
+            (seen[2], "AS_PATH"),
+            (u.attrs.next_hop.is_some(), "NEXT_HOP"),
+        ] {
             if !have {
                 u.treat_as_withdraw = Some(format!("missing {name}"));
                 break;
@@ -393,7 +563,13 @@ fn decode_as_path(v: &[u8], four: bool) -> Option<Vec<Segment>> {
         let raw = r.take(n * w)?;
         let asns: Vec<u32> = raw
             .chunks(w)
-            .map(|c| if four { u32::from_be_bytes([c[0], c[1], c[2], c[3]]) } else { u16::from_be_bytes([c[0], c[1]]) as u32 })
+            .map(|c| {
+                if four {
+                    u32::from_be_bytes([c[0], c[1], c[2], c[3]])
+                } else {
+                    u16::from_be_bytes([c[0], c[1]]) as u32
+                }
+            })
             .collect();
         out.push(match t {
             1 => Segment::Set(asns),
@@ -431,16 +607,26 @@ pub fn encode(m: &Message, s: Session) -> Vec<u8> {
         Message::Open(o) => {
             header(&mut out, 1);
             out.push(o.version);
-            let two = if o.asn > u16::MAX as u32 { AS_TRANS } else { o.asn as u16 };
+            let two = if o.asn > u16::MAX as u32 {
+                AS_TRANS
+            } else {
+                o.asn as u16
+            };
             out.extend_from_slice(&two.to_be_bytes());
             out.extend_from_slice(&o.hold_time.to_be_bytes());
             out.extend_from_slice(&o.router_id.octets());
             let mut caps = Vec::new();
             for c in &o.capabilities {
                 let (code, v) = match c {
-                    Capability::MultiProtocol { afi, safi } => (1, [afi.to_be_bytes().as_slice(), &[0, *safi]].concat()),
+                    Capability::MultiProtocol { afi, safi } => {
+                        (1, [afi.to_be_bytes().as_slice(), &[0, *safi]].concat())
+                    }
                     Capability::RouteRefresh => (2, Vec::new()),
-                    Capability::GracefulRestart { restarting, time, families } => {
+                    Capability::GracefulRestart {
+                        restarting,
+                        time,
+                        families,
+                    } => {
                         let w = (if *restarting { 0x8000 } else { 0 }) | (time & 0x0fff);
                         let mut v = w.to_be_bytes().to_vec();
                         for (afi, safi, fwd) in families {
@@ -485,7 +671,11 @@ pub fn encode(m: &Message, s: Session) -> Vec<u8> {
                         if s.four_octet_as {
                             p.extend_from_slice(&asn.to_be_bytes());
                         } else {
-                            let two = if *asn > u16::MAX as u32 { AS_TRANS } else { *asn as u16 };
+                            let two = if *asn > u16::MAX as u32 {
+                                AS_TRANS
+                            } else {
+                                *asn as u16
+                            };
                             p.extend_from_slice(&two.to_be_bytes());
                         }
                     }
@@ -515,7 +705,11 @@ pub fn encode(m: &Message, s: Session) -> Vec<u8> {
             out.extend_from_slice(&at);
             encode_prefixes(&mut out, &u.nlri);
         }
-        Message::Notification { code, subcode, data } => {
+        Message::Notification {
+            code,
+            subcode,
+            data,
+        } => {
             header(&mut out, 3);
             out.extend_from_slice(&[*code, *subcode]);
             out.extend_from_slice(data);

@@ -19,11 +19,22 @@ use tokio::time::Instant;
 /// What the speaker reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Up { peer: IpAddr, negotiated: Negotiated },
-    Update { peer: IpAddr, update: Update },
-    Down { peer: IpAddr, reason: String },
+    Up {
+        peer: IpAddr,
+        negotiated: Negotiated,
+    },
+    Update {
+        peer: IpAddr,
+        update: Update,
+    },
+    Down {
+        peer: IpAddr,
+        reason: String,
+    },
     /// A connection from an address that is no peer, closed unread.
-    Refused { from: IpAddr },
+    Refused {
+        from: IpAddr,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -51,7 +62,10 @@ pub fn set_md5(fd: std::os::fd::RawFd, peer: IpAddr, key: &[u8]) -> std::io::Res
         key: [u8; 80],
     }
     if key.len() > 80 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a TCP MD5 key is at most 80 bytes"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a TCP MD5 key is at most 80 bytes",
+        ));
     }
     // SAFETY: a zeroed plain-old-data struct, filled field by field, passed with its size.
     unsafe {
@@ -70,7 +84,13 @@ pub fn set_md5(fd: std::os::fd::RawFd, peer: IpAddr, key: &[u8]) -> std::io::Res
         }
         sig.keylen = key.len() as u16;
         sig.key[..key.len()].copy_from_slice(key);
-        let rc = libc::setsockopt(fd, libc::IPPROTO_TCP, TCP_MD5SIG, &sig as *const TcpMd5Sig as *const libc::c_void, std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t);
+        let rc = libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_MD5SIG,
+            &sig as *const TcpMd5Sig as *const libc::c_void,
+            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+        );
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -107,12 +127,25 @@ impl Speaker {
         let local = listener.local_addr()?;
         let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let (events, rx) = mpsc::channel(1024);
-        let sp = Speaker { peers: Arc::new(Mutex::new(Peers { tasks: HashMap::new() })), events, local, listen_fd };
+        let sp = Speaker {
+            peers: Arc::new(Mutex::new(Peers {
+                tasks: HashMap::new(),
+            })),
+            events,
+            local,
+            listen_fd,
+        };
         let s2 = sp.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((sock, from)) = listener.accept().await else { continue };
-                let tx = s2.peers.lock().ok().and_then(|p| p.tasks.get(&from.ip()).cloned());
+                let Ok((sock, from)) = listener.accept().await else {
+                    continue;
+                };
+                let tx = s2
+                    .peers
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.tasks.get(&from.ip()).cloned());
                 match tx {
                     Some(tx) => {
                         let _ = tx.send(Cmd::Conn(sock)).await;
@@ -136,11 +169,18 @@ impl Speaker {
         if let Some(pw) = &p.password {
             // Connections from this peer must be signed with its key (RFC 2385).
             if let Err(e) = set_md5(self.listen_fd, p.address, pw.as_bytes()) {
-                let _ = self.events.try_send(Event::Down { peer: p.address, reason: format!("TCP MD5 on the listener: {e}") });
+                let _ = self.events.try_send(Event::Down {
+                    peer: p.address,
+                    reason: format!("TCP MD5 on the listener: {e}"),
+                });
             }
         }
         let (tx, rx) = mpsc::channel(256);
-        let old = self.peers.lock().ok().and_then(|mut g| g.tasks.insert(p.address, tx));
+        let old = self
+            .peers
+            .lock()
+            .ok()
+            .and_then(|mut g| g.tasks.insert(p.address, tx));
         if let Some(old) = old {
             let _ = old.try_send(Cmd::Stop);
         }
@@ -149,7 +189,12 @@ impl Speaker {
 
     /// Ends the session with a peer (CEASE) and forgets it.
     pub fn remove_peer(&self, addr: IpAddr) {
-        if let Some(tx) = self.peers.lock().ok().and_then(|mut g| g.tasks.remove(&addr)) {
+        if let Some(tx) = self
+            .peers
+            .lock()
+            .ok()
+            .and_then(|mut g| g.tasks.remove(&addr))
+        {
             let _ = tx.try_send(Cmd::Stop);
         }
     }
@@ -161,7 +206,11 @@ impl Speaker {
 
     /// Sends an UPDATE to some peers.
     pub async fn announce_to(&self, u: Update, to: &[IpAddr]) {
-        let txs: Vec<_> = self.peers.lock().map(|g| to.iter().filter_map(|a| g.tasks.get(a).cloned()).collect()).unwrap_or_default();
+        let txs: Vec<_> = self
+            .peers
+            .lock()
+            .map(|g| to.iter().filter_map(|a| g.tasks.get(a).cloned()).collect())
+            .unwrap_or_default();
         for tx in txs {
             let _ = tx.send(Cmd::Announce(u.clone())).await;
         }
@@ -172,7 +221,13 @@ impl Speaker {
         let txs: Vec<_> = self
             .peers
             .lock()
-            .map(|g| g.tasks.iter().filter(|(a, _)| Some(**a) != except).map(|(_, t)| t.clone()).collect())
+            .map(|g| {
+                g.tasks
+                    .iter()
+                    .filter(|(a, _)| Some(**a) != except)
+                    .map(|(_, t)| t.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         for tx in txs {
             let _ = tx.send(Cmd::Announce(u.clone())).await;
@@ -180,7 +235,12 @@ impl Speaker {
     }
 }
 
-async fn run_peer(p: PeerConfig, mut cmds: mpsc::Receiver<Cmd>, events: mpsc::Sender<Event>, local: IpAddr) {
+async fn run_peer(
+    p: PeerConfig,
+    mut cmds: mpsc::Receiver<Cmd>,
+    events: mpsc::Sender<Event>,
+    local: IpAddr,
+) {
     let mut fsm = Fsm::new(p.fsm.clone());
     let mut sock: Option<TcpStream> = None;
     let mut timers: HashMap<Timer, Instant> = HashMap::new();
@@ -196,10 +256,18 @@ async fn run_peer(p: PeerConfig, mut cmds: mpsc::Receiver<Cmd>, events: mpsc::Se
                         let target = SocketAddr::new(p.address, p.port);
                         let bind = SocketAddr::new(local, 0);
                         let r = async {
-                            let s = if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                            let s = if local.is_ipv4() {
+                                tokio::net::TcpSocket::new_v4()?
+                            } else {
+                                tokio::net::TcpSocket::new_v6()?
+                            };
                             s.bind(bind)?;
                             if let Some(pw) = &p.password {
-                                set_md5(std::os::fd::AsRawFd::as_raw_fd(&s), p.address, pw.as_bytes())?;
+                                set_md5(
+                                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                                    p.address,
+                                    pw.as_bytes(),
+                                )?;
                             }
                             tokio::time::timeout(Duration::from_secs(5), s.connect(target)).await?
                         }
@@ -231,20 +299,39 @@ async fn run_peer(p: PeerConfig, mut cmds: mpsc::Receiver<Cmd>, events: mpsc::Se
                     }
                     Output::Disconnect => sock = None,
                     Output::Established(n) => {
-                        let _ = events.send(Event::Up { peer: p.address, negotiated: n }).await;
+                        let _ = events
+                            .send(Event::Up {
+                                peer: p.address,
+                                negotiated: n,
+                            })
+                            .await;
                     }
                     Output::Update(u) => {
-                        let _ = events.send(Event::Update { peer: p.address, update: u }).await;
+                        let _ = events
+                            .send(Event::Update {
+                                peer: p.address,
+                                update: u,
+                            })
+                            .await;
                     }
                     Output::RouteRefreshRequested => {}
                     Output::Down(reason) => {
-                        let _ = events.send(Event::Down { peer: p.address, reason }).await;
+                        let _ = events
+                            .send(Event::Down {
+                                peer: p.address,
+                                reason,
+                            })
+                            .await;
                     }
                 }
             }
             pending = next;
         }
-        let (timer, at) = timers.iter().min_by_key(|(_, at)| **at).map(|(t, at)| (Some(*t), *at)).unwrap_or((None, far));
+        let (timer, at) = timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(t, at)| (Some(*t), *at))
+            .unwrap_or((None, far));
         let mut buf = [0u8; 8192];
         tokio::select! {
             cmd = cmds.recv() => match cmd {

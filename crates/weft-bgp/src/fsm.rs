@@ -2,7 +2,9 @@
 //! owns the socket and the timers and does what the outputs say; every rule here is a unit test
 //! without a network.
 
-use crate::codec::{self, err, Capability, Message, Notify, Open, Session, Update, AFI_IPV4, SAFI_UNICAST};
+use crate::codec::{
+    self, err, Capability, Message, Notify, Open, Session, Update, AFI_IPV4, SAFI_UNICAST,
+};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -88,7 +90,14 @@ const LARGE_HOLD: Duration = Duration::from_secs(240);
 
 impl Fsm {
     pub fn new(cfg: Config) -> Fsm {
-        Fsm { cfg, state: State::Idle, session: Session::default(), hold: 0, rx: Vec::new(), pending: None }
+        Fsm {
+            cfg,
+            state: State::Idle,
+            session: Session::default(),
+            hold: 0,
+            rx: Vec::new(),
+            pending: None,
+        }
     }
 
     pub fn state(&self) -> State {
@@ -97,14 +106,27 @@ impl Fsm {
 
     fn open(&self) -> Message {
         let mut caps = vec![
-            Capability::MultiProtocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+            Capability::MultiProtocol {
+                afi: AFI_IPV4,
+                safi: SAFI_UNICAST,
+            },
             Capability::RouteRefresh,
             Capability::FourOctetAs(self.cfg.local_as),
         ];
         if let Some(t) = self.cfg.graceful_restart {
-            caps.push(Capability::GracefulRestart { restarting: false, time: t, families: vec![(AFI_IPV4, SAFI_UNICAST, true)] });
+            caps.push(Capability::GracefulRestart {
+                restarting: false,
+                time: t,
+                families: vec![(AFI_IPV4, SAFI_UNICAST, true)],
+            });
         }
-        Message::Open(Open { version: 4, asn: self.cfg.local_as, hold_time: self.cfg.hold_time, router_id: self.cfg.router_id, capabilities: caps })
+        Message::Open(Open {
+            version: 4,
+            asn: self.cfg.local_as,
+            hold_time: self.cfg.hold_time,
+            router_id: self.cfg.router_id,
+            capabilities: caps,
+        })
     }
 
     fn send(&self, m: &Message) -> Output {
@@ -115,7 +137,11 @@ impl Fsm {
     fn fail(&mut self, n: Option<Notify>, why: String) -> Vec<Output> {
         let mut out = Vec::new();
         if let Some(n) = n {
-            out.push(self.send(&Message::Notification { code: n.code, subcode: n.subcode, data: n.data }));
+            out.push(self.send(&Message::Notification {
+                code: n.code,
+                subcode: n.subcode,
+                data: n.data,
+            }));
         }
         out.extend([
             Output::Disconnect,
@@ -132,45 +158,79 @@ impl Fsm {
 
     fn fsm_error(&mut self) -> Vec<Output> {
         let state = self.state;
-        self.fail(Some(Notify { code: err::FSM, subcode: 0, data: vec![], reason: String::new() }), format!("unexpected message in {state:?}"))
+        self.fail(
+            Some(Notify {
+                code: err::FSM,
+                subcode: 0,
+                data: vec![],
+                reason: String::new(),
+            }),
+            format!("unexpected message in {state:?}"),
+        )
     }
 
     pub fn process(&mut self, input: Input) -> Vec<Output> {
         use State::*;
         match (self.state, input) {
-            (Idle, Input::Start) | (Idle | Active | Connect, Input::Expired(Timer::ConnectRetry)) => {
+            (Idle, Input::Start)
+            | (Idle | Active | Connect, Input::Expired(Timer::ConnectRetry)) => {
                 self.state = Connect;
-                vec![Output::Connect, Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry)]
+                vec![
+                    Output::Connect,
+                    Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry),
+                ]
             }
             // Idle too: a passive session waiting out its connect-retry timer must still take
             // the connection its peer makes (else both sides wait for each other).
             (Idle | Connect | Active, Input::TcpConnected) => {
                 self.state = OpenSent;
                 self.rx.clear();
-                vec![Output::CancelTimer(Timer::ConnectRetry), self.send(&self.open()), Output::SetTimer(Timer::Hold, LARGE_HOLD)]
+                vec![
+                    Output::CancelTimer(Timer::ConnectRetry),
+                    self.send(&self.open()),
+                    Output::SetTimer(Timer::Hold, LARGE_HOLD),
+                ]
             }
             (Connect, Input::TcpFailed) => {
                 self.state = Active;
-                vec![Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry)]
+                vec![Output::SetTimer(
+                    Timer::ConnectRetry,
+                    self.cfg.connect_retry,
+                )]
             }
             (Idle, Input::Stop) => vec![],
             (_, Input::Stop) => {
-                let cease = Notify { code: err::CEASE, subcode: 2, data: vec![], reason: String::new() };
+                let cease = Notify {
+                    code: err::CEASE,
+                    subcode: 2,
+                    data: vec![],
+                    reason: String::new(),
+                };
                 let connected = matches!(self.state, OpenSent | OpenConfirm | Established);
                 let mut out = self.fail(connected.then_some(cease), "stopped".into());
                 out.retain(|o| !matches!(o, Output::SetTimer(Timer::ConnectRetry, _)));
                 out.push(Output::CancelTimer(Timer::ConnectRetry));
                 out
             }
-            (OpenSent | OpenConfirm | Established, Input::TcpFailed) => self.fail(None, "connection lost".into()),
+            (OpenSent | OpenConfirm | Established, Input::TcpFailed) => {
+                self.fail(None, "connection lost".into())
+            }
             (OpenSent | OpenConfirm | Established, Input::Expired(Timer::Hold)) => {
-                let n = Notify { code: err::HOLD_TIMER_EXPIRED, subcode: 0, data: vec![], reason: String::new() };
+                let n = Notify {
+                    code: err::HOLD_TIMER_EXPIRED,
+                    subcode: 0,
+                    data: vec![],
+                    reason: String::new(),
+                };
                 self.fail(Some(n), "hold timer expired".into())
             }
             (OpenConfirm | Established, Input::Expired(Timer::Keepalive)) => {
                 let mut out = vec![self.send(&Message::Keepalive)];
                 if self.hold > 0 {
-                    out.push(Output::SetTimer(Timer::Keepalive, Duration::from_secs((self.hold / 3).max(1) as u64)));
+                    out.push(Output::SetTimer(
+                        Timer::Keepalive,
+                        Duration::from_secs((self.hold / 3).max(1) as u64),
+                    ));
                 }
                 out
             }
@@ -214,30 +274,57 @@ impl Fsm {
     }
 
     fn restart_hold(&self) -> Option<Output> {
-        (self.hold > 0).then(|| Output::SetTimer(Timer::Hold, Duration::from_secs(self.hold as u64)))
+        (self.hold > 0)
+            .then(|| Output::SetTimer(Timer::Hold, Duration::from_secs(self.hold as u64)))
     }
 
     fn on_message(&mut self, m: Message) -> Vec<Output> {
         use State::*;
         match (self.state, m) {
-            (_, Message::Notification { code, subcode, .. }) => self.fail(None, format!("peer sent NOTIFICATION {code}/{subcode}")),
+            (_, Message::Notification { code, subcode, .. }) => {
+                self.fail(None, format!("peer sent NOTIFICATION {code}/{subcode}"))
+            }
             (OpenSent, Message::Open(o)) => {
                 if o.asn != self.cfg.peer_as {
-                    let n = Notify { code: err::OPEN, subcode: err::OPEN_BAD_PEER_AS, data: vec![], reason: String::new() };
-                    return self.fail(Some(n), format!("peer is AS {}, expected AS {}", o.asn, self.cfg.peer_as));
+                    let n = Notify {
+                        code: err::OPEN,
+                        subcode: err::OPEN_BAD_PEER_AS,
+                        data: vec![],
+                        reason: String::new(),
+                    };
+                    return self.fail(
+                        Some(n),
+                        format!("peer is AS {}, expected AS {}", o.asn, self.cfg.peer_as),
+                    );
                 }
                 if o.router_id == self.cfg.router_id {
-                    let n = Notify { code: err::OPEN, subcode: err::OPEN_BAD_ID, data: vec![], reason: String::new() };
+                    let n = Notify {
+                        code: err::OPEN,
+                        subcode: err::OPEN_BAD_ID,
+                        data: vec![],
+                        reason: String::new(),
+                    };
                     return self.fail(Some(n), "peer has our own BGP identifier".into());
                 }
                 self.hold = self.cfg.hold_time.min(o.hold_time);
-                let four = o.capabilities.iter().any(|c| matches!(c, Capability::FourOctetAs(_)));
-                self.session = Session { four_octet_as: four };
+                let four = o
+                    .capabilities
+                    .iter()
+                    .any(|c| matches!(c, Capability::FourOctetAs(_)));
+                self.session = Session {
+                    four_octet_as: four,
+                };
                 self.state = OpenConfirm;
                 let mut out = vec![self.send(&Message::Keepalive)];
                 if self.hold > 0 {
-                    out.push(Output::SetTimer(Timer::Hold, Duration::from_secs(self.hold as u64)));
-                    out.push(Output::SetTimer(Timer::Keepalive, Duration::from_secs((self.hold / 3).max(1) as u64)));
+                    out.push(Output::SetTimer(
+                        Timer::Hold,
+                        Duration::from_secs(self.hold as u64),
+                    ));
+                    out.push(Output::SetTimer(
+                        Timer::Keepalive,
+                        Duration::from_secs((self.hold / 3).max(1) as u64),
+                    ));
                 } else {
                     out.push(Output::CancelTimer(Timer::Hold));
                 }
@@ -247,7 +334,13 @@ impl Fsm {
                     hold_time: self.hold,
                     four_octet_as: four,
                     route_refresh: o.capabilities.contains(&Capability::RouteRefresh),
-                    peer_restart_time: o.capabilities.iter().find_map(|c| if let Capability::GracefulRestart { time, .. } = c { Some(*time) } else { None }),
+                    peer_restart_time: o.capabilities.iter().find_map(|c| {
+                        if let Capability::GracefulRestart { time, .. } = c {
+                            Some(*time)
+                        } else {
+                            None
+                        }
+                    }),
                 });
                 out
             }
@@ -288,7 +381,16 @@ mod tests {
     }
 
     fn sent(out: &[Output]) -> Vec<u8> {
-        out.iter().filter_map(|o| if let Output::Send(b) = o { Some(b.clone()) } else { None }).flatten().collect()
+        out.iter()
+            .filter_map(|o| {
+                if let Output::Send(b) = o {
+                    Some(b.clone())
+                } else {
+                    None
+                }
+            })
+            .flatten()
+            .collect()
     }
 
     /// Runs both FSMs to a TCP connection and lets them talk until quiet.
@@ -314,27 +416,62 @@ mod tests {
 
     #[test]
     fn two_speakers_reach_established_and_exchange_routes() {
-        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64512, 2, 64512)),
+        );
         let (oa, _) = handshake(&mut a, &mut b);
-        assert_eq!((a.state(), b.state()), (State::Established, State::Established));
-        let n = oa.iter().find_map(|o| if let Output::Established(n) = o { Some(n.clone()) } else { None }).unwrap();
-        assert_eq!((n.peer_as, n.hold_time, n.four_octet_as, n.route_refresh, n.peer_restart_time), (64512, 9, true, true, Some(120)));
+        assert_eq!(
+            (a.state(), b.state()),
+            (State::Established, State::Established)
+        );
+        let n = oa
+            .iter()
+            .find_map(|o| {
+                if let Output::Established(n) = o {
+                    Some(n.clone())
+                } else {
+                    None
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            (
+                n.peer_as,
+                n.hold_time,
+                n.four_octet_as,
+                n.route_refresh,
+                n.peer_restart_time
+            ),
+            (64512, 9, true, true, Some(120))
+        );
         assert!(oa.contains(&Output::SetTimer(Timer::Keepalive, Duration::from_secs(3))));
         // A route from a reaches b's output.
         let u = Update {
-            attrs: Attrs { origin: Some(Origin::Igp), next_hop: Some(Ipv4Addr::new(10, 0, 1, 1)), local_pref: Some(100), ..Default::default() },
+            attrs: Attrs {
+                origin: Some(Origin::Igp),
+                next_hop: Some(Ipv4Addr::new(10, 0, 1, 1)),
+                local_pref: Some(100),
+                ..Default::default()
+            },
             nlri: vec!["10.244.1.0/24".parse().unwrap()],
             ..Default::default()
         };
         let wire = sent(&a.process(Input::Announce(u.clone())));
         let ob = b.process(Input::Bytes(wire));
         assert!(ob.contains(&Output::Update(u)), "{ob:?}");
-        assert!(ob.contains(&Output::SetTimer(Timer::Hold, Duration::from_secs(9))), "an UPDATE restarts the hold timer");
+        assert!(
+            ob.contains(&Output::SetTimer(Timer::Hold, Duration::from_secs(9))),
+            "an UPDATE restarts the hold timer"
+        );
     }
 
     #[test]
     fn bytes_may_arrive_in_any_pieces() {
-        let (mut a, mut b) = (Fsm::new(cfg(65001, 1, 65002)), Fsm::new(cfg(65002, 2, 65001)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(65001, 1, 65002)),
+            Fsm::new(cfg(65002, 2, 65001)),
+        );
         a.process(Input::Start);
         b.process(Input::Start);
         let to_b = sent(&a.process(Input::TcpConnected));
@@ -347,35 +484,68 @@ mod tests {
 
     #[test]
     fn wrong_peer_as_is_refused_with_a_notification() {
-        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64513, 2, 64512)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64513, 2, 64512)),
+        );
         let (oa, _) = handshake(&mut a, &mut b);
         assert_ne!(a.state(), State::Established);
-        assert!(oa.iter().any(|o| matches!(o, Output::Down(w) if w.contains("expected AS 64512"))), "{oa:?}");
+        assert!(
+            oa.iter()
+                .any(|o| matches!(o, Output::Down(w) if w.contains("expected AS 64512"))),
+            "{oa:?}"
+        );
         let notif = sent(&oa);
-        assert!(notif.windows(3).any(|w| w == [3, err::OPEN, err::OPEN_BAD_PEER_AS]), "OPEN error NOTIFICATION sent");
+        assert!(
+            notif
+                .windows(3)
+                .any(|w| w == [3, err::OPEN, err::OPEN_BAD_PEER_AS]),
+            "OPEN error NOTIFICATION sent"
+        );
     }
 
     #[test]
     fn hold_timer_expiry_tears_the_session_down() {
-        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64512, 2, 64512)),
+        );
         handshake(&mut a, &mut b);
         let out = a.process(Input::Expired(Timer::Hold));
         assert_eq!(a.state(), State::Idle);
         assert!(out.contains(&Output::Disconnect));
         assert!(sent(&out).ends_with(&[3, err::HOLD_TIMER_EXPIRED, 0]));
-        assert!(out.contains(&Output::SetTimer(Timer::ConnectRetry, Duration::from_secs(1))), "it tries again");
-        assert_eq!(a.process(Input::Expired(Timer::ConnectRetry)), vec![Output::Connect, Output::SetTimer(Timer::ConnectRetry, Duration::from_secs(1))]);
+        assert!(
+            out.contains(&Output::SetTimer(
+                Timer::ConnectRetry,
+                Duration::from_secs(1)
+            )),
+            "it tries again"
+        );
+        assert_eq!(
+            a.process(Input::Expired(Timer::ConnectRetry)),
+            vec![
+                Output::Connect,
+                Output::SetTimer(Timer::ConnectRetry, Duration::from_secs(1))
+            ]
+        );
     }
 
     #[test]
     fn garbage_from_the_peer_gets_a_notification_not_a_crash() {
-        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64512, 2, 64512)),
+        );
         handshake(&mut a, &mut b);
         let out = a.process(Input::Bytes(vec![0u8; 40]));
         assert_eq!(a.state(), State::Idle);
         assert!(sent(&out).ends_with(&[3, err::HEADER, err::HEADER_NOT_SYNC]));
         // An UPDATE before the session is up is an FSM error.
-        let (mut c, mut d) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (mut c, mut d) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64512, 2, 64512)),
+        );
         c.process(Input::Start);
         c.process(Input::TcpConnected);
         d.process(Input::Start);
@@ -386,24 +556,49 @@ mod tests {
 
     #[test]
     fn a_flood_of_updates_is_taken_in_stride() {
-        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64512, 2, 64512)),
+        );
         handshake(&mut a, &mut b);
         // 5,000 UPDATEs of 1,000 prefixes each in one read, then a truncated tail. (Before the
         // buffer was walked by offset, this took minutes: a memmove of the rest per message.)
         let mut flood = Vec::new();
         for i in 0..5_000u32 {
-            let nlri = (0..1000u32).map(|j| ipnet::Ipv4Net::new(Ipv4Addr::from((i * 1000 + j) << 8), 24).unwrap()).collect();
-            let u = Update { attrs: Attrs { origin: Some(Origin::Igp), next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)), ..Default::default() }, nlri, ..Default::default() };
-            let wire = codec::encode(&Message::Update(u), Session { four_octet_as: true });
+            let nlri = (0..1000u32)
+                .map(|j| ipnet::Ipv4Net::new(Ipv4Addr::from((i * 1000 + j) << 8), 24).unwrap())
+                .collect();
+            let u = Update {
+                attrs: Attrs {
+                    origin: Some(Origin::Igp),
+                    next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                    ..Default::default()
+                },
+                nlri,
+                ..Default::default()
+            };
+            let wire = codec::encode(
+                &Message::Update(u),
+                Session {
+                    four_octet_as: true,
+                },
+            );
             assert!(wire.len() <= codec::MAX_LEN);
             flood.extend_from_slice(&wire);
         }
         let tail = codec::encode(&Message::Keepalive, Session::default());
         flood.extend_from_slice(&tail[..10]);
         let out = b.process(Input::Bytes(flood));
-        let updates = out.iter().filter(|o| matches!(o, Output::Update(_))).count();
+        let updates = out
+            .iter()
+            .filter(|o| matches!(o, Output::Update(_)))
+            .count();
         assert_eq!(updates, 5_000);
-        assert_eq!(b.state(), State::Established, "a partial message waits for its rest");
+        assert_eq!(
+            b.state(),
+            State::Established,
+            "a partial message waits for its rest"
+        );
         b.process(Input::Bytes(tail[10..].to_vec()));
         assert_eq!(b.state(), State::Established);
     }
@@ -419,11 +614,16 @@ mod tests {
 
     #[test]
     fn stop_sends_cease_and_stays_down() {
-        let (mut a, mut b) = (Fsm::new(cfg(64512, 1, 64512)), Fsm::new(cfg(64512, 2, 64512)));
+        let (mut a, mut b) = (
+            Fsm::new(cfg(64512, 1, 64512)),
+            Fsm::new(cfg(64512, 2, 64512)),
+        );
         handshake(&mut a, &mut b);
         let out = a.process(Input::Stop);
         assert!(sent(&out).ends_with(&[3, err::CEASE, 2]));
-        assert!(!out.iter().any(|o| matches!(o, Output::SetTimer(Timer::ConnectRetry, _))));
+        assert!(!out
+            .iter()
+            .any(|o| matches!(o, Output::SetTimer(Timer::ConnectRetry, _))));
         assert_eq!(a.state(), State::Idle);
     }
 }

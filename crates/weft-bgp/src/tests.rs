@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 
 fn hex(s: &str) -> Vec<u8> {
     let s: String = s.split_whitespace().collect();
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 const FF: &str = "ffffffffffffffffffffffffffffffff";
@@ -42,19 +45,38 @@ fn open_with_capabilities() {
         hold_time: 90,
         router_id: Ipv4Addr::new(10, 0, 0, 1),
         capabilities: vec![
-            Capability::MultiProtocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+            Capability::MultiProtocol {
+                afi: AFI_IPV4,
+                safi: SAFI_UNICAST,
+            },
             Capability::RouteRefresh,
             Capability::FourOctetAs(64512),
-            Capability::GracefulRestart { restarting: false, time: 120, families: vec![(AFI_IPV4, SAFI_UNICAST, true)] },
+            Capability::GracefulRestart {
+                restarting: false,
+                time: 120,
+                families: vec![(AFI_IPV4, SAFI_UNICAST, true)],
+            },
         ],
     };
-    assert_eq!(encode(&Message::Open(open.clone()), Session::default()), golden);
-    assert_eq!(decode(&golden, Session::default()).unwrap(), Message::Open(open));
+    assert_eq!(
+        encode(&Message::Open(open.clone()), Session::default()),
+        golden
+    );
+    assert_eq!(
+        decode(&golden, Session::default()).unwrap(),
+        Message::Open(open)
+    );
 }
 
 #[test]
 fn a_four_octet_as_goes_as_as_trans() {
-    let open = Open { version: 4, asn: 4_200_000_000, hold_time: 9, router_id: Ipv4Addr::new(1, 1, 1, 1), capabilities: vec![Capability::FourOctetAs(4_200_000_000)] };
+    let open = Open {
+        version: 4,
+        asn: 4_200_000_000,
+        hold_time: 9,
+        router_id: Ipv4Addr::new(1, 1, 1, 1),
+        capabilities: vec![Capability::FourOctetAs(4_200_000_000)],
+    };
     let b = encode(&Message::Open(open.clone()), Session::default());
     assert_eq!(&b[20..22], &AS_TRANS.to_be_bytes());
     assert_eq!(decode(&b, Session::default()).unwrap(), Message::Open(open));
@@ -69,11 +91,21 @@ fn update_announce_and_withdraw() {
     ));
     let u = Update {
         withdrawn: vec!["10.244.9.0/24".parse().unwrap()],
-        attrs: Attrs { origin: Some(Origin::Igp), next_hop: Some(Ipv4Addr::new(10, 0, 1, 1)), local_pref: Some(100), ..Default::default() },
-        nlri: vec!["10.244.1.0/24".parse().unwrap(), "10.244.2.0/24".parse().unwrap()],
+        attrs: Attrs {
+            origin: Some(Origin::Igp),
+            next_hop: Some(Ipv4Addr::new(10, 0, 1, 1)),
+            local_pref: Some(100),
+            ..Default::default()
+        },
+        nlri: vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.2.0/24".parse().unwrap(),
+        ],
         treat_as_withdraw: None,
     };
-    let s = Session { four_octet_as: true };
+    let s = Session {
+        four_octet_as: true,
+    };
     assert_eq!(encode(&Message::Update(u.clone()), s), golden);
     assert_eq!(decode(&golden, s).unwrap(), Message::Update(u));
 }
@@ -83,28 +115,56 @@ fn route_reflection_attributes_and_four_octet_paths() {
     let u = Update {
         attrs: Attrs {
             origin: Some(Origin::Incomplete),
-            as_path: vec![Segment::Sequence(vec![64512, 4_200_000_001]), Segment::Set(vec![1, 2])],
+            as_path: vec![
+                Segment::Sequence(vec![64512, 4_200_000_001]),
+                Segment::Set(vec![1, 2]),
+            ],
             next_hop: Some(Ipv4Addr::new(10, 0, 2, 3)),
             local_pref: Some(100),
             originator_id: Some(Ipv4Addr::new(10, 0, 2, 3)),
             cluster_list: vec![Ipv4Addr::new(10, 0, 0, 254)],
             ..Default::default()
         },
-        nlri: vec!["10.244.0.0/16".parse().unwrap(), "0.0.0.0/0".parse().unwrap(), "10.1.2.3/32".parse().unwrap()],
+        nlri: vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "0.0.0.0/0".parse().unwrap(),
+            "10.1.2.3/32".parse().unwrap(),
+        ],
         ..Default::default()
     };
-    let s = Session { four_octet_as: true };
-    assert_eq!(decode(&encode(&Message::Update(u.clone()), s), s).unwrap(), Message::Update(u));
+    let s = Session {
+        four_octet_as: true,
+    };
+    assert_eq!(
+        decode(&encode(&Message::Update(u.clone()), s), s).unwrap(),
+        Message::Update(u)
+    );
 }
 
 #[test]
 fn notification_and_route_refresh() {
-    let n = Message::Notification { code: err::CEASE, subcode: 2, data: vec![] };
-    assert_eq!(encode(&n, Session::default()), hex(&format!("{FF} 0015 03 06 02")));
-    let rr = Message::RouteRefresh { afi: AFI_IPV4, safi: SAFI_UNICAST };
-    assert_eq!(encode(&rr, Session::default()), hex(&format!("{FF} 0017 05 0001 00 01")));
+    let n = Message::Notification {
+        code: err::CEASE,
+        subcode: 2,
+        data: vec![],
+    };
+    assert_eq!(
+        encode(&n, Session::default()),
+        hex(&format!("{FF} 0015 03 06 02"))
+    );
+    let rr = Message::RouteRefresh {
+        afi: AFI_IPV4,
+        safi: SAFI_UNICAST,
+    };
+    assert_eq!(
+        encode(&rr, Session::default()),
+        hex(&format!("{FF} 0017 05 0001 00 01"))
+    );
     for m in [n, rr] {
-        assert_eq!(decode(&encode(&m, Session::default()), Session::default()).unwrap(), m);
+        assert_eq!(
+            decode(&encode(&m, Session::default()), Session::default()).unwrap(),
+            m
+        );
     }
 }
 
@@ -112,58 +172,115 @@ fn notification_and_route_refresh() {
 fn header_errors_are_notifications() {
     let mut bad_marker = encode(&Message::Keepalive, Session::default());
     bad_marker[3] = 0;
-    assert_eq!(frame(&bad_marker).unwrap_err().subcode, err::HEADER_NOT_SYNC);
+    assert_eq!(
+        frame(&bad_marker).unwrap_err().subcode,
+        err::HEADER_NOT_SYNC
+    );
     let short = hex(&format!("{FF} 0012 04"));
     assert_eq!(frame(&short).unwrap_err().subcode, err::HEADER_BAD_LENGTH);
     let long = hex(&format!("{FF} 1001 04"));
     assert_eq!(frame(&long).unwrap_err().subcode, err::HEADER_BAD_LENGTH);
     let ty = hex(&format!("{FF} 0013 09"));
-    assert_eq!(decode(&ty, Session::default()).unwrap_err().subcode, err::HEADER_BAD_TYPE);
+    assert_eq!(
+        decode(&ty, Session::default()).unwrap_err().subcode,
+        err::HEADER_BAD_TYPE
+    );
     let ka_with_body = hex(&format!("{FF} 0014 04 00"));
-    assert_eq!(decode(&ka_with_body, Session::default()).unwrap_err().subcode, err::HEADER_BAD_LENGTH);
-    assert_eq!(frame(&hex(&format!("{FF} 0013"))).unwrap(), None, "incomplete: read more");
+    assert_eq!(
+        decode(&ka_with_body, Session::default())
+            .unwrap_err()
+            .subcode,
+        err::HEADER_BAD_LENGTH
+    );
+    assert_eq!(
+        frame(&hex(&format!("{FF} 0013"))).unwrap(),
+        None,
+        "incomplete: read more"
+    );
 }
 
 #[test]
 fn open_errors() {
     let v3 = msg(1, "03 fc00 005a 0a000001 00");
-    assert_eq!(decode(&v3, Session::default()).unwrap_err().subcode, err::OPEN_VERSION);
+    assert_eq!(
+        decode(&v3, Session::default()).unwrap_err().subcode,
+        err::OPEN_VERSION
+    );
     let hold2 = msg(1, "04 fc00 0002 0a000001 00");
-    assert_eq!(decode(&hold2, Session::default()).unwrap_err().subcode, err::OPEN_HOLD_TIME);
+    assert_eq!(
+        decode(&hold2, Session::default()).unwrap_err().subcode,
+        err::OPEN_HOLD_TIME
+    );
     let id0 = msg(1, "04 fc00 005a 00000000 00");
-    assert_eq!(decode(&id0, Session::default()).unwrap_err().subcode, err::OPEN_BAD_ID);
+    assert_eq!(
+        decode(&id0, Session::default()).unwrap_err().subcode,
+        err::OPEN_BAD_ID
+    );
     let param1 = msg(1, "04 fc00 005a 0a000001 03 01 01 00");
-    assert_eq!(decode(&param1, Session::default()).unwrap_err().subcode, err::OPEN_UNSUPPORTED_PARAM);
+    assert_eq!(
+        decode(&param1, Session::default()).unwrap_err().subcode,
+        err::OPEN_UNSUPPORTED_PARAM
+    );
 }
 
 #[test]
 fn rfc7606_malformed_attributes_withdraw_instead_of_resetting() {
-    let s = Session { four_octet_as: true };
+    let s = Session {
+        four_octet_as: true,
+    };
     // ORIGIN with value 7, then a good NEXT_HOP; NLRI 10.244.1.0/24.
     let bad_origin = msg(2, "0000 000b 40 01 01 07 40 03 04 0a000101 18 0af401");
-    let Message::Update(u) = decode(&bad_origin, s).unwrap() else { panic!() };
+    let Message::Update(u) = decode(&bad_origin, s).unwrap() else {
+        panic!()
+    };
     assert!(u.treat_as_withdraw.as_deref().unwrap().contains("ORIGIN"));
-    assert_eq!(u.nlri.len(), 1, "the routes are kept so the caller can withdraw them");
+    assert_eq!(
+        u.nlri.len(),
+        1,
+        "the routes are kept so the caller can withdraw them"
+    );
     // NEXT_HOP of 3 bytes.
-    let bad_nh = msg(2, "0000 000d 40 01 01 00 40 02 00 40 03 03 0a0001 18 0af401");
-    let Message::Update(u) = decode(&bad_nh, s).unwrap() else { panic!() };
+    let bad_nh = msg(
+        2,
+        "0000 000d 40 01 01 00 40 02 00 40 03 03 0a0001 18 0af401",
+    );
+    let Message::Update(u) = decode(&bad_nh, s).unwrap() else {
+        panic!()
+    };
     assert!(u.treat_as_withdraw.is_some());
     // Missing NEXT_HOP with NLRI present.
     let missing = msg(2, "0000 0007 40 01 01 00 40 02 00 18 0af401");
-    let Message::Update(u) = decode(&missing, s).unwrap() else { panic!() };
+    let Message::Update(u) = decode(&missing, s).unwrap() else {
+        panic!()
+    };
     assert_eq!(u.treat_as_withdraw.as_deref(), Some("missing NEXT_HOP"));
     // An attribute overrunning the attribute block cannot be parsed past: session reset.
     let overrun = msg(2, "0000 0009 40 01 01 00 40 02 09 00 00");
     assert!(decode(&overrun, s).is_err());
     // Truncated NLRI: a prefix length of 24 with one octet.
     let trunc = msg(2, "0000 0000 18 0a 0a");
-    assert_eq!(decode(&trunc, s).unwrap_err().subcode, err::UPDATE_INVALID_NETWORK);
+    assert_eq!(
+        decode(&trunc, s).unwrap_err().subcode,
+        err::UPDATE_INVALID_NETWORK
+    );
     // An unknown well-known attribute (not optional) is an error; an unknown optional is kept.
     let unknown_wk = msg(2, "0000 0003 40 63 00");
-    assert_eq!(decode(&unknown_wk, s).unwrap_err().subcode, err::UPDATE_UNRECOGNIZED_WELL_KNOWN);
+    assert_eq!(
+        decode(&unknown_wk, s).unwrap_err().subcode,
+        err::UPDATE_UNRECOGNIZED_WELL_KNOWN
+    );
     let unknown_opt = msg(2, "0000 0004 c0 63 01 2a");
-    let Message::Update(u) = decode(&unknown_opt, s).unwrap() else { panic!() };
-    assert_eq!(u.attrs.other, vec![RawAttr { flags: 0xc0, code: 0x63, value: vec![42] }]);
+    let Message::Update(u) = decode(&unknown_opt, s).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        u.attrs.other,
+        vec![RawAttr {
+            flags: 0xc0,
+            code: 0x63,
+            value: vec![42]
+        }]
+    );
 }
 
 proptest! {

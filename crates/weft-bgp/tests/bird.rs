@@ -23,7 +23,8 @@ fn session_with_bird_exchanges_routes_both_ways() {
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
-    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
     let mut fsm = Fsm::new(Config {
         local_as: 65001,
         router_id: Ipv4Addr::new(10, 0, 0, 1),
@@ -44,7 +45,10 @@ fn session_with_bird_exchanges_routes_both_ways() {
                 Output::Send(bytes) => sock.write_all(&bytes).expect("write"),
                 Output::Established(n) => established = Some(n),
                 Output::Update(u) => {
-                    assert!(u.treat_as_withdraw.is_none(), "BIRD's UPDATE decoded as malformed: {u:?}");
+                    assert!(
+                        u.treat_as_withdraw.is_none(),
+                        "BIRD's UPDATE decoded as malformed: {u:?}"
+                    );
                     if u.nlri.contains(&"10.99.0.0/24".parse().expect("net")) {
                         assert_eq!(u.attrs.as_path, vec![Segment::Sequence(vec![65002])]);
                         assert_eq!(u.attrs.next_hop, Some(Ipv4Addr::new(127, 0, 0, 2)));
@@ -74,22 +78,37 @@ fn session_with_bird_exchanges_routes_both_ways() {
         match sock.read(&mut buf) {
             Ok(0) => panic!("bird closed the connection"),
             Ok(n) => pending.extend(fsm.process(Input::Bytes(buf[..n].to_vec()))),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("read: {e}"),
         }
     }
     let n = established.expect("no session with bird");
-    assert_eq!((n.peer_as, n.peer_id, n.hold_time, n.four_octet_as), (65002, Ipv4Addr::new(10, 0, 0, 2), 9, true));
+    assert_eq!(
+        (n.peer_as, n.peer_id, n.hold_time, n.four_octet_as),
+        (65002, Ipv4Addr::new(10, 0, 0, 2), 9, true)
+    );
     assert!(got_route, "bird's static route never arrived");
     // BIRD took our route.
     let t = Instant::now();
     loop {
-        let out = Command::new("birdc").arg("-s").arg(&b.ctl).args(["show", "route", "10.98.0.0/24", "all"]).output().expect("birdc");
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&b.ctl)
+            .args(["show", "route", "10.98.0.0/24", "all"])
+            .output()
+            .expect("birdc");
         let text = String::from_utf8_lossy(&out.stdout);
         if text.contains("10.98.0.0/24") && text.contains("65001") {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "bird does not have our route:\n{text}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "bird does not have our route:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(100));
         // Keep the session fed meanwhile.
         let mut buf = [0u8; 4096];

@@ -14,12 +14,24 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn fsm(local_as: u32, id: u8, peer_as: u32) -> Config {
-    Config { local_as, router_id: Ipv4Addr::new(10, 0, 0, id), peer_as, hold_time: 9, connect_retry: Duration::from_millis(300), graceful_restart: Some(120) }
+    Config {
+        local_as,
+        router_id: Ipv4Addr::new(10, 0, 0, id),
+        peer_as,
+        hold_time: 9,
+        connect_retry: Duration::from_millis(300),
+        graceful_restart: Some(120),
+    }
 }
 
 fn route(net: &str, nh: &str, asn: u32) -> Update {
     Update {
-        attrs: Attrs { origin: Some(Origin::Igp), as_path: vec![Segment::Sequence(vec![asn])], next_hop: Some(nh.parse().expect("nh")), ..Default::default() },
+        attrs: Attrs {
+            origin: Some(Origin::Igp),
+            as_path: vec![Segment::Sequence(vec![asn])],
+            next_hop: Some(nh.parse().expect("nh")),
+            ..Default::default()
+        },
         nlri: vec![net.parse().expect("net")],
         ..Default::default()
     }
@@ -27,7 +39,10 @@ fn route(net: &str, nh: &str, asn: u32) -> Update {
 
 async fn next(rx: &mut Receiver<Event>, what: &str, f: impl Fn(&Event) -> bool) -> Event {
     loop {
-        let e = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap_or_else(|_| panic!("no {what}")).expect("events");
+        let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what}"))
+            .expect("events");
         if f(&e) {
             return e;
         }
@@ -37,43 +52,96 @@ async fn next(rx: &mut Receiver<Event>, what: &str, f: impl Fn(&Event) -> bool) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_weft_speakers_and_a_stranger() {
     let port = 30000 + (std::process::id() % 20000) as u16;
-    let (a, mut ea) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), port)).await.expect("bind a");
-    let (b, mut eb) = Speaker::bind(SocketAddr::new(ip("127.0.0.2"), port)).await.expect("bind b");
+    let (a, mut ea) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), port))
+        .await
+        .expect("bind a");
+    let (b, mut eb) = Speaker::bind(SocketAddr::new(ip("127.0.0.2"), port))
+        .await
+        .expect("bind b");
     // The lower address connects; the other waits.
-    a.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(64512, 1, 64512), active: true, password: None });
-    b.add_peer(PeerConfig { address: ip("127.0.0.1"), port, fsm: fsm(64512, 2, 64512), active: false, password: None });
+    a.add_peer(PeerConfig {
+        address: ip("127.0.0.2"),
+        port,
+        fsm: fsm(64512, 1, 64512),
+        active: true,
+        password: None,
+    });
+    b.add_peer(PeerConfig {
+        address: ip("127.0.0.1"),
+        port,
+        fsm: fsm(64512, 2, 64512),
+        active: false,
+        password: None,
+    });
     next(&mut ea, "a up", |e| matches!(e, Event::Up { .. })).await;
     next(&mut eb, "b up", |e| matches!(e, Event::Up { .. })).await;
     a.announce(route("10.244.1.0/24", "127.0.0.1", 64512)).await;
-    let e = next(&mut eb, "the route at b", |e| matches!(e, Event::Update { .. })).await;
-    assert!(matches!(e, Event::Update { peer, update } if peer == ip("127.0.0.1") && update.nlri[0].to_string() == "10.244.1.0/24"));
+    let e = next(&mut eb, "the route at b", |e| {
+        matches!(e, Event::Update { .. })
+    })
+    .await;
+    assert!(
+        matches!(e, Event::Update { peer, update } if peer == ip("127.0.0.1") && update.nlri[0].to_string() == "10.244.1.0/24")
+    );
 
     // A stranger (127.0.0.3) is refused.
     let s = tokio::net::TcpSocket::new_v4().expect("socket");
     s.bind(SocketAddr::new(ip("127.0.0.3"), 0)).expect("bind");
-    let _c = s.connect(SocketAddr::new(ip("127.0.0.2"), port)).await.expect("connect");
-    let e = next(&mut eb, "the refusal", |e| matches!(e, Event::Refused { .. })).await;
-    assert_eq!(e, Event::Refused { from: ip("127.0.0.3") });
+    let _c = s
+        .connect(SocketAddr::new(ip("127.0.0.2"), port))
+        .await
+        .expect("connect");
+    let e = next(&mut eb, "the refusal", |e| {
+        matches!(e, Event::Refused { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        Event::Refused {
+            from: ip("127.0.0.3")
+        }
+    );
 
     // a stops the session: b sees it go down (CEASE), and its retry waits for a.
     a.remove_peer(ip("127.0.0.2"));
     let e = next(&mut eb, "b down", |e| matches!(e, Event::Down { .. })).await;
-    assert!(matches!(e, Event::Down { reason, .. } if reason.contains("6/2")), "cease/admin shutdown");
+    assert!(
+        matches!(e, Event::Down { reason, .. } if reason.contains("6/2")),
+        "cease/admin shutdown"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_speaker_with_bird() {
     let port = 40000 + (std::process::id() % 20000) as u16;
     let b = support::bird(port);
-    let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0)).await.expect("bind");
-    sp.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(65001, 1, 65002), active: true, password: None });
-    let up = next(&mut ev, "session with bird", |e| matches!(e, Event::Up { .. })).await;
-    assert!(matches!(up, Event::Up { negotiated, .. } if negotiated.peer_as == 65002 && negotiated.four_octet_as));
+    let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0))
+        .await
+        .expect("bind");
+    sp.add_peer(PeerConfig {
+        address: ip("127.0.0.2"),
+        port,
+        fsm: fsm(65001, 1, 65002),
+        active: true,
+        password: None,
+    });
+    let up = next(&mut ev, "session with bird", |e| {
+        matches!(e, Event::Up { .. })
+    })
+    .await;
+    assert!(
+        matches!(up, Event::Up { negotiated, .. } if negotiated.peer_as == 65002 && negotiated.four_octet_as)
+    );
     next(&mut ev, "bird's route", |e| matches!(e, Event::Update { update, .. } if update.nlri.iter().any(|n| n.to_string() == "10.99.0.0/24"))).await;
     sp.announce(route("10.98.0.0/24", "127.0.0.1", 65001)).await;
     let t = std::time::Instant::now();
     loop {
-        let out = std::process::Command::new("birdc").arg("-s").arg(&b.ctl).args(["show", "route", "10.98.0.0/24"]).output().expect("birdc");
+        let out = std::process::Command::new("birdc")
+            .arg("-s")
+            .arg(&b.ctl)
+            .args(["show", "route", "10.98.0.0/24"])
+            .output()
+            .expect("birdc");
         if String::from_utf8_lossy(&out.stdout).contains("10.98.0.0/24") {
             break;
         }
@@ -87,15 +155,34 @@ async fn tcp_md5_with_bird() {
     // The right key: the session comes up.
     let port = 45000 + (std::process::id() % 15000) as u16;
     let _b = support::bird_with(port, Some("weft-secret"));
-    let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0)).await.expect("bind");
-    sp.add_peer(PeerConfig { address: ip("127.0.0.2"), port, fsm: fsm(65001, 1, 65002), active: true, password: Some("weft-secret".into()) });
-    next(&mut ev, "a signed session", |e| matches!(e, Event::Up { .. })).await;
+    let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0))
+        .await
+        .expect("bind");
+    sp.add_peer(PeerConfig {
+        address: ip("127.0.0.2"),
+        port,
+        fsm: fsm(65001, 1, 65002),
+        active: true,
+        password: Some("weft-secret".into()),
+    });
+    next(&mut ev, "a signed session", |e| {
+        matches!(e, Event::Up { .. })
+    })
+    .await;
     sp.remove_peer(ip("127.0.0.2"));
     // A wrong key: the kernel drops every segment, no session.
     let port2 = port + 1;
     let _c = support::bird_with(port2, Some("weft-secret"));
-    let (sp2, mut ev2) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0)).await.expect("bind");
-    sp2.add_peer(PeerConfig { address: ip("127.0.0.2"), port: port2, fsm: fsm(65001, 1, 65002), active: true, password: Some("wrong".into()) });
+    let (sp2, mut ev2) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0))
+        .await
+        .expect("bind");
+    sp2.add_peer(PeerConfig {
+        address: ip("127.0.0.2"),
+        port: port2,
+        fsm: fsm(65001, 1, 65002),
+        active: true,
+        password: Some("wrong".into()),
+    });
     let up = tokio::time::timeout(Duration::from_secs(4), async {
         loop {
             if let Some(Event::Up { .. }) = ev2.recv().await {

@@ -39,13 +39,19 @@ impl Range {
                 start,
                 end,
             }),
-            _ => Err(CniError::new(code::INVALID_CONFIG, format!("subnet {subnet} holds no host address"))),
+            _ => Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("subnet {subnet} holds no host address"),
+            )),
         }
     }
 
     fn contains(&self, ip: IpAddr) -> bool {
         let v = num(ip);
-        self.subnet.contains(&ip) && v >= num(self.start) && v <= num(self.end) && Some(ip) != self.gateway
+        self.subnet.contains(&ip)
+            && v >= num(self.start)
+            && v <= num(self.end)
+            && Some(ip) != self.gateway
     }
 
     fn size(&self) -> u128 {
@@ -83,7 +89,10 @@ impl Drop for Locked {
 impl Ipam {
     pub fn open(data_dir: &Path, network: &str) -> Result<Ipam, CniError> {
         let dir = data_dir.join(network);
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating the IPAM directory {}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(io_err(format!(
+            "creating the IPAM directory {}",
+            dir.display()
+        )))?;
         Ok(Ipam { dir })
     }
 
@@ -99,17 +108,22 @@ impl Ipam {
             .write(true)
             .open(&path)
             .map_err(io_err(format!("opening {}", path.display())))?;
-        f.lock().map_err(io_err(format!("locking {}", path.display())))?;
+        f.lock()
+            .map_err(io_err(format!("locking {}", path.display())))?;
         Ok(Locked(f))
     }
 
     /// Every allocation: (address, containerID, ifname); unreadable files are owned by nobody.
     fn entries(&self) -> Result<Vec<(IpAddr, Option<(String, String)>)>, CniError> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.dir).map_err(io_err(format!("reading {}", self.dir.display())))? {
+        for e in std::fs::read_dir(&self.dir)
+            .map_err(io_err(format!("reading {}", self.dir.display())))?
+        {
             let e = e.map_err(io_err(format!("reading {}", self.dir.display())))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(ip) = name.parse::<IpAddr>() else { continue };
+            let Ok(ip) = name.parse::<IpAddr>() else {
+                continue;
+            };
             let owner = std::fs::read_to_string(e.path()).ok().and_then(|t| {
                 let mut l = t.lines();
                 Some((l.next()?.to_string(), l.next()?.to_string()))
@@ -130,22 +144,33 @@ impl Ipam {
 
     /// An address for the attachment: the one it holds already (`false`), else the next free
     /// one after the last handed out, so a freed address is not reused at once (`true`).
-    pub fn allocate(&self, range: &Range, cid: &str, ifname: &str) -> Result<(IpAddr, bool), CniError> {
+    pub fn allocate(
+        &self,
+        range: &Range,
+        cid: &str,
+        ifname: &str,
+    ) -> Result<(IpAddr, bool), CniError> {
         let _l = self.lock()?;
         self.sweep_temps();
         let entries = self.entries()?;
-        if let Some((ip, _)) = entries.iter().find(|(_, o)| o.as_ref().is_some_and(|(c, i)| c == cid && i == ifname)) {
+        if let Some((ip, _)) = entries
+            .iter()
+            .find(|(_, o)| o.as_ref().is_some_and(|(c, i)| c == cid && i == ifname))
+        {
             return Ok((*ip, false));
         }
         let taken: HashSet<IpAddr> = entries.iter().map(|(ip, _)| *ip).collect();
-        let last = std::fs::read_to_string(self.dir.join(LAST)).ok().and_then(|t| t.trim().parse::<IpAddr>().ok());
+        let last = std::fs::read_to_string(self.dir.join(LAST))
+            .ok()
+            .and_then(|t| t.trim().parse::<IpAddr>().ok());
         let size = range.size();
         let begin = match last {
             Some(l) if range.contains(l) => num(l) - num(range.start) + 1,
             _ => 0,
         };
         let tmp = self.dir.join(format!(".tmp-{}", std::process::id()));
-        std::fs::write(&tmp, format!("{cid}\n{ifname}\n")).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::write(&tmp, format!("{cid}\n{ifname}\n"))
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
         let mut result = None;
         for k in 0..size {
             let ip = from_num(range.start, num(range.start) + (begin + k) % size);
@@ -160,7 +185,9 @@ impl Ipam {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(io_err(format!("recording {ip} in {}", self.dir.display()))(e));
+                    return Err(io_err(format!("recording {ip} in {}", self.dir.display()))(
+                        e,
+                    ));
                 }
             }
         }
@@ -210,7 +237,9 @@ impl Ipam {
 
     fn remove(&self, ip: IpAddr) -> Result<(), CniError> {
         match std::fs::remove_file(self.dir.join(ip.to_string())) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(format!("freeing {ip}"))(e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err(format!("freeing {ip}"))(e))
+            }
             _ => Ok(()),
         }
     }
@@ -240,7 +269,11 @@ mod tests {
         let (a, fresh) = ipam.allocate(&r, "c1", "eth0").unwrap();
         assert!(fresh);
         assert_eq!(a.to_string(), "10.1.0.2");
-        assert_eq!(ipam.allocate(&r, "c1", "eth0").unwrap(), (a, false), "same attachment, same address");
+        assert_eq!(
+            ipam.allocate(&r, "c1", "eth0").unwrap(),
+            (a, false),
+            "same attachment, same address"
+        );
         let mut got = vec![a];
         for i in 2..=5 {
             got.push(ipam.allocate(&r, &format!("c{i}"), "eth0").unwrap().0);
@@ -248,7 +281,9 @@ mod tests {
         let e = ipam.allocate(&r, "c6", "eth0").unwrap_err();
         assert_eq!(e.code, code::TRY_AGAIN);
         assert!(e.msg.contains("10.1.0.0/29"), "{}", e.msg);
-        assert!(!got.iter().any(|ip| ["10.1.0.0", "10.1.0.1", "10.1.0.7"].contains(&ip.to_string().as_str())));
+        assert!(!got
+            .iter()
+            .any(|ip| ["10.1.0.0", "10.1.0.1", "10.1.0.7"].contains(&ip.to_string().as_str())));
         assert_eq!(ipam.release("c3", "eth0").unwrap().len(), 1);
         assert!(ipam.release("c3", "eth0").unwrap().is_empty());
         // The freed address is handed out again once the others are taken.
@@ -264,7 +299,9 @@ mod tests {
             ipam.allocate(&r, c, "eth0").unwrap();
         }
         std::fs::write(ipam.dir().join("10.1.0.200"), "").unwrap(); // a torn record
-        let valid: HashSet<_> = [("b".to_string(), "eth0".to_string())].into_iter().collect();
+        let valid: HashSet<_> = [("b".to_string(), "eth0".to_string())]
+            .into_iter()
+            .collect();
         let freed = ipam.gc(&valid).unwrap();
         assert_eq!(freed.len(), 3);
         assert_eq!(ipam.allocations().unwrap().len(), 1);

@@ -44,14 +44,21 @@ impl Env {
     }
 
     fn need<'a>(v: &'a Option<String>, name: &str, example: &str) -> Result<&'a str, CniError> {
-        v.as_deref()
-            .ok_or_else(|| CniError::new(code::INVALID_ENV, format!("{name} is not set; the runtime must set it (e.g. {name}={example})")))
+        v.as_deref().ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENV,
+                format!("{name} is not set; the runtime must set it (e.g. {name}={example})"),
+            )
+        })
     }
 
     fn cid(&self) -> Result<&str, CniError> {
         let c = Self::need(&self.container_id, "CNI_CONTAINERID", "3f9c2a")?;
         if c.contains('/') || c.contains('\n') {
-            return Err(CniError::new(code::INVALID_ENV, format!("CNI_CONTAINERID {c:?} may not hold '/' or newlines")));
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_CONTAINERID {c:?} may not hold '/' or newlines"),
+            ));
         }
         Ok(c)
     }
@@ -59,7 +66,10 @@ impl Env {
     fn ifname(&self) -> Result<&str, CniError> {
         let i = Self::need(&self.ifname, "CNI_IFNAME", "eth0")?;
         if i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
-            return Err(CniError::new(code::INVALID_ENV, format!("CNI_IFNAME {i:?} is not a valid interface name (1 to 15 characters)")));
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_IFNAME {i:?} is not a valid interface name (1 to 15 characters)"),
+            ));
         }
         Ok(i)
     }
@@ -77,7 +87,9 @@ struct Addressing {
 }
 
 fn subnet_file(conf: &NetConf) -> PathBuf {
-    conf.subnet_file.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+    conf.subnet_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
 
 fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
@@ -108,15 +120,28 @@ fn addressing(conf: &NetConf) -> Result<Addressing, CniError> {
         if let Some(e) = r.range_end {
             range.end = e;
         }
-        for (what, ip) in [("rangeStart", range.start), ("rangeEnd", range.end), ("gateway", range.gateway.unwrap_or(range.start))] {
+        for (what, ip) in [
+            ("rangeStart", range.start),
+            ("rangeEnd", range.end),
+            ("gateway", range.gateway.unwrap_or(range.start)),
+        ] {
             if !subnet.contains(&ip) {
-                return Err(CniError::new(code::INVALID_CONFIG, format!("\"ranges\": {what} {ip} is outside subnet {subnet}")));
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("\"ranges\": {what} {ip} is outside subnet {subnet}"),
+                ));
             }
         }
-        return Ok(Addressing { range, mtu: conf.mtu });
+        return Ok(Addressing {
+            range,
+            mtu: conf.mtu,
+        });
     }
     let env = read_subnet_env(conf)?;
-    let subnet = env.subnet.map(IpNet::V4).ok_or_else(|| CniError::new(code::TRY_AGAIN, "no FLANNEL_SUBNET"))?;
+    let subnet = env
+        .subnet
+        .map(IpNet::V4)
+        .ok_or_else(|| CniError::new(code::TRY_AGAIN, "no FLANNEL_SUBNET"))?;
     Ok(Addressing {
         range: ipam::Range::of_subnet(subnet, None)?,
         mtu: conf.mtu.or(env.mtu),
@@ -124,7 +149,10 @@ fn addressing(conf: &NetConf) -> Result<Addressing, CniError> {
 }
 
 fn open_ipam(conf: &NetConf) -> Result<ipam::Ipam, CniError> {
-    let dir = conf.data_dir.clone().unwrap_or_else(|| PathBuf::from(ipam::DEFAULT_DATA_DIR));
+    let dir = conf
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(ipam::DEFAULT_DATA_DIR));
     ipam::Ipam::open(&dir, &conf.name)
 }
 
@@ -133,42 +161,81 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
     let netns = env.netns()?;
     // Address: our own IPAM, or the plugin the config names. `release` undoes it.
     type Release = Box<dyn Fn()>;
-    let (ip, prefix, gateway, extra_routes, mtu, dns, release): (IpAddr, u8, IpAddr, Vec<spec::RouteConf>, Option<u32>, serde_json::Value, Release) =
-        match conf.ipam_type() {
-            None => {
-                let a = addressing(conf)?;
-                let ipam = open_ipam(conf)?;
-                let (ip, fresh) = ipam.allocate(&a.range, cid, ifname)?;
-                let gw = a.range.gateway.unwrap_or(a.range.start);
-                let (c, i) = (cid.to_string(), ifname.to_string());
-                // Undo only what this ADD allocated: a repeated ADD must not free a live pod's address.
-                let release: Release = Box::new(move || {
-                    if fresh {
-                        let _ = ipam.release(&c, &i);
-                    }
-                });
-                (ip, a.range.subnet.prefix_len(), gw, Vec::new(), a.mtu, serde_json::Value::Null, release)
-            }
-            Some(t) => {
-                let r = delegate::exec(t, "ADD", raw)?;
-                let ipc = r
-                    .ips
-                    .iter()
-                    .find(|i| i.address.addr().is_ipv4())
-                    .cloned()
-                    .ok_or_else(|| CniError::new(code::IO, format!("IPAM plugin {t} returned no IPv4 address")))?;
-                let gw = ipc.gateway.or_else(|| ipc.address.trunc().hosts().next()).ok_or_else(|| CniError::new(code::IO, "no gateway"))?;
-                let mtu = conf.mtu.or_else(|| read_subnet_env(conf).ok().and_then(|e| e.mtu));
-                let (t, raw) = (t.to_string(), raw.to_vec());
-                let release: Release = Box::new(move || {
-                    let _ = delegate::exec(&t, "DEL", &raw);
-                });
-                (ipc.address.addr(), ipc.address.prefix_len(), gw, r.routes, mtu, r.dns, release)
-            }
-        };
+    let (ip, prefix, gateway, extra_routes, mtu, dns, release): (
+        IpAddr,
+        u8,
+        IpAddr,
+        Vec<spec::RouteConf>,
+        Option<u32>,
+        serde_json::Value,
+        Release,
+    ) = match conf.ipam_type() {
+        None => {
+            let a = addressing(conf)?;
+            let ipam = open_ipam(conf)?;
+            let (ip, fresh) = ipam.allocate(&a.range, cid, ifname)?;
+            let gw = a.range.gateway.unwrap_or(a.range.start);
+            let (c, i) = (cid.to_string(), ifname.to_string());
+            // Undo only what this ADD allocated: a repeated ADD must not free a live pod's address.
+            let release: Release = Box::new(move || {
+                if fresh {
+                    let _ = ipam.release(&c, &i);
+                }
+            });
+            (
+                ip,
+                a.range.subnet.prefix_len(),
+                gw,
+                Vec::new(),
+                a.mtu,
+                serde_json::Value::Null,
+                release,
+            )
+        }
+        Some(t) => {
+            let r = delegate::exec(t, "ADD", raw)?;
+            let ipc = r
+                .ips
+                .iter()
+                .find(|i| i.address.addr().is_ipv4())
+                .cloned()
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::IO,
+                        format!("IPAM plugin {t} returned no IPv4 address"),
+                    )
+                })?;
+            let gw = ipc
+                .gateway
+                .or_else(|| ipc.address.trunc().hosts().next())
+                .ok_or_else(|| CniError::new(code::IO, "no gateway"))?;
+            let mtu = conf
+                .mtu
+                .or_else(|| read_subnet_env(conf).ok().and_then(|e| e.mtu));
+            let (t, raw) = (t.to_string(), raw.to_vec());
+            let release: Release = Box::new(move || {
+                let _ = delegate::exec(&t, "DEL", &raw);
+            });
+            (
+                ipc.address.addr(),
+                ipc.address.prefix_len(),
+                gw,
+                r.routes,
+                mtu,
+                r.dns,
+                release,
+            )
+        }
+    };
     let (address, gateway) = match conf.mode {
-        Mode::Bridge => (IpNet::new(ip, prefix).map_err(|e| CniError::new(code::IO, e.to_string()))?, gateway),
-        Mode::Routed => (IpNet::new(ip, 32).map_err(|e| CniError::new(code::IO, e.to_string()))?, IpAddr::V4(wiring::ROUTED_GW)),
+        Mode::Bridge => (
+            IpNet::new(ip, prefix).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+            gateway,
+        ),
+        Mode::Routed => (
+            IpNet::new(ip, 32).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+            IpAddr::V4(wiring::ROUTED_GW),
+        ),
     };
     let plan = wiring::Plan {
         mode: conf.mode,
@@ -177,7 +244,14 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
         mtu,
         address,
         gateway,
-        extra_routes: if conf.mode == Mode::Bridge { extra_routes.into_iter().filter(|r| r.dst.prefix_len() != 0).collect() } else { Vec::new() },
+        extra_routes: if conf.mode == Mode::Bridge {
+            extra_routes
+                .into_iter()
+                .filter(|r| r.dst.prefix_len() != 0)
+                .collect()
+        } else {
+            Vec::new()
+        },
     };
     let made = match wiring::add(&plan, &netns, cid, ifname).await {
         Ok(m) => m,
@@ -222,21 +296,35 @@ async fn cmd_del(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError> 
 
 async fn cmd_check(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError> {
     if !conf.at_least("0.4.0") {
-        return Err(CniError::new(code::INCOMPATIBLE_VERSION, format!("CHECK needs cniVersion 0.4.0 or later, the config has {}", conf.cni_version)));
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, the config has {}",
+                conf.cni_version
+            ),
+        ));
     }
     let (cid, ifname) = (env.cid()?, env.ifname()?);
     let netns = env.netns()?;
     let prev = conf
         .prev_result
         .as_ref()
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs the ADD result in \"prevResult\""))
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "CHECK needs the ADD result in \"prevResult\"",
+            )
+        })
         .and_then(CniResult::from_json)?;
     match conf.ipam_type() {
         None => {
             let held = open_ipam(conf)?.lookup(cid, ifname)?;
             let want: Vec<IpAddr> = prev.ips.iter().map(|i| i.address.addr()).collect();
             if held.is_none_or(|h| !want.contains(&h)) {
-                return Err(CniError::new(code::CHECK_MISMATCH, format!("IPAM holds {held:?} for {cid}/{ifname}, the result says {want:?}")));
+                return Err(CniError::new(
+                    code::CHECK_MISMATCH,
+                    format!("IPAM holds {held:?} for {cid}/{ifname}, the result says {want:?}"),
+                ));
             }
         }
         Some(t) => {
@@ -248,7 +336,10 @@ async fn cmd_check(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError
 
 fn cmd_status(conf: &NetConf) -> Result<(), CniError> {
     if !conf.at_least("1.1.0") {
-        return Err(CniError::new(code::INCOMPATIBLE_VERSION, "STATUS needs cniVersion 1.1.0"));
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "STATUS needs cniVersion 1.1.0",
+        ));
     }
     if conf.ranges.is_none() && conf.ipam_type().is_none() {
         let path = subnet_file(conf);
@@ -261,23 +352,47 @@ fn cmd_status(conf: &NetConf) -> Result<(), CniError> {
         if age > SUBNET_ENV_MAX_AGE {
             return Err(CniError::new(
                 code::NOT_AVAILABLE,
-                format!("{} is stale: last written {}h ago, so no agent holds this node's lease", path.display(), age.as_secs() / 3600),
+                format!(
+                    "{} is stale: last written {}h ago, so no agent holds this node's lease",
+                    path.display(),
+                    age.as_secs() / 3600
+                ),
             ));
         }
-        if env.network.is_some_and(|n| env.subnet.is_some_and(|s| !n.contains(&s))) {
-            return Err(CniError::new(code::NOT_AVAILABLE, format!("{}: FLANNEL_SUBNET is outside FLANNEL_NETWORK", path.display())));
+        if env
+            .network
+            .is_some_and(|n| env.subnet.is_some_and(|s| !n.contains(&s)))
+        {
+            return Err(CniError::new(
+                code::NOT_AVAILABLE,
+                format!(
+                    "{}: FLANNEL_SUBNET is outside FLANNEL_NETWORK",
+                    path.display()
+                ),
+            ));
         }
     }
     let ipam = open_ipam(conf).map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))?;
     let probe = ipam.dir().join(".status");
-    std::fs::write(&probe, b"").map_err(|e| CniError::new(code::NOT_AVAILABLE, format!("IPAM directory {} is not writable: {e}", ipam.dir().display())))?;
+    std::fs::write(&probe, b"").map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            format!(
+                "IPAM directory {} is not writable: {e}",
+                ipam.dir().display()
+            ),
+        )
+    })?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
 
 fn cmd_gc(conf: &NetConf) -> Result<(), CniError> {
     if !conf.at_least("1.1.0") {
-        return Err(CniError::new(code::INCOMPATIBLE_VERSION, "GC needs cniVersion 1.1.0"));
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "GC needs cniVersion 1.1.0",
+        ));
     }
     let valid: HashSet<(String, String)> = conf
         .valid_attachments
@@ -287,7 +402,10 @@ fn cmd_gc(conf: &NetConf) -> Result<(), CniError> {
         .collect();
     if conf.ipam_type().is_none() {
         let freed = open_ipam(conf)?.gc(&valid)?;
-        tracing::info!(freed = freed.len(), "GC released addresses of attachments that no longer exist");
+        tracing::info!(
+            freed = freed.len(),
+            "GC released addresses of attachments that no longer exist"
+        );
     }
     Ok(())
 }
@@ -295,7 +413,11 @@ fn cmd_gc(conf: &NetConf) -> Result<(), CniError> {
 fn version_reply(raw: &[u8]) -> serde_json::Value {
     let asked = serde_json::from_slice::<serde_json::Value>(raw)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|x| x.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| CURRENT.to_string());
     serde_json::json!({"cniVersion": asked, "supportedVersions": SUPPORTED})
 }
@@ -305,7 +427,10 @@ async fn run(env: &Env, raw: &[u8]) -> Result<Option<serde_json::Value>, CniErro
         return Ok(Some(version_reply(raw)));
     }
     if env.command.is_empty() {
-        return Err(CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set; it must be ADD, DEL, CHECK, STATUS, GC or VERSION"));
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set; it must be ADD, DEL, CHECK, STATUS, GC or VERSION",
+        ));
     }
     let conf = NetConf::parse(raw)?;
     match env.command.as_str() {
@@ -327,10 +452,17 @@ fn main() -> ExitCode {
     }
     let version = serde_json::from_slice::<serde_json::Value>(&raw)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|x| x.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+        })
         .filter(|v| SUPPORTED.contains(&v.as_str()))
         .unwrap_or_else(|| CURRENT.to_string());
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return emit(Err(io_err("starting the async runtime")(e)), &version),
     };
@@ -357,7 +489,10 @@ fn emit(result: Result<Option<serde_json::Value>, CniError>, version: &str) -> E
 fn init_logs() {
     if let Some(level) = var("WEFT_CNI_LOG") {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_new(level)
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
             .with_writer(std::io::stderr)
             .try_init();
     }

@@ -124,30 +124,63 @@ impl NetConf {
         if raw.iter().all(|b| b.is_ascii_whitespace()) {
             return Err(CniError::new(code::DECODE, "no network configuration on stdin: the runtime must pass the network's JSON config"));
         }
-        let v: Value = serde_json::from_slice(raw).map_err(|e| CniError::new(code::DECODE, format!("network configuration is not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(raw).map_err(|e| {
+            CniError::new(
+                code::DECODE,
+                format!("network configuration is not valid JSON: {e}"),
+            )
+        })?;
         // The path names the field at fault ("mode: unknown variant ...").
-        let conf: NetConf = serde_path_to_error::deserialize(v).map_err(|e| CniError::new(code::INVALID_CONFIG, format!("network configuration: {}: {}", e.path(), e.inner())))?;
+        let conf: NetConf = serde_path_to_error::deserialize(v).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("network configuration: {}: {}", e.path(), e.inner()),
+            )
+        })?;
         if !SUPPORTED.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
-                format!("cniVersion {:?} is not supported; weft-cni speaks {}", conf.cni_version, SUPPORTED.join(", ")),
+                format!(
+                    "cniVersion {:?} is not supported; weft-cni speaks {}",
+                    conf.cni_version,
+                    SUPPORTED.join(", ")
+                ),
             ));
         }
         if conf.name.is_empty() {
-            return Err(CniError::new(code::INVALID_CONFIG, "network configuration: \"name\" is missing (e.g. \"name\": \"weft\")"));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "network configuration: \"name\" is missing (e.g. \"name\": \"weft\")",
+            ));
         }
         if conf.name.contains('/') || conf.name.starts_with('.') {
-            return Err(CniError::new(code::INVALID_CONFIG, format!("network configuration: \"name\" {:?} may not hold '/' or start with '.'", conf.name)));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "network configuration: \"name\" {:?} may not hold '/' or start with '.'",
+                    conf.name
+                ),
+            ));
         }
         if conf.bridge.is_empty() || conf.bridge.len() > 15 {
-            return Err(CniError::new(code::INVALID_CONFIG, format!("\"bridge\" {:?} is not a valid interface name (1 to 15 characters)", conf.bridge)));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "\"bridge\" {:?} is not a valid interface name (1 to 15 characters)",
+                    conf.bridge
+                ),
+            ));
         }
         Ok(conf)
     }
 
     /// The IPAM plugin to delegate to, if the config names one.
     pub fn ipam_type(&self) -> Option<&str> {
-        self.ipam.as_ref()?.get("type")?.as_str().filter(|t| !t.is_empty())
+        self.ipam
+            .as_ref()?
+            .get("type")?
+            .as_str()
+            .filter(|t| !t.is_empty())
     }
 
     pub fn at_least(&self, version: &str) -> bool {
@@ -157,7 +190,11 @@ impl NetConf {
 
 fn version_key(v: &str) -> (u32, u32, u32) {
     let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0), it.next().unwrap_or(0))
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +251,11 @@ impl CniResult {
             .map(|ip| {
                 let mut v = json!({"address": ip.address.to_string()});
                 if legacy {
-                    v["version"] = json!(if ip.address.addr().is_ipv4() { "4" } else { "6" });
+                    v["version"] = json!(if ip.address.addr().is_ipv4() {
+                        "4"
+                    } else {
+                        "6"
+                    });
                 }
                 if let Some(g) = ip.gateway {
                     v["gateway"] = json!(g.to_string());
@@ -236,8 +277,13 @@ impl CniResult {
                 v
             })
             .collect();
-        let mut out = json!({"cniVersion": version, "interfaces": ifaces, "ips": ips, "routes": routes});
-        out["dns"] = if self.dns.is_null() { json!({}) } else { self.dns.clone() };
+        let mut out =
+            json!({"cniVersion": version, "interfaces": ifaces, "ips": ips, "routes": routes});
+        out["dns"] = if self.dns.is_null() {
+            json!({})
+        } else {
+            self.dns.clone()
+        };
         out
     }
 
@@ -248,10 +294,23 @@ impl CniResult {
             dns: v.get("dns").cloned().unwrap_or(Value::Null),
             ..Default::default()
         };
-        for i in v.get("interfaces").and_then(Value::as_array).into_iter().flatten() {
+        for i in v
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             r.interfaces.push(Interface {
-                name: i.get("name").and_then(Value::as_str).ok_or_else(|| bad("an interface has no name"))?.to_string(),
-                mac: i.get("mac").and_then(Value::as_str).unwrap_or_default().to_string(),
+                name: i
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("an interface has no name"))?
+                    .to_string(),
+                mac: i
+                    .get("mac")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
                 mtu: i.get("mtu").and_then(Value::as_u64).map(|m| m as u32),
                 sandbox: i.get("sandbox").and_then(Value::as_str).map(str::to_string),
             });
@@ -264,11 +323,22 @@ impl CniResult {
                 .ok_or_else(|| bad("an IP has no valid \"address\" (CIDR)"))?;
             r.ips.push(IpConfig {
                 address,
-                gateway: ip.get("gateway").and_then(Value::as_str).and_then(|g| g.parse().ok()),
-                interface: ip.get("interface").and_then(Value::as_u64).map(|i| i as usize),
+                gateway: ip
+                    .get("gateway")
+                    .and_then(Value::as_str)
+                    .and_then(|g| g.parse().ok()),
+                interface: ip
+                    .get("interface")
+                    .and_then(Value::as_u64)
+                    .map(|i| i as usize),
             });
         }
-        for rt in v.get("routes").and_then(Value::as_array).into_iter().flatten() {
+        for rt in v
+            .get("routes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let dst = rt
                 .get("dst")
                 .and_then(Value::as_str)
@@ -276,7 +346,10 @@ impl CniResult {
                 .ok_or_else(|| bad("a route has no valid \"dst\""))?;
             r.routes.push(RouteConf {
                 dst,
-                gw: rt.get("gw").and_then(Value::as_str).and_then(|g| g.parse().ok()),
+                gw: rt
+                    .get("gw")
+                    .and_then(Value::as_str)
+                    .and_then(|g| g.parse().ok()),
             });
         }
         Ok(r)
@@ -290,11 +363,28 @@ mod tests {
     fn sample() -> CniResult {
         CniResult {
             interfaces: vec![
-                Interface { name: "cni0".into(), mac: "aa:bb:cc:dd:ee:ff".into(), mtu: Some(1450), sandbox: None },
-                Interface { name: "eth0".into(), mac: "0a:58:0a:f4:01:05".into(), mtu: Some(1450), sandbox: Some("/var/run/netns/p".into()) },
+                Interface {
+                    name: "cni0".into(),
+                    mac: "aa:bb:cc:dd:ee:ff".into(),
+                    mtu: Some(1450),
+                    sandbox: None,
+                },
+                Interface {
+                    name: "eth0".into(),
+                    mac: "0a:58:0a:f4:01:05".into(),
+                    mtu: Some(1450),
+                    sandbox: Some("/var/run/netns/p".into()),
+                },
             ],
-            ips: vec![IpConfig { address: "10.244.1.5/24".parse().unwrap(), gateway: Some("10.244.1.1".parse().unwrap()), interface: Some(1) }],
-            routes: vec![RouteConf { dst: "0.0.0.0/0".parse().unwrap(), gw: Some("10.244.1.1".parse().unwrap()) }],
+            ips: vec![IpConfig {
+                address: "10.244.1.5/24".parse().unwrap(),
+                gateway: Some("10.244.1.1".parse().unwrap()),
+                interface: Some(1),
+            }],
+            routes: vec![RouteConf {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: Some("10.244.1.1".parse().unwrap()),
+            }],
             dns: Value::Null,
         }
     }
@@ -311,7 +401,11 @@ mod tests {
         assert!(v["interfaces"][1].get("mtu").is_none());
         assert_eq!(v["cniVersion"], "0.3.1");
         for ver in SUPPORTED {
-            assert_eq!(CniResult::from_json(&r.to_json(ver)).unwrap().ips, r.ips, "{ver}");
+            assert_eq!(
+                CniResult::from_json(&r.to_json(ver)).unwrap().ips,
+                r.ips,
+                "{ver}"
+            );
         }
     }
 
@@ -319,10 +413,28 @@ mod tests {
     fn config_errors_have_the_right_codes() {
         assert_eq!(NetConf::parse(b"").unwrap_err().code, code::DECODE);
         assert_eq!(NetConf::parse(b"{garbage").unwrap_err().code, code::DECODE);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"weft-cni"}"#).unwrap_err().code, code::INCOMPATIBLE_VERSION);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"1.1.0","type":"weft-cni"}"#).unwrap_err().code, code::INVALID_CONFIG);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","mode":"ipvlan"}"#).unwrap_err().code, code::INVALID_CONFIG);
-        let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"n","type":"weft-cni","mode":"routed"}"#).unwrap();
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"weft-cni"}"#)
+                .unwrap_err()
+                .code,
+            code::INCOMPATIBLE_VERSION
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.1.0","type":"weft-cni"}"#)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","mode":"ipvlan"}"#)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
+        let c = NetConf::parse(
+            br#"{"cniVersion":"0.4.0","name":"n","type":"weft-cni","mode":"routed"}"#,
+        )
+        .unwrap();
         assert_eq!(c.mode, Mode::Routed);
         assert!(c.at_least("0.4.0") && !c.at_least("1.0.0"));
     }

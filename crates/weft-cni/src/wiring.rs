@@ -22,7 +22,10 @@ pub fn host_veth(cid: &str, ifname: &str) -> String {
 }
 
 fn mac_text(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 pub struct Plan {
@@ -101,13 +104,16 @@ async fn ensure_bridge(host: &Nl, plan: &Plan) -> Result<weft_dataplane::Link, C
         Some(br) => br,
         None => {
             host.add_bridge(&plan.bridge, plan.mtu).await.map_err(dp)?;
-            host.link(&plan.bridge)
-                .await
-                .map_err(dp)?
-                .ok_or_else(|| CniError::new(code::IO, format!("bridge {} vanished while being set up", plan.bridge)))?
+            host.link(&plan.bridge).await.map_err(dp)?.ok_or_else(|| {
+                CniError::new(
+                    code::IO,
+                    format!("bridge {} vanished while being set up", plan.bridge),
+                )
+            })?
         }
     };
-    let gw_net = IpNet::new(plan.gateway, plan.address.prefix_len()).map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
+    let gw_net = IpNet::new(plan.gateway, plan.address.prefix_len())
+        .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
     host.add_addr(br.index, gw_net).await.map_err(dp)?;
     if !br.up {
         host.set_up(br.index).await.map_err(dp)?;
@@ -125,7 +131,11 @@ async fn finish(
     bridge: Option<weft_dataplane::Link>,
 ) -> Result<Made, CniError> {
     let mut interfaces = Vec::new();
-    let hl = host.link(hname).await.map_err(dp)?.ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
+    let hl = host
+        .link(hname)
+        .await
+        .map_err(dp)?
+        .ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
     match &bridge {
         Some(br) => {
             if plan.hairpin {
@@ -143,7 +153,15 @@ async fn finish(
             // Answer the pod's ARP at once, not after the default random delay.
             let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{hname}/proxy_delay"), "0");
             host.add_route(&Route {
-                dst: IpNet::new(plan.address.addr(), if plan.address.addr().is_ipv4() { 32 } else { 128 }).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                dst: IpNet::new(
+                    plan.address.addr(),
+                    if plan.address.addr().is_ipv4() {
+                        32
+                    } else {
+                        128
+                    },
+                )
+                .map_err(|e| CniError::new(code::IO, e.to_string()))?,
                 gateway: None,
                 oif: Some(hl.index),
                 scope_link: true,
@@ -163,23 +181,35 @@ async fn finish(
     });
 
     // Pod side.
-    let p = pod
-        .link(ifname)
-        .await
-        .map_err(dp)?
-        .ok_or_else(|| CniError::new(code::IO, format!("{ifname} did not arrive in {}", netns.path().display())))?;
+    let p = pod.link(ifname).await.map_err(dp)?.ok_or_else(|| {
+        CniError::new(
+            code::IO,
+            format!("{ifname} did not arrive in {}", netns.path().display()),
+        )
+    })?;
     pod.add_addr(p.index, plan.address).await.map_err(dp)?;
     pod.set_up(p.index).await.map_err(dp)?;
     let mut routes = Vec::new();
     match plan.mode {
         Mode::Bridge => {
-            let any = IpNet::new(if plan.gateway.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) }, 0)
-                .map_err(|e| CniError::new(code::IO, e.to_string()))?;
-            routes.push(RouteConf { dst: any, gw: Some(plan.gateway) });
+            let any = IpNet::new(
+                if plan.gateway.is_ipv4() {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                },
+                0,
+            )
+            .map_err(|e| CniError::new(code::IO, e.to_string()))?;
+            routes.push(RouteConf {
+                dst: any,
+                gw: Some(plan.gateway),
+            });
         }
         Mode::Routed => {
             pod.add_route(&Route {
-                dst: IpNet::new(IpAddr::V4(ROUTED_GW), 32).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                dst: IpNet::new(IpAddr::V4(ROUTED_GW), 32)
+                    .map_err(|e| CniError::new(code::IO, e.to_string()))?,
                 gateway: None,
                 oif: Some(p.index),
                 scope_link: true,
@@ -189,7 +219,9 @@ async fn finish(
             .await
             .map_err(dp)?;
             routes.push(RouteConf {
-                dst: "0.0.0.0/0".parse().map_err(|_| CniError::new(code::IO, "route"))?,
+                dst: "0.0.0.0/0"
+                    .parse()
+                    .map_err(|_| CniError::new(code::IO, "route"))?,
                 gw: Some(IpAddr::V4(ROUTED_GW)),
             });
         }
@@ -226,38 +258,79 @@ async fn finish(
 }
 
 /// The result of an attachment that exists already, after checking it is the one planned.
-async fn describe(plan: &Plan, netns: &Netns, host: &Nl, pod: &Nl, hl: weft_dataplane::Link, ifname: &str) -> Result<Made, CniError> {
-    let pl = pod
-        .link(ifname)
+async fn describe(
+    plan: &Plan,
+    netns: &Netns,
+    host: &Nl,
+    pod: &Nl,
+    hl: weft_dataplane::Link,
+    ifname: &str,
+) -> Result<Made, CniError> {
+    let pl = pod.link(ifname).await.map_err(dp)?.ok_or_else(|| {
+        CniError::new(
+            code::IO,
+            format!("{ifname} vanished from {}", netns.path().display()),
+        )
+    })?;
+    let addrs: Vec<IpNet> = pod
+        .addrs(Some(pl.index))
         .await
         .map_err(dp)?
-        .ok_or_else(|| CniError::new(code::IO, format!("{ifname} vanished from {}", netns.path().display())))?;
-    let addrs: Vec<IpNet> = pod.addrs(Some(pl.index)).await.map_err(dp)?.into_iter().map(|(_, n)| n).collect();
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
     if !addrs.contains(&plan.address) {
         return Err(CniError::new(
             code::INVALID_CONFIG,
-            format!("CNI_IFNAME {ifname} exists in {} with other addresses ({addrs:?}); DEL it first", netns.path().display()),
+            format!(
+                "CNI_IFNAME {ifname} exists in {} with other addresses ({addrs:?}); DEL it first",
+                netns.path().display()
+            ),
         ));
     }
     let mut interfaces = Vec::new();
     if plan.mode == Mode::Bridge {
         if let Some(br) = host.link(&plan.bridge).await.map_err(dp)? {
-            interfaces.push(Interface { name: br.name, mac: mac_text(&br.mac), mtu: Some(br.mtu), sandbox: None });
+            interfaces.push(Interface {
+                name: br.name,
+                mac: mac_text(&br.mac),
+                mtu: Some(br.mtu),
+                sandbox: None,
+            });
         }
     }
-    interfaces.push(Interface { name: hl.name, mac: mac_text(&hl.mac), mtu: Some(hl.mtu), sandbox: None });
+    interfaces.push(Interface {
+        name: hl.name,
+        mac: mac_text(&hl.mac),
+        mtu: Some(hl.mtu),
+        sandbox: None,
+    });
     interfaces.push(Interface {
         name: ifname.to_string(),
         mac: mac_text(&pl.mac),
         mtu: Some(pl.mtu),
         sandbox: Some(netns.path().display().to_string()),
     });
-    let any = IpNet::new(if plan.gateway.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) }, 0)
-        .map_err(|e| CniError::new(code::IO, e.to_string()))?;
-    let mut routes = vec![RouteConf { dst: any, gw: Some(plan.gateway) }];
+    let any = IpNet::new(
+        if plan.gateway.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        },
+        0,
+    )
+    .map_err(|e| CniError::new(code::IO, e.to_string()))?;
+    let mut routes = vec![RouteConf {
+        dst: any,
+        gw: Some(plan.gateway),
+    }];
     routes.extend(plan.extra_routes.iter().cloned());
     Ok(Made {
-        ips: vec![IpConfig { address: plan.address, gateway: Some(plan.gateway), interface: Some(interfaces.len() - 1) }],
+        ips: vec![IpConfig {
+            address: plan.address,
+            gateway: Some(plan.gateway),
+            interface: Some(interfaces.len() - 1),
+        }],
         interfaces,
         routes,
     })
@@ -279,35 +352,64 @@ pub async fn del(netns: Option<&Netns>, cid: &str, ifname: &str) -> Result<(), C
 }
 
 /// Checks that the attachment is as ADD made it (and as `prev` says).
-pub async fn check(mode: Mode, bridge: &str, netns: &Netns, cid: &str, ifname: &str, prev: &crate::spec::CniResult) -> Result<(), CniError> {
+pub async fn check(
+    mode: Mode,
+    bridge: &str,
+    netns: &Netns,
+    cid: &str,
+    ifname: &str,
+    prev: &crate::spec::CniResult,
+) -> Result<(), CniError> {
     let mismatch = |m: String| CniError::new(code::CHECK_MISMATCH, m);
     let host = Nl::here().map_err(dp)?;
     let pod = Nl::in_netns(netns).map_err(dp)?;
     let hname = host_veth(cid, ifname);
-    let hl = host.link(&hname).await.map_err(dp)?.ok_or_else(|| mismatch(format!("host veth {hname} is missing")))?;
-    let pl = pod
-        .link(ifname)
+    let hl = host
+        .link(&hname)
         .await
         .map_err(dp)?
-        .ok_or_else(|| mismatch(format!("{ifname} is missing in {}", netns.path().display())))?;
+        .ok_or_else(|| mismatch(format!("host veth {hname} is missing")))?;
+    let pl =
+        pod.link(ifname).await.map_err(dp)?.ok_or_else(|| {
+            mismatch(format!("{ifname} is missing in {}", netns.path().display()))
+        })?;
     if !pl.up || !hl.up {
         return Err(mismatch(format!("{ifname} or {hname} is down")));
     }
-    let addrs: Vec<IpNet> = pod.addrs(Some(pl.index)).await.map_err(dp)?.into_iter().map(|(_, n)| n).collect();
+    let addrs: Vec<IpNet> = pod
+        .addrs(Some(pl.index))
+        .await
+        .map_err(dp)?
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
     for ip in &prev.ips {
         if !addrs.contains(&ip.address) {
-            return Err(mismatch(format!("address {} is missing on {ifname}", ip.address)));
+            return Err(mismatch(format!(
+                "address {} is missing on {ifname}",
+                ip.address
+            )));
         }
     }
     let routes = pod.routes(false).await.map_err(dp)?;
     for r in prev.routes.iter().filter(|r| r.dst.addr().is_ipv4()) {
-        if !routes.iter().any(|x| x.dst == r.dst && (r.gw.is_none() || x.gateway == r.gw)) {
-            return Err(mismatch(format!("route to {} via {:?} is missing in the pod", r.dst, r.gw)));
+        if !routes
+            .iter()
+            .any(|x| x.dst == r.dst && (r.gw.is_none() || x.gateway == r.gw))
+        {
+            return Err(mismatch(format!(
+                "route to {} via {:?} is missing in the pod",
+                r.dst, r.gw
+            )));
         }
     }
     match mode {
         Mode::Bridge => {
-            let br = host.link(bridge).await.map_err(dp)?.ok_or_else(|| mismatch(format!("bridge {bridge} is missing")))?;
+            let br = host
+                .link(bridge)
+                .await
+                .map_err(dp)?
+                .ok_or_else(|| mismatch(format!("bridge {bridge} is missing")))?;
             if hl.master != Some(br.index) {
                 return Err(mismatch(format!("{hname} is not a port of {bridge}")));
             }
@@ -315,9 +417,15 @@ pub async fn check(mode: Mode, bridge: &str, netns: &Netns, cid: &str, ifname: &
         Mode::Routed => {
             let host_routes = host.routes(false).await.map_err(dp)?;
             for ip in &prev.ips {
-                let want = IpNet::new(ip.address.addr(), 32).map_err(|e| mismatch(e.to_string()))?;
-                if !host_routes.iter().any(|r| r.dst == want && r.oif == Some(hl.index)) {
-                    return Err(mismatch(format!("host route {want} dev {hname} is missing")));
+                let want =
+                    IpNet::new(ip.address.addr(), 32).map_err(|e| mismatch(e.to_string()))?;
+                if !host_routes
+                    .iter()
+                    .any(|r| r.dst == want && r.oif == Some(hl.index))
+                {
+                    return Err(mismatch(format!(
+                        "host route {want} dev {hname} is missing"
+                    )));
                 }
             }
         }

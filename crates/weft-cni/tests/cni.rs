@@ -16,7 +16,12 @@ fn bridge_mode_every_command() {
     let (ip1, ip2) = (r1.ip(), r2.ip());
     assert_ne!(ip1, ip2);
     for ip in [&ip1, &ip2] {
-        assert!(["10.244.3.0", "10.244.3.1", "10.244.3.255"].iter().all(|x| x != ip), "reserved address handed out: {ip}");
+        assert!(
+            ["10.244.3.0", "10.244.3.1", "10.244.3.255"]
+                .iter()
+                .all(|x| x != ip),
+            "reserved address handed out: {ip}"
+        );
     }
     // The result: bridge, host veth, pod interface; the address on the pod's; default route.
     let out = &r1.out;
@@ -29,10 +34,18 @@ fn bridge_mode_every_command() {
     assert_eq!(out["routes"][0]["dst"], "0.0.0.0/0");
     // What the kernel has: MTU from subnet.env, hairpin on, the route via the gateway.
     assert!(p1.run(&["ip", "link", "show", "eth0"]).contains("mtu 1450"));
-    let hveth = out["interfaces"][1]["name"].as_str().expect("host veth").to_string();
+    let hveth = out["interfaces"][1]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_string();
     assert!(hveth.starts_with("weft") && hveth.len() <= 15);
-    assert!(node.ns.run(&["ip", "-d", "link", "show", &hveth]).contains("hairpin on"));
-    assert!(p1.run(&["ip", "route"]).contains("default via 10.244.3.1 dev eth0"));
+    assert!(node
+        .ns
+        .run(&["ip", "-d", "link", "show", &hveth])
+        .contains("hairpin on"));
+    assert!(p1
+        .run(&["ip", "route"])
+        .contains("default via 10.244.3.1 dev eth0"));
     // Reachability: gateway and the other pod.
     assert!(p1.ping("10.244.3.1"), "pod cannot reach its gateway");
     assert!(p1.ping(&ip2), "pod cannot reach the other pod");
@@ -60,7 +73,10 @@ fn bridge_mode_every_command() {
     assert!(!node.links().contains(&hveth));
     assert!(!p1.run(&["ip", "-br", "link"]).contains("eth0"));
     assert_eq!(node.ipam_files("testnet"), vec![ip2.clone()]);
-    assert!(node.cni("DEL", &conf, Some("c1"), Some(&p1.path()), Some("eth0")).ok);
+    assert!(
+        node.cni("DEL", &conf, Some("c1"), Some(&p1.path()), Some("eth0"))
+            .ok
+    );
     let p2path = p2.path();
     drop(p2);
     let d = node.cni("DEL", &conf, Some("c2"), Some(&p2path), Some("eth0"));
@@ -80,26 +96,54 @@ fn routed_mode_every_command() {
     assert_eq!(r1.out["ips"][0]["gateway"], "169.254.1.1");
     // No bridge; host side with Calico's MAC, no address, proxy ARP; /32 route to the pod.
     assert!(!node.links().iter().any(|l| l == "cni0"));
-    let hveth = r1.out["interfaces"][0]["name"].as_str().expect("veth").to_string();
+    let hveth = r1.out["interfaces"][0]["name"]
+        .as_str()
+        .expect("veth")
+        .to_string();
     assert_eq!(r1.out["interfaces"][0]["mac"], "ee:ee:ee:ee:ee:ee");
-    assert_eq!(node.ns.run(&["cat", &format!("/proc/sys/net/ipv4/conf/{hveth}/proxy_arp")]).trim(), "1");
-    assert!(node.ns.run(&["ip", "-4", "addr", "show", "dev", &hveth]).trim().lines().count() <= 1, "host side has no address");
+    assert_eq!(
+        node.ns
+            .run(&["cat", &format!("/proc/sys/net/ipv4/conf/{hveth}/proxy_arp")])
+            .trim(),
+        "1"
+    );
+    assert!(
+        node.ns
+            .run(&["ip", "-4", "addr", "show", "dev", &hveth])
+            .trim()
+            .lines()
+            .count()
+            <= 1,
+        "host side has no address"
+    );
     let routes = node.ns.run(&["ip", "route"]);
-    assert!(routes.contains(&format!("{ip1} dev {hveth} proto 88 scope link")), "{routes}"); // weft-cni's own protocol
+    assert!(
+        routes.contains(&format!("{ip1} dev {hveth} proto 88 scope link")),
+        "{routes}"
+    ); // weft-cni's own protocol
     let pod_routes = p1.run(&["ip", "route"]);
-    assert!(pod_routes.contains("default via 169.254.1.1 dev eth0"), "{pod_routes}");
+    assert!(
+        pod_routes.contains("default via 169.254.1.1 dev eth0"),
+        "{pod_routes}"
+    );
     assert!(pod_routes.contains("169.254.1.1 dev eth0"), "{pod_routes}");
     // The pod reaches the host and the other pod.
     assert!(p1.ping("192.0.2.1"), "pod cannot reach the host");
     assert!(p1.ping(&ip2), "pod cannot reach the other pod");
 
     let check = with_prev(&conf, &r1.out);
-    assert!(node.cni("CHECK", &check, Some("r1"), Some(&p1.path()), Some("eth0")).ok);
+    assert!(
+        node.cni("CHECK", &check, Some("r1"), Some(&p1.path()), Some("eth0"))
+            .ok
+    );
     node.ns.run(&["ip", "route", "del", &format!("{ip1}/32")]);
     let c = node.cni("CHECK", &check, Some("r1"), Some(&p1.path()), Some("eth0"));
     assert!(!c.ok && c.msg().contains("host route"), "{}", c.out);
 
-    assert!(node.cni("DEL", &conf, Some("r2"), Some(&p2.path()), Some("eth0")).ok);
+    assert!(
+        node.cni("DEL", &conf, Some("r2"), Some(&p2.path()), Some("eth0"))
+            .ok
+    );
     assert!(!node.ns.run(&["ip", "route"]).contains(&ip2));
     assert_eq!(node.ipam_files("testnet"), vec![ip1]);
 }
@@ -112,19 +156,53 @@ fn older_versions_get_results_in_their_shape() {
         let r = node.add(&node.conf(v, "bridge"), &format!("v{i}"), &p);
         assert_eq!(r.out["cniVersion"], *v);
         let legacy = v.starts_with("0.");
-        assert_eq!(r.out["ips"][0].get("version").is_some(), legacy, "{v}: {}", r.out);
-        assert!(r.out["interfaces"][2].get("mtu").is_none(), "mtu is 1.1.0's");
-        assert!(node.cni("DEL", &node.conf(v, "bridge"), Some(&format!("v{i}")), Some(&p.path()), Some("eth0")).ok);
+        assert_eq!(
+            r.out["ips"][0].get("version").is_some(),
+            legacy,
+            "{v}: {}",
+            r.out
+        );
+        assert!(
+            r.out["interfaces"][2].get("mtu").is_none(),
+            "mtu is 1.1.0's"
+        );
+        assert!(
+            node.cni(
+                "DEL",
+                &node.conf(v, "bridge"),
+                Some(&format!("v{i}")),
+                Some(&p.path()),
+                Some("eth0")
+            )
+            .ok
+        );
     }
     let v = node.cni("VERSION", &json!({"cniVersion": "1.1.0"}), None, None, None);
     assert!(v.ok);
-    assert_eq!(v.out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+    assert_eq!(
+        v.out["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
     // Commands newer than the config's version are refused with code 1.
     let p = Ns::new("p");
-    let c = node.cni("CHECK", &node.conf("0.3.1", "bridge"), Some("x"), Some(&p.path()), Some("eth0"));
+    let c = node.cni(
+        "CHECK",
+        &node.conf("0.3.1", "bridge"),
+        Some("x"),
+        Some(&p.path()),
+        Some("eth0"),
+    );
     assert_eq!(c.code(), 1, "{}", c.out);
-    assert_eq!(node.cni("STATUS", &node.conf("1.0.0", "bridge"), None, None, None).code(), 1);
-    assert_eq!(node.cni("GC", &node.conf("1.0.0", "bridge"), None, None, None).code(), 1);
+    assert_eq!(
+        node.cni("STATUS", &node.conf("1.0.0", "bridge"), None, None, None)
+            .code(),
+        1
+    );
+    assert_eq!(
+        node.cni("GC", &node.conf("1.0.0", "bridge"), None, None, None)
+            .code(),
+        1
+    );
 }
 
 #[test]
@@ -154,7 +232,11 @@ fn gc_releases_addresses_of_vanished_attachments() {
     let node = Node::new("10.244.7.1/24");
     let conf = node.conf("1.1.0", "bridge");
     let pods: Vec<Ns> = (0..3).map(|_| Ns::new("p")).collect();
-    let ips: Vec<String> = pods.iter().enumerate().map(|(i, p)| node.add(&conf, &format!("g{i}"), p).ip()).collect();
+    let ips: Vec<String> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| node.add(&conf, &format!("g{i}"), p).ip())
+        .collect();
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "g1", "ifname": "eth0"}]);
     let r = node.cni("GC", &gc, None, None, None);
@@ -169,22 +251,103 @@ fn bad_input_gets_the_right_code_and_changes_nothing() {
     let p = Ns::new("p");
     let before = node.links();
     let pp = p.path();
-    let cases: Vec<(&str, Vec<u8>, Option<&str>, Option<&str>, Option<&str>, u64, &str)> = vec![
-        ("empty stdin", b"".to_vec(), Some("b1"), Some(&pp), Some("eth0"), 6, "stdin"),
-        ("garbage", b"{not json".to_vec(), Some("b1"), Some(&pp), Some("eth0"), 6, "JSON"),
-        ("unknown version", br#"{"cniVersion":"0.2.0","name":"testnet","type":"weft-cni"}"#.to_vec(), Some("b1"), Some(&pp), Some("eth0"), 1, "cniVersion"),
-        ("no CNI_NETNS", conf.to_string().into_bytes(), Some("b1"), None, Some("eth0"), 4, "CNI_NETNS"),
-        ("no CNI_IFNAME", conf.to_string().into_bytes(), Some("b1"), Some(&pp), None, 4, "CNI_IFNAME"),
-        ("no CNI_CONTAINERID", conf.to_string().into_bytes(), None, Some(&pp), Some("eth0"), 4, "CNI_CONTAINERID"),
-        ("netns that does not exist", conf.to_string().into_bytes(), Some("b1"), Some("/var/run/netns/wtc-no-such-ns"), Some("eth0"), 4, "wtc-no-such-ns"),
-        ("bad mode", json!({"cniVersion":"1.1.0","name":"testnet","type":"weft-cni","mode":"ipvlan"}).to_string().into_bytes(), Some("b1"), Some(&pp), Some("eth0"), 7, "mode"),
+    let cases: Vec<(
+        &str,
+        Vec<u8>,
+        Option<&str>,
+        Option<&str>,
+        Option<&str>,
+        u64,
+        &str,
+    )> = vec![
+        (
+            "empty stdin",
+            b"".to_vec(),
+            Some("b1"),
+            Some(&pp),
+            Some("eth0"),
+            6,
+            "stdin",
+        ),
+        (
+            "garbage",
+            b"{not json".to_vec(),
+            Some("b1"),
+            Some(&pp),
+            Some("eth0"),
+            6,
+            "JSON",
+        ),
+        (
+            "unknown version",
+            br#"{"cniVersion":"0.2.0","name":"testnet","type":"weft-cni"}"#.to_vec(),
+            Some("b1"),
+            Some(&pp),
+            Some("eth0"),
+            1,
+            "cniVersion",
+        ),
+        (
+            "no CNI_NETNS",
+            conf.to_string().into_bytes(),
+            Some("b1"),
+            None,
+            Some("eth0"),
+            4,
+            "CNI_NETNS",
+        ),
+        (
+            "no CNI_IFNAME",
+            conf.to_string().into_bytes(),
+            Some("b1"),
+            Some(&pp),
+            None,
+            4,
+            "CNI_IFNAME",
+        ),
+        (
+            "no CNI_CONTAINERID",
+            conf.to_string().into_bytes(),
+            None,
+            Some(&pp),
+            Some("eth0"),
+            4,
+            "CNI_CONTAINERID",
+        ),
+        (
+            "netns that does not exist",
+            conf.to_string().into_bytes(),
+            Some("b1"),
+            Some("/var/run/netns/wtc-no-such-ns"),
+            Some("eth0"),
+            4,
+            "wtc-no-such-ns",
+        ),
+        (
+            "bad mode",
+            json!({"cniVersion":"1.1.0","name":"testnet","type":"weft-cni","mode":"ipvlan"})
+                .to_string()
+                .into_bytes(),
+            Some("b1"),
+            Some(&pp),
+            Some("eth0"),
+            7,
+            "mode",
+        ),
     ];
     for (what, stdin, cid, ns, ifname, code, needle) in cases {
         let r = node.cni_raw("ADD", &stdin, cid, ns, ifname);
         assert!(!r.ok, "{what}: must fail");
         assert_eq!(r.code(), code, "{what}: {}", r.out);
-        assert!(r.msg().contains(needle), "{what}: msg {:?} should name {needle}", r.msg());
-        assert!(r.out["cniVersion"].is_string(), "{what}: error JSON carries cniVersion");
+        assert!(
+            r.msg().contains(needle),
+            "{what}: msg {:?} should name {needle}",
+            r.msg()
+        );
+        assert!(
+            r.out["cniVersion"].is_string(),
+            "{what}: error JSON carries cniVersion"
+        );
     }
     assert_eq!(node.links(), before, "bad input changed the node's links");
     assert!(node.ipam_files("testnet").is_empty());
@@ -200,14 +363,20 @@ fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert!(!p.run(&["ip", "-br", "link"]).contains("eth0"));
 
     // A failed ADD leaves nothing: eth0 taken by something else in the pod.
-    p.run(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other"]);
+    p.run(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other",
+    ]);
     let before = node.links();
     let held = node.ipam_files("testnet");
     let r = node.cni("ADD", &conf, Some("b2"), Some(&pp), Some("eth0"));
     assert!(!r.ok);
     assert!(r.msg().contains("eth0"), "{}", r.msg());
     assert_eq!(node.links(), before, "failed ADD left links behind");
-    assert_eq!(node.ipam_files("testnet"), held, "failed ADD left an address allocated");
+    assert_eq!(
+        node.ipam_files("testnet"),
+        held,
+        "failed ADD left an address allocated"
+    );
 }
 
 #[test]
@@ -224,14 +393,19 @@ fn a_hundred_concurrent_adds_get_distinct_addresses() {
                 s.spawn(move || node.add(&conf, &format!("k{i}"), p).ip())
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     });
     let distinct: HashSet<&String> = ips.iter().collect();
     assert_eq!(distinct.len(), 100);
     assert_eq!(node.ipam_files("testnet").len(), 100);
     // Every pod really has its address.
     for (p, ip) in pods.iter().zip(&ips).take(10) {
-        assert!(p.run(&["ip", "-4", "-br", "addr", "show", "eth0"]).contains(ip.as_str()));
+        assert!(p
+            .run(&["ip", "-4", "-br", "addr", "show", "eth0"])
+            .contains(ip.as_str()));
     }
 }
 
@@ -254,7 +428,11 @@ fn killed_adds_then_gc_leave_no_leaked_or_doubled_address() {
             .stderr(std::process::Stdio::null());
         let mut child = c.spawn().expect("spawn");
         use std::io::Write;
-        let _ = child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes());
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.to_string().as_bytes());
         children.push(child);
     }
     let mut done = Vec::new();
@@ -272,15 +450,25 @@ fn killed_adds_then_gc_leave_no_leaked_or_doubled_address() {
     }
     // The runtime GCs with the attachments it knows succeeded.
     let mut gc = conf.clone();
-    gc["cni.dev/valid-attachments"] = json!(done.iter().map(|i| json!({"containerID": format!("x{i}"), "ifname": "eth0"})).collect::<Vec<_>>());
+    gc["cni.dev/valid-attachments"] = json!(done
+        .iter()
+        .map(|i| json!({"containerID": format!("x{i}"), "ifname": "eth0"}))
+        .collect::<Vec<_>>());
     assert!(node.cni("GC", &gc, None, None, None).ok);
     let files = node.ipam_files("testnet");
-    assert_eq!(files.len(), done.len(), "after GC exactly the live attachments hold addresses");
+    assert_eq!(
+        files.len(),
+        done.len(),
+        "after GC exactly the live attachments hold addresses"
+    );
     let distinct: HashSet<&String> = files.iter().collect();
     assert_eq!(distinct.len(), files.len());
     for i in &done {
         let got = pods[*i].run(&["ip", "-4", "-br", "addr", "show", "eth0"]);
-        assert!(files.iter().any(|f| got.contains(f.as_str())), "pod x{i} has an address IPAM does not hold: {got}");
+        assert!(
+            files.iter().any(|f| got.contains(f.as_str())),
+            "pod x{i} has an address IPAM does not hold: {got}"
+        );
     }
 }
 
@@ -289,16 +477,29 @@ fn ipam_delegation_to_host_local() {
     let node = Node::new("10.244.11.1/24");
     let mut conf = node.conf("1.0.0", "bridge");
     let hl_dir = node.dir.path().join("host-local");
-    conf["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": "10.77.0.0/24"}]], "dataDir": hl_dir});
+    conf["ipam"] =
+        json!({"type": "host-local", "ranges": [[{"subnet": "10.77.0.0/24"}]], "dataDir": hl_dir});
     let p = Ns::new("p");
     let r = node.add(&conf, "h1", &p);
     let ip = r.ip();
     assert!(ip.starts_with("10.77.0."), "{}", r.out);
-    assert!(hl_dir.join("testnet").join(&ip).exists(), "host-local holds the address");
-    assert!(node.ipam_files("testnet").is_empty(), "weft's own IPAM was not used");
+    assert!(
+        hl_dir.join("testnet").join(&ip).exists(),
+        "host-local holds the address"
+    );
+    assert!(
+        node.ipam_files("testnet").is_empty(),
+        "weft's own IPAM was not used"
+    );
     assert!(p.ping("10.77.0.1"));
-    assert!(node.cni("DEL", &conf, Some("h1"), Some(&p.path()), Some("eth0")).ok);
-    assert!(!hl_dir.join("testnet").join(&ip).exists(), "host-local released it");
+    assert!(
+        node.cni("DEL", &conf, Some("h1"), Some(&p.path()), Some("eth0"))
+            .ok
+    );
+    assert!(
+        !hl_dir.join("testnet").join(&ip).exists(),
+        "host-local released it"
+    );
 }
 
 #[test]
@@ -327,9 +528,19 @@ fn chained_portmap_reaches_the_pod_through_a_host_port() {
         .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().expect("portmap");
     use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(pm.to_string().as_bytes()).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(pm.to_string().as_bytes())
+        .expect("write");
     let o = child.wait_with_output().expect("portmap");
-    assert!(o.status.success(), "portmap rejected our result: {} {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "portmap rejected our result: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let chained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("portmap result");
     assert_eq!(chained["ips"], r.out["ips"], "portmap passes our result on");
 
@@ -347,5 +558,10 @@ fn chained_portmap_reaches_the_pod_through_a_host_port() {
     ]);
     let _ = listener.kill();
     let _ = listener.wait();
-    assert!(String::from_utf8_lossy(&got.stdout).contains("hello from the pod"), "through the host port: {:?} {:?}", got.stdout, String::from_utf8_lossy(&got.stderr));
+    assert!(
+        String::from_utf8_lossy(&got.stdout).contains("hello from the pod"),
+        "through the host port: {:?} {:?}",
+        got.stdout,
+        String::from_utf8_lossy(&got.stderr)
+    );
 }

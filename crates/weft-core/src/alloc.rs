@@ -101,7 +101,12 @@ impl FreeMap {
     }
 
     pub fn free(&self) -> u128 {
-        self.capacity - self.blocked.iter().map(|(lo, hi)| hi - lo + 1).sum::<u128>()
+        self.capacity
+            - self
+                .blocked
+                .iter()
+                .map(|(lo, hi)| hi - lo + 1)
+                .sum::<u128>()
     }
 
     pub fn is_free(&self, i: u128) -> bool {
@@ -178,7 +183,8 @@ mod tests {
 
     #[test]
     fn dual_stack_pairs_by_index() {
-        let c = cfg(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56"}"#);
+        let c =
+            cfg(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56"}"#);
         assert_eq!(capacity(&c), 255);
         let k = key_at(&c, 4).unwrap();
         assert_eq!(k.to_string(), "10.0.5.0-24&fd00:0:0:5::-64");

@@ -202,7 +202,13 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn problem(&mut self, key: &str, value: Option<&Value>, rule: impl Into<String>, example: &str) {
+    fn problem(
+        &mut self,
+        key: &str,
+        value: Option<&Value>,
+        rule: impl Into<String>,
+        example: &str,
+    ) {
         self.problems.push(ConfigProblem {
             key: key.to_string(),
             value: value.map_or_else(|| "<missing>".to_string(), |v| v.to_string()),
@@ -217,7 +223,12 @@ impl Ctx {
             Some(Value::Bool(b)) => *b,
             Some(v) => {
                 let full = format!("{}{}", o.prefix, key);
-                self.problem(&full, Some(v), "must be true or false", &format!("\"{key}\": {default}"));
+                self.problem(
+                    &full,
+                    Some(v),
+                    "must be true or false",
+                    &format!("\"{key}\": {default}"),
+                );
                 default
             }
         }
@@ -230,7 +241,12 @@ impl Ctx {
             Some(n) if n >= lo && n <= hi => Some(n),
             _ => {
                 let full = format!("{}{}", o.prefix, key);
-                self.problem(&full, Some(v), format!("must be a whole number from {lo} to {hi}"), example);
+                self.problem(
+                    &full,
+                    Some(v),
+                    format!("must be a whole number from {lo} to {hi}"),
+                    example,
+                );
                 None
             }
         }
@@ -254,12 +270,26 @@ impl Ctx {
         match parsed {
             Some(n) if Family::of(n.addr()) == family => Some(n),
             Some(_) => {
-                let fam = if family == Family::V4 { "an IPv4" } else { "an IPv6" };
-                self.problem(key, Some(v), format!("must be {fam} network in CIDR form"), example);
+                let fam = if family == Family::V4 {
+                    "an IPv4"
+                } else {
+                    "an IPv6"
+                };
+                self.problem(
+                    key,
+                    Some(v),
+                    format!("must be {fam} network in CIDR form"),
+                    example,
+                );
                 None
             }
             None => {
-                self.problem(key, Some(v), "must be a network in CIDR form (address/prefix length)", example);
+                self.problem(
+                    key,
+                    Some(v),
+                    "must be a network in CIDR form (address/prefix length)",
+                    example,
+                );
                 None
             }
         }
@@ -337,21 +367,51 @@ pub fn default_subnet_len(family: Family, prefix: u8) -> Option<u8> {
     }
 }
 
-fn build_pool(ctx: &mut Ctx, o: &mut Obj, r: &FamilyRules, warnings: &mut Vec<String>) -> Option<Pool> {
+fn build_pool(
+    ctx: &mut Ctx,
+    o: &mut Obj,
+    r: &FamilyRules,
+    warnings: &mut Vec<String>,
+) -> Option<Pool> {
     let bits = r.family.bits();
     let net_example = format!("\"{}\": \"{}\"", r.net_key, r.example_net);
     let network = ctx.net(o, r.net_key, r.family, &net_example);
-    let len = ctx.int(o, r.len_key, 0, bits as u64, &format!("\"{}\": {}", r.len_key, r.big_default));
-    let min = ctx.addr(o, r.min_key, r.family, &format!("\"{}\": \"<first subnet address>\"", r.min_key));
-    let max = ctx.addr(o, r.max_key, r.family, &format!("\"{}\": \"<last subnet address>\"", r.max_key));
+    let len = ctx.int(
+        o,
+        r.len_key,
+        0,
+        bits as u64,
+        &format!("\"{}\": {}", r.len_key, r.big_default),
+    );
+    let min = ctx.addr(
+        o,
+        r.min_key,
+        r.family,
+        &format!("\"{}\": \"<first subnet address>\"", r.min_key),
+    );
+    let max = ctx.addr(
+        o,
+        r.max_key,
+        r.family,
+        &format!("\"{}\": \"<last subnet address>\"", r.max_key),
+    );
 
     let raw_net = o.get(r.net_key);
     let network = match network {
         Some(n) => n,
         None => {
             if raw_net.is_none() {
-                let switch = if r.family == Family::V4 { "EnableIPv4" } else { "EnableIPv6" };
-                ctx.problem(r.net_key, None, format!("is required while {switch} is true"), &net_example);
+                let switch = if r.family == Family::V4 {
+                    "EnableIPv4"
+                } else {
+                    "EnableIPv6"
+                };
+                ctx.problem(
+                    r.net_key,
+                    None,
+                    format!("is required while {switch} is true"),
+                    &net_example,
+                );
             }
             return None;
         }
@@ -377,13 +437,20 @@ fn build_pool(ctx: &mut Ctx, o: &mut Obj, r: &FamilyRules, warnings: &mut Vec<St
                 let step = 1u128 << (bits - d).min(127);
                 let base = crate::subnet::addr_to_u128(network.network());
                 let last = crate::subnet::addr_to_u128(network.broadcast());
-                let example = if key == r.min_key { base.saturating_add(step) } else { last.saturating_sub(step - 1) };
+                let example = if key == r.min_key {
+                    base.saturating_add(step)
+                } else {
+                    last.saturating_sub(step - 1)
+                };
                 let raw = o_raw(o, key);
                 ctx.problem(
                     key,
                     raw.as_ref(),
                     format!("must lie inside {} {}", r.net_key, network),
-                    &format!("\"{key}\": \"{}\"", crate::subnet::u128_to_addr(r.family, example)),
+                    &format!(
+                        "\"{key}\": \"{}\"",
+                        crate::subnet::u128_to_addr(r.family, example)
+                    ),
                 );
                 bounds_ok = false;
             }
@@ -419,7 +486,10 @@ fn build_pool(ctx: &mut Ctx, o: &mut Obj, r: &FamilyRules, warnings: &mut Vec<St
                 ctx.problem(
                     r.net_key,
                     raw_net,
-                    format!("is too small: the smallest useful network is /{}", r.smallest_network),
+                    format!(
+                        "is too small: the smallest useful network is /{}",
+                        r.smallest_network
+                    ),
                     &net_example,
                 );
                 return None;
@@ -483,7 +553,12 @@ fn raw_len(o: &mut Obj, key: &str) -> Option<Value> {
 fn o_raw(o: &Obj, key: &str) -> Option<Value> {
     o.map
         .get(key)
-        .or_else(|| o.map.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+        .or_else(|| {
+            o.map
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v)
+        })
         .cloned()
 }
 
@@ -503,15 +578,24 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
     let map = match raw.as_object() {
         Some(m) => m,
         None => {
-            ctx.problem("Backend", Some(raw), "must be an object", "\"Backend\": {\"Type\": \"vxlan\"}");
+            ctx.problem(
+                "Backend",
+                Some(raw),
+                "must be an object",
+                "\"Backend\": {\"Type\": \"vxlan\"}",
+            );
             return (default, false);
         }
     };
     let mut o = Obj::new(map, "Backend.");
-    let ty = ctx.string(&mut o, "Type", "\"Type\": \"vxlan\"").map(str::to_string);
+    let ty = ctx
+        .string(&mut o, "Type", "\"Type\": \"vxlan\"")
+        .map(str::to_string);
     let backend = match ty.as_deref() {
         None | Some("vxlan") => {
-            let vni = ctx.int(&mut o, "VNI", 0, (1 << 24) - 1, "\"VNI\": 1").unwrap_or(DEFAULT_VXLAN_VNI as u64) as u32;
+            let vni = ctx
+                .int(&mut o, "VNI", 0, (1 << 24) - 1, "\"VNI\": 1")
+                .unwrap_or(DEFAULT_VXLAN_VNI as u64) as u32;
             // flannel's 0 means "the kernel's default", which is 8472 on Linux.
             let port = match ctx.int(&mut o, "Port", 0, 65535, "\"Port\": 8472") {
                 Some(0) | None => DEFAULT_VXLAN_PORT,
@@ -521,7 +605,12 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
             let mtu = match ctx.int(&mut o, "MTU", 0, 65535, "\"MTU\": 1450") {
                 Some(0) | None => None,
                 Some(m) if m < 68 => {
-                    ctx.problem("Backend.MTU", o_raw(&o, "MTU").as_ref(), "must be at least 68, the smallest IPv4 MTU, or 0 for automatic", "\"MTU\": 1450");
+                    ctx.problem(
+                        "Backend.MTU",
+                        o_raw(&o, "MTU").as_ref(),
+                        "must be at least 68, the smallest IPv4 MTU, or 0 for automatic",
+                        "\"MTU\": 1450",
+                    );
                     None
                 }
                 Some(m) => Some(m as u32),
@@ -539,14 +628,31 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
         }
         Some("host-gw") => Backend::HostGw,
         Some("bgp") => {
-            let as_number = ctx.int(&mut o, "ASNumber", 1, u32::MAX as u64, "\"ASNumber\": 64512").unwrap_or(64512) as u32;
+            let as_number = ctx
+                .int(
+                    &mut o,
+                    "ASNumber",
+                    1,
+                    u32::MAX as u64,
+                    "\"ASNumber\": 64512",
+                )
+                .unwrap_or(64512) as u32;
             let node_mesh = ctx.bool(&mut o, "NodeMesh", true);
-            let encapsulation = match ctx.string(&mut o, "Encapsulation", "\"Encapsulation\": \"CrossSubnet\"") {
+            let encapsulation = match ctx.string(
+                &mut o,
+                "Encapsulation",
+                "\"Encapsulation\": \"CrossSubnet\"",
+            ) {
                 None | Some("CrossSubnet") => Encapsulation::CrossSubnet,
                 Some("Never") => Encapsulation::Never,
                 Some("Always") => Encapsulation::Always,
                 Some(other) => {
-                    ctx.problem("Backend.Encapsulation", Some(&Value::String(other.into())), "must be Never, CrossSubnet or Always", "\"Encapsulation\": \"CrossSubnet\"");
+                    ctx.problem(
+                        "Backend.Encapsulation",
+                        Some(&Value::String(other.into())),
+                        "must be Never, CrossSubnet or Always",
+                        "\"Encapsulation\": \"CrossSubnet\"",
+                    );
                     Encapsulation::CrossSubnet
                 }
             };
@@ -554,12 +660,20 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
             if let Some(v) = o.get("Peers") {
                 let example = "\"Peers\": [{\"Address\": \"10.0.1.254\", \"ASNumber\": 65000}]";
                 match v.as_array() {
-                    None => ctx.problem("Backend.Peers", Some(v), "must be a list of peers", example),
+                    None => {
+                        ctx.problem("Backend.Peers", Some(v), "must be a list of peers", example)
+                    }
                     Some(list) => {
                         for (i, p) in list.iter().enumerate() {
                             let key = format!("Backend.Peers[{i}]");
-                            let addr = p.get("Address").and_then(Value::as_str).and_then(|a| a.parse().ok());
-                            let asn = p.get("ASNumber").and_then(Value::as_u64).filter(|a| *a >= 1 && *a <= u32::MAX as u64);
+                            let addr = p
+                                .get("Address")
+                                .and_then(Value::as_str)
+                                .and_then(|a| a.parse().ok());
+                            let asn = p
+                                .get("ASNumber")
+                                .and_then(Value::as_u64)
+                                .filter(|a| *a >= 1 && *a <= u32::MAX as u64);
                             match (addr, asn) {
                                 (Some(address), Some(a)) => peers.push(BgpPeer {
                                     address,
@@ -577,7 +691,14 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                 node_mesh,
                 peers,
                 encapsulation,
-                vxlan: VxlanConf { vni: DEFAULT_VXLAN_VNI, port: DEFAULT_VXLAN_PORT, direct_routing: false, mtu: None, gbp: false, learning: false },
+                vxlan: VxlanConf {
+                    vni: DEFAULT_VXLAN_VNI,
+                    port: DEFAULT_VXLAN_PORT,
+                    direct_routing: false,
+                    mtu: None,
+                    gbp: false,
+                    learning: false,
+                },
             })
         }
         Some("udp") => {
@@ -597,7 +718,12 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
             return (default, false);
         }
     };
-    warnings.extend(o.unknown().into_iter().map(|k| format!("unknown key {k} ignored (not used by the {} backend)", backend.type_name())));
+    warnings.extend(o.unknown().into_iter().map(|k| {
+        format!(
+            "unknown key {k} ignored (not used by the {} backend)",
+            backend.type_name()
+        )
+    }));
     (backend, false)
 }
 
@@ -617,13 +743,17 @@ impl NetConfig {
                         key: "(top level)".into(),
                         value: value.to_string(),
                         rule: "must be a JSON object".into(),
-                        example: "{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}".into(),
+                        example:
+                            "{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}"
+                                .into(),
                     }],
                     warnings: Vec::new(),
                 })
             }
         };
-        let mut ctx = Ctx { problems: Vec::new() };
+        let mut ctx = Ctx {
+            problems: Vec::new(),
+        };
         let mut warnings = Vec::new();
         let mut o = Obj::new(map, "");
         let enable4 = ctx.bool(&mut o, "EnableIPv4", true);
@@ -639,7 +769,12 @@ impl NetConfig {
             None
         };
         if !enable4 && !enable6 {
-            ctx.problem("EnableIPv4", o_raw(&o, "EnableIPv4").as_ref(), "at least one of EnableIPv4 and EnableIPv6 must be true", "\"EnableIPv4\": true");
+            ctx.problem(
+                "EnableIPv4",
+                o_raw(&o, "EnableIPv4").as_ref(),
+                "at least one of EnableIPv4 and EnableIPv6 must be true",
+                "\"EnableIPv4\": true",
+            );
         }
         let (backend, backend_defaulted) = parse_backend(&mut ctx, &mut o, &mut warnings);
         // Keys of a disabled family are known to flannel; they are not typos.
@@ -648,7 +783,11 @@ impl NetConfig {
                 o.get(k);
             }
         }
-        let mut unknown: Vec<String> = o.unknown().into_iter().map(|k| format!("unknown key {k} ignored")).collect();
+        let mut unknown: Vec<String> = o
+            .unknown()
+            .into_iter()
+            .map(|k| format!("unknown key {k} ignored"))
+            .collect();
         unknown.append(&mut warnings);
         if !ctx.problems.is_empty() {
             return Err(ConfigError::Invalid {
@@ -681,7 +820,10 @@ impl NetConfig {
             }
         }
         let mut b = Map::new();
-        b.insert("Type".into(), Value::String(self.backend.type_name().into()));
+        b.insert(
+            "Type".into(),
+            Value::String(self.backend.type_name().into()),
+        );
         match &self.backend {
             Backend::Vxlan(v) => {
                 b.insert("VNI".into(), Value::from(v.vni));
@@ -750,7 +892,10 @@ mod tests {
         assert!(p.config.v6.is_none());
         match p.config.backend {
             Backend::Vxlan(v) => {
-                assert_eq!((v.vni, v.port, v.direct_routing, v.mtu, v.gbp, v.learning), (1, 8472, false, None, false, false))
+                assert_eq!(
+                    (v.vni, v.port, v.direct_routing, v.mtu, v.gbp, v.learning),
+                    (1, 8472, false, None, false, false)
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -804,25 +949,36 @@ mod tests {
         let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetMax": "10.0.5.128"}"#);
         assert_eq!(p[0].key, "SubnetMax");
         assert!(p[0].rule.contains("aligned"));
-        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.9.0", "SubnetMax": "10.0.5.0"}"#);
+        let p = problems(
+            r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.9.0", "SubnetMax": "10.0.5.0"}"#,
+        );
         assert_eq!(p[0].key, "SubnetMin");
-        let c = ok(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.10.0", "SubnetMax": "10.0.20.0"}"#).config;
+        let c =
+            ok(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.10.0", "SubnetMax": "10.0.20.0"}"#)
+                .config;
         assert_eq!(c.v4.unwrap().len(), 11);
     }
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetLen": "24", "Backend": {"Type": "vxlan", "VNI": -1, "DirectRouting": "yes"}}"#);
+        let p = problems(
+            r#"{"Network": "10.0.0.0/16", "SubnetLen": "24", "Backend": {"Type": "vxlan", "VNI": -1, "DirectRouting": "yes"}}"#,
+        );
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["SubnetLen", "Backend.VNI", "Backend.DirectRouting"]);
         for q in &p {
-            assert!(q.example.contains(q.key.rsplit('.').next().unwrap()), "example names the key: {q}");
+            assert!(
+                q.example.contains(q.key.rsplit('.').next().unwrap()),
+                "example names the key: {q}"
+            );
         }
     }
 
     #[test]
     fn independent_problems_are_all_reported() {
-        let p = problems(r#"{"Network": "10.0.0.0/16", "SubnetLen": 31, "SubnetMin": "10.9.0.0", "SubnetMax": "11.0.0.0"}"#);
+        let p = problems(
+            r#"{"Network": "10.0.0.0/16", "SubnetLen": 31, "SubnetMin": "10.9.0.0", "SubnetMax": "11.0.0.0"}"#,
+        );
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["SubnetMin", "SubnetMax", "SubnetLen"]);
         assert_eq!(p[0].example, "\"SubnetMin\": \"10.0.1.0\"");
@@ -840,19 +996,48 @@ mod tests {
         assert_eq!(problems(r#"{"Network": "fd00::/64"}"#)[0].key, "Network");
         assert_eq!(problems(r#"{}"#)[0].key, "Network");
         assert_eq!(problems(r#"[]"#)[0].key, "(top level)");
-        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "ipip"}}"#)[0].key, "Backend.Type");
-        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#)[0].key, "Backend.VNI");
-        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "Port": 70000}}"#)[0].key, "Backend.Port");
-        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "MTU": 50}}"#)[0].key, "Backend.MTU");
-        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": "vxlan"}"#)[0].key, "Backend");
+        assert_eq!(
+            problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "ipip"}}"#)[0].key,
+            "Backend.Type"
+        );
+        assert_eq!(
+            problems(
+                r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#
+            )[0]
+            .key,
+            "Backend.VNI"
+        );
+        assert_eq!(
+            problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "Port": 70000}}"#)
+                [0]
+            .key,
+            "Backend.Port"
+        );
+        assert_eq!(
+            problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "MTU": 50}}"#)[0]
+                .key,
+            "Backend.MTU"
+        );
+        assert_eq!(
+            problems(r#"{"Network": "10.0.0.0/16", "Backend": "vxlan"}"#)[0].key,
+            "Backend"
+        );
         assert_eq!(problems(r#"{"EnableIPv4": false}"#)[0].key, "EnableIPv4");
-        assert_eq!(problems(r#"{"EnableIPv4": false, "EnableIPv6": true}"#)[0].key, "IPv6Network");
-        assert!(matches!(NetConfig::parse("{\"Network\": "), Err(ConfigError::Syntax { .. })));
+        assert_eq!(
+            problems(r#"{"EnableIPv4": false, "EnableIPv6": true}"#)[0].key,
+            "IPv6Network"
+        );
+        assert!(matches!(
+            NetConfig::parse("{\"Network\": "),
+            Err(ConfigError::Syntax { .. })
+        ));
     }
 
     #[test]
     fn unknown_keys_are_warned_about_by_name() {
-        let p = ok(r#"{"Network": "10.0.0.0/16", "SubnetLne": 24, "Backend": {"Type": "host-gw", "VNI": 3}}"#);
+        let p = ok(
+            r#"{"Network": "10.0.0.0/16", "SubnetLne": 24, "Backend": {"Type": "host-gw", "VNI": 3}}"#,
+        );
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
         assert!(p.warnings[0].contains("SubnetLne"));
         assert!(p.warnings[1].contains("Backend.VNI"));
@@ -870,30 +1055,52 @@ mod tests {
         let c = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 65010, "Encapsulation": "Never", "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000, "Password": "s3"}]}}"#).config;
         match c.backend {
             Backend::Bgp(g) => {
-                assert_eq!((g.as_number, g.node_mesh, g.encapsulation), (65010, true, Encapsulation::Never));
+                assert_eq!(
+                    (g.as_number, g.node_mesh, g.encapsulation),
+                    (65010, true, Encapsulation::Never)
+                );
                 assert_eq!(g.peers[0].as_number, 65000);
                 assert_eq!(g.peers[0].password.as_deref(), Some("s3"));
             }
             other => panic!("{other:?}"),
         }
         let d = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp"}}"#).config;
-        assert!(matches!(d.backend, Backend::Bgp(BgpConf { as_number: 64512, encapsulation: Encapsulation::CrossSubnet, .. })));
-        assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIP"}}"#)[0].key, "Backend.Encapsulation");
+        assert!(matches!(
+            d.backend,
+            Backend::Bgp(BgpConf {
+                as_number: 64512,
+                encapsulation: Encapsulation::CrossSubnet,
+                ..
+            })
+        ));
+        assert_eq!(
+            problems(
+                r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIP"}}"#
+            )[0]
+            .key,
+            "Backend.Encapsulation"
+        );
         assert_eq!(problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Peers": [{"Address": "x"}]}}"#)[0].key, "Backend.Peers[0]");
     }
 
     #[test]
     fn dual_stack() {
-        let c = ok(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56"}"#).config;
+        let c =
+            ok(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56"}"#)
+                .config;
         let v6 = c.v6.unwrap();
         assert_eq!(v6.subnet_len, 64);
         assert_eq!(v6.min.to_string(), "fd00:1:0:1::");
         assert_eq!(v6.max.to_string(), "fd00:1:0:ff::");
-        let p = problems(r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56", "IPv6SubnetLen": 127}"#);
+        let p = problems(
+            r#"{"Network": "10.0.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56", "IPv6SubnetLen": 127}"#,
+        );
         assert_eq!(p[0].key, "IPv6SubnetLen");
-        let p = problems(r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:1::/125"}"#);
+        let p =
+            problems(r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:1::/125"}"#);
         assert_eq!(p[0].key, "IPv6Network");
-        let c = ok(r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:1::/120"}"#).config;
+        let c = ok(r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:1::/120"}"#)
+            .config;
         assert_eq!(c.v6.unwrap().subnet_len, 122);
         assert!(c.v4.is_none());
     }

@@ -22,12 +22,18 @@ pub struct BadKey(pub String);
 
 impl LeaseKey {
     pub fn v4(net: Ipv4Net) -> Self {
-        LeaseKey { v4: Some(net), v6: None }
+        LeaseKey {
+            v4: Some(net),
+            v6: None,
+        }
     }
 
     /// The subnets of the key, IPv4 first.
     pub fn nets(&self) -> impl Iterator<Item = IpNet> {
-        self.v4.map(IpNet::V4).into_iter().chain(self.v6.map(IpNet::V6))
+        self.v4
+            .map(IpNet::V4)
+            .into_iter()
+            .chain(self.v6.map(IpNet::V6))
     }
 
     /// The key's main subnet: the IPv4 one, else the IPv6 one.
@@ -93,9 +99,17 @@ impl FromStr for LeaseKey {
 pub struct LeaseAttrs {
     #[serde(rename = "PublicIP")]
     pub public_ip: Ipv4Addr,
-    #[serde(rename = "PublicIPv6", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PublicIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub backend_type: String,
     #[serde(rename = "BackendData", default, skip_serializing_if = "is_null")]
     pub backend_data: serde_json::Value,
@@ -195,13 +209,25 @@ mod tests {
 
     #[test]
     fn flannel_keys_round_trip() {
-        for s in ["10.244.1.0-24", "10.244.1.0-24&fd00:1:0:1::-64", "fd00:1:0:1::-64"] {
+        for s in [
+            "10.244.1.0-24",
+            "10.244.1.0-24&fd00:1:0:1::-64",
+            "fd00:1:0:1::-64",
+        ] {
             let k: LeaseKey = s.parse().unwrap();
             assert_eq!(k.to_string(), s);
         }
         let k: LeaseKey = "10.5.34.0/24".parse().unwrap();
         assert_eq!(k.to_string(), "10.5.34.0-24");
-        for bad in ["", "10.244.1.0", "10.244.1.1-24", "x-24", "10.0.0.0-24&10.0.1.0-24", "fd00::-64&10.0.0.0-24", "10.0.0.0-33"] {
+        for bad in [
+            "",
+            "10.244.1.0",
+            "10.244.1.1-24",
+            "x-24",
+            "10.0.0.0-24&10.0.1.0-24",
+            "fd00::-64&10.0.0.0-24",
+            "10.0.0.0-33",
+        ] {
             assert!(bad.parse::<LeaseKey>().is_err(), "{bad}");
         }
     }
@@ -257,7 +283,9 @@ pub fn v4_overlap_ranges(net: Ipv4Net) -> Vec<(String, String)> {
 /// which share the first `level` octets of `base`.
 fn cover(level: u32, base: u32, lo: u32, hi: u32, out: &mut Vec<(String, String)>) {
     let shift = 8 * (3 - level);
-    let prefix: String = (0..level).map(|i| format!("{}.", (base >> (8 * (3 - i))) & 0xff)).collect();
+    let prefix: String = (0..level)
+        .map(|i| format!("{}.", (base >> (8 * (3 - i))) & 0xff))
+        .collect();
     let (o_lo, o_hi) = ((lo >> shift) & 0xff, (hi >> shift) & 0xff);
     // After the last octet comes "-len"; after any other octet comes ".".
     let after = if level == 3 { '.' } else { '/' };
@@ -311,17 +339,33 @@ mod cover_tests {
     use proptest::prelude::*;
 
     fn in_ranges(key: &str, ranges: &[(String, String)]) -> bool {
-        ranges.iter().any(|(s, e)| key >= s.as_str() && key < e.as_str())
+        ranges
+            .iter()
+            .any(|(s, e)| key >= s.as_str() && key < e.as_str())
     }
 
     #[test]
     fn a_slash_24_in_a_slash_16() {
         let net: Ipv4Net = "10.0.5.0/24".parse().unwrap();
         let r = v4_overlap_ranges(net);
-        for k in ["10.0.5.0-24", "10.0.5.0-24&fd00::-64", "10.0.5.128-25", "10.0.5.7-32", "10.0.4.0-23", "10.0.0.0-16", "10.0.0.0-8"] {
+        for k in [
+            "10.0.5.0-24",
+            "10.0.5.0-24&fd00::-64",
+            "10.0.5.128-25",
+            "10.0.5.7-32",
+            "10.0.4.0-23",
+            "10.0.0.0-16",
+            "10.0.0.0-8",
+        ] {
             assert!(in_ranges(k, &r), "{k} must be covered: {r:?}");
         }
-        for k in ["10.0.6.0-24", "10.0.50.0-24", "10.0.4.0-24", "10.0.55.0-24", "10.0.0.0-24"] {
+        for k in [
+            "10.0.6.0-24",
+            "10.0.50.0-24",
+            "10.0.4.0-24",
+            "10.0.55.0-24",
+            "10.0.0.0-24",
+        ] {
             assert!(!in_ranges(k, &r), "{k} must not be covered: {r:?}");
         }
         assert!(r.len() <= 40, "{}", r.len());

@@ -70,7 +70,9 @@ impl SubnetEnv {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let Some((key, value)) = line.split_once('=') else { continue };
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
             let bad = |reason| SubnetEnvError::Bad {
                 path: path.to_string(),
                 line: i + 1,
@@ -79,12 +81,35 @@ impl SubnetEnv {
                 reason,
             };
             match key {
-                "FLANNEL_NETWORK" => env.network = Some(value.parse().map_err(|_| bad("expected an IPv4 CIDR"))?),
-                "FLANNEL_SUBNET" => env.subnet = Some(value.parse::<Ipv4Net>().map_err(|_| bad("expected an IPv4 CIDR"))?.trunc()),
-                "FLANNEL_IPV6_NETWORK" => env.ipv6_network = Some(value.parse().map_err(|_| bad("expected an IPv6 CIDR"))?),
-                "FLANNEL_IPV6_SUBNET" => env.ipv6_subnet = Some(value.parse::<Ipv6Net>().map_err(|_| bad("expected an IPv6 CIDR"))?.trunc()),
-                "FLANNEL_MTU" => env.mtu = Some(value.parse().map_err(|_| bad("expected a whole number"))?),
-                "FLANNEL_IPMASQ" => env.ipmasq = value.parse().map_err(|_| bad("expected true or false"))?,
+                "FLANNEL_NETWORK" => {
+                    env.network = Some(value.parse().map_err(|_| bad("expected an IPv4 CIDR"))?)
+                }
+                "FLANNEL_SUBNET" => {
+                    env.subnet = Some(
+                        value
+                            .parse::<Ipv4Net>()
+                            .map_err(|_| bad("expected an IPv4 CIDR"))?
+                            .trunc(),
+                    )
+                }
+                "FLANNEL_IPV6_NETWORK" => {
+                    env.ipv6_network =
+                        Some(value.parse().map_err(|_| bad("expected an IPv6 CIDR"))?)
+                }
+                "FLANNEL_IPV6_SUBNET" => {
+                    env.ipv6_subnet = Some(
+                        value
+                            .parse::<Ipv6Net>()
+                            .map_err(|_| bad("expected an IPv6 CIDR"))?
+                            .trunc(),
+                    )
+                }
+                "FLANNEL_MTU" => {
+                    env.mtu = Some(value.parse().map_err(|_| bad("expected a whole number"))?)
+                }
+                "FLANNEL_IPMASQ" => {
+                    env.ipmasq = value.parse().map_err(|_| bad("expected true or false"))?
+                }
                 _ => {}
             }
         }
@@ -107,9 +132,17 @@ impl SubnetEnv {
             path: path.display().to_string(),
             source: e,
         };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("subnet.env")));
+        let tmp = dir.join(format!(
+            ".{}.tmp",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("subnet.env")
+        ));
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(self.render().as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;

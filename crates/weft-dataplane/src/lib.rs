@@ -20,7 +20,10 @@ pub enum DataplaneError {
         source: rtnetlink::Error,
     },
     #[error("{what}: {errno}")]
-    Sys { what: String, errno: nix::errno::Errno },
+    Sys {
+        what: String,
+        errno: nix::errno::Errno,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,

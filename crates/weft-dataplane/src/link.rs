@@ -6,7 +6,9 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use std::net::{IpAddr, Ipv4Addr};
@@ -90,7 +92,10 @@ pub fn is_exists(e: &DataplaneError) -> bool {
 
 /// Whether a netlink error is "no such object".
 pub fn is_missing(e: &DataplaneError) -> bool {
-    matches!(e.errno(), Some(libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::EADDRNOTAVAIL))
+    matches!(
+        e.errno(),
+        Some(libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// A netlink connection bound to one network namespace.
@@ -113,20 +118,26 @@ impl Nl {
     /// A connection whose socket lives in `ns`.
     pub fn in_netns(ns: &Netns) -> Result<Nl, DataplaneError> {
         let rt = tokio::runtime::Handle::current();
-        let (conn, handle) = ns.run(move || {
-            let _guard = rt.enter();
-            rtnetlink::new_connection().map(|(c, h, _)| (c, h))
-        })?
-        .map_err(|e| DataplaneError::Io {
-            what: format!("opening a netlink socket in {}", ns.path().display()),
-            source: e,
-        })?;
+        let (conn, handle) = ns
+            .run(move || {
+                let _guard = rt.enter();
+                rtnetlink::new_connection().map(|(c, h, _)| (c, h))
+            })?
+            .map_err(|e| DataplaneError::Io {
+                what: format!("opening a netlink socket in {}", ns.path().display()),
+                source: e,
+            })?;
         tokio::spawn(conn);
         Ok(Nl { handle })
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>, DataplaneError> {
-        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match s.try_next().await {
             Ok(Some(m)) => Ok(Some(link_of(&m))),
             Ok(None) => Ok(None),
@@ -145,7 +156,14 @@ impl Nl {
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, DataplaneError> {
-        let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await.map_err(nl_err("listing links"))?;
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("listing links"))?;
         Ok(msgs.iter().map(link_of).collect())
     }
 
@@ -153,7 +171,8 @@ impl Nl {
     /// created directly in its namespace under its final name (no move, no rename: moving a
     /// device between namespaces waits for an RCU grace period, milliseconds per pod).
     pub async fn add_veth(&self, spec: &VethSpec<'_>) -> Result<(), DataplaneError> {
-        let mut peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new().name(spec.peer_name.to_string());
+        let mut peer =
+            rtnetlink::LinkMessageBuilder::<LinkUnspec>::new().name(spec.peer_name.to_string());
         if let Some(m) = spec.mtu {
             peer = peer.mtu(m);
         }
@@ -162,7 +181,8 @@ impl Nl {
         }
         // The peer cannot be brought up in this request: the kernel configures it before the
         // pair is joined, and a veth without its peer refuses to open (ENOTCONN).
-        let mut b = LinkVeth::new(spec.name, spec.peer_name).set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
+        let mut b = LinkVeth::new(spec.name, spec.peer_name)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
         if let Some(m) = spec.mtu {
             b = b.mtu(m);
         }
@@ -180,7 +200,10 @@ impl Nl {
             .add(b.build())
             .execute()
             .await
-            .map_err(nl_err(format!("creating veth {}/{}", spec.name, spec.peer_name)))
+            .map_err(nl_err(format!(
+                "creating veth {}/{}",
+                spec.name, spec.peer_name
+            )))
     }
 
     /// Creates a bridge; `Ok(false)` when one of that name exists already.
@@ -189,7 +212,14 @@ impl Nl {
         if let Some(m) = mtu {
             b = b.mtu(m);
         }
-        match self.handle.link().add(b.build()).execute().await.map_err(nl_err(format!("creating bridge {name}"))) {
+        match self
+            .handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("creating bridge {name}")))
+        {
             Ok(()) => Ok(true),
             Err(e) if is_exists(&e) => Ok(false),
             Err(e) => Err(e),
@@ -197,30 +227,56 @@ impl Nl {
     }
 
     async fn set(&self, msg: LinkMessage, what: String) -> Result<(), DataplaneError> {
-        self.handle.link().set(msg).execute().await.map_err(nl_err(what))
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err(what))
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
-        self.set(LinkUnspec::new_with_index(index).up().build(), format!("setting link #{index} up")).await
+        self.set(
+            LinkUnspec::new_with_index(index).up().build(),
+            format!("setting link #{index} up"),
+        )
+        .await
     }
 
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
-        self.set(LinkUnspec::new_with_index(index).mtu(mtu).build(), format!("setting the MTU of link #{index}")).await
+        self.set(
+            LinkUnspec::new_with_index(index).mtu(mtu).build(),
+            format!("setting the MTU of link #{index}"),
+        )
+        .await
     }
 
     pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
-        self.set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build(), format!("setting the MAC of link #{index}"))
-            .await
+        self.set(
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .build(),
+            format!("setting the MAC of link #{index}"),
+        )
+        .await
     }
 
     pub async fn rename(&self, index: u32, name: &str) -> Result<(), DataplaneError> {
-        self.set(LinkUnspec::new_with_index(index).name(name.to_string()).build(), format!("renaming link #{index} to {name}"))
-            .await
+        self.set(
+            LinkUnspec::new_with_index(index)
+                .name(name.to_string())
+                .build(),
+            format!("renaming link #{index} to {name}"),
+        )
+        .await
     }
 
     pub async fn set_master(&self, index: u32, master: u32) -> Result<(), DataplaneError> {
-        self.set(LinkUnspec::new_with_index(index).controller(master).build(), format!("attaching link #{index} to bridge #{master}"))
-            .await
+        self.set(
+            LinkUnspec::new_with_index(index).controller(master).build(),
+            format!("attaching link #{index} to bridge #{master}"),
+        )
+        .await
     }
 
     pub async fn set_hairpin(&self, index: u32) -> Result<(), DataplaneError> {
@@ -235,7 +291,9 @@ impl Nl {
     /// Moves a link into another namespace.
     pub async fn move_to(&self, index: u32, ns: &Netns) -> Result<(), DataplaneError> {
         self.set(
-            LinkUnspec::new_with_index(index).setns_by_fd(ns.fd()).build(),
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(ns.fd())
+                .build(),
             format!("moving link #{index} to {}", ns.path().display()),
         )
         .await
@@ -243,7 +301,14 @@ impl Nl {
 
     /// Deletes a link; `Ok(false)` when it was gone already.
     pub async fn del_link(&self, index: u32) -> Result<bool, DataplaneError> {
-        match self.handle.link().del(index).execute().await.map_err(nl_err(format!("deleting link #{index}"))) {
+        match self
+            .handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl_err(format!("deleting link #{index}")))
+        {
             Ok(()) => Ok(true),
             Err(e) if is_missing(&e) => Ok(false),
             Err(e) => Err(e),
@@ -278,9 +343,18 @@ impl Nl {
             .map_err(nl_err("listing addresses"))?;
         for m in msgs {
             let hit = m.header.prefix_len == net.prefix_len()
-                && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == net.addr()));
+                && m.attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == net.addr()));
             if hit {
-                match self.handle.address().del(m).execute().await.map_err(nl_err(format!("removing {net}"))) {
+                match self
+                    .handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(nl_err(format!("removing {net}")))
+                {
                     Err(e) if !is_missing(&e) => return Err(e),
                     _ => {}
                 }
@@ -300,12 +374,18 @@ impl Nl {
         if let Some(i) = index {
             req = req.set_link_index_filter(i);
         }
-        let msgs: Vec<_> = req.execute().try_collect().await.map_err(nl_err("listing addresses"))?;
+        let msgs: Vec<_> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("listing addresses"))?;
         Ok(msgs
             .iter()
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok().map(|n| (m.header.index, n)),
+                    AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len)
+                        .ok()
+                        .map(|n| (m.header.index, n)),
                     _ => None,
                 })
             })
@@ -315,14 +395,16 @@ impl Nl {
     fn route_msg(r: &Route) -> Result<RouteMessage, DataplaneError> {
         let mut msg = match r.dst {
             IpNet::V4(d) => {
-                let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d.addr(), d.prefix_len());
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(d.addr(), d.prefix_len());
                 if let Some(IpAddr::V4(g)) = r.gateway {
                     b = b.gateway(g);
                 }
                 b.build()
             }
             IpNet::V6(d) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new().destination_prefix(d.addr(), d.prefix_len());
+                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                    .destination_prefix(d.addr(), d.prefix_len());
                 if let Some(IpAddr::V6(g)) = r.gateway {
                     b = b.gateway(g);
                 }
@@ -332,7 +414,11 @@ impl Nl {
         if let Some(oif) = r.oif {
             msg.attributes.push(RouteAttribute::Oif(oif));
         }
-        msg.header.scope = if r.scope_link { RouteScope::Link } else { RouteScope::Universe };
+        msg.header.scope = if r.scope_link {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        };
         msg.header.protocol = RouteProtocol::from(r.protocol);
         if r.onlink {
             msg.header.flags |= netlink_packet_route::route::RouteFlags::Onlink;
@@ -343,7 +429,14 @@ impl Nl {
     /// Adds a route; the same route present already is fine.
     pub async fn add_route(&self, r: &Route) -> Result<(), DataplaneError> {
         let msg = Self::route_msg(r)?;
-        match self.handle.route().add(msg).execute().await.map_err(nl_err(format!("adding route to {}", r.dst))) {
+        match self
+            .handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding route to {}", r.dst)))
+        {
             Err(e) if is_exists(&e) => Ok(()),
             other => other,
         }
@@ -352,19 +445,37 @@ impl Nl {
     /// Adds a route; fails with EEXIST when one to the same destination exists.
     pub async fn add_route_strict(&self, r: &Route) -> Result<(), DataplaneError> {
         let msg = Self::route_msg(r)?;
-        self.handle.route().add(msg).execute().await.map_err(nl_err(format!("adding route to {}", r.dst)))
+        self.handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding route to {}", r.dst)))
     }
 
     /// Adds or replaces the route to `r.dst`.
     pub async fn replace_route(&self, r: &Route) -> Result<(), DataplaneError> {
         let msg = Self::route_msg(r)?;
-        self.handle.route().add(msg).replace().execute().await.map_err(nl_err(format!("replacing route to {}", r.dst)))
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("replacing route to {}", r.dst)))
     }
 
     /// Deletes a route; `Ok(false)` when it was gone already.
     pub async fn del_route(&self, r: &Route) -> Result<bool, DataplaneError> {
         let msg = Self::route_msg(r)?;
-        match self.handle.route().del(msg).execute().await.map_err(nl_err(format!("deleting route to {}", r.dst))) {
+        match self
+            .handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(nl_err(format!("deleting route to {}", r.dst)))
+        {
             Ok(()) => Ok(true),
             Err(e) if is_missing(&e) => Ok(false),
             Err(e) => Err(e),
@@ -378,39 +489,58 @@ impl Nl {
         } else {
             RouteMessageBuilder::<Ipv4Addr>::new().build()
         };
-        let msgs: Vec<RouteMessage> = self.handle.route().get(filter).execute().try_collect().await.map_err(nl_err("listing routes"))?;
-        Ok(msgs
-            .iter()
-            .filter(|m| m.header.table == 254 || m.attributes.iter().any(|a| matches!(a, RouteAttribute::Table(254))))
-            .filter_map(|m| {
-                let mut dst = None;
-                let mut gw = None;
-                let mut oif = None;
-                for a in &m.attributes {
-                    match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
-                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
-                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        _ => {}
+        // Converted message by message: a full table's RouteMessages held at once were ~1 KiB each.
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(m) = stream.try_next().await.map_err(nl_err("listing routes"))? {
+            out.extend(Self::main_table_route(&m));
+        }
+        Ok(out)
+    }
+
+    fn main_table_route(m: &RouteMessage) -> Option<Route> {
+        if !(m.header.table == 254
+            || m.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Table(254))))
+        {
+            return None;
+        }
+        {
+            let mut dst = None;
+            let mut gw = None;
+            let mut oif = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(*a))
                     }
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(*a))
+                    }
+                    RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
                 }
-                let dst = dst.unwrap_or(if m.header.address_family == AddressFamily::Inet6 {
-                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-                } else {
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-                });
-                Some(Route {
-                    dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
-                    gateway: gw,
-                    oif,
-                    scope_link: m.header.scope == RouteScope::Link,
-                    protocol: u8::from(m.header.protocol),
-                    onlink: m.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink),
-                })
+            }
+            let dst = dst.unwrap_or(if m.header.address_family == AddressFamily::Inet6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            });
+            Some(Route {
+                dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+                gateway: gw,
+                oif,
+                scope_link: m.header.scope == RouteScope::Link,
+                protocol: u8::from(m.header.protocol),
+                onlink: m
+                    .header
+                    .flags
+                    .contains(netlink_packet_route::route::RouteFlags::Onlink),
             })
-            .collect())
+        }
     }
 }
 

@@ -65,14 +65,21 @@ impl Netns {
     pub fn run<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T, DataplaneError> {
         std::thread::scope(|s| {
             s.spawn(|| {
-                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| DataplaneError::Sys {
-                    what: format!("entering network namespace {}", self.path.display()),
-                    errno: e,
+                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    DataplaneError::Sys {
+                        what: format!("entering network namespace {}", self.path.display()),
+                        errno: e,
+                    }
                 })?;
                 Ok(f())
             })
             .join()
-            .map_err(|_| DataplaneError::Other(format!("a thread in namespace {} panicked", self.path.display())))?
+            .map_err(|_| {
+                DataplaneError::Other(format!(
+                    "a thread in namespace {} panicked",
+                    self.path.display()
+                ))
+            })?
         })
     }
 
@@ -106,7 +113,12 @@ impl Netns {
                 nix::mount::MsFlags::MS_BIND,
                 None::<&str>,
             )
-            .map_err(|e| sys(&format!("bind-mounting the namespace on {}", target.display()), e))
+            .map_err(|e| {
+                sys(
+                    &format!("bind-mounting the namespace on {}", target.display()),
+                    e,
+                )
+            })
         })
         .join()
         .map_err(|_| DataplaneError::Other("namespace thread panicked".into()))?;

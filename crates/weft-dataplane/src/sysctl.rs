@@ -4,7 +4,10 @@ use crate::DataplaneError;
 
 /// Writes `value` to the file at `path` under /proc/sys, unless it holds it already.
 fn write(path: &str, name: &str, value: &str) -> Result<(), DataplaneError> {
-    if std::fs::read_to_string(path).map(|v| v.trim() == value).unwrap_or(false) {
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() == value)
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     std::fs::write(path, value).map_err(|e| DataplaneError::Io {
@@ -20,9 +23,15 @@ pub fn set(key: &str, value: &str) -> Result<(), DataplaneError> {
 
 /// Writes a per-interface sysctl; interface names may hold dots, which the path keeps.
 pub fn set_iface(family: &str, iface: &str, key: &str, value: &str) -> Result<(), DataplaneError> {
-    write(&format!("/proc/sys/net/{family}/conf/{iface}/{key}"), &format!("net.{family}.conf.{iface}.{key}"), value)
+    write(
+        &format!("/proc/sys/net/{family}/conf/{iface}/{key}"),
+        &format!("net.{family}.conf.{iface}.{key}"),
+        value,
+    )
 }
 
 pub fn get(key: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/"))).ok().map(|v| v.trim().to_string())
+    std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))
+        .ok()
+        .map(|v| v.trim().to_string())
 }

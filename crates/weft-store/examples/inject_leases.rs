@@ -10,8 +10,14 @@ use weft_store::{manager, AnyStore, Store, StoreSpec};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let spec: StoreSpec = args.get(1).ok_or("usage: inject_leases STORE COUNT")?.parse()?;
-    let count: u32 = args.get(2).and_then(|c| c.parse().ok()).ok_or("usage: inject_leases STORE COUNT")?;
+    let spec: StoreSpec = args
+        .get(1)
+        .ok_or("usage: inject_leases STORE COUNT")?
+        .parse()?;
+    let count: u32 = args
+        .get(2)
+        .and_then(|c| c.parse().ok())
+        .ok_or("usage: inject_leases STORE COUNT")?;
     let store = AnyStore::open(&spec, &Default::default()).await?;
     let cfg = NetConfig::parse(&store.get_config().await?.ok_or("no config in the store")?)?.config;
     let mut tasks = Vec::new();

@@ -21,11 +21,15 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let endpoint = args.get(1).cloned().unwrap_or_else(|| "http://127.0.0.1:2379".into());
+    let endpoint = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "http://127.0.0.1:2379".into());
     let nodes: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5000);
     let conc: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(200);
     // A /8 of /24s: 65,535 subnets, room for the 5,000 nodes with plenty free.
-    let cfg = NetConfig::parse(r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}}"#)?.config;
+    let cfg =
+        NetConfig::parse(r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}}"#)?.config;
 
     let mut clients = Vec::new();
     for _ in 0..conc {
@@ -41,7 +45,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut lat = Vec::new();
             for i in (slot as u32..nodes).step_by(conc as usize) {
                 let t = Instant::now();
-                c.put(format!("/bench-baseline/{i}"), r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan"}"#, None).await?;
+                c.put(
+                    format!("/bench-baseline/{i}"),
+                    r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan"}"#,
+                    None,
+                )
+                .await?;
                 lat.push(t.elapsed());
             }
             Ok::<_, etcd_client::Error>(lat)
@@ -62,7 +71,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut stores = Vec::new();
     for _ in 0..conc {
-        stores.push(EtcdStore::connect(&[endpoint.clone()], "/coreos.com/network/", &Default::default()).await?);
+        stores.push(
+            EtcdStore::connect(
+                &[endpoint.clone()],
+                "/coreos.com/network/",
+                &Default::default(),
+            )
+            .await?,
+        );
     }
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -5,8 +5,8 @@
 
 use crate::{Change, ChangeStream, Corrupt, RawEntry, RawListing, Store, StoreError};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, TlsOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 use std::time::{Duration, SystemTime};
@@ -39,7 +39,9 @@ fn map_err(e: etcd_client::Error) -> StoreError {
             | tonic::Code::DeadlineExceeded
             | tonic::Code::Cancelled
             | tonic::Code::Aborted
-            | tonic::Code::Unknown) => StoreError::Unavailable(format!("etcd {code:?}: {}", s.message())),
+            | tonic::Code::Unknown) => {
+                StoreError::Unavailable(format!("etcd {code:?}: {}", s.message()))
+            }
             _ => StoreError::Etcd(format!("{}: {}", s.code(), s.message())),
         },
         other => StoreError::Etcd(other.to_string()),
@@ -48,7 +50,11 @@ fn map_err(e: etcd_client::Error) -> StoreError {
 
 impl EtcdStore {
     /// Connects to `endpoints` (`http://h:2379` or `h:2379`; `https://` with `tls`).
-    pub async fn connect(endpoints: &[String], prefix: &str, tls: &EtcdTls) -> Result<Self, StoreError> {
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: &EtcdTls,
+    ) -> Result<Self, StoreError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
@@ -57,16 +63,30 @@ impl EtcdStore {
         let use_tls = tls.ca_file.is_some() || tls.cert_file.is_some();
         if use_tls {
             let read = |what: &str, p: &str| {
-                std::fs::read(p).map_err(|e| StoreError::Invalid(format!("cannot read {what} {p}: {e}")))
+                std::fs::read(p)
+                    .map_err(|e| StoreError::Invalid(format!("cannot read {what} {p}: {e}")))
             };
             let mut t = TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
-                t = t.ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-cafile", ca)?));
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(read(
+                    "--etcd-cafile",
+                    ca,
+                )?));
             }
             match (&tls.cert_file, &tls.key_file) {
-                (Some(c), Some(k)) => t = t.identity(etcd_client::Identity::from_pem(read("--etcd-certfile", c)?, read("--etcd-keyfile", k)?)),
+                (Some(c), Some(k)) => {
+                    t = t.identity(etcd_client::Identity::from_pem(
+                        read("--etcd-certfile", c)?,
+                        read("--etcd-keyfile", k)?,
+                    ))
+                }
                 (None, None) => {}
-                _ => return Err(StoreError::Invalid("--etcd-certfile and --etcd-keyfile go together: give both or neither".into())),
+                _ => {
+                    return Err(StoreError::Invalid(
+                        "--etcd-certfile and --etcd-keyfile go together: give both or neither"
+                            .into(),
+                    ))
+                }
             }
             opts = opts.with_tls(t);
         }
@@ -82,7 +102,9 @@ impl EtcdStore {
                 }
             })
             .collect();
-        let client = Client::connect(&endpoints, Some(opts)).await.map_err(map_err)?;
+        let client = Client::connect(&endpoints, Some(opts))
+            .await
+            .map_err(map_err)?;
         let mut prefix = prefix.to_string();
         if !prefix.ends_with('/') {
             prefix.push('/');
@@ -120,9 +142,16 @@ impl EtcdStore {
     fn raw(&self, kv: &KeyValue) -> RawEntry {
         let key = String::from_utf8_lossy(kv.key());
         RawEntry {
-            name: key.strip_prefix(&self.subnets()).unwrap_or(&key).to_string(),
+            name: key
+                .strip_prefix(&self.subnets())
+                .unwrap_or(&key)
+                .to_string(),
             value: kv.value().to_vec(),
-            expiry: if kv.lease() == 0 { Expiry::Never } else { Expiry::Unknown },
+            expiry: if kv.lease() == 0 {
+                Expiry::Never
+            } else {
+                Expiry::Unknown
+            },
         }
     }
 
@@ -138,15 +167,23 @@ impl EtcdStore {
         match key.v4 {
             Some(v4) => weft_core::lease::v4_overlap_ranges(v4)
                 .into_iter()
-                .map(|(start, end)| Compare::create_revision(format!("{sub}{start}"), CompareOp::Equal, 0).with_range(format!("{sub}{end}")))
+                .map(|(start, end)| {
+                    Compare::create_revision(format!("{sub}{start}"), CompareOp::Equal, 0)
+                        .with_range(format!("{sub}{end}"))
+                })
                 .collect(),
-            None => vec![Compare::create_revision(self.key_of(key), CompareOp::Equal, 0)],
+            None => vec![Compare::create_revision(
+                self.key_of(key),
+                CompareOp::Equal,
+                0,
+            )],
         }
     }
 
     /// Counts of stored leases and of index entries, read at one revision.
     async fn counts(&self) -> Result<(i64, i64), StoreError> {
-        let count = |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix().with_count_only()));
+        let count =
+            |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix().with_count_only()));
         let r = self
             .client
             .clone()
@@ -156,9 +193,18 @@ impl EtcdStore {
         let c: Vec<i64> = r
             .op_responses()
             .into_iter()
-            .filter_map(|op| if let TxnOpResponse::Get(g) = op { Some(g.count()) } else { None })
+            .filter_map(|op| {
+                if let TxnOpResponse::Get(g) = op {
+                    Some(g.count())
+                } else {
+                    None
+                }
+            })
             .collect();
-        Ok((c.first().copied().unwrap_or(0), c.get(1).copied().unwrap_or(0)))
+        Ok((
+            c.first().copied().unwrap_or(0),
+            c.get(1).copied().unwrap_or(0),
+        ))
     }
 
     async fn grant(&self, ttl: Option<Duration>) -> Result<(i64, Expiry), StoreError> {
@@ -166,15 +212,27 @@ impl EtcdStore {
             None => Ok((0, Expiry::Never)),
             Some(t) => {
                 let secs = t.as_secs().max(1) as i64;
-                let r = self.client.clone().lease_grant(secs, None).await.map_err(map_err)?;
-                Ok((r.id(), Expiry::At(SystemTime::now() + Duration::from_secs(r.ttl().max(0) as u64))))
+                let r = self
+                    .client
+                    .clone()
+                    .lease_grant(secs, None)
+                    .await
+                    .map_err(map_err)?;
+                Ok((
+                    r.id(),
+                    Expiry::At(SystemTime::now() + Duration::from_secs(r.ttl().max(0) as u64)),
+                ))
             }
         }
     }
 
     /// Runs a guarded transaction that was to attach its keys to etcd lease `id`; `None` when
     /// a guard failed. The etcd lease is revoked unless the transaction used it.
-    async fn run_guarded(&self, txn: Txn, id: i64) -> Result<Option<etcd_client::TxnResponse>, StoreError> {
+    async fn run_guarded(
+        &self,
+        txn: Txn,
+        id: i64,
+    ) -> Result<Option<etcd_client::TxnResponse>, StoreError> {
         match self.client.clone().txn(txn).await {
             Ok(r) if r.succeeded() => Ok(Some(r)),
             Ok(_) => {
@@ -211,12 +269,23 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     async fn get_config(&self) -> Result<Option<String>, StoreError> {
-        let r = self.client.clone().get(self.config_key(), None).await.map_err(map_err)?;
-        Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        let r = self
+            .client
+            .clone()
+            .get(self.config_key(), None)
+            .await
+            .map_err(map_err)?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     async fn put_config(&self, text: &str) -> Result<(), StoreError> {
-        self.client.clone().put(self.config_key(), text, None).await.map_err(map_err)?;
+        self.client
+            .clone()
+            .put(self.config_key(), text, None)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 
@@ -235,11 +304,20 @@ impl Store for EtcdStore {
             .take_kvs()
             .into_iter()
             .map(|kv| {
-                let expiry = if kv.lease() == 0 { Expiry::Never } else { Expiry::Unknown };
+                let expiry = if kv.lease() == 0 {
+                    Expiry::Never
+                } else {
+                    Expiry::Unknown
+                };
                 let (mut key, value) = kv.into_key_value();
                 key.drain(..plen.min(key.len()));
-                let name = String::from_utf8(key).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                RawEntry { name, value, expiry }
+                let name = String::from_utf8(key)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                RawEntry {
+                    name,
+                    value,
+                    expiry,
+                }
             })
             .collect();
         Ok(RawListing { revision, entries })
@@ -250,9 +328,17 @@ impl Store for EtcdStore {
         let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
         let mut guards = self.free_guards(&lease.key);
         let node_key = self.node_key(lease.attrs.node_ip());
-        guards.push(Compare::create_revision(node_key.clone(), CompareOp::Equal, 0));
+        guards.push(Compare::create_revision(
+            node_key.clone(),
+            CompareOp::Equal,
+            0,
+        ));
         let txn = Txn::new().when(guards).and_then(vec![
-            TxnOp::put(self.key_of(&lease.key), lease.attrs.to_json(), put_opts.clone()),
+            TxnOp::put(
+                self.key_of(&lease.key),
+                lease.attrs.to_json(),
+                put_opts.clone(),
+            ),
             TxnOp::put(node_key, lease.key.to_string(), put_opts),
         ]);
         if self.run_guarded(txn, id).await?.is_none() {
@@ -274,10 +360,18 @@ impl Store for EtcdStore {
         // Only an existing key is rewritten: a lease that expired meanwhile is not resurrected.
         let index_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
         let txn = Txn::new()
-            .when(vec![Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Greater,
+                0,
+            )])
             .and_then(vec![
                 TxnOp::put(key, lease.attrs.to_json(), Some(put_opts)),
-                TxnOp::put(self.node_key(lease.attrs.node_ip()), lease.key.to_string(), index_opts),
+                TxnOp::put(
+                    self.node_key(lease.attrs.node_ip()),
+                    lease.key.to_string(),
+                    index_opts,
+                ),
             ]);
         let Some(r) = self.run_guarded(txn, id).await? else {
             return Err(StoreError::NotFound(lease.key));
@@ -300,7 +394,10 @@ impl Store for EtcdStore {
         let r = self
             .client
             .clone()
-            .delete(self.key_of(key), Some(etcd_client::DeleteOptions::new().with_prev_key()))
+            .delete(
+                self.key_of(key),
+                Some(etcd_client::DeleteOptions::new().with_prev_key()),
+            )
             .await
             .map_err(map_err)?;
         for prev in r.prev_kvs() {
@@ -311,7 +408,11 @@ impl Store for EtcdStore {
                 // A reservation: drop its index entry if it still names this lease.
                 let node_key = self.node_key(attrs.node_ip());
                 let txn = Txn::new()
-                    .when(vec![Compare::value(node_key.clone(), CompareOp::Equal, key.to_string())])
+                    .when(vec![Compare::value(
+                        node_key.clone(),
+                        CompareOp::Equal,
+                        key.to_string(),
+                    )])
                     .and_then(vec![TxnOp::delete(node_key, None)]);
                 self.client.clone().txn(txn).await.map_err(map_err)?;
             }
@@ -321,10 +422,20 @@ impl Store for EtcdStore {
 
     async fn find_node(&self, ip: std::net::IpAddr) -> Result<Option<Lease>, StoreError> {
         let node_key = self.node_key(ip);
-        let r = self.client.clone().get(node_key.clone(), None).await.map_err(map_err)?;
+        let r = self
+            .client
+            .clone()
+            .get(node_key.clone(), None)
+            .await
+            .map_err(map_err)?;
         if let Some(idx) = r.kvs().first() {
             let name = String::from_utf8_lossy(idx.value()).into_owned();
-            let got = self.client.clone().get(format!("{}{}", self.subnets(), name), None).await.map_err(map_err)?;
+            let got = self
+                .client
+                .clone()
+                .get(format!("{}{}", self.subnets(), name), None)
+                .await
+                .map_err(map_err)?;
             if let Some(Ok(l)) = got.kvs().first().map(|kv| self.decode(kv)) {
                 if l.attrs.node_ip() == ip {
                     return Ok(Some(l));
@@ -332,7 +443,11 @@ impl Store for EtcdStore {
             }
             // The lease it named is gone or another node's (flanneld rewrote it): drop the entry.
             let txn = Txn::new()
-                .when(vec![Compare::mod_revision(node_key.clone(), CompareOp::Equal, idx.mod_revision())])
+                .when(vec![Compare::mod_revision(
+                    node_key.clone(),
+                    CompareOp::Equal,
+                    idx.mod_revision(),
+                )])
                 .and_then(vec![TxnOp::delete(node_key, None)]);
             self.client.clone().txn(txn).await.map_err(map_err)?;
         }
@@ -357,7 +472,12 @@ impl Store for EtcdStore {
             .with_prefix()
             .with_start_revision(from as i64)
             .with_progress_notify();
-        let mut stream = self.client.clone().watch(self.subnets(), Some(opts)).await.map_err(map_err)?;
+        let mut stream = self
+            .client
+            .clone()
+            .watch(self.subnets(), Some(opts))
+            .await
+            .map_err(map_err)?;
         let (tx, rx) = mpsc::channel(16);
         let me = self.clone();
         tokio::spawn(async move {
@@ -369,8 +489,13 @@ impl Store for EtcdStore {
                 let batch = match item {
                     None => Err(StoreError::Unavailable("etcd watch stream ended".into())),
                     Some(Err(e)) => Err(map_err(e)),
-                    Some(Ok(resp)) if resp.compact_revision() > 0 => Err(StoreError::Compacted(from)),
-                    Some(Ok(resp)) if resp.canceled() => Err(StoreError::Unavailable(format!("etcd canceled the watch: {}", resp.cancel_reason()))),
+                    Some(Ok(resp)) if resp.compact_revision() > 0 => {
+                        Err(StoreError::Compacted(from))
+                    }
+                    Some(Ok(resp)) if resp.canceled() => Err(StoreError::Unavailable(format!(
+                        "etcd canceled the watch: {}",
+                        resp.cancel_reason()
+                    ))),
                     Some(Ok(resp)) => Ok(resp
                         .events()
                         .iter()
@@ -416,7 +541,10 @@ impl Store for EtcdStore {
         let r = self
             .client
             .clone()
-            .get(self.subnets(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                self.subnets(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await
             .map_err(map_err)?;
         let ids: std::collections::HashMap<String, i64> = r
@@ -425,12 +553,19 @@ impl Store for EtcdStore {
             .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
             .collect();
         for l in leases.iter_mut().filter(|l| l.expiry == Expiry::Unknown) {
-            let Some(&id) = ids.get(&self.key_of(&l.key)) else { continue };
+            let Some(&id) = ids.get(&self.key_of(&l.key)) else {
+                continue;
+            };
             if id == 0 {
                 l.expiry = Expiry::Never;
                 continue;
             }
-            let ttl = self.client.clone().lease_time_to_live(id, None).await.map_err(map_err)?;
+            let ttl = self
+                .client
+                .clone()
+                .lease_time_to_live(id, None)
+                .await
+                .map_err(map_err)?;
             if ttl.ttl() >= 0 {
                 l.expiry = Expiry::At(SystemTime::now() + Duration::from_secs(ttl.ttl() as u64));
             }

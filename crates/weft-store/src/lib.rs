@@ -88,8 +88,12 @@ impl RawEntry {
             key: self.name.clone(),
             reason,
         };
-        let key: LeaseKey = self.name.parse().map_err(|e: weft_core::lease::BadKey| corrupt(e.to_string()))?;
-        let attrs = LeaseAttrs::from_json(&self.value).map_err(|e| corrupt(format!("lease value is not flannel's lease JSON: {e}")))?;
+        let key: LeaseKey = self
+            .name
+            .parse()
+            .map_err(|e: weft_core::lease::BadKey| corrupt(e.to_string()))?;
+        let attrs = LeaseAttrs::from_json(&self.value)
+            .map_err(|e| corrupt(format!("lease value is not flannel's lease JSON: {e}")))?;
         Ok(Lease {
             key,
             attrs,
@@ -132,7 +136,9 @@ pub enum Change {
 impl Change {
     pub fn rev(&self) -> u64 {
         match self {
-            Change::Put { rev, .. } | Change::Delete { rev, .. } | Change::Corrupt { rev, .. } => *rev,
+            Change::Put { rev, .. } | Change::Delete { rev, .. } | Change::Corrupt { rev, .. } => {
+                *rev
+            }
         }
     }
 }
@@ -154,15 +160,29 @@ pub trait Store: Send + Sync + 'static {
     /// Creates `lease` if no lease holds a subnet overlapping any of its subnets and no lease
     /// belongs to the same node (`node_ip`), atomically; `ttl: None` makes a reservation.
     /// Returns the lease as stored (with its expiry). `Conflict` when taken.
-    fn create(&self, lease: &Lease, ttl: Option<Duration>) -> impl Future<Output = Result<Lease, StoreError>> + Send;
+    fn create(
+        &self,
+        lease: &Lease,
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
     /// Rewrites an existing lease's attributes and restarts its TTL. `NotFound` when gone.
-    fn update(&self, lease: &Lease, ttl: Option<Duration>) -> impl Future<Output = Result<Lease, StoreError>> + Send;
+    fn update(
+        &self,
+        lease: &Lease,
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
     /// The live lease of the node whose `LeaseAttrs::node_ip` is `ip`, if any.
-    fn find_node(&self, ip: std::net::IpAddr) -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
+    fn find_node(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
     /// Removes a lease; `false` when there was none.
     fn delete(&self, key: &LeaseKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Changes from revision `from` on (inclusive). `Err(Compacted)` when that history is gone.
     fn changes(&self, from: u64) -> impl Future<Output = Result<ChangeStream, StoreError>> + Send;
     /// Fills in `Expiry::Unknown` where the store can tell (etcd keeps TTLs in etcd leases).
-    fn resolve_expiry(&self, leases: &mut [Lease]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn resolve_expiry(
+        &self,
+        leases: &mut [Lease],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -38,7 +38,11 @@ pub fn renew_in(expiry: Expiry, timing: &LeaseTiming, now: SystemTime) -> Option
     match expiry {
         Expiry::Never => None,
         Expiry::Unknown => Some(Duration::ZERO),
-        Expiry::At(t) => Some(t.checked_sub(timing.renew_margin).and_then(|r| r.duration_since(now).ok()).unwrap_or(Duration::ZERO)),
+        Expiry::At(t) => Some(
+            t.checked_sub(timing.renew_margin)
+                .and_then(|r| r.duration_since(now).ok())
+                .unwrap_or(Duration::ZERO),
+        ),
     }
 }
 
@@ -99,7 +103,9 @@ pub async fn acquire<S: Store>(
     };
     for round in 0..ROUNDS {
         // 1. The lease that already carries this node's address (a reservation counts).
-        if let Some(held) = retrying("finding the node's lease", || store.find_node(node_ip)).await? {
+        if let Some(held) =
+            retrying("finding the node's lease", || store.find_node(node_ip)).await?
+        {
             if held.is_reservation() || fits(cfg, &held.key) {
                 let mut want = attrs.clone();
                 if want.node_name.is_empty() {
@@ -122,7 +128,10 @@ pub async fn acquire<S: Store>(
             }
             // Left over from a config whose range no longer holds it: let it go, as flannel does.
             tracing::info!(lease = %held.key, "releasing the node's lease from outside the configured range");
-            retrying("releasing an out-of-range lease", || store.delete(&held.key)).await?;
+            retrying("releasing an out-of-range lease", || {
+                store.delete(&held.key)
+            })
+            .await?;
             continue;
         }
         // 2. The subnet the node had before, if nobody holds it now.
@@ -140,7 +149,9 @@ pub async fn acquire<S: Store>(
         if round == 0 && cfg.v4.is_some() {
             let cap = capacity(cfg);
             for _ in 0..PROBES.min(cap as usize) {
-                let Some(key) = key_at(cfg, rng.gen_range(0..cap)) else { break };
+                let Some(key) = key_at(cfg, rng.gen_range(0..cap)) else {
+                    break;
+                };
                 match create(key).await {
                     Ok(l) => {
                         tracing::info!(lease = %l.key, node = %l.attrs.owner(), "acquired a new lease");
@@ -166,7 +177,10 @@ pub async fn acquire<S: Store>(
             .collect();
         let mut free = FreeMap::new(cfg, &held_keys);
         for _ in 0..TRIES_PER_LISTING {
-            let Some(key) = free.pick(&mut rng).and_then(|i| key_at(cfg, i).map(|k| (i, k))) else {
+            let Some(key) = free
+                .pick(&mut rng)
+                .and_then(|i| key_at(cfg, i).map(|k| (i, k)))
+            else {
                 return Err(exhausted(cfg, held_keys.len()));
             };
             match create(key.1).await {
@@ -178,12 +192,17 @@ pub async fn acquire<S: Store>(
                 Err(StoreError::Conflict(_)) => free.block(key.0),
                 Err(e) => return Err(e),
             }
-            if retrying("finding the node's lease", || store.find_node(node_ip)).await?.is_some() {
+            if retrying("finding the node's lease", || store.find_node(node_ip))
+                .await?
+                .is_some()
+            {
                 break;
             }
         }
     }
-    Err(StoreError::Unavailable(format!("no lease after {ROUNDS} rounds of lost races; too many nodes starting at once?")))
+    Err(StoreError::Unavailable(format!(
+        "no lease after {ROUNDS} rounds of lost races; too many nodes starting at once?"
+    )))
 }
 
 fn exhausted(cfg: &NetConfig, held: usize) -> StoreError {
@@ -202,9 +221,19 @@ fn exhausted(cfg: &NetConfig, held: usize) -> StoreError {
 }
 
 /// Reserves `key` for the node in `attrs`: a lease without TTL.
-pub async fn reserve<S: Store>(store: &S, cfg: &NetConfig, key: LeaseKey, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
+pub async fn reserve<S: Store>(
+    store: &S,
+    cfg: &NetConfig,
+    key: LeaseKey,
+    attrs: &LeaseAttrs,
+) -> Result<Lease, StoreError> {
     if !fits(cfg, &key) {
-        let range = [&cfg.v4, &cfg.v6].into_iter().flatten().map(|p| p.describe()).collect::<Vec<_>>().join(" and ");
+        let range = [&cfg.v4, &cfg.v6]
+            .into_iter()
+            .flatten()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join(" and ");
         return Err(StoreError::Invalid(format!(
             "SUBNET {key} is not one of the network's subnets ({range}); give a subnet of the configured length inside [SubnetMin, SubnetMax]"
         )));
@@ -222,7 +251,11 @@ pub async fn reserve<S: Store>(store: &S, cfg: &NetConfig, key: LeaseKey, attrs:
         }
         return Err(StoreError::Conflict(l.key));
     }
-    if let Some(l) = listing.leases.iter().find(|l| l.attrs.node_ip() == attrs.node_ip()) {
+    if let Some(l) = listing
+        .leases
+        .iter()
+        .find(|l| l.attrs.node_ip() == attrs.node_ip())
+    {
         return Err(StoreError::Invalid(format!(
             "public IP {} already holds lease {}; release it first (weft leases release {})",
             attrs.public_ip, l.key, l.key
@@ -310,7 +343,10 @@ mod tests {
         let now = SystemTime::now();
         let exp = Expiry::At(now + Duration::from_secs(24 * 3600));
         assert_eq!(renew_in(exp, &t, now), Some(Duration::from_secs(23 * 3600)));
-        assert_eq!(renew_in(Expiry::At(now + Duration::from_secs(60)), &t, now), Some(Duration::ZERO));
+        assert_eq!(
+            renew_in(Expiry::At(now + Duration::from_secs(60)), &t, now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(renew_in(Expiry::Never, &t, now), None);
     }
 }

@@ -32,13 +32,26 @@ impl std::str::FromStr for StoreSpec {
             }
             return Ok(StoreSpec::Sqlite(PathBuf::from(path)));
         }
-        if let Some(rest) = s.strip_prefix("etcd://").or_else(|| s.strip_prefix("etcds://")) {
-            let scheme = if s.starts_with("etcds://") { "https" } else { "http" };
+        if let Some(rest) = s
+            .strip_prefix("etcd://")
+            .or_else(|| s.strip_prefix("etcds://"))
+        {
+            let scheme = if s.starts_with("etcds://") {
+                "https"
+            } else {
+                "http"
+            };
             let eps: Vec<String> = rest
                 .split(',')
                 .map(str::trim)
                 .filter(|e| !e.is_empty())
-                .map(|e| if e.contains("://") { e.to_string() } else { format!("{scheme}://{e}") })
+                .map(|e| {
+                    if e.contains("://") {
+                        e.to_string()
+                    } else {
+                        format!("{scheme}://{e}")
+                    }
+                })
                 .collect();
             if eps.is_empty() {
                 return Err(bad("no etcd endpoint given"));
@@ -46,7 +59,9 @@ impl std::str::FromStr for StoreSpec {
             for e in &eps {
                 let hostport = e.split("://").nth(1).unwrap_or("");
                 if !hostport.contains(':') {
-                    return Err(bad(&format!("endpoint {e} has no port (etcd's client port is usually 2379)")));
+                    return Err(bad(&format!(
+                        "endpoint {e} has no port (etcd's client port is usually 2379)"
+                    )));
                 }
             }
             return Ok(StoreSpec::Etcd(eps));
@@ -82,7 +97,9 @@ impl AnyStore {
     pub async fn open(spec: &StoreSpec, etcd: &EtcdSettings) -> Result<Self, StoreError> {
         match spec {
             StoreSpec::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(path)?)),
-            StoreSpec::Etcd(eps) => Ok(AnyStore::Etcd(EtcdStore::connect(eps, &etcd.prefix, &etcd.tls).await?)),
+            StoreSpec::Etcd(eps) => Ok(AnyStore::Etcd(
+                EtcdStore::connect(eps, &etcd.prefix, &etcd.tls).await?,
+            )),
         }
     }
 }
@@ -132,13 +149,24 @@ mod tests {
 
     #[test]
     fn parses_store_addresses() {
-        assert_eq!("sqlite:/var/lib/weft/store.db".parse::<StoreSpec>().unwrap(), StoreSpec::Sqlite("/var/lib/weft/store.db".into()));
-        assert_eq!("sqlite:///tmp/x.db".parse::<StoreSpec>().unwrap(), StoreSpec::Sqlite("/tmp/x.db".into()));
+        assert_eq!(
+            "sqlite:/var/lib/weft/store.db"
+                .parse::<StoreSpec>()
+                .unwrap(),
+            StoreSpec::Sqlite("/var/lib/weft/store.db".into())
+        );
+        assert_eq!(
+            "sqlite:///tmp/x.db".parse::<StoreSpec>().unwrap(),
+            StoreSpec::Sqlite("/tmp/x.db".into())
+        );
         assert_eq!(
             "etcd://h1:2379,h2:2379".parse::<StoreSpec>().unwrap(),
             StoreSpec::Etcd(vec!["http://h1:2379".into(), "http://h2:2379".into()])
         );
-        assert_eq!("etcds://h1:2379".parse::<StoreSpec>().unwrap(), StoreSpec::Etcd(vec!["https://h1:2379".into()]));
+        assert_eq!(
+            "etcds://h1:2379".parse::<StoreSpec>().unwrap(),
+            StoreSpec::Etcd(vec!["https://h1:2379".into()])
+        );
         for bad in ["", "sqlite:", "etcd://", "etcd://h1", "redis://x:1"] {
             let e = bad.parse::<StoreSpec>().unwrap_err().to_string();
             assert!(e.contains("--store"), "{e}");

@@ -85,10 +85,17 @@ impl SqliteStore {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Invalid(format!("cannot create the directory of sqlite store {}: {e}", path.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Invalid(format!(
+                    "cannot create the directory of sqlite store {}: {e}",
+                    path.display()
+                ))
+            })?;
         }
         let mut conn = connect(&path).map_err(err)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
         tx.execute_batch(SCHEMA).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(SqliteStore {
@@ -131,11 +138,18 @@ impl SqliteStore {
     /// A write transaction: expired leases are swept first, so every writer sees live leases.
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction, &dyn Fn(rusqlite::Error) -> StoreError) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(
+                &rusqlite::Transaction,
+                &dyn Fn(rusqlite::Error) -> StoreError,
+            ) -> Result<T, StoreError>
+            + Send
+            + 'static,
     ) -> Result<T, StoreError> {
         let err = self.wrap();
         self.with(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
             sweep(&tx, &err)?;
             let out = f(&tx, &err)?;
             tx.commit().map_err(&err)?;
@@ -160,30 +174,54 @@ impl SqliteStore {
     }
 }
 
-fn bump(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError) -> Result<u64, StoreError> {
+fn bump(
+    tx: &rusqlite::Transaction,
+    err: &dyn Fn(rusqlite::Error) -> StoreError,
+) -> Result<u64, StoreError> {
     let rev: u64 = tx
         .query_row("UPDATE meta SET v = CAST(v AS INTEGER) + 1 WHERE k = 'rev' RETURNING CAST(v AS INTEGER)", [], |r| r.get(0))
         .map_err(err)?;
     let keep: u64 = tx
-        .query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'keep'", [], |r| r.get(0))
+        .query_row(
+            "SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'keep'",
+            [],
+            |r| r.get(0),
+        )
         .map_err(err)?;
     // Trim in steps of a tenth of the log, not on every write.
     if rev % (keep / 10).max(1) == 0 && rev > keep {
         let upto = rev - keep;
-        tx.execute("DELETE FROM events WHERE rev <= ?1", [upto]).map_err(err)?;
-        tx.execute("UPDATE meta SET v = ?1 WHERE k = 'compacted'", [upto.to_string()]).map_err(err)?;
+        tx.execute("DELETE FROM events WHERE rev <= ?1", [upto])
+            .map_err(err)?;
+        tx.execute(
+            "UPDATE meta SET v = ?1 WHERE k = 'compacted'",
+            [upto.to_string()],
+        )
+        .map_err(err)?;
     }
     Ok(rev)
 }
 
-fn log_event(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError, key: &str, value: Option<&str>, expires: Option<i64>) -> Result<u64, StoreError> {
+fn log_event(
+    tx: &rusqlite::Transaction,
+    err: &dyn Fn(rusqlite::Error) -> StoreError,
+    key: &str,
+    value: Option<&str>,
+    expires: Option<i64>,
+) -> Result<u64, StoreError> {
     let rev = bump(tx, err)?;
-    tx.execute("INSERT INTO events (rev, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)", params![rev, key, value, expires])
-        .map_err(err)?;
+    tx.execute(
+        "INSERT INTO events (rev, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![rev, key, value, expires],
+    )
+    .map_err(err)?;
     Ok(rev)
 }
 
-fn sweep(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError) -> Result<(), StoreError> {
+fn sweep(
+    tx: &rusqlite::Transaction,
+    err: &dyn Fn(rusqlite::Error) -> StoreError,
+) -> Result<(), StoreError> {
     let expired: Vec<String> = {
         let mut stmt = tx
             .prepare("DELETE FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ?1 RETURNING key")
@@ -208,9 +246,19 @@ fn decode(key: &str, value: &str, expires: Option<i64>) -> Result<Lease, Corrupt
 }
 
 /// The changes from `from` on, at most 1000; `Compacted` when the log no longer has `from`.
-fn poll_events(conn: &Connection, err: &dyn Fn(rusqlite::Error) -> StoreError, from: u64) -> Result<Vec<Change>, StoreError> {
+fn poll_events(
+    conn: &Connection,
+    err: &dyn Fn(rusqlite::Error) -> StoreError,
+    from: u64,
+) -> Result<Vec<Change>, StoreError> {
     let tx = conn.unchecked_transaction().map_err(err)?;
-    let compacted: u64 = tx.query_row("SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'compacted'", [], |r| r.get(0)).map_err(err)?;
+    let compacted: u64 = tx
+        .query_row(
+            "SELECT CAST(v AS INTEGER) FROM meta WHERE k = 'compacted'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
     if from <= compacted {
         return Err(StoreError::Compacted(from));
     }
@@ -232,7 +280,10 @@ fn poll_events(conn: &Connection, err: &dyn Fn(rusqlite::Error) -> StoreError, f
             None => match key.parse() {
                 Ok(key) => Change::Delete { key, rev },
                 Err(e) => Change::Corrupt {
-                    corrupt: Corrupt { key, reason: format!("{e}") },
+                    corrupt: Corrupt {
+                        key,
+                        reason: format!("{e}"),
+                    },
                     rev,
                 },
             },
@@ -257,14 +308,28 @@ struct Bounds {
 
 fn bounds(key: &LeaseKey) -> Bounds {
     Bounds {
-        v4: key.v4.map(|n| (u32::from(n.network()) as i64, u32::from(n.broadcast()) as i64)),
-        v6: key.v6.map(|n| (format!("{:032x}", u128::from(n.network())), format!("{:032x}", u128::from(n.broadcast())))),
+        v4: key.v4.map(|n| {
+            (
+                u32::from(n.network()) as i64,
+                u32::from(n.broadcast()) as i64,
+            )
+        }),
+        v6: key.v6.map(|n| {
+            (
+                format!("{:032x}", u128::from(n.network())),
+                format!("{:032x}", u128::from(n.broadcast())),
+            )
+        }),
     }
 }
 
 /// Whether a stored lease overlaps `b`. Leases never overlap each other, so only the lease
 /// starting last at or before `b`'s end can reach into it.
-fn overlaps_stored(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> StoreError, b: &Bounds) -> Result<bool, StoreError> {
+fn overlaps_stored(
+    tx: &rusqlite::Transaction,
+    err: &dyn Fn(rusqlite::Error) -> StoreError,
+    b: &Bounds,
+) -> Result<bool, StoreError> {
     if let Some((lo, hi)) = b.v4 {
         let r: Option<(i64, i64)> = tx
             .query_row("SELECT v4_start, v4_end FROM leases WHERE v4_start <= ?1 ORDER BY v4_start DESC LIMIT 1", [hi], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -289,8 +354,12 @@ fn overlaps_stored(tx: &rusqlite::Transaction, err: &dyn Fn(rusqlite::Error) -> 
 impl Store for SqliteStore {
     async fn get_config(&self) -> Result<Option<String>, StoreError> {
         let err = self.wrap();
-        self.with(move |c| c.query_row("SELECT v FROM meta WHERE k = 'config'", [], |r| r.get(0)).optional().map_err(&err))
-            .await
+        self.with(move |c| {
+            c.query_row("SELECT v FROM meta WHERE k = 'config'", [], |r| r.get(0))
+                .optional()
+                .map_err(&err)
+        })
+        .await
     }
 
     async fn put_config(&self, text: &str) -> Result<(), StoreError> {
@@ -411,7 +480,9 @@ impl Store for SqliteStore {
     async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {
         let key = key.to_string();
         self.write(move |tx, err| {
-            let n = tx.execute("DELETE FROM leases WHERE key = ?1", [&key]).map_err(err)?;
+            let n = tx
+                .execute("DELETE FROM leases WHERE key = ?1", [&key])
+                .map_err(err)?;
             if n > 0 {
                 log_event(tx, err, &key, None, None)?;
             }
@@ -487,7 +558,11 @@ impl SqliteStore {
     /// Sets how many changes the event log keeps (default [`EVENT_LOG_KEEP`]).
     pub async fn set_event_log_keep(&self, keep: u64) -> Result<(), StoreError> {
         self.write(move |tx, err| {
-            tx.execute("UPDATE meta SET v = ?1 WHERE k = 'keep'", [keep.max(1).to_string()]).map_err(err)?;
+            tx.execute(
+                "UPDATE meta SET v = ?1 WHERE k = 'keep'",
+                [keep.max(1).to_string()],
+            )
+            .map_err(err)?;
             Ok(())
         })
         .await
@@ -498,7 +573,11 @@ impl SqliteStore {
     pub async fn put_raw(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let (key, value) = (key.to_string(), value.to_string());
         self.write(move |tx, err| {
-            tx.execute("INSERT OR REPLACE INTO leases (key, value) VALUES (?1, ?2)", params![key, value]).map_err(err)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO leases (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(err)?;
             log_event(tx, err, &key, Some(&value), None)?;
             Ok(())
         })

@@ -77,7 +77,10 @@ impl<S: Store + Clone> LeaseWatcher<S> {
             if let Err(e) = self.step().await {
                 match e {
                     StoreError::Compacted(_) => {
-                        tracing::warn!(revision = self.next_rev, "lease history compacted; resyncing from a fresh listing");
+                        tracing::warn!(
+                            revision = self.next_rev,
+                            "lease history compacted; resyncing from a fresh listing"
+                        );
                         self.need_listing = true;
                         self.stream = None;
                     }
@@ -104,7 +107,9 @@ impl<S: Store + Clone> LeaseWatcher<S> {
         if self.stream.is_none() {
             self.stream = Some(self.store.changes(self.next_rev).await?);
         }
-        let Some(stream) = self.stream.as_mut() else { return Ok(()) };
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
         match stream.recv().await {
             Some(Ok(batch)) => {
                 self.backoff = BACKOFF_MIN;
@@ -123,7 +128,8 @@ impl<S: Store + Clone> LeaseWatcher<S> {
         for c in listing.corrupt {
             self.pending.push_back(WatchEvent::Corrupt(c));
         }
-        let fresh: HashMap<LeaseKey, Lease> = listing.leases.into_iter().map(|l| (l.key, l)).collect();
+        let fresh: HashMap<LeaseKey, Lease> =
+            listing.leases.into_iter().map(|l| (l.key, l)).collect();
         if !self.started {
             self.started = true;
             let mut all: Vec<Lease> = fresh.values().cloned().collect();
@@ -131,18 +137,28 @@ impl<S: Store + Clone> LeaseWatcher<S> {
             self.pending.push_back(WatchEvent::Snapshot(all));
         } else {
             self.resyncs += 1;
-            let mut gone: Vec<LeaseKey> = self.known.keys().filter(|k| !fresh.contains_key(k)).copied().collect();
+            let mut gone: Vec<LeaseKey> = self
+                .known
+                .keys()
+                .filter(|k| !fresh.contains_key(k))
+                .copied()
+                .collect();
             gone.sort();
             for k in gone {
-                self.pending.push_back(WatchEvent::Lease(LeaseEvent::Removed(k)));
+                self.pending
+                    .push_back(WatchEvent::Lease(LeaseEvent::Removed(k)));
             }
             let mut keys: Vec<&LeaseKey> = fresh.keys().collect();
             keys.sort();
             for k in keys {
                 let l = &fresh[k];
                 match self.known.get(k) {
-                    None => self.pending.push_back(WatchEvent::Lease(LeaseEvent::Added(l.clone()))),
-                    Some(old) if !same(old, l) => self.pending.push_back(WatchEvent::Lease(LeaseEvent::Changed(l.clone()))),
+                    None => self
+                        .pending
+                        .push_back(WatchEvent::Lease(LeaseEvent::Added(l.clone()))),
+                    Some(old) if !same(old, l) => self
+                        .pending
+                        .push_back(WatchEvent::Lease(LeaseEvent::Changed(l.clone()))),
                     Some(_) => {}
                 }
             }
@@ -172,7 +188,8 @@ impl<S: Store + Clone> LeaseWatcher<S> {
             }
             Change::Delete { key, .. } => {
                 if self.known.remove(&key).is_some() {
-                    self.pending.push_back(WatchEvent::Lease(LeaseEvent::Removed(key)));
+                    self.pending
+                        .push_back(WatchEvent::Lease(LeaseEvent::Removed(key)));
                 }
             }
             Change::Corrupt { corrupt, .. } => self.pending.push_back(WatchEvent::Corrupt(corrupt)),

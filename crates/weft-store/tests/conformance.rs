@@ -60,7 +60,9 @@ async fn concurrent_acquirers_get_distinct_subnets(h: Harness) {
     for i in 0..200u32 {
         let store = h.store().await;
         let c = c.clone();
-        tasks.push(tokio::spawn(async move { manager::acquire(&store, &c, &node(i), None, DAY).await }));
+        tasks.push(tokio::spawn(async move {
+            manager::acquire(&store, &c, &node(i), None, DAY).await
+        }));
     }
     let mut keys = HashSet::new();
     for t in tasks {
@@ -85,35 +87,57 @@ async fn concurrent_acquirers_get_distinct_subnets(h: Harness) {
 async fn restart_gets_the_same_lease_back(h: Harness) {
     let c = net16();
     let s = h.store().await;
-    let first = manager::acquire(&s, &c, &node(1), None, DAY).await.expect("acquire");
+    let first = manager::acquire(&s, &c, &node(1), None, DAY)
+        .await
+        .expect("acquire");
     // The same node (same public IP) starting again, from a new client.
     let s2 = h.store().await;
     let mut attrs = node(1);
     attrs.backend_data = serde_json::json!({"VtepMAC": "0e:2a:ff:ff:ff:ff"});
-    let again = manager::acquire(&s2, &c, &attrs, None, DAY).await.expect("re-acquire");
+    let again = manager::acquire(&s2, &c, &attrs, None, DAY)
+        .await
+        .expect("re-acquire");
     assert_eq!(again.key, first.key);
-    assert_eq!(again.attrs.backend_data["VtepMAC"], "0e:2a:ff:ff:ff:ff", "attributes are refreshed");
-    assert_eq!(s2.list().await.expect("list").leases.len(), 1, "no second lease");
+    assert_eq!(
+        again.attrs.backend_data["VtepMAC"], "0e:2a:ff:ff:ff:ff",
+        "attributes are refreshed"
+    );
+    assert_eq!(
+        s2.list().await.expect("list").leases.len(),
+        1,
+        "no second lease"
+    );
 
     // Its lease gone (released) but subnet.env remembers the subnet: it gets that subnet back.
     assert!(s2.delete(&first.key).await.expect("delete"));
-    let back = manager::acquire(&s2, &c, &node(1), Some(first.key), DAY).await.expect("acquire with previous");
+    let back = manager::acquire(&s2, &c, &node(1), Some(first.key), DAY)
+        .await
+        .expect("acquire with previous");
     assert_eq!(back.key, first.key);
 
     // When another node holds the remembered subnet, it gets a different one.
-    let other = manager::acquire(&s2, &c, &node(2), Some(first.key), DAY).await.expect("other");
+    let other = manager::acquire(&s2, &c, &node(2), Some(first.key), DAY)
+        .await
+        .expect("other");
     assert_ne!(other.key, first.key);
 }
 
 async fn watch_reports_every_change_in_order(h: Harness) {
     let c = net16();
     let s = h.store().await;
-    let pre = manager::acquire(&s, &c, &node(1), None, DAY).await.expect("acquire");
+    let pre = manager::acquire(&s, &c, &node(1), None, DAY)
+        .await
+        .expect("acquire");
     let mut w = LeaseWatcher::new(h.store().await);
     let snap = snapshot(&mut w).await;
-    assert_eq!(snap.iter().map(|l| l.key).collect::<Vec<_>>(), vec![pre.key]);
+    assert_eq!(
+        snap.iter().map(|l| l.key).collect::<Vec<_>>(),
+        vec![pre.key]
+    );
 
-    let a = manager::acquire(&s, &c, &node(2), None, DAY).await.expect("acquire a");
+    let a = manager::acquire(&s, &c, &node(2), None, DAY)
+        .await
+        .expect("acquire a");
     match next_lease_event(&mut w, 10).await {
         LeaseEvent::Added(l) => assert_eq!((l.key, l.attrs.node_name.as_str()), (a.key, "node-2")),
         other => panic!("{other:?}"),
@@ -129,8 +153,14 @@ async fn watch_reports_every_change_in_order(h: Harness) {
         other => panic!("expected Changed (the renewal must not show), got {other:?}"),
     }
     assert!(s.delete(&pre.key).await.expect("delete"));
-    assert_eq!(next_lease_event(&mut w, 10).await, LeaseEvent::Removed(pre.key));
-    assert!(!s.delete(&pre.key).await.expect("delete again"), "second delete finds nothing");
+    assert_eq!(
+        next_lease_event(&mut w, 10).await,
+        LeaseEvent::Removed(pre.key)
+    );
+    assert!(
+        !s.delete(&pre.key).await.expect("delete again"),
+        "second delete finds nothing"
+    );
     assert_eq!(w.len(), 1);
 }
 
@@ -139,16 +169,29 @@ async fn expiry_produces_a_removal(h: Harness) {
     let s = h.store().await;
     let mut w = LeaseWatcher::new(h.store().await);
     assert!(snapshot(&mut w).await.is_empty());
-    let l = manager::acquire(&s, &c, &node(7), None, Duration::from_secs(2)).await.expect("acquire");
+    let l = manager::acquire(&s, &c, &node(7), None, Duration::from_secs(2))
+        .await
+        .expect("acquire");
     assert!(matches!(l.expiry, Expiry::At(_)));
-    assert!(matches!(next_lease_event(&mut w, 10).await, LeaseEvent::Added(_)));
+    assert!(matches!(
+        next_lease_event(&mut w, 10).await,
+        LeaseEvent::Added(_)
+    ));
     let start = Instant::now();
-    assert_eq!(next_lease_event(&mut w, 15).await, LeaseEvent::Removed(l.key));
+    assert_eq!(
+        next_lease_event(&mut w, 15).await,
+        LeaseEvent::Removed(l.key)
+    );
     assert!(start.elapsed() < Duration::from_secs(10));
     assert!(s.list().await.expect("list").leases.is_empty());
     // The subnet is free again: another node may take it.
-    let tiny = cfg(&format!(r#"{{"Network": "10.10.0.0/16", "SubnetMin": "{0}", "SubnetMax": "{0}"}}"#, l.key.v4.expect("v4").addr()));
-    let other = manager::acquire(&s, &tiny, &node(8), None, DAY).await.expect("re-use the expired subnet");
+    let tiny = cfg(&format!(
+        r#"{{"Network": "10.10.0.0/16", "SubnetMin": "{0}", "SubnetMax": "{0}"}}"#,
+        l.key.v4.expect("v4").addr()
+    ));
+    let other = manager::acquire(&s, &tiny, &node(8), None, DAY)
+        .await
+        .expect("re-use the expired subnet");
     assert_eq!(other.key, l.key);
 }
 
@@ -160,7 +203,9 @@ async fn renewal_keeps_a_short_lease_alive(h: Harness) {
         renew_margin: Duration::from_millis(1200),
         retry: Duration::from_millis(100),
     };
-    let l = manager::acquire(&s, &c, &node(3), None, timing.ttl).await.expect("acquire");
+    let l = manager::acquire(&s, &c, &node(3), None, timing.ttl)
+        .await
+        .expect("acquire");
     let mut w = LeaseWatcher::new(h.store().await);
     assert_eq!(snapshot(&mut w).await.len(), 1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -172,7 +217,10 @@ async fn renewal_keeps_a_short_lease_alive(h: Harness) {
     let _ = stop_tx.send(true);
     task.await.expect("keeper stops");
     // Not kept any more: it lapses.
-    assert_eq!(next_lease_event(&mut w, 10).await, LeaseEvent::Removed(l.key));
+    assert_eq!(
+        next_lease_event(&mut w, 10).await,
+        LeaseEvent::Removed(l.key)
+    );
 }
 
 async fn reservations_are_never_handed_out(h: Harness) {
@@ -180,32 +228,54 @@ async fn reservations_are_never_handed_out(h: Harness) {
     let c = cfg(r#"{"Network": "10.10.0.0/26"}"#);
     let s = h.store().await;
     let reserved: LeaseKey = "10.10.0.32-28".parse().expect("key");
-    let r = manager::reserve(&s, &c, reserved, &node(9)).await.expect("reserve");
+    let r = manager::reserve(&s, &c, reserved, &node(9))
+        .await
+        .expect("reserve");
     assert!(r.is_reservation());
-    let a = manager::acquire(&s, &c, &node(1), None, DAY).await.expect("a");
-    let b = manager::acquire(&s, &c, &node(2), None, DAY).await.expect("b");
+    let a = manager::acquire(&s, &c, &node(1), None, DAY)
+        .await
+        .expect("a");
+    let b = manager::acquire(&s, &c, &node(2), None, DAY)
+        .await
+        .expect("b");
     assert!(a.key != reserved && b.key != reserved);
     // Even asked for by name (an old subnet.env), the reservation stays with its node.
     match manager::acquire(&s, &c, &node(3), Some(reserved), DAY).await {
         Err(StoreError::Exhausted { range, held }) => {
             assert_eq!(held, 3);
-            assert!(range.contains("10.10.0.16/28") && range.contains("10.10.0.48/28"), "{range}");
+            assert!(
+                range.contains("10.10.0.16/28") && range.contains("10.10.0.48/28"),
+                "{range}"
+            );
             assert!(range.contains("3 subnets"), "{range}");
         }
         other => panic!("expected exhaustion, got {other:?}"),
     }
     // The reserving node gets its reservation, still without TTL.
-    let mine = manager::acquire(&s, &c, &node(9), None, DAY).await.expect("reserved node");
+    let mine = manager::acquire(&s, &c, &node(9), None, DAY)
+        .await
+        .expect("reserved node");
     assert_eq!(mine.key, reserved);
     assert!(mine.is_reservation());
     let mut listing = s.list().await.expect("list");
     s.resolve_expiry(&mut listing.leases).await.expect("ttl");
-    let stored = listing.leases.iter().find(|l| l.key == reserved).expect("reservation listed");
+    let stored = listing
+        .leases
+        .iter()
+        .find(|l| l.key == reserved)
+        .expect("reservation listed");
     assert_eq!(stored.expiry, Expiry::Never);
-    assert!(listing.leases.iter().filter(|l| l.key != reserved).all(|l| matches!(l.expiry, Expiry::At(_))));
+    assert!(listing
+        .leases
+        .iter()
+        .filter(|l| l.key != reserved)
+        .all(|l| matches!(l.expiry, Expiry::At(_))));
     // Out-of-range reservations are refused and change nothing.
     let bad: LeaseKey = "10.10.0.0-28".parse().expect("key");
-    assert!(matches!(manager::reserve(&s, &c, bad, &node(4)).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        manager::reserve(&s, &c, bad, &node(4)).await,
+        Err(StoreError::Invalid(_))
+    ));
     assert_eq!(s.list().await.expect("list").leases.len(), 3);
 }
 
@@ -213,22 +283,34 @@ async fn exhaustion_is_reported_with_range_and_count(h: Harness) {
     let c = cfg(r#"{"Network": "10.10.0.0/27"}"#); // /29s: three usable
     let s = h.store().await;
     for i in 0..3 {
-        manager::acquire(&s, &c, &node(i), None, DAY).await.expect("fits");
+        manager::acquire(&s, &c, &node(i), None, DAY)
+            .await
+            .expect("fits");
     }
-    let e = manager::acquire(&s, &c, &node(99), None, DAY).await.expect_err("exhausted");
+    let e = manager::acquire(&s, &c, &node(99), None, DAY)
+        .await
+        .expect_err("exhausted");
     let msg = e.to_string();
     assert!(matches!(e, StoreError::Exhausted { held: 3, .. }), "{msg}");
-    assert!(msg.contains("10.10.0.8/29 .. 10.10.0.24/29") && msg.contains("3 leases are held"), "{msg}");
+    assert!(
+        msg.contains("10.10.0.8/29 .. 10.10.0.24/29") && msg.contains("3 leases are held"),
+        "{msg}"
+    );
 }
 
 async fn corrupt_values_are_reported_and_skipped(h: Harness) {
     let c = net16();
     let s = h.store().await;
-    let good = manager::acquire(&s, &c, &node(1), None, DAY).await.expect("acquire");
+    let good = manager::acquire(&s, &c, &node(1), None, DAY)
+        .await
+        .expect("acquire");
     let mut w = LeaseWatcher::new(h.store().await);
     assert_eq!(snapshot(&mut w).await.len(), 1);
     match (&s, h.sqlite_store()) {
-        (AnyStore::Sqlite(_), Some(raw)) => raw.put_raw("10.10.99.0-24", "{not json").await.expect("raw"),
+        (AnyStore::Sqlite(_), Some(raw)) => raw
+            .put_raw("10.10.99.0-24", "{not json")
+            .await
+            .expect("raw"),
         (AnyStore::Etcd(e), _) => e.put_raw("10.10.99.0-24", "{not json").await.expect("raw"),
         _ => unreachable!(),
     }
@@ -243,9 +325,14 @@ async fn corrupt_values_are_reported_and_skipped(h: Harness) {
     assert_eq!(listing.leases.len(), 1);
     assert_eq!(listing.corrupt.len(), 1);
     // Acquisition goes on around it.
-    let b = manager::acquire(&s, &c, &node(2), None, DAY).await.expect("acquire next to garbage");
+    let b = manager::acquire(&s, &c, &node(2), None, DAY)
+        .await
+        .expect("acquire next to garbage");
     assert_ne!(b.key, good.key);
-    assert!(matches!(next_lease_event(&mut w, 10).await, LeaseEvent::Added(_)));
+    assert!(matches!(
+        next_lease_event(&mut w, 10).await,
+        LeaseEvent::Added(_)
+    ));
 }
 
 async fn config_lives_in_the_store(h: Harness) {
@@ -253,7 +340,10 @@ async fn config_lives_in_the_store(h: Harness) {
     assert_eq!(s.get_config().await.expect("get"), None);
     let text = r#"{"Network": "10.10.0.0/16", "Backend": {"Type": "host-gw"}}"#;
     s.put_config(text).await.expect("put");
-    assert_eq!(h.store().await.get_config().await.expect("get").as_deref(), Some(text));
+    assert_eq!(
+        h.store().await.get_config().await.expect("get").as_deref(),
+        Some(text)
+    );
 }
 
 async fn create_refuses_any_overlap(h: Harness) {
@@ -263,17 +353,31 @@ async fn create_refuses_any_overlap(h: Harness) {
         attrs: node(i),
         expiry: Expiry::Unknown,
     };
-    s.create(&l("10.10.4.0-24", 1), Some(DAY)).await.expect("first");
-    for (key, what) in [("10.10.4.128-25", "inside"), ("10.10.4.0-23", "around"), ("10.10.0.0-16", "far around"), ("10.10.4.0-24", "same")] {
+    s.create(&l("10.10.4.0-24", 1), Some(DAY))
+        .await
+        .expect("first");
+    for (key, what) in [
+        ("10.10.4.128-25", "inside"),
+        ("10.10.4.0-23", "around"),
+        ("10.10.0.0-16", "far around"),
+        ("10.10.4.0-24", "same"),
+    ] {
         match s.create(&l(key, 2), Some(DAY)).await {
             Err(StoreError::Conflict(_)) => {}
             other => panic!("{key} ({what} 10.10.4.0/24) must conflict, got {other:?}"),
         }
     }
-    s.create(&l("10.10.5.0-24", 2), Some(DAY)).await.expect("a neighbour is fine");
-    s.create(&l("10.10.40.0-24", 3), Some(DAY)).await.expect("a look-alike key is fine");
+    s.create(&l("10.10.5.0-24", 2), Some(DAY))
+        .await
+        .expect("a neighbour is fine");
+    s.create(&l("10.10.40.0-24", 3), Some(DAY))
+        .await
+        .expect("a look-alike key is fine");
     // One lease per node: the same node cannot create a second one.
-    assert!(matches!(s.create(&l("10.10.6.0-24", 1), Some(DAY)).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        s.create(&l("10.10.6.0-24", 1), Some(DAY)).await,
+        Err(StoreError::Conflict(_))
+    ));
     assert_eq!(s.list().await.expect("list").leases.len(), 3);
 }
 
@@ -283,7 +387,9 @@ async fn one_node_racing_itself_gets_one_lease(h: Harness) {
     for _ in 0..10 {
         let store = h.store().await;
         let c = c.clone();
-        tasks.push(tokio::spawn(async move { manager::acquire(&store, &c, &node(5), None, DAY).await }));
+        tasks.push(tokio::spawn(async move {
+            manager::acquire(&store, &c, &node(5), None, DAY).await
+        }));
     }
     let mut keys = HashSet::new();
     for t in tasks {

@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio::sync::watch;
-use weft_backend::{Local, DesiredState};
+use tokio::time::Instant;
+use weft_backend::{DesiredState, Local};
 use weft_core::subnet_env::SubnetEnv;
 use weft_core::{Backend, Lease, LeaseAttrs, LeaseEvent, LeaseKey, NetConfig};
 use weft_dataplane::{reconcile, Nl};
@@ -86,7 +86,7 @@ struct Metrics {
     bgp_prefixes_received: prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
     /// `weft bgp peers` and `weft bgp routes` read these (JSON).
     bgp_peers: std::sync::Mutex<serde_json::Value>,
-    bgp_routes: std::sync::Mutex<serde_json::Value>,
+    bgp_routes: std::sync::Mutex<String>,
 }
 
 impl Metrics {
@@ -104,16 +104,44 @@ impl Metrics {
             bgp_peer_up: Default::default(),
             bgp_prefixes_received: Default::default(),
             bgp_peers: std::sync::Mutex::new(serde_json::json!([])),
-            bgp_routes: std::sync::Mutex::new(serde_json::json!([])),
+            bgp_routes: std::sync::Mutex::new("[]".to_string()),
         };
         registry.register("leases", "Leases seen in the store", m.leases.clone());
-        registry.register("peers_programmed", "Remote nodes whose routes are programmed", m.peers_programmed.clone());
-        registry.register("peers_unreachable", "Remote nodes the backend cannot reach (see the log)", m.peers_unreachable.clone());
-        registry.register("reconcile_seconds", "Duration of one reconcile", m.reconcile_seconds.clone());
-        registry.register("reconcile_errors", "Reconcile steps that failed", m.reconcile_errors.clone());
-        registry.register("store_errors", "Store errors survived by the lease watch", m.store_errors.clone());
-        registry.register("bgp_peer_up", "BGP session established (1) or not (0), per peer", m.bgp_peer_up.clone());
-        registry.register("bgp_prefixes_received", "Prefixes held from each BGP peer", m.bgp_prefixes_received.clone());
+        registry.register(
+            "peers_programmed",
+            "Remote nodes whose routes are programmed",
+            m.peers_programmed.clone(),
+        );
+        registry.register(
+            "peers_unreachable",
+            "Remote nodes the backend cannot reach (see the log)",
+            m.peers_unreachable.clone(),
+        );
+        registry.register(
+            "reconcile_seconds",
+            "Duration of one reconcile",
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconcile steps that failed",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store errors survived by the lease watch",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "bgp_peer_up",
+            "BGP session established (1) or not (0), per peer",
+            m.bgp_peer_up.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_received",
+            "Prefixes held from each BGP peer",
+            m.bgp_prefixes_received.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -129,7 +157,9 @@ async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on --metrics-addr {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on --metrics-addr {addr}"))?;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -140,39 +170,73 @@ async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let (code, body) = match req.uri().path() {
-                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                        "/readyz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ready\n".to_string()),
-                        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
-                        "/metrics" => (StatusCode::OK, metrics.encode()),
-                        "/bgp/peers" => (StatusCode::OK, metrics.bgp_peers.lock().map(|v| v.to_string()).unwrap_or_default()),
-                        "/bgp/routes" => (StatusCode::OK, metrics.bgp_routes.lock().map(|v| v.to_string()).unwrap_or_default()),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-                    };
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                    *r.status_mut() = code;
-                    Ok::<_, std::convert::Infallible>(r)
-                }
-            });
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (code, body) = match req.uri().path() {
+                            "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                            "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
+                                (StatusCode::OK, "ready\n".to_string())
+                            }
+                            "/readyz" => {
+                                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+                            }
+                            "/metrics" => (StatusCode::OK, metrics.encode()),
+                            "/bgp/peers" => (
+                                StatusCode::OK,
+                                metrics
+                                    .bgp_peers
+                                    .lock()
+                                    .map(|v| v.to_string())
+                                    .unwrap_or_default(),
+                            ),
+                            "/bgp/routes" => (
+                                StatusCode::OK,
+                                metrics
+                                    .bgp_routes
+                                    .lock()
+                                    .map(|v| v.clone())
+                                    .unwrap_or_default(),
+                            ),
+                            _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = code;
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }
 
-fn write_subnet_env(path: &std::path::Path, cfg: &NetConfig, lease: &Lease, mtu: u32, ipmasq: bool) -> Result<()> {
+fn write_subnet_env(
+    path: &std::path::Path,
+    cfg: &NetConfig,
+    lease: &Lease,
+    mtu: u32,
+    ipmasq: bool,
+) -> Result<()> {
     let env = SubnetEnv {
-        network: cfg.v4.as_ref().and_then(|p| weft_core::subnet::v4(p.network)),
+        network: cfg
+            .v4
+            .as_ref()
+            .and_then(|p| weft_core::subnet::v4(p.network)),
         subnet: lease.key.v4,
-        ipv6_network: cfg.v6.as_ref().and_then(|p| weft_core::subnet::v6(p.network)),
+        ipv6_network: cfg
+            .v6
+            .as_ref()
+            .and_then(|p| weft_core::subnet::v6(p.network)),
         ipv6_subnet: lease.key.v6,
         mtu: Some(mtu),
         ipmasq,
     };
-    env.write(path).with_context(|| format!("writing {}", path.display()))
+    env.write(path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// nftables rules for --ip-masq, in a table of weft's own, replaced in one transaction:
@@ -191,9 +255,17 @@ fn apply_masq(network: ipnet::Ipv4Net) -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("running nft (apt-get install nftables) for --ip-masq")?;
-    child.stdin.take().context("nft stdin")?.write_all(masq_ruleset(network).as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(masq_ruleset(network).as_bytes())?;
     let out = child.wait_with_output()?;
-    anyhow::ensure!(out.status.success(), "nft refused weft's ruleset: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "nft refused weft's ruleset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -201,10 +273,17 @@ fn apply_masq(network: ipnet::Ipv4Net) -> Result<()> {
 /// flannel and Calico hit); there the VTEP's tx checksum offload is turned off.
 fn kernel_needs_csum_workaround() -> bool {
     let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let mut it = rel
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
     let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     let old = (maj, min) < (5, 7);
-    tracing::info!(kernel = rel.trim(), tx_checksum_workaround = old, "kernel check (VXLAN tx checksum bug before 5.7)");
+    tracing::info!(
+        kernel = rel.trim(),
+        tx_checksum_workaround = old,
+        "kernel check (VXLAN tx checksum bug before 5.7)"
+    );
     old
 }
 
@@ -216,7 +295,10 @@ fn disable_tx_csum(dev: &str) -> Result<()> {
     }
     const ETHTOOL_STXCSUM: u32 = 0x17;
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    let mut v = EthtoolValue { cmd: ETHTOOL_STXCSUM, data: 0 };
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
     // SAFETY: an ifreq naming `dev` whose data points at `v`, both alive for the call.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -237,18 +319,29 @@ fn disable_tx_csum(dev: &str) -> Result<()> {
 pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let store = a.store.open().await?;
     let cfg = a.config.load(&store).await?;
-    anyhow::ensure!(cfg.v4.is_some(), "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet");
+    anyhow::ensure!(
+        cfg.v4.is_some(),
+        "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet"
+    );
     anyhow::ensure!(
         !matches!(cfg.backend, Backend::Udp(_)),
         "Backend.Type udp is not built yet; use vxlan, host-gw or bgp"
     );
     let nl = Nl::here()?;
     let re = match &a.iface_regex {
-        Some(r) => Some(regex::Regex::new(r).with_context(|| format!("--iface-regex {r:?} is not a valid regex"))?),
+        Some(r) => Some(
+            regex::Regex::new(r)
+                .with_context(|| format!("--iface-regex {r:?} is not a valid regex"))?,
+        ),
         None => None,
     };
     let matcher = re.as_ref().map(|re| move |n: &str| re.is_match(n));
-    let (underlay, underlay_net) = reconcile::underlay(&nl, a.iface.as_deref(), matcher.as_ref().map(|m| m as &dyn Fn(&str) -> bool)).await?;
+    let (underlay, underlay_net) = reconcile::underlay(
+        &nl,
+        a.iface.as_deref(),
+        matcher.as_ref().map(|m| m as &dyn Fn(&str) -> bool),
+    )
+    .await?;
     let public_ip = a.public_ip.unwrap_or(underlay_net.addr());
     let local = Local {
         public_ip,
@@ -258,8 +351,14 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     };
     let mac = weft_backend::vtep_mac(&a.node_name, public_ip);
     let vx_name = match &cfg.backend {
-        Backend::Vxlan(v) => a.vxlan_device.clone().unwrap_or_else(|| weft_backend::vxlan_name(v.vni)),
-        Backend::Bgp(g) => a.vxlan_device.clone().unwrap_or_else(|| weft_backend::vxlan_name(g.vxlan.vni)),
+        Backend::Vxlan(v) => a
+            .vxlan_device
+            .clone()
+            .unwrap_or_else(|| weft_backend::vxlan_name(v.vni)),
+        Backend::Bgp(g) => a
+            .vxlan_device
+            .clone()
+            .unwrap_or_else(|| weft_backend::vxlan_name(g.vxlan.vni)),
         _ => String::new(),
     };
     let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
@@ -285,17 +384,27 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             attrs.backend_data = serde_json::json!({"RouteReflector": true});
         }
     }
-    let previous = SubnetEnv::read(&a.subnet_file).ok().flatten().and_then(|e| e.lease_key());
+    let previous = SubnetEnv::read(&a.subnet_file)
+        .ok()
+        .flatten()
+        .and_then(|e| e.lease_key());
     let ttl = Duration::from_secs(a.lease_ttl.max(1));
-    let lease = manager::acquire(&store, &cfg, &attrs, previous, ttl).await.context("acquiring this node's lease")?;
+    let lease = manager::acquire(&store, &cfg, &attrs, previous, ttl)
+        .await
+        .context("acquiring this node's lease")?;
     tracing::info!(lease = %lease.key, "lease held");
     write_subnet_env(&a.subnet_file, &cfg, &lease, pod_mtu, a.ip_masq)?;
     if a.ip_masq {
-        if let Some(n) = cfg.v4.as_ref().and_then(|p| weft_core::subnet::v4(p.network)) {
+        if let Some(n) = cfg
+            .v4
+            .as_ref()
+            .and_then(|p| weft_core::subnet::v4(p.network))
+        {
             apply_masq(n)?;
         }
     }
-    let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_)) && kernel_needs_csum_workaround();
+    let csum_workaround =
+        matches!(cfg.backend, Backend::Vxlan(_)) && kernel_needs_csum_workaround();
 
     let metrics = Arc::new(Metrics::new());
     let m2 = metrics.clone();
@@ -308,8 +417,12 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
 
     // Keep the lease; every renewal rewrites subnet.env (CNI's STATUS reads its age).
     let (stop_tx, stop_rx) = watch::channel(false);
-    let timing = LeaseTiming { ttl, ..LeaseTiming::default() };
-    let (mut own_rx, keeper) = manager::keep(store.clone(), cfg.clone(), lease.clone(), timing, stop_rx);
+    let timing = LeaseTiming {
+        ttl,
+        ..LeaseTiming::default()
+    };
+    let (mut own_rx, keeper) =
+        manager::keep(store.clone(), cfg.clone(), lease.clone(), timing, stop_rx);
 
     // Watch every lease; the reconcile loop sees the latest set.
     let (leases_tx, mut leases_rx) = watch::channel::<Option<HashMap<LeaseKey, Lease>>>(None);
@@ -339,7 +452,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                         tracing::info!(lease = %k, "peer lease gone");
                         all.remove(&k);
                     }
-                    WatchEvent::Corrupt(c) => tracing::warn!(key = %c.key, reason = %c.reason, "unreadable lease skipped"),
+                    WatchEvent::Corrupt(c) => {
+                        tracing::warn!(key = %c.key, reason = %c.reason, "unreadable lease skipped")
+                    }
                 }
             });
             wm.store_errors.inner().store(w.errors, Ordering::Relaxed);
@@ -362,7 +477,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 port: a.bgp_port,
                 started: Instant::now(),
                 last_up: None,
-                reflector: a.bgp_route_reflector.then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
+                reflector: a
+                    .bgp_route_reflector
+                    .then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
                 router_id: public_ip,
                 peer_ids: HashMap::new(),
                 gr_times: HashMap::new(),
@@ -370,8 +487,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             };
             // External peers: the ones on this node's own segment when the config lists any
             // there (one ToR per segment, as Calico's per-node peerings do), else all of them.
-            let on_link: Vec<_> = g.peers.iter().filter(|p| matches!(p.address, IpAddr::V4(a) if local.underlay_net.contains(&a))).collect();
-            let chosen = if on_link.is_empty() { g.peers.iter().collect() } else { on_link };
+            let on_link: Vec<_> = g
+                .peers
+                .iter()
+                .filter(|p| matches!(p.address, IpAddr::V4(a) if local.underlay_net.contains(&a)))
+                .collect();
+            let chosen = if on_link.is_empty() {
+                g.peers.iter().collect()
+            } else {
+                on_link
+            };
             for p in chosen {
                 b.add(p.address, p.as_number, true, public_ip, p.password.clone());
             }
@@ -404,11 +529,18 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             ev = async { match bgp.as_mut() { Some(b) => b.events.recv().await, None => std::future::pending().await } } => {
                 if let (Some(b), Some(ev)) = (bgp.as_mut(), ev) {
                     b.on_event(ev, &own).await;
+                    // A full table arrives as thousands of UPDATEs: take every one already
+                    // queued, then plan and reconcile once (per event it was quadratic).
+                    while let Ok(ev) = b.events.try_recv() {
+                        b.on_event(ev, &own).await;
+                    }
                     b.publish(&metrics);
                 }
             }
         }
-        let Some(all) = leases_rx.borrow().clone() else { continue };
+        let Some(all) = leases_rx.borrow().clone() else {
+            continue;
+        };
         let leases: Vec<Lease> = all.into_values().collect();
         let rib = match bgp.as_mut() {
             Some(b) => {
@@ -423,10 +555,13 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             }
             None => Vec::new(),
         };
-        let desired: DesiredState = weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
+        let desired: DesiredState =
+            weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
         let start = Instant::now();
         let report = reconcile::reconcile(&nl, &desired, &underlay).await;
-        metrics.reconcile_seconds.observe(start.elapsed().as_secs_f64());
+        metrics
+            .reconcile_seconds
+            .observe(start.elapsed().as_secs_f64());
         if report.added + report.removed > 0 {
             tracing::info!(added = report.added, removed = report.removed, took = ?start.elapsed(), "reconciled");
         }
@@ -439,9 +574,17 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         }
         metrics.reconcile_errors.inc_by(report.errors.len() as u64);
         let peers = leases.iter().filter(|l| l.key != own.key).count();
-        metrics.peers_unreachable.set(desired.unreachable.len() as i64);
-        metrics.peers_programmed.set((peers - desired.unreachable.len().min(peers)) as i64);
-        let unreachable: String = desired.unreachable.iter().map(|u| format!("{}: {}; ", u.lease, u.reason)).collect();
+        metrics
+            .peers_unreachable
+            .set(desired.unreachable.len() as i64);
+        metrics
+            .peers_programmed
+            .set((peers - desired.unreachable.len().min(peers)) as i64);
+        let unreachable: String = desired
+            .unreachable
+            .iter()
+            .map(|u| format!("{}: {}; ", u.lease, u.reason))
+            .collect();
         if unreachable != last_unreachable && !unreachable.is_empty() {
             for u in &desired.unreachable {
                 tracing::warn!(lease = %u.lease, reason = %u.reason, "peer not programmed");
@@ -449,7 +592,10 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         }
         last_unreachable = unreachable;
         // Ready: lease held, subnet.env written, every current peer programmed.
-        metrics.ready.store(report.errors.is_empty() && desired.unreachable.is_empty(), Ordering::Relaxed);
+        metrics.ready.store(
+            report.errors.is_empty() && desired.unreachable.is_empty(),
+            Ordering::Relaxed,
+        );
     }
     // SIGTERM: stop renewing, leave every route, neighbour and device in place.
     let _ = stop_tx.send(true);
@@ -494,7 +640,14 @@ struct Bgp {
 }
 
 impl Bgp {
-    fn add(&mut self, addr: std::net::IpAddr, peer_as: u32, active: bool, me: Ipv4Addr, password: Option<String>) {
+    fn add(
+        &mut self,
+        addr: std::net::IpAddr,
+        peer_as: u32,
+        active: bool,
+        me: Ipv4Addr,
+        password: Option<String>,
+    ) {
         self.peers.insert(addr, false);
         self.peer_as.insert(addr, peer_as);
         self.speaker.add_peer(weft_bgp::driver::PeerConfig {
@@ -518,19 +671,37 @@ impl Bgp {
     fn sync_mesh(&mut self, leases: &[Lease], own: &Lease, me: Ipv4Addr) {
         // Mesh: everyone. Without it: a reflector peers with everyone (all are its clients),
         // every other node with the reflectors only.
-        let is_rr = |l: &Lease| l.attrs.backend_data.get("RouteReflector").and_then(|v| v.as_bool()).unwrap_or(false);
+        let is_rr = |l: &Lease| {
+            l.attrs
+                .backend_data
+                .get("RouteReflector")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        };
         let want: std::collections::HashSet<std::net::IpAddr> = leases
             .iter()
             .filter(|l| l.key != own.key && l.attrs.public_ip != me)
             .filter(|l| self.conf.node_mesh || self.reflector.is_some() || is_rr(l))
             .map(|l| l.attrs.public_ip.into())
             .collect();
-        let external: std::collections::HashSet<std::net::IpAddr> = self.conf.peers.iter().map(|p| p.address).collect();
-        for addr in want.iter().filter(|a| !self.peers.contains_key(a)).copied().collect::<Vec<_>>() {
+        let external: std::collections::HashSet<std::net::IpAddr> =
+            self.conf.peers.iter().map(|p| p.address).collect();
+        for addr in want
+            .iter()
+            .filter(|a| !self.peers.contains_key(a))
+            .copied()
+            .collect::<Vec<_>>()
+        {
             let active = std::net::IpAddr::from(me) < addr;
             self.add(addr, self.conf.as_number, active, me, None);
         }
-        for addr in self.peers.keys().filter(|a| !want.contains(a) && !external.contains(a)).copied().collect::<Vec<_>>() {
+        for addr in self
+            .peers
+            .keys()
+            .filter(|a| !want.contains(a) && !external.contains(a))
+            .copied()
+            .collect::<Vec<_>>()
+        {
             self.speaker.remove_peer(addr);
             self.peers.remove(&addr);
             self.rib.remove(&addr);
@@ -553,7 +724,11 @@ impl Bgp {
                 };
                 // Back after a restart: what it held stays stale until its End-of-RIB.
                 if let Some(held) = self.rib.remove(&peer).filter(|r| !r.is_empty()) {
-                    let until = self.stale.get(&peer).map(|s| s.1).unwrap_or_else(|| Instant::now() + Duration::from_secs(120));
+                    let until = self
+                        .stale
+                        .get(&peer)
+                        .map(|s| s.1)
+                        .unwrap_or_else(|| Instant::now() + Duration::from_secs(120));
                     self.stale.insert(peer, (held, until));
                 }
                 // A reflector hands a new client every route it holds from the others.
@@ -578,7 +753,13 @@ impl Bgp {
                     let u = weft_bgp::codec::Update {
                         attrs: weft_bgp::codec::Attrs {
                             origin: Some(weft_bgp::codec::Origin::Igp),
-                            as_path: if ibgp { vec![] } else { vec![weft_bgp::codec::Segment::Sequence(vec![self.conf.as_number])] },
+                            as_path: if ibgp {
+                                vec![]
+                            } else {
+                                vec![weft_bgp::codec::Segment::Sequence(vec![
+                                    self.conf.as_number,
+                                ])]
+                            },
                             next_hop: Some(own.attrs.public_ip),
                             local_pref: ibgp.then_some(100),
                             ..Default::default()
@@ -588,10 +769,16 @@ impl Bgp {
                     };
                     self.speaker.announce_to(u, &[peer]).await;
                     // End-of-RIB (RFC 4724 §2): an empty UPDATE, "that was all".
-                    self.speaker.announce_to(weft_bgp::codec::Update::default(), &[peer]).await;
+                    self.speaker
+                        .announce_to(weft_bgp::codec::Update::default(), &[peer])
+                        .await;
                 }
             }
-            Event::Update { peer, update } if update.withdrawn.is_empty() && update.nlri.is_empty() && update.attrs == Default::default() => {
+            Event::Update { peer, update }
+                if update.withdrawn.is_empty()
+                    && update.nlri.is_empty()
+                    && update.attrs == Default::default() =>
+            {
                 if self.stale.remove(&peer).is_some() {
                     tracing::info!(%peer, "End-of-RIB: the peer's stale routes are dropped");
                 }
@@ -599,9 +786,12 @@ impl Bgp {
             Event::Update { peer, update } => {
                 // RFC 4456 §8 loop checks: our own route, or one that passed our cluster.
                 let looped = update.attrs.originator_id == Some(self.router_id)
-                    || self.reflector.is_some_and(|c| update.attrs.cluster_list.contains(&c))
+                    || self
+                        .reflector
+                        .is_some_and(|c| update.attrs.cluster_list.contains(&c))
                     || update.attrs.as_path.iter().any(|seg| match seg {
-                        weft_bgp::codec::Segment::Sequence(a) | weft_bgp::codec::Segment::Set(a) => a.contains(&self.conf.as_number),
+                        weft_bgp::codec::Segment::Sequence(a)
+                        | weft_bgp::codec::Segment::Set(a) => a.contains(&self.conf.as_number),
                     });
                 let routes = self.rib.entry(peer).or_default();
                 for w in &update.withdrawn {
@@ -611,7 +801,11 @@ impl Bgp {
                 match (update.treat_as_withdraw, update.attrs.next_hop) {
                     (None, Some(_)) if looped => {}
                     (None, Some(nh)) => {
-                        let path = Path { next_hop: nh, originator: update.attrs.originator_id, clusters: update.attrs.cluster_list.clone() };
+                        let path = Path {
+                            next_hop: nh,
+                            originator: update.attrs.originator_id,
+                            clusters: update.attrs.cluster_list.clone(),
+                        };
                         for n in update.nlri {
                             routes.insert(n, path.clone());
                             accepted.push((n, path.clone()));
@@ -625,7 +819,8 @@ impl Bgp {
                     }
                 }
                 if let Some(cluster) = self.reflector.filter(|_| self.ibgp(peer)) {
-                    self.reflect_withdraw(peer, update.withdrawn.clone(), cluster).await;
+                    self.reflect_withdraw(peer, update.withdrawn.clone(), cluster)
+                        .await;
                     for (prefix, path) in accepted {
                         let u = self.reflected(peer, cluster, prefix, &path);
                         let to = self.ibgp_peers(Some(peer));
@@ -641,33 +836,54 @@ impl Bgp {
                     // Graceful restart: keep forwarding to it while it comes back.
                     let held = self.rib.remove(&peer).unwrap_or_default();
                     tracing::info!(%peer, routes = held.len(), restart_time = t, "peer restarting: its routes stay (graceful restart)");
-                    self.stale.insert(peer, (held, Instant::now() + Duration::from_secs(t as u64)));
+                    self.stale
+                        .insert(peer, (held, Instant::now() + Duration::from_secs(t as u64)));
                     return;
                 }
                 let gone = self.rib.remove(&peer).unwrap_or_default();
                 if let Some(cluster) = self.reflector {
-                    self.reflect_withdraw(peer, gone.into_keys().collect(), cluster).await;
+                    self.reflect_withdraw(peer, gone.into_keys().collect(), cluster)
+                        .await;
                 }
             }
-            Event::Refused { from } => tracing::warn!(%from, "BGP connection from a stranger refused"),
+            Event::Refused { from } => {
+                tracing::warn!(%from, "BGP connection from a stranger refused")
+            }
         }
     }
 
     fn ibgp(&self, peer: std::net::IpAddr) -> bool {
-        self.peer_as.get(&peer).is_none_or(|a| *a == self.conf.as_number)
+        self.peer_as
+            .get(&peer)
+            .is_none_or(|a| *a == self.conf.as_number)
     }
 
     /// The iBGP peers (route reflection stays inside the AS), but `except`.
     fn ibgp_peers(&self, except: Option<std::net::IpAddr>) -> Vec<std::net::IpAddr> {
-        self.peer_as.iter().filter(|(a, asn)| **asn == self.conf.as_number && Some(**a) != except).map(|(a, _)| *a).collect()
+        self.peer_as
+            .iter()
+            .filter(|(a, asn)| **asn == self.conf.as_number && Some(**a) != except)
+            .map(|(a, _)| *a)
+            .collect()
     }
 
     /// A reflector's clients lose a route only when no peer offers it any more; while another
     /// one does, they get that path instead.
-    async fn reflect_withdraw(&mut self, source: std::net::IpAddr, prefixes: Vec<ipnet::Ipv4Net>, cluster: Ipv4Addr) {
+    async fn reflect_withdraw(
+        &mut self,
+        source: std::net::IpAddr,
+        prefixes: Vec<ipnet::Ipv4Net>,
+        cluster: Ipv4Addr,
+    ) {
         let mut withdraw = Vec::new();
         for prefix in prefixes {
-            let other = self.rib.iter().find_map(|(q, r)| if *q != source { r.get(&prefix).map(|p| (*q, p.clone())) } else { None });
+            let other = self.rib.iter().find_map(|(q, r)| {
+                if *q != source {
+                    r.get(&prefix).map(|p| (*q, p.clone()))
+                } else {
+                    None
+                }
+            });
             match other {
                 Some((q, path)) => {
                     let u = self.reflected(q, cluster, prefix, &path);
@@ -678,7 +894,10 @@ impl Bgp {
             }
         }
         if !withdraw.is_empty() {
-            let w = weft_bgp::codec::Update { withdrawn: withdraw, ..Default::default() };
+            let w = weft_bgp::codec::Update {
+                withdrawn: withdraw,
+                ..Default::default()
+            };
             let to = self.ibgp_peers(Some(source));
             self.speaker.announce_to(w, &to).await;
         }
@@ -687,8 +906,17 @@ impl Bgp {
     /// A route learned from `from`, as a reflector passes it on (RFC 4456 §8): ORIGINATOR_ID
     /// kept, or set to the peer it came from; our cluster ID prepended to CLUSTER_LIST; the
     /// next hop unchanged.
-    fn reflected(&self, from: std::net::IpAddr, cluster: Ipv4Addr, prefix: ipnet::Ipv4Net, path: &Path) -> weft_bgp::codec::Update {
-        let originator = path.originator.or_else(|| self.peer_ids.get(&from).copied()).unwrap_or(path.next_hop);
+    fn reflected(
+        &self,
+        from: std::net::IpAddr,
+        cluster: Ipv4Addr,
+        prefix: ipnet::Ipv4Net,
+        path: &Path,
+    ) -> weft_bgp::codec::Update {
+        let originator = path
+            .originator
+            .or_else(|| self.peer_ids.get(&from).copied())
+            .unwrap_or(path.next_hop);
         let mut clusters = vec![cluster];
         clusters.extend(path.clusters.iter().copied());
         weft_bgp::codec::Update {
@@ -711,12 +939,30 @@ impl Bgp {
         peers.sort_by_key(|(a, _)| **a);
         let mut rows = Vec::new();
         for (addr, up) in peers {
-            let received = self.rib.get(addr).map_or(0, |r| r.len()) + self.stale.get(addr).map_or(0, |s| s.0.len());
-            let sent = if *up { 1 + if self.reflector.is_some() { self.rib.iter().filter(|(q, _)| *q != addr).map(|(_, r)| r.len()).sum::<usize>() } else { 0 } } else { 0 };
-            let since = self.since.get(addr).map(|t| humantime::format_rfc3339_seconds(*t).to_string());
+            let received = self.rib.get(addr).map_or(0, |r| r.len())
+                + self.stale.get(addr).map_or(0, |s| s.0.len());
+            let sent = if *up {
+                1 + if self.reflector.is_some() {
+                    self.rib
+                        .iter()
+                        .filter(|(q, _)| *q != addr)
+                        .map(|(_, r)| r.len())
+                        .sum::<usize>()
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
+            let since = self
+                .since
+                .get(addr)
+                .map(|t| humantime::format_rfc3339_seconds(*t).to_string());
             let label = vec![("peer".to_string(), addr.to_string())];
             m.bgp_peer_up.get_or_create(&label).set(*up as i64);
-            m.bgp_prefixes_received.get_or_create(&label).set(received as i64);
+            m.bgp_prefixes_received
+                .get_or_create(&label)
+                .set(received as i64);
             rows.push(serde_json::json!({
                 "peer": addr.to_string(), "state": if *up { "Established" } else { "Down" }, "since": since,
                 "prefixes_received": received, "prefixes_sent": sent,
@@ -726,22 +972,46 @@ impl Bgp {
         if let Ok(mut p) = m.bgp_peers.lock() {
             *p = serde_json::Value::Array(rows);
         }
-        let mut routes: Vec<serde_json::Value> = Vec::new();
-        for (peer, r) in self.rib.iter().map(|(p, r)| (p, r, false)).chain(self.stale.iter().map(|(p, (r, _))| (p, r, true))).map(|(p, r, stale)| ((p, stale), r)) {
+        // Serialized once here, not kept as a JSON tree: with a full table (100,000 routes) the
+        // tree alone was ~50 MiB.
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            prefix: ipnet::Ipv4Net,
+            next_hop: Ipv4Addr,
+            from: std::net::IpAddr,
+            stale: bool,
+            originator_id: Option<Ipv4Addr>,
+            cluster_list: &'a [Ipv4Addr],
+        }
+        let mut routes: Vec<Row> = Vec::new();
+        for (from, r, stale) in self
+            .rib
+            .iter()
+            .map(|(p, r)| (p, r, false))
+            .chain(self.stale.iter().map(|(p, (r, _))| (p, r, true)))
+        {
             for (prefix, path) in r {
-                routes.push(serde_json::json!({"prefix": prefix.to_string(), "next_hop": path.next_hop.to_string(), "from": peer.0.to_string(), "stale": peer.1,
-                    "originator_id": path.originator.map(|o| o.to_string()), "cluster_list": path.clusters.iter().map(|c| c.to_string()).collect::<Vec<_>>()}));
+                routes.push(Row {
+                    prefix: *prefix,
+                    next_hop: path.next_hop,
+                    from: *from,
+                    stale,
+                    originator_id: path.originator,
+                    cluster_list: &path.clusters,
+                });
             }
         }
-        routes.sort_by(|a, b| a["prefix"].as_str().cmp(&b["prefix"].as_str()));
-        if let Ok(mut r) = m.bgp_routes.lock() {
-            *r = serde_json::Value::Array(routes);
+        routes.sort_by_key(|r| (r.prefix, r.from));
+        if let (Ok(text), Ok(mut r)) = (serde_json::to_string(&routes), m.bgp_routes.lock()) {
+            *r = text;
         }
     }
 
     fn settled(&self) -> bool {
         let all_up = self.peers.values().all(|up| *up);
-        let quiet = self.last_up.is_none_or(|t| t.elapsed() > Duration::from_millis(300));
+        let quiet = self
+            .last_up
+            .is_none_or(|t| t.elapsed() > Duration::from_millis(300));
         (all_up && quiet) || self.started.elapsed() > Duration::from_secs(10)
     }
 
@@ -758,7 +1028,12 @@ impl Bgp {
             .rib
             .values()
             .chain(self.stale.values().map(|(r, _)| r))
-            .flat_map(|r| r.iter().map(|(p, path)| weft_backend::Learned { prefix: *p, next_hop: path.next_hop }))
+            .flat_map(|r| {
+                r.iter().map(|(p, path)| weft_backend::Learned {
+                    prefix: *p,
+                    next_hop: path.next_hop,
+                })
+            })
             .collect();
         v.sort();
         v
@@ -770,7 +1045,10 @@ mod tests {
     #[test]
     fn masq_rules_spare_pod_to_pod_traffic() {
         let r = super::masq_ruleset("10.244.0.0/16".parse().unwrap());
-        assert!(r.starts_with("table ip weft\ndelete table ip weft\n"), "replaced in one transaction");
+        assert!(
+            r.starts_with("table ip weft\ndelete table ip weft\n"),
+            "replaced in one transaction"
+        );
         let ret = r.find("ip daddr 10.244.0.0/16 return").unwrap();
         let masq = r.find("masquerade").unwrap();
         assert!(ret < masq, "pod-to-pod returns before the masquerade rule");

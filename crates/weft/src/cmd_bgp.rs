@@ -28,8 +28,13 @@ pub enum BgpCmd {
 
 /// GET `path` from the agent (HTTP/1.0, the body is JSON).
 async fn get(agent: SocketAddr, path: &str) -> Result<serde_json::Value> {
-    let mut s = tokio::net::TcpStream::connect(agent).await.with_context(|| format!("no weft agent answers on {agent} (is it running, with the bgp backend?)"))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: weft\r\n\r\n").as_bytes()).await?;
+    let mut s = tokio::net::TcpStream::connect(agent)
+        .await
+        .with_context(|| {
+            format!("no weft agent answers on {agent} (is it running, with the bgp backend?)")
+        })?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: weft\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);
@@ -45,7 +50,10 @@ impl BgpCmd {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
-                    println!("{:<18} {:<12} {:<22} {:>9} {:>5}", "PEER", "STATE", "SINCE", "RECEIVED", "SENT");
+                    println!(
+                        "{:<18} {:<12} {:<22} {:>9} {:>5}",
+                        "PEER", "STATE", "SINCE", "RECEIVED", "SENT"
+                    );
                     for p in v.as_array().into_iter().flatten() {
                         println!(
                             "{:<18} {:<12} {:<22} {:>9} {:>5}",
@@ -65,8 +73,17 @@ impl BgpCmd {
                 } else {
                     println!("{:<20} {:<16} {:<16} FLAGS", "PREFIX", "NEXT HOP", "FROM");
                     for r in v.as_array().into_iter().flatten() {
-                        let stale = if r["stale"].as_bool() == Some(true) { "stale" } else { "" };
-                        println!("{:<20} {:<16} {:<16} {stale}", r["prefix"].as_str().unwrap_or("?"), r["next_hop"].as_str().unwrap_or("?"), r["from"].as_str().unwrap_or("?"));
+                        let stale = if r["stale"].as_bool() == Some(true) {
+                            "stale"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "{:<20} {:<16} {:<16} {stale}",
+                            r["prefix"].as_str().unwrap_or("?"),
+                            r["next_hop"].as_str().unwrap_or("?"),
+                            r["from"].as_str().unwrap_or("?")
+                        );
                     }
                 }
             }

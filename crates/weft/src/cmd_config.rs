@@ -63,7 +63,10 @@ fn check(text: &str, origin: &str) -> Option<NetConfig> {
 
 fn print(cfg: &NetConfig, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(&cfg.to_json()).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&cfg.to_json()).unwrap_or_default()
+        );
         return;
     }
     println!("EnableIPv4     {}", cfg.v4.is_some());
@@ -88,7 +91,13 @@ fn print(cfg: &NetConfig, json: bool) {
             v.learning
         ),
         Backend::HostGw => "host-gw".to_string(),
-        Backend::Bgp(g) => format!("bgp (ASNumber {}, NodeMesh {}, Encapsulation {:?}, {} external peers)", g.as_number, g.node_mesh, g.encapsulation, g.peers.len()),
+        Backend::Bgp(g) => format!(
+            "bgp (ASNumber {}, NodeMesh {}, Encapsulation {:?}, {} external peers)",
+            g.as_number,
+            g.node_mesh,
+            g.encapsulation,
+            g.peers.len()
+        ),
         Backend::Udp(u) => format!("udp (Port {})", u.port),
     };
     println!("Backend        {backend}");
@@ -98,7 +107,8 @@ impl ConfigCmd {
     pub async fn run(self) -> Result<ExitCode> {
         match self {
             ConfigCmd::Check { file, json } => {
-                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
                 match check(&text, &file.display().to_string()) {
                     Some(cfg) => {
                         print(&cfg, json);
@@ -108,7 +118,8 @@ impl ConfigCmd {
                 }
             }
             ConfigCmd::Put { file, store } => {
-                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
                 // A bad config never reaches the store.
                 if check(&text, &file.display().to_string()).is_none() {
                     return Ok(ExitCode::FAILURE);
@@ -119,7 +130,10 @@ impl ConfigCmd {
             }
             ConfigCmd::Show { json, store } => {
                 let Some(text) = store.open().await?.get_config().await? else {
-                    anyhow::bail!("{} holds no network config; put one with `weft config put FILE`", store.store);
+                    anyhow::bail!(
+                        "{} holds no network config; put one with `weft config put FILE`",
+                        store.store
+                    );
                 };
                 match check(&text, "the store's config") {
                     Some(cfg) => {

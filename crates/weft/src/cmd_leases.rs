@@ -94,7 +94,8 @@ pub enum LeasesCmd {
 }
 
 fn parse_key(s: &str) -> Result<LeaseKey> {
-    s.parse::<LeaseKey>().map_err(|e| anyhow::anyhow!("SUBNET: {e}"))
+    s.parse::<LeaseKey>()
+        .map_err(|e| anyhow::anyhow!("SUBNET: {e}"))
 }
 
 fn expiry_text(e: Expiry, now: SystemTime) -> (String, serde_json::Value) {
@@ -105,7 +106,11 @@ fn expiry_text(e: Expiry, now: SystemTime) -> (String, serde_json::Value) {
             let left = t.duration_since(now).unwrap_or_default();
             let left = Duration::from_secs(left.as_secs());
             (
-                format!("{} ({})", humantime::format_duration(left), humantime::format_rfc3339_seconds(t)),
+                format!(
+                    "{} ({})",
+                    humantime::format_duration(left),
+                    humantime::format_rfc3339_seconds(t)
+                ),
                 json!(humantime::format_rfc3339_seconds(t).to_string()),
             )
         }
@@ -128,7 +133,10 @@ fn lease_json(l: &Lease, now: SystemTime) -> serde_json::Value {
 }
 
 fn print_table(leases: &[Lease], now: SystemTime) {
-    println!("{:<20} {:<24} {:<16} {:<16} {:<8} EXPIRES", "SUBNET", "IPV6 SUBNET", "NODE", "PUBLIC IP", "BACKEND");
+    println!(
+        "{:<20} {:<24} {:<16} {:<16} {:<8} EXPIRES",
+        "SUBNET", "IPV6 SUBNET", "NODE", "PUBLIC IP", "BACKEND"
+    );
     for l in leases {
         println!(
             "{:<20} {:<24} {:<16} {:<16} {:<8} {}",
@@ -136,7 +144,11 @@ fn print_table(leases: &[Lease], now: SystemTime) {
             l.key.v6.map_or("-".into(), |n| n.to_string()),
             l.attrs.owner(),
             l.attrs.public_ip,
-            if l.attrs.backend_type.is_empty() { "-" } else { &l.attrs.backend_type },
+            if l.attrs.backend_type.is_empty() {
+                "-"
+            } else {
+                &l.attrs.backend_type
+            },
             expiry_text(l.expiry, now).0
         );
     }
@@ -155,9 +167,22 @@ impl LeasesCmd {
                     eprintln!("warning: skipping unreadable lease {}: {}", c.key, c.reason);
                 }
                 if json {
-                    let leases: Vec<_> = listing.leases.iter().map(|l| lease_json(l, now())).collect();
-                    let corrupt: Vec<_> = listing.corrupt.iter().map(|c| json!({"key": c.key, "reason": c.reason})).collect();
-                    println!("{}", serde_json::to_string_pretty(&json!({"revision": listing.revision, "leases": leases, "corrupt": corrupt}))?);
+                    let leases: Vec<_> = listing
+                        .leases
+                        .iter()
+                        .map(|l| lease_json(l, now()))
+                        .collect();
+                    let corrupt: Vec<_> = listing
+                        .corrupt
+                        .iter()
+                        .map(|c| json!({"key": c.key, "reason": c.reason}))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &json!({"revision": listing.revision, "leases": leases, "corrupt": corrupt})
+                        )?
+                    );
                 } else {
                     print_table(&listing.leases, now());
                 }
@@ -176,26 +201,40 @@ impl LeasesCmd {
                 let cfg = config.load(&s).await?;
                 let mut a = node.attrs(cfg.backend.type_name());
                 if let Some(d) = backend_data {
-                    a.backend_data = serde_json::from_str(&d).context("--backend-data must be JSON, e.g. '{\"VtepMAC\":\"0e:2a:00:00:00:01\"}'")?;
+                    a.backend_data = serde_json::from_str(&d).context(
+                        "--backend-data must be JSON, e.g. '{\"VtepMAC\":\"0e:2a:00:00:00:01\"}'",
+                    )?;
                 }
                 let previous = match &subnet_file {
                     Some(p) => SubnetEnv::read(p)?.and_then(|e| e.lease_key()),
                     None => None,
                 };
-                let lease = manager::acquire(&s, &cfg, &a, previous, Duration::from_secs(ttl.max(1))).await?;
+                let lease =
+                    manager::acquire(&s, &cfg, &a, previous, Duration::from_secs(ttl.max(1)))
+                        .await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&lease_json(&lease, now()))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&lease_json(&lease, now()))?
+                    );
                 } else {
                     print_table(std::slice::from_ref(&lease), now());
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            LeasesCmd::Reserve { subnet, node, config, store } => {
+            LeasesCmd::Reserve {
+                subnet,
+                node,
+                config,
+                store,
+            } => {
                 let key = parse_key(&subnet)?;
                 let s = store.open().await?;
                 let cfg = config.load(&s).await?;
                 let a = node.attrs(cfg.backend.type_name());
-                let lease = manager::reserve(&s, &cfg, key, &a).await.with_context(|| format!("reserving {subnet}"))?;
+                let lease = manager::reserve(&s, &cfg, key, &a)
+                    .await
+                    .with_context(|| format!("reserving {subnet}"))?;
                 print_table(std::slice::from_ref(&lease), now());
                 Ok(ExitCode::SUCCESS)
             }
@@ -219,7 +258,11 @@ impl LeasesCmd {
                     anyhow::bail!("lease {key} was gone already (expired or released meanwhile)");
                 }
             }
-            LeasesCmd::Watch { json, until_count, store } => {
+            LeasesCmd::Watch {
+                json,
+                until_count,
+                store,
+            } => {
                 let start = Instant::now();
                 let s = store.open().await?;
                 let mut w = LeaseWatcher::new(s);
@@ -241,9 +284,17 @@ impl LeasesCmd {
                     if until_count.is_some_and(|n| w.len() >= n) {
                         let rss = peak_rss_kib();
                         if json {
-                            println!("{}", json!({"event": "done", "count": w.len(), "ms": start.elapsed().as_millis() as u64, "peak_rss_kib": rss}));
+                            println!(
+                                "{}",
+                                json!({"event": "done", "count": w.len(), "ms": start.elapsed().as_millis() as u64, "peak_rss_kib": rss})
+                            );
                         } else {
-                            println!("holding {} leases after {:?}, peak RSS {} KiB", w.len(), start.elapsed(), rss.unwrap_or(0));
+                            println!(
+                                "holding {} leases after {:?}, peak RSS {} KiB",
+                                w.len(),
+                                start.elapsed(),
+                                rss.unwrap_or(0)
+                            );
                         }
                         return Ok(ExitCode::SUCCESS);
                     }

@@ -188,7 +188,10 @@ fn sibling(bin: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p);
     }
-    bail!("{bin} not found next to {} (build it: cargo build -p {bin})", me.display())
+    bail!(
+        "{bin} not found next to {} (build it: cargo build -p {bin})",
+        me.display()
+    )
 }
 
 /// The underlay: one namespace holding a bridge per segment, routing between them.
@@ -199,7 +202,8 @@ async fn underlay(segments: u8) -> Result<(Netns, Nl)> {
         let name = format!("br{seg}");
         nl.add_bridge(&name, None).await?;
         let br = nl.link(&name).await?.context("underlay bridge vanished")?;
-        nl.add_addr(br.index, IpNet::V4(Ipv4Net::new(gateway(seg), 24)?)).await?;
+        nl.add_addr(br.index, IpNet::V4(Ipv4Net::new(gateway(seg), 24)?))
+            .await?;
         nl.set_up(br.index).await?;
     }
     ns.run(|| sysctl::set("net.ipv4.ip_forward", "1"))??;
@@ -211,11 +215,19 @@ async fn add_direct_pair() -> Result<()> {
     let (n1, n2) = (open_or_create("weft-n1")?, open_or_create("weft-n2")?);
     let (l1, l2) = (Nl::in_netns(&n1)?, Nl::in_netns(&n2)?);
     if l1.link("eth0").await?.is_none() {
-        l1.add_veth(&VethSpec { name: "eth0", peer_name: "eth0", peer_netns: Some(&n2), up: true, ..Default::default() }).await?;
+        l1.add_veth(&VethSpec {
+            name: "eth0",
+            peer_name: "eth0",
+            peer_netns: Some(&n2),
+            up: true,
+            ..Default::default()
+        })
+        .await?;
     }
     for (l, i) in [(&l1, 1), (&l2, 2)] {
         let eth0 = l.link("eth0").await?.context("eth0 missing")?;
-        l.add_addr(eth0.index, IpNet::V4(Ipv4Net::new(node_ip(1, i), 24)?)).await?;
+        l.add_addr(eth0.index, IpNet::V4(Ipv4Net::new(node_ip(1, i), 24)?))
+            .await?;
         l.set_up(eth0.index).await?;
     }
     Ok(())
@@ -225,14 +237,26 @@ async fn add_node(un: &Nl, name: &str, seg: u8, ip: Ipv4Addr) -> Result<Netns> {
     let ns = open_or_create(name)?;
     let nl = Nl::in_netns(&ns)?;
     if nl.link("eth0").await?.is_none() {
-        let br = un.link(&format!("br{seg}")).await?.context("underlay bridge missing")?;
+        let br = un
+            .link(&format!("br{seg}"))
+            .await?
+            .context("underlay bridge missing")?;
         let host_side = name.trim_start_matches("weft-").to_string();
         if let Some(old) = un.link(&host_side).await? {
             un.del_link(old.index).await?;
         }
-        un.add_veth(&VethSpec { name: &host_side, peer_name: "eth0", peer_netns: Some(&ns), master: Some(br.index), up: true, ..Default::default() }).await?;
+        un.add_veth(&VethSpec {
+            name: &host_side,
+            peer_name: "eth0",
+            peer_netns: Some(&ns),
+            master: Some(br.index),
+            up: true,
+            ..Default::default()
+        })
+        .await?;
         let eth0 = nl.link("eth0").await?.context("node eth0 missing")?;
-        nl.add_addr(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24)?)).await?;
+        nl.add_addr(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24)?))
+            .await?;
         nl.set_up(eth0.index).await?;
         nl.add_route(&Route {
             dst: "0.0.0.0/0".parse()?,
@@ -256,7 +280,13 @@ fn store_arg(st: &State) -> String {
 
 /// A daemon of the lab's, in the underlay namespace: its own process group (it outlives the
 /// lab command; `down` stops it), stderr to `log`.
-fn spawn_daemon(un: &Netns, program: &str, args: &[&std::ffi::OsStr], log: &Path, hint: &str) -> Result<u32> {
+fn spawn_daemon(
+    un: &Netns,
+    program: &str,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+    hint: &str,
+) -> Result<u32> {
     let child = in_ns(un, program)
         .args(args)
         .stdout(Stdio::null())
@@ -275,12 +305,32 @@ fn start_etcd(un: &Netns) -> Result<u32> {
     let data = dir.join("data");
     let cluster = format!("lab={p}");
     let strs = [
-        "--name", "lab", "--data-dir", data.to_str().unwrap_or_default(),
-        "--listen-client-urls", &c, "--advertise-client-urls", &c, "--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p,
-        "--initial-cluster", &cluster, "--heartbeat-interval=10", "--election-timeout=100", "--log-level=error",
+        "--name",
+        "lab",
+        "--data-dir",
+        data.to_str().unwrap_or_default(),
+        "--listen-client-urls",
+        &c,
+        "--advertise-client-urls",
+        &c,
+        "--listen-peer-urls",
+        &p,
+        "--initial-advertise-peer-urls",
+        &p,
+        "--initial-cluster",
+        &cluster,
+        "--heartbeat-interval=10",
+        "--election-timeout=100",
+        "--log-level=error",
     ];
     let args: Vec<&std::ffi::OsStr> = strs.iter().map(std::ffi::OsStr::new).collect();
-    spawn_daemon(un, "etcd", &args, &Path::new(DIR).join("etcd.log"), "apt-get install etcd-server")
+    spawn_daemon(
+        un,
+        "etcd",
+        &args,
+        &Path::new(DIR).join("etcd.log"),
+        "apt-get install etcd-server",
+    )
 }
 
 /// BIRD as the top-of-rack router: AS 65000 in the underlay namespace, accepting any node of
@@ -297,8 +347,22 @@ fn start_bird(un: &Netns) -> Result<u32> {
          ipv4 { import all; export where source = RTS_BGP; next hop self; };\n}\n",
     )?;
     let (ctl, pid) = (dir.join("bird.ctl"), dir.join("bird.pid"));
-    let args = [std::ffi::OsStr::new("-f"), "-c".as_ref(), conf.as_os_str(), "-s".as_ref(), ctl.as_os_str(), "-P".as_ref(), pid.as_os_str()];
-    spawn_daemon(un, "bird", &args, &dir.join("bird.log"), "apt-get install bird2")
+    let args = [
+        std::ffi::OsStr::new("-f"),
+        "-c".as_ref(),
+        conf.as_os_str(),
+        "-s".as_ref(),
+        ctl.as_os_str(),
+        "-P".as_ref(),
+        pid.as_os_str(),
+    ];
+    spawn_daemon(
+        un,
+        "bird",
+        &args,
+        &dir.join("bird.log"),
+        "apt-get install bird2",
+    )
 }
 
 /// gobgpd as the route reflector: every node of 10.0.0.0/16 a client (dynamic neighbours).
@@ -315,8 +379,19 @@ fn start_gobgpd(un: &Netns) -> Result<u32> {
          [[peer-groups.afi-safis]]\n  [peer-groups.afi-safis.config]\n    afi-safi-name = \"ipv4-unicast\"\n\
          [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.0.0.0/16\"\n    peer-group = \"nodes\"\n",
     )?;
-    let args = [std::ffi::OsStr::new("-f"), conf.as_os_str(), "--api-hosts".as_ref(), "127.0.0.1:50051".as_ref()];
-    spawn_daemon(un, "gobgpd", &args, &dir.join("gobgpd.log"), "apt-get install gobgpd")
+    let args = [
+        std::ffi::OsStr::new("-f"),
+        conf.as_os_str(),
+        "--api-hosts".as_ref(),
+        "127.0.0.1:50051".as_ref(),
+    ];
+    spawn_daemon(
+        un,
+        "gobgpd",
+        &args,
+        &dir.join("gobgpd.log"),
+        "apt-get install gobgpd",
+    )
 }
 
 fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
@@ -324,12 +399,25 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
     std::fs::create_dir_all(&dir)?;
     let log = std::fs::File::create(dir.join("agent.log"))?;
     let child = in_ns(ns, std::env::current_exe()?)
-        .args(["agent", "--node-name", node, "--iface", "eth0", "--resync", "2"])
+        .args([
+            "agent",
+            "--node-name",
+            node,
+            "--iface",
+            "eth0",
+            "--resync",
+            "2",
+        ])
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))
         .args(["--store", &store_arg(st), "--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))
-        .args(node.strip_prefix("weft-n").and_then(|i| i.parse::<usize>().ok()).filter(|i| *i <= st.route_reflectors).map(|_| "--bgp-route-reflector"))
+        .args(
+            node.strip_prefix("weft-n")
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|i| *i <= st.route_reflectors)
+                .map(|_| "--bgp-route-reflector"),
+        )
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log)
@@ -349,14 +437,20 @@ fn weft_in(ns: &Netns) -> Result<Command> {
 /// for a parent that will never reap it, and is still a weft/etcd/bird/gobgpd process (a
 /// recycled PID is not ours).
 fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
     if matches!(state, Some('Z' | 'X') | None) {
         return false;
     }
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmd = String::from_utf8_lossy(&cmd);
-    ["weft", "etcd", "bird", "gobgpd"].iter().any(|n| cmd.contains(n))
+    ["weft", "etcd", "bird", "gobgpd"]
+        .iter()
+        .any(|n| cmd.contains(n))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
@@ -388,23 +482,40 @@ fn add_pod(node_ns: &Netns, node: &str, pod: &str, mode: &str) -> Result<Ipv4Add
         .spawn()
         .context("running weft-cni")?;
     use std::io::Write;
-    child.stdin.take().context("stdin")?.write_all(conf.to_string().as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("weft-cni printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("weft-cni printed no JSON")?;
     if !out.status.success() {
         bail!("weft-cni ADD {pod}: {}", v["msg"]);
     }
-    let ip = v["ips"][0]["address"].as_str().and_then(|a| a.split('/').next()).and_then(|a| a.parse().ok()).context("no address in the result")?;
+    let ip = v["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .context("no address in the result")?;
     Ok(ip)
 }
 
 async fn up(a: &UpArgs) -> Result<State> {
     anyhow::ensure!((1..=2).contains(&a.segments), "--segments is 1 or 2");
     anyhow::ensure!(a.nodes >= 1 && a.nodes <= 200, "--nodes is 1 to 200");
-    anyhow::ensure!(matches!(a.store.as_str(), "sqlite" | "etcd"), "--store is sqlite or etcd");
-    anyhow::ensure!(matches!(a.mode.as_str(), "bridge" | "routed"), "--mode is bridge or routed");
+    anyhow::ensure!(
+        matches!(a.store.as_str(), "sqlite" | "etcd"),
+        "--store is sqlite or etcd"
+    );
+    anyhow::ensure!(
+        matches!(a.mode.as_str(), "bridge" | "routed"),
+        "--mode is bridge or routed"
+    );
     let conf = match &a.config.config {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
         None => net_conf(&a.backend)?,
     };
     weft_core::NetConfig::parse(&conf).context("the lab's net-conf.json")?;
@@ -415,7 +526,11 @@ async fn up(a: &UpArgs) -> Result<State> {
         segments: a.segments,
         ip_masq: a.ip_masq,
         direct: a.underlay == "direct",
-        route_reflectors: if a.backend == "bgp-rr" { a.route_reflectors } else { 0 },
+        route_reflectors: if a.backend == "bgp-rr" {
+            a.route_reflectors
+        } else {
+            0
+        },
         ..Default::default()
     });
     anyhow::ensure!(
@@ -443,11 +558,23 @@ async fn up(a: &UpArgs) -> Result<State> {
     // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
     let conf_path = Path::new(DIR).join("net-conf.json");
     std::fs::write(&conf_path, &conf)?;
-    wait_for("the store to take the network config", Duration::from_secs(20), || {
-        weft_in(&un)
-            .map(|mut c| c.args(["config", "put"]).arg(&conf_path).args(["--store", &store_arg(&st)]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
-            .unwrap_or(false)
-    })?;
+    wait_for(
+        "the store to take the network config",
+        Duration::from_secs(20),
+        || {
+            weft_in(&un)
+                .map(|mut c| {
+                    c.args(["config", "put"])
+                        .arg(&conf_path)
+                        .args(["--store", &store_arg(&st)])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+                .unwrap_or(false)
+        },
+    )?;
     if st.direct {
         add_direct_pair().await?;
     }
@@ -457,13 +584,22 @@ async fn up(a: &UpArgs) -> Result<State> {
         let existing = st.nodes.iter().position(|n| n.name == name);
         let seg = existing.map(|k| st.nodes[k].segment).unwrap_or(seg);
         let ip = node_ip(seg, i);
-        let ns = if st.direct { Netns::open(ns_path(&name))? } else { add_node(&unl, &name, seg, ip).await? };
+        let ns = if st.direct {
+            Netns::open(ns_path(&name))?
+        } else {
+            add_node(&unl, &name, seg, ip).await?
+        };
         match existing {
             Some(k) if alive(st.nodes[k].agent_pid) => {}
             _ => {
                 let pid = start_agent(&ns, &name, &st)?;
                 st.nodes.retain(|n| n.name != name);
-                st.nodes.push(NodeState { name: name.clone(), ip, segment: seg, agent_pid: pid });
+                st.nodes.push(NodeState {
+                    name: name.clone(),
+                    ip,
+                    segment: seg,
+                    agent_pid: pid,
+                });
                 eprintln!("  node       {name}  {ip} (segment {seg})  agent pid {pid}");
             }
         }
@@ -473,8 +609,12 @@ async fn up(a: &UpArgs) -> Result<State> {
         let name = format!("weft-n{i}");
         let ns = Netns::open(ns_path(&name))?;
         let env = Path::new(DIR).join(&name).join("subnet.env");
-        wait_for(&format!("{name}'s agent to write {}", env.display()), Duration::from_secs(30), || env.exists())
-            .with_context(|| format!("see {DIR}/{name}/agent.log"))?;
+        wait_for(
+            &format!("{name}'s agent to write {}", env.display()),
+            Duration::from_secs(30),
+            || env.exists(),
+        )
+        .with_context(|| format!("see {DIR}/{name}/agent.log"))?;
         for j in 0..a.pods_per_node {
             let pod = format!("{name}-p{j}");
             if st.pods.iter().any(|p| p.name == pod) {
@@ -482,7 +622,11 @@ async fn up(a: &UpArgs) -> Result<State> {
             }
             let ip = add_pod(&ns, &name, &pod, &st.mode)?;
             eprintln!("  pod        {pod}  {ip}");
-            st.pods.push(PodState { name: pod, node: name.clone(), ip });
+            st.pods.push(PodState {
+                name: pod,
+                node: name.clone(),
+                ip,
+            });
             save(&st)?;
         }
     }
@@ -494,12 +638,25 @@ fn icmp_echo(ns: &Netns, dst: Ipv4Addr, timeout: Duration, seq: u16) -> bool {
     ns.run(move || -> bool {
         // SAFETY: plain socket calls on buffers we own.
         unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP);
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            );
             if fd < 0 {
                 return false;
             }
-            let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of_val(&tv) as u32);
+            let tv = libc::timeval {
+                tv_sec: timeout.as_secs() as _,
+                tv_usec: timeout.subsec_micros() as _,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&tv) as u32,
+            );
             let id = (std::process::id() as u16) ^ 0x5757;
             let mut pkt = [0u8; 16];
             pkt[0] = 8; // echo request
@@ -511,7 +668,14 @@ fn icmp_echo(ns: &Netns, dst: Ipv4Addr, timeout: Duration, seq: u16) -> bool {
             let mut sa: libc::sockaddr_in = std::mem::zeroed();
             sa.sin_family = libc::AF_INET as u16;
             sa.sin_addr.s_addr = u32::from(dst).to_be();
-            libc::sendto(fd, pkt.as_ptr() as *const libc::c_void, pkt.len(), 0, &sa as *const _ as *const libc::sockaddr, std::mem::size_of_val(&sa) as u32);
+            libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&sa) as u32,
+            );
             let deadline = Instant::now() + timeout;
             let mut ok = false;
             while Instant::now() < deadline {
@@ -523,7 +687,12 @@ fn icmp_echo(ns: &Netns, dst: Ipv4Addr, timeout: Duration, seq: u16) -> bool {
                 let ihl = ((buf[0] & 0x0f) as usize) * 4;
                 let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
                 let icmp = &buf[ihl..n as usize];
-                if src == dst && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() && icmp[6..8] == seq.to_be_bytes() {
+                if src == dst
+                    && icmp.len() >= 8
+                    && icmp[0] == 0
+                    && icmp[4..6] == id.to_be_bytes()
+                    && icmp[6..8] == seq.to_be_bytes()
+                {
                     ok = true;
                     break;
                 }
@@ -549,7 +718,10 @@ fn checksum(b: &[u8]) -> u16 {
 /// Pings every pod from every pod; returns the failures.
 fn check(st: &State, quiet: bool) -> Result<usize> {
     let pods = &st.pods;
-    let nss: Vec<Netns> = pods.iter().map(|p| Netns::open(ns_path(&p.name))).collect::<Result<_, _>>()?;
+    let nss: Vec<Netns> = pods
+        .iter()
+        .map(|p| Netns::open(ns_path(&p.name)))
+        .collect::<Result<_, _>>()?;
     let results: Vec<Vec<bool>> = std::thread::scope(|s| {
         let hs: Vec<_> = nss
             .iter()
@@ -558,12 +730,24 @@ fn check(st: &State, quiet: bool) -> Result<usize> {
                 s.spawn(move || {
                     pods.iter()
                         .enumerate()
-                        .map(|(j, p)| i == j || (0..3).any(|k| icmp_echo(ns, p.ip, Duration::from_millis(700), (i * 1000 + j * 3 + k) as u16)))
+                        .map(|(j, p)| {
+                            i == j
+                                || (0..3).any(|k| {
+                                    icmp_echo(
+                                        ns,
+                                        p.ip,
+                                        Duration::from_millis(700),
+                                        (i * 1000 + j * 3 + k) as u16,
+                                    )
+                                })
+                        })
                         .collect()
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
     });
     let fails: usize = results.iter().flatten().filter(|ok| !**ok).count();
     if !quiet {
@@ -576,19 +760,38 @@ fn check(st: &State, quiet: bool) -> Result<usize> {
         for (i, row) in results.iter().enumerate() {
             print!("{:w$} ", format!("{i:>2} {}", pods[i].name));
             for (j, ok) in row.iter().enumerate() {
-                print!(" {}", if i == j { " -" } else if *ok { " ✓" } else { " ✗" });
+                print!(
+                    " {}",
+                    if i == j {
+                        " -"
+                    } else if *ok {
+                        " ✓"
+                    } else {
+                        " ✗"
+                    }
+                );
             }
             println!();
         }
         let n = pods.len() * pods.len().saturating_sub(1);
-        println!("{} of {n} pod pairs reach each other{}", n - fails, if fails > 0 { " — FAILURES" } else { "" });
+        println!(
+            "{} of {n} pod pairs reach each other{}",
+            n - fails,
+            if fails > 0 { " — FAILURES" } else { "" }
+        );
     }
     Ok(fails)
 }
 
 fn down() -> Result<()> {
     if let Some(st) = load() {
-        for pid in st.nodes.iter().map(|n| n.agent_pid).chain(st.etcd_pid).chain(st.router_pid) {
+        for pid in st
+            .nodes
+            .iter()
+            .map(|n| n.agent_pid)
+            .chain(st.etcd_pid)
+            .chain(st.router_pid)
+        {
             if alive(pid) {
                 // SAFETY: signalling a process the lab started.
                 unsafe {
@@ -614,10 +817,23 @@ fn down() -> Result<()> {
 }
 
 fn status(st: &State) {
-    println!("backend {}  pods {}  store {}  segments {}", st.backend, st.mode, store_arg(st), st.segments);
+    println!(
+        "backend {}  pods {}  store {}  segments {}",
+        st.backend,
+        st.mode,
+        store_arg(st),
+        st.segments
+    );
     for n in &st.nodes {
-        let env = weft_core::subnet_env::SubnetEnv::read(&Path::new(DIR).join(&n.name).join("subnet.env")).ok().flatten();
-        let subnet = env.as_ref().and_then(|e| e.subnet).map_or("-".to_string(), |s| s.to_string());
+        let env = weft_core::subnet_env::SubnetEnv::read(
+            &Path::new(DIR).join(&n.name).join("subnet.env"),
+        )
+        .ok()
+        .flatten();
+        let subnet = env
+            .as_ref()
+            .and_then(|e| e.subnet)
+            .map_or("-".to_string(), |s| s.to_string());
         println!(
             "node {:<10} {:<12} segment {}  subnet {:<16} agent {} ({})",
             n.name,
@@ -625,7 +841,11 @@ fn status(st: &State) {
             n.segment,
             subnet,
             n.agent_pid,
-            if alive(n.agent_pid) { "running" } else { "stopped" }
+            if alive(n.agent_pid) {
+                "running"
+            } else {
+                "stopped"
+            }
         );
     }
     for p in &st.pods {
@@ -645,7 +865,13 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
     match cmd {
         LabCmd::Up(a) => {
             let st = up(&a).await?;
-            eprintln!("lab up: {} nodes, {} pods ({} backend, {} pods)", st.nodes.len(), st.pods.len(), st.backend, st.mode);
+            eprintln!(
+                "lab up: {} nodes, {} pods ({} backend, {} pods)",
+                st.nodes.len(),
+                st.pods.len(),
+                st.backend,
+                st.mode
+            );
             Ok(ExitCode::SUCCESS)
         }
         LabCmd::Status => {
@@ -655,27 +881,54 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
         }
         LabCmd::Check => {
             let st = load().context("no lab is up (weft lab up)")?;
-            Ok(if check(&st, false)? == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if check(&st, false)? == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         LabCmd::Exec { target, cmd } => {
             let name = resolve(&target);
-            let ns = Netns::open(ns_path(&name)).with_context(|| format!("{target}: no such lab node or pod"))?;
-            let status = in_ns(&ns, &cmd[0]).args(&cmd[1..]).status().with_context(|| format!("running {}", cmd[0]))?;
+            let ns = Netns::open(ns_path(&name))
+                .with_context(|| format!("{target}: no such lab node or pod"))?;
+            let status = in_ns(&ns, &cmd[0])
+                .args(&cmd[1..])
+                .status()
+                .with_context(|| format!("running {}", cmd[0]))?;
             Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
         }
         LabCmd::Leave { node } => {
             let name = resolve(&node);
             let mut st = load().context("no lab is up (weft lab up)")?;
-            let n = st.nodes.iter().find(|n| n.name == name).cloned().with_context(|| format!("{node}: no such lab node"))?;
+            let n = st
+                .nodes
+                .iter()
+                .find(|n| n.name == name)
+                .cloned()
+                .with_context(|| format!("{node}: no such lab node"))?;
             // SAFETY: signalling the agent the lab started.
             unsafe {
                 libc::kill(n.agent_pid as i32, libc::SIGTERM);
             }
-            let _ = wait_for("the agent to stop", Duration::from_secs(10), || !alive(n.agent_pid));
+            let _ = wait_for("the agent to stop", Duration::from_secs(10), || {
+                !alive(n.agent_pid)
+            });
             let un = Netns::open(ns_path(UNDERLAY))?;
-            let subnet = weft_core::subnet_env::SubnetEnv::read(&Path::new(DIR).join(&name).join("subnet.env"))?.and_then(|e| e.subnet);
+            let subnet = weft_core::subnet_env::SubnetEnv::read(
+                &Path::new(DIR).join(&name).join("subnet.env"),
+            )?
+            .and_then(|e| e.subnet);
             if let Some(sub) = subnet {
-                let ok = weft_in(&un)?.args(["leases", "release", &sub.to_string(), "--store", &store_arg(&st)]).status()?.success();
+                let ok = weft_in(&un)?
+                    .args([
+                        "leases",
+                        "release",
+                        &sub.to_string(),
+                        "--store",
+                        &store_arg(&st),
+                    ])
+                    .status()?
+                    .success();
                 anyhow::ensure!(ok, "releasing {sub} of {name} failed");
             }
             for p in st.pods.iter().filter(|p| p.node == name) {
@@ -695,10 +948,16 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
         LabCmd::Demo(a) => {
             down()?;
             let t = Instant::now();
-            eprintln!("weft lab demo: {} nodes × {} pods, {} backend, {} store", a.nodes, a.pods_per_node, a.backend, a.store);
+            eprintln!(
+                "weft lab demo: {} nodes × {} pods, {} backend, {} store",
+                a.nodes, a.pods_per_node, a.backend, a.store
+            );
             let result = async {
                 let st = up(&a).await?;
-                eprintln!("up in {:.1?}; waiting for every agent to program its peers", t.elapsed());
+                eprintln!(
+                    "up in {:.1?}; waiting for every agent to program its peers",
+                    t.elapsed()
+                );
                 // Converged when every pair answers (routes appear within one reconcile).
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while check(&st, true)? > 0 && Instant::now() < deadline {

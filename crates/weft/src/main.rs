@@ -15,7 +15,11 @@ use weft_store::spec::{EtcdSettings, DEFAULT_STORE};
 use weft_store::{AnyStore, Store, StoreSpec};
 
 #[derive(Parser)]
-#[command(name = "weft", version, about = "weft: a container network fabric (flannel-compatible)")]
+#[command(
+    name = "weft",
+    version,
+    about = "weft: a container network fabric (flannel-compatible)"
+)]
 struct Cli {
     /// Log filter (tracing's syntax, e.g. `info` or `weft_store=debug`); RUST_LOG also works.
     #[arg(long, global = true, env = "WEFT_LOG", default_value = "warn")]
@@ -115,9 +119,17 @@ impl ConfigArgs {
 
 fn init_logs(filter: &str, json: bool) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { b.json().try_init() } else { b.with_ansi(std::env::var_os("NO_COLOR").is_none()).try_init() };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.with_ansi(std::env::var_os("NO_COLOR").is_none())
+            .try_init()
+    };
 }
 
 fn main() -> std::process::ExitCode {
@@ -128,7 +140,10 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     init_logs(&cli.log, cli.log_format == "json");
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -28,11 +28,20 @@ fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
 #[test]
 fn config_check_prints_the_effective_config() {
     let d = tempfile::tempdir().expect("tmp");
-    let f = write(d.path(), "net-conf.json", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#);
+    let f = write(
+        d.path(),
+        "net-conf.json",
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#,
+    );
     let o = run(&["config", "check", f.to_str().expect("path")]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
-    assert!(out.contains("SubnetLen      24") && out.contains("SubnetMin      10.244.1.0") && out.contains("DirectRouting true"), "{out}");
+    assert!(
+        out.contains("SubnetLen      24")
+            && out.contains("SubnetMin      10.244.1.0")
+            && out.contains("DirectRouting true"),
+        "{out}"
+    );
 
     let o = run(&["config", "check", "--json", f.to_str().expect("path")]);
     assert!(o.status.success());
@@ -55,14 +64,26 @@ fn config_check_reports_every_problem_and_exits_1() {
     let o = run(&["config", "check", f.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o.stderr);
-    for want in ["3 problem(s)", "SubnetLen = 31", "at most 30", "SubnetMin = \"10.245.0.0\"", "Backend.VNI = \"x\"", "for example", "unknown key Bakend"] {
+    for want in [
+        "3 problem(s)",
+        "SubnetLen = 31",
+        "at most 30",
+        "SubnetMin = \"10.245.0.0\"",
+        "Backend.VNI = \"x\"",
+        "for example",
+        "unknown key Bakend",
+    ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
     assert!(o.stdout.is_empty(), "no config printed for a bad file");
     let g = write(d.path(), "garbage.json", "{\"Network\": ");
     let o = run(&["config", "check", g.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("not valid JSON (line 1"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("not valid JSON (line 1"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
@@ -70,11 +91,21 @@ fn a_bad_config_never_reaches_the_store() {
     let d = tempfile::tempdir().expect("tmp");
     let store = format!("sqlite:{}", d.path().join("s.db").display());
     let bad = write(d.path(), "bad.json", r#"{"Network": "10.0.0.0/30"}"#);
-    let o = run(&["config", "put", bad.to_str().expect("path"), "--store", &store]);
+    let o = run(&[
+        "config",
+        "put",
+        bad.to_str().expect("path"),
+        "--store",
+        &store,
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let o = run(&["config", "show", "--store", &store]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("holds no network config"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("holds no network config"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
@@ -83,13 +114,44 @@ fn leases_lifecycle_on_the_embedded_store() {
     let store = format!("sqlite:{}", d.path().join("s.db").display());
     let conf = write(d.path(), "net-conf.json", r#"{"Network": "10.50.0.0/16"}"#);
     // No config anywhere: a clear error, nothing created.
-    let o = run(&["leases", "acquire", "--node", "a", "--public-ip", "192.0.2.1", "--store", &store]);
+    let o = run(&[
+        "leases",
+        "acquire",
+        "--node",
+        "a",
+        "--public-ip",
+        "192.0.2.1",
+        "--store",
+        &store,
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("no network config"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("no network config"),
+        "{}",
+        text(&o.stderr)
+    );
 
-    assert!(run(&["config", "put", conf.to_str().expect("path"), "--store", &store]).status.success());
+    assert!(run(&[
+        "config",
+        "put",
+        conf.to_str().expect("path"),
+        "--store",
+        &store
+    ])
+    .status
+    .success());
     let acquire = |node: &str, ip: &str| {
-        let o = run(&["leases", "acquire", "--json", "--node", node, "--public-ip", ip, "--store", &store]);
+        let o = run(&[
+            "leases",
+            "acquire",
+            "--json",
+            "--node",
+            node,
+            "--public-ip",
+            ip,
+            "--store",
+            &store,
+        ]);
         assert!(o.status.success(), "{}", text(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
         v["subnet"].as_str().expect("subnet").to_string()
@@ -99,22 +161,66 @@ fn leases_lifecycle_on_the_embedded_store() {
     let b = acquire("b", "192.0.2.2");
     assert_ne!(a, b);
 
-    let o = run(&["leases", "reserve", "10.50.200.0/24", "--node", "r", "--public-ip", "192.0.2.9", "--store", &store]);
+    let o = run(&[
+        "leases",
+        "reserve",
+        "10.50.200.0/24",
+        "--node",
+        "r",
+        "--public-ip",
+        "192.0.2.9",
+        "--store",
+        &store,
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let o = run(&["leases", "reserve", "10.50.200.0/24", "--node", "s", "--public-ip", "192.0.2.10", "--store", &store]);
-    assert_eq!(o.status.code(), Some(1), "a held subnet cannot be reserved again");
-    let o = run(&["leases", "reserve", "10.99.0.0/24", "--node", "s", "--public-ip", "192.0.2.10", "--store", &store]);
+    let o = run(&[
+        "leases",
+        "reserve",
+        "10.50.200.0/24",
+        "--node",
+        "s",
+        "--public-ip",
+        "192.0.2.10",
+        "--store",
+        &store,
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a held subnet cannot be reserved again"
+    );
+    let o = run(&[
+        "leases",
+        "reserve",
+        "10.99.0.0/24",
+        "--node",
+        "s",
+        "--public-ip",
+        "192.0.2.10",
+        "--store",
+        &store,
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("not one of the network's subnets"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("not one of the network's subnets"),
+        "{}",
+        text(&o.stderr)
+    );
 
     let o = run(&["leases", "list", "--json", "--store", &store]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let leases = v["leases"].as_array().expect("leases");
     assert_eq!(leases.len(), 3);
-    let r = leases.iter().find(|l| l["subnet"] == "10.50.200.0/24").expect("reservation");
+    let r = leases
+        .iter()
+        .find(|l| l["subnet"] == "10.50.200.0/24")
+        .expect("reservation");
     assert_eq!(r["reservation"], true);
     assert!(r["expires"].is_null());
-    assert!(leases.iter().filter(|l| l["reservation"] == false).all(|l| l["expires"].is_string()));
+    assert!(leases
+        .iter()
+        .filter(|l| l["reservation"] == false)
+        .all(|l| l["expires"].is_string()));
 
     let o = run(&["leases", "release", &a, "--store", &store]);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -123,7 +229,10 @@ fn leases_lifecycle_on_the_embedded_store() {
     assert!(text(&o.stderr).contains("no lease holds"));
     let o = run(&["leases", "list", "--store", &store]);
     let out = text(&o.stdout);
-    assert!(!out.contains(&a) && out.contains(&b) && out.contains("reserved"), "{out}");
+    assert!(
+        !out.contains(&a) && out.contains(&b) && out.contains("reserved"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -133,8 +242,19 @@ fn subnet_env_brings_back_the_old_subnet() {
     let conf = write(d.path(), "net-conf.json", r#"{"Network": "10.60.0.0/16"}"#);
     let env = write(d.path(), "subnet.env", "FLANNEL_NETWORK=10.60.0.0/16\nFLANNEL_SUBNET=10.60.77.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
     let o = run(&[
-        "leases", "acquire", "--json", "--node", "a", "--public-ip", "192.0.2.1", "--subnet-file", env.to_str().expect("p"),
-        "--config", conf.to_str().expect("p"), "--store", &store,
+        "leases",
+        "acquire",
+        "--json",
+        "--node",
+        "a",
+        "--public-ip",
+        "192.0.2.1",
+        "--subnet-file",
+        env.to_str().expect("p"),
+        "--config",
+        conf.to_str().expect("p"),
+        "--store",
+        &store,
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -149,7 +269,15 @@ fn many_processes_share_one_database_file() {
     let children: Vec<_> = (1..=40)
         .map(|i| {
             weft()
-                .args(["leases", "acquire", "--json", "--node", &format!("n{i}"), "--public-ip", &format!("192.0.2.{i}")])
+                .args([
+                    "leases",
+                    "acquire",
+                    "--json",
+                    "--node",
+                    &format!("n{i}"),
+                    "--public-ip",
+                    &format!("192.0.2.{i}"),
+                ])
                 .args(["--config", conf.to_str().expect("p"), "--store", &store])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -162,7 +290,10 @@ fn many_processes_share_one_database_file() {
         let o = c.wait_with_output().expect("wait");
         assert!(o.status.success(), "{}", text(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-        assert!(subnets.insert(v["subnet"].as_str().expect("subnet").to_string()), "subnet handed out twice");
+        assert!(
+            subnets.insert(v["subnet"].as_str().expect("subnet").to_string()),
+            "subnet handed out twice"
+        );
     }
     assert_eq!(subnets.len(), 40);
 }
@@ -172,7 +303,10 @@ fn bad_store_addresses_are_explained() {
     let o = run(&["leases", "list", "--store", "redis://x:1"]);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o.stderr);
-    assert!(err.contains("--store") && err.contains("sqlite:/var/lib/weft/store.db"), "{err}");
+    assert!(
+        err.contains("--store") && err.contains("sqlite:/var/lib/weft/store.db"),
+        "{err}"
+    );
 }
 
 /// Acquirers SIGKILLed at random moments leave the database whole: every lease readable, no
@@ -187,7 +321,14 @@ fn killed_acquirers_leave_no_damage() {
         let mut children: Vec<_> = (1..=20)
             .map(|i| {
                 weft()
-                    .args(["leases", "acquire", "--node", &format!("n{round}-{i}"), "--public-ip", &format!("192.0.{round}.{i}")])
+                    .args([
+                        "leases",
+                        "acquire",
+                        "--node",
+                        &format!("n{round}-{i}"),
+                        "--public-ip",
+                        &format!("192.0.{round}.{i}"),
+                    ])
                     .args(["--config", conf.to_str().expect("p"), "--store", &store])
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
@@ -210,9 +351,25 @@ fn killed_acquirers_leave_no_damage() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["corrupt"].as_array().expect("corrupt").len(), 0);
-    let subnets: Vec<&str> = v["leases"].as_array().expect("leases").iter().map(|l| l["subnet"].as_str().expect("s")).collect();
+    let subnets: Vec<&str> = v["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .map(|l| l["subnet"].as_str().expect("s"))
+        .collect();
     let distinct: HashSet<&str> = subnets.iter().copied().collect();
     assert_eq!(distinct.len(), subnets.len(), "a subnet held twice");
-    let o = run(&["leases", "acquire", "--node", "after", "--public-ip", "192.0.9.9", "--config", conf.to_str().expect("p"), "--store", &store]);
+    let o = run(&[
+        "leases",
+        "acquire",
+        "--node",
+        "after",
+        "--public-ip",
+        "192.0.9.9",
+        "--config",
+        conf.to_str().expect("p"),
+        "--store",
+        &store,
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
 }

@@ -8,12 +8,21 @@ use std::time::{Duration, Instant};
 static LAB: Mutex<()> = Mutex::new(());
 
 fn weft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weft")).args(args).env("NO_COLOR", "1").output().expect("run weft")
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run weft")
 }
 
 fn ok(args: &[&str]) -> String {
     let o = weft(args);
-    assert!(o.status.success(), "weft {args:?}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "weft {args:?}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -25,7 +34,11 @@ fn exec(target: &str, cmd: &[&str]) -> Output {
 
 fn run_in(target: &str, cmd: &[&str]) -> String {
     let o = exec(target, cmd);
-    assert!(o.status.success(), "{target}: {cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{target}: {cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -52,19 +65,32 @@ impl Lab {
             if o.status.success() {
                 return;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "lab never converged:\n{}", String::from_utf8_lossy(&o.stdout));
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "lab never converged:\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
 
     fn pod_ip(&self, pod: &str) -> String {
         let out = run_in(pod, &["ip", "-4", "-br", "addr", "show", "eth0"]);
-        out.split_whitespace().nth(2).and_then(|a| a.split('/').next()).expect("pod address").to_string()
+        out.split_whitespace()
+            .nth(2)
+            .and_then(|a| a.split('/').next())
+            .expect("pod address")
+            .to_string()
     }
 
     fn subnet(&self, node: &str) -> String {
-        let env = std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env")).expect("subnet.env");
-        let s = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).expect("FLANNEL_SUBNET").to_string();
+        let env = std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env"))
+            .expect("subnet.env");
+        let s = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+            .expect("FLANNEL_SUBNET")
+            .to_string();
         // 10.244.7.1/24 -> 10.244.7.0/24
         let (a, p) = s.split_once('/').expect("cidr");
         let mut o: Vec<&str> = a.split('.').collect();
@@ -73,8 +99,17 @@ impl Lab {
     }
 
     fn agent_pid(&self, node: &str) -> i32 {
-        let st: serde_json::Value = serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state")).expect("json");
-        st["nodes"].as_array().expect("nodes").iter().find(|n| n["name"] == node).expect("node")["agent_pid"].as_i64().expect("pid") as i32
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state"))
+                .expect("json");
+        st["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == node)
+            .expect("node")["agent_pid"]
+            .as_i64()
+            .expect("pid") as i32
     }
 }
 
@@ -87,7 +122,10 @@ impl Drop for Lab {
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "{what} did not happen within {secs} s");
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{what} did not happen within {secs} s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -98,29 +136,59 @@ fn vxlan_reachability_mtu_drift_join_leave_and_restart() {
     // MTU: underlay 1500 minus VXLAN's 50; a 1400-byte packet with DF set crosses nodes.
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1450"));
     let far = lab.pod_ip("n3-p0");
-    let o = exec("n1-p0", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1372", &far]);
-    assert!(o.status.success(), "1400-byte DF ping across vxlan: {}", String::from_utf8_lossy(&o.stdout));
+    let o = exec(
+        "n1-p0",
+        &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1372", &far],
+    );
+    assert!(
+        o.status.success(),
+        "1400-byte DF ping across vxlan: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 
     // flannel's kernel state on n1 for n2: on-link route via subnet.0, neighbour, FDB.
     let s2 = lab.subnet("weft-n2");
     let routes = run_in("n1", &["ip", "route"]);
-    assert!(routes.contains(&format!("{s2} via {} dev weft.1 proto 87 onlink", s2.replace(".0/24", ".0"))), "{routes}");
+    assert!(
+        routes.contains(&format!(
+            "{s2} via {} dev weft.1 proto 87 onlink",
+            s2.replace(".0/24", ".0")
+        )),
+        "{routes}"
+    );
     assert!(run_in("n1", &["bridge", "fdb", "show", "dev", "weft.1"]).contains("dst 10.0.1.12"));
 
     // Drift: a route deleted by hand comes back within 10 s.
     run_in("n1", &["ip", "route", "del", &s2]);
-    wait_until("the deleted route's repair", 10, || run_in("n1", &["ip", "route"]).contains(&s2));
+    wait_until("the deleted route's repair", 10, || {
+        run_in("n1", &["ip", "route"]).contains(&s2)
+    });
 
     // A node joins: everyone routes to it.
-    ok(&["lab", "up", "--nodes", "4", "--pods-per-node", "2", "--backend", "vxlan"]);
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "2",
+        "--backend",
+        "vxlan",
+    ]);
     let s4 = lab.subnet("weft-n4");
     for n in ["n1", "n2", "n3"] {
-        wait_until(&format!("{n}'s route to the new node"), 10, || run_in(n, &["ip", "route"]).contains(&s4));
+        wait_until(&format!("{n}'s route to the new node"), 10, || {
+            run_in(n, &["ip", "route"]).contains(&s4)
+        });
     }
     lab.converge();
 
     // A node leaves (lease released): every trace of it goes from the others.
-    let mac2 = run_in("n2", &["ip", "-br", "link", "show", "weft.1"]).split_whitespace().nth(2).expect("mac").to_string();
+    let mac2 = run_in("n2", &["ip", "-br", "link", "show", "weft.1"])
+        .split_whitespace()
+        .nth(2)
+        .expect("mac")
+        .to_string();
     ok(&["lab", "leave", "n2"]);
     for n in ["n1", "n3", "n4"] {
         wait_until(&format!("{n} forgetting n2"), 10, || {
@@ -134,7 +202,9 @@ fn vxlan_reachability_mtu_drift_join_leave_and_restart() {
     // Agents killed and restarted during a continuous ping: not one packet lost.
     let target = lab.pod_ip("n3-p0");
     let pinger = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["lab", "exec", "n1-p0", "--", "ping", "-i", "0.01", "-c", "400", "-W", "1", &target])
+        .args([
+            "lab", "exec", "n1-p0", "--", "ping", "-i", "0.01", "-c", "400", "-W", "1", &target,
+        ])
         .output();
     let pinger = std::thread::spawn(move || pinger);
     std::thread::sleep(Duration::from_millis(500));
@@ -145,28 +215,71 @@ fn vxlan_reachability_mtu_drift_join_leave_and_restart() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    ok(&["lab", "up", "--nodes", "4", "--pods-per-node", "2", "--backend", "vxlan"]); // restarts dead agents
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "2",
+        "--backend",
+        "vxlan",
+    ]); // restarts dead agents
     let out = pinger.join().expect("pinger").expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("400 received") || text.contains(" 0% packet loss"), "loss across agent restarts:\n{text}");
+    assert!(
+        text.contains("400 received") || text.contains(" 0% packet loss"),
+        "loss across agent restarts:\n{text}"
+    );
 }
 
 #[test]
 fn vxlan_direct_routing_across_two_segments() {
-    let lab = Lab::up(&["--nodes", "4", "--pods-per-node", "1", "--backend", "vxlan-dr", "--segments", "2"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "vxlan-dr",
+        "--segments",
+        "2",
+    ]);
     // n1 and n3 share segment 1: plain route via n3's address. n2 is behind the router: tunnel.
     let routes = run_in("n1", &["ip", "route"]);
     let s3 = lab.subnet("weft-n3");
     let s2 = lab.subnet("weft-n2");
-    assert!(routes.contains(&format!("{s3} via 10.0.1.13 dev eth0 proto 87")), "{routes}");
-    assert!(routes.contains(&format!("{s2} via")) && routes.lines().any(|l| l.starts_with(&s2) && l.contains("dev weft.1")), "{routes}");
+    assert!(
+        routes.contains(&format!("{s3} via 10.0.1.13 dev eth0 proto 87")),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!("{s2} via"))
+            && routes
+                .lines()
+                .any(|l| l.starts_with(&s2) && l.contains("dev weft.1")),
+        "{routes}"
+    );
 }
 
 #[test]
 fn host_gw_routes_via_peers_and_reports_off_link_ones() {
-    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "2", "--backend", "host-gw"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "2",
+        "--backend",
+        "host-gw",
+    ]);
     let routes = run_in("n1", &["ip", "route"]);
-    assert!(routes.contains(&format!("{} via 10.0.1.12 dev eth0 proto 87", lab.subnet("weft-n2"))), "{routes}");
+    assert!(
+        routes.contains(&format!(
+            "{} via 10.0.1.12 dev eth0 proto 87",
+            lab.subnet("weft-n2")
+        )),
+        "{routes}"
+    );
     assert!(!routes.contains("weft.1"));
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1500"));
     // The agent's metrics: ready, two peers programmed.
@@ -181,7 +294,18 @@ fn host_gw_across_segments_is_reported_not_silently_dropped() {
     let _lab = {
         let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
         let _ = weft(&["lab", "down"]);
-        ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "1", "--backend", "host-gw", "--segments", "2"]);
+        ok(&[
+            "lab",
+            "up",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            "--backend",
+            "host-gw",
+            "--segments",
+            "2",
+        ]);
         Lab(g)
     };
     wait_until("the unreachable peer in metrics", 10, || {
@@ -200,7 +324,12 @@ fn down_is_safe_twice_and_leaves_nothing() {
     ok(&["lab", "down"]);
     ok(&["lab", "down"]);
     let left: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("weft-")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("weft-"))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     assert!(!std::path::Path::new("/run/weft/lab").exists());
@@ -224,28 +353,64 @@ fn ip_masq_hides_pods_leaving_the_cluster_but_not_pod_to_pod() {
     };
     let outside = listen("underlay", "10.0.1.254");
     connect("n1-p0", "10.0.1.254");
-    let seen = String::from_utf8_lossy(&outside.join().expect("listener").stdout).trim().to_string();
-    assert_eq!(seen, "10.0.1.11", "leaving the cluster: masqueraded to the node's address");
+    let seen = String::from_utf8_lossy(&outside.join().expect("listener").stdout)
+        .trim()
+        .to_string();
+    assert_eq!(
+        seen, "10.0.1.11",
+        "leaving the cluster: masqueraded to the node's address"
+    );
     let p2 = lab.pod_ip("n2-p0");
     let inside = listen("n2-p0", &p2);
     connect("n1-p0", &p2);
-    let seen = String::from_utf8_lossy(&inside.join().expect("listener").stdout).trim().to_string();
+    let seen = String::from_utf8_lossy(&inside.join().expect("listener").stdout)
+        .trim()
+        .to_string();
     assert_eq!(seen, lab.pod_ip("n1-p0"), "pod to pod: never masqueraded");
 }
 
 #[test]
 fn routed_pods_on_a_real_etcd() {
-    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "2", "--store", "etcd", "--mode", "routed"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "2",
+        "--store",
+        "etcd",
+        "--mode",
+        "routed",
+    ]);
     // Calico's pod side: a /32 and 169.254.1.1 as the on-link gateway.
     let r = run_in("n1-p0", &["ip", "route"]);
     assert!(r.contains("default via 169.254.1.1 dev eth0"), "{r}");
     let ip = lab.pod_ip("n1-p0");
-    assert!(run_in("n1", &["ip", "route"]).contains(&format!("{ip} dev weft")), "host route to the pod");
+    assert!(
+        run_in("n1", &["ip", "route"]).contains(&format!("{ip} dev weft")),
+        "host route to the pod"
+    );
     // The leases are in etcd, in flannel's layout.
-    let st: serde_json::Value = serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state")).expect("json");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state"))
+            .expect("json");
     assert!(st["etcd_pid"].as_u64().is_some());
-    let keys = run_in("underlay", &["etcdctl", "--endpoints", "10.0.1.254:2379", "get", "--prefix", "--keys-only", "/coreos.com/network/subnets/"]);
-    assert_eq!(keys.lines().filter(|l| !l.trim().is_empty()).count(), 3, "{keys}");
+    let keys = run_in(
+        "underlay",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "10.0.1.254:2379",
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    assert_eq!(
+        keys.lines().filter(|l| !l.trim().is_empty()).count(),
+        3,
+        "{keys}"
+    );
 }
 
 #[test]
@@ -254,7 +419,10 @@ fn bgp_node_mesh_of_five() {
     // Calico-style: plain routes via each peer, learned over BGP (no tunnel on one segment).
     let routes = run_in("n1", &["ip", "route"]);
     for (n, ip) in [("weft-n2", "10.0.1.12"), ("weft-n5", "10.0.1.15")] {
-        assert!(routes.contains(&format!("{} via {ip} dev eth0 proto 87", lab.subnet(n))), "{routes}");
+        assert!(
+            routes.contains(&format!("{} via {ip} dev eth0 proto 87", lab.subnet(n))),
+            "{routes}"
+        );
     }
     let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
     assert_eq!(log.matches("BGP session established").count(), 4, "{log}");
@@ -262,37 +430,79 @@ fn bgp_node_mesh_of_five() {
     let weft = env!("CARGO_BIN_EXE_weft");
     let peers = run_in("n1", &[weft, "bgp", "peers"]);
     assert_eq!(peers.matches("Established").count(), 4, "{peers}");
-    let routes: serde_json::Value = serde_json::from_str(&run_in("n1", &[weft, "bgp", "routes", "--json"])).expect("json");
+    let routes: serde_json::Value =
+        serde_json::from_str(&run_in("n1", &[weft, "bgp", "routes", "--json"])).expect("json");
     assert_eq!(routes.as_array().expect("routes").len(), 4);
     // A node leaves: its session goes, its route is withdrawn everywhere.
     let s3 = lab.subnet("weft-n3");
     ok(&["lab", "leave", "n3"]);
     for n in ["n1", "n2", "n4", "n5"] {
-        wait_until(&format!("{n} dropping n3's route"), 10, || !run_in(n, &["ip", "route"]).contains(&s3));
+        wait_until(&format!("{n} dropping n3's route"), 10, || {
+            !run_in(n, &["ip", "route"]).contains(&s3)
+        });
     }
     lab.converge();
 }
 
 #[test]
 fn bgp_cross_subnet_tunnels_only_across_segments() {
-    let lab = Lab::up(&["--nodes", "4", "--pods-per-node", "1", "--backend", "bgp", "--segments", "2"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp",
+        "--segments",
+        "2",
+    ]);
     let routes = run_in("n1", &["ip", "route"]);
     // n3 shares n1's segment: plain. n2 and n4 are behind the router: vxlan.
-    assert!(routes.contains(&format!("{} via 10.0.1.13 dev eth0 proto 87", lab.subnet("weft-n3"))), "{routes}");
+    assert!(
+        routes.contains(&format!(
+            "{} via 10.0.1.13 dev eth0 proto 87",
+            lab.subnet("weft-n3")
+        )),
+        "{routes}"
+    );
     for n in ["weft-n2", "weft-n4"] {
         let s = lab.subnet(n);
-        assert!(routes.lines().any(|l| l.starts_with(&s) && l.contains("dev weft.1") && l.contains("onlink")), "{n}: {routes}");
+        assert!(
+            routes
+                .lines()
+                .any(|l| l.starts_with(&s) && l.contains("dev weft.1") && l.contains("onlink")),
+            "{n}: {routes}"
+        );
     }
 }
 
 #[test]
 fn bgp_route_reflectors_and_losing_one() {
-    let lab = Lab::up(&["--nodes", "5", "--pods-per-node", "1", "--backend", "bgp-rr", "--route-reflectors", "2"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "5",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp-rr",
+        "--route-reflectors",
+        "2",
+    ]);
     // Clients peer only with the two reflectors; reflectors with everyone.
     let client = std::fs::read_to_string("/run/weft/lab/weft-n4/agent.log").expect("log");
-    assert_eq!(client.matches("BGP session established").count(), 2, "{client}");
+    assert_eq!(
+        client.matches("BGP session established").count(),
+        2,
+        "{client}"
+    );
     let routes = run_in("n4", &["ip", "route"]);
-    assert!(routes.contains(&format!("{} via 10.0.1.15 dev eth0 proto 87", lab.subnet("weft-n5"))), "a client's route via the reflectors: {routes}");
+    assert!(
+        routes.contains(&format!(
+            "{} via 10.0.1.15 dev eth0 proto 87",
+            lab.subnet("weft-n5")
+        )),
+        "a client's route via the reflectors: {routes}"
+    );
     // One reflector goes: no route is lost between the rest.
     ok(&["lab", "leave", "n1"]);
     std::thread::sleep(Duration::from_secs(1));
@@ -305,7 +515,11 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
     let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp"]);
     let target = lab.pod_ip("n3-p0");
     let pinger = std::thread::spawn(move || {
-        Command::new(env!("CARGO_BIN_EXE_weft")).args(["lab", "exec", "n2-p0", "--", "ping", "-i", "0.01", "-c", "500", "-W", "1", &target]).output()
+        Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args([
+                "lab", "exec", "n2-p0", "--", "ping", "-i", "0.01", "-c", "500", "-W", "1", &target,
+            ])
+            .output()
     });
     std::thread::sleep(Duration::from_millis(500));
     // n3's agent (and n1's) die, their BGP sessions with them, then come back. n2 keeps
@@ -317,14 +531,32 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
         }
     }
     std::thread::sleep(Duration::from_millis(1500));
-    ok(&["lab", "up", "--nodes", "3", "--pods-per-node", "1", "--backend", "bgp"]);
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp",
+    ]);
     let out = pinger.join().expect("pinger").expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(" 0% packet loss"), "loss across agent restarts:\n{text}");
+    assert!(
+        text.contains(" 0% packet loss"),
+        "loss across agent restarts:\n{text}"
+    );
     let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
-    assert!(log.contains("graceful restart"), "n2 kept the restarting peers' routes:\n{log}");
+    assert!(
+        log.contains("graceful restart"),
+        "n2 kept the restarting peers' routes:\n{log}"
+    );
     let t = Instant::now();
-    while !std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").unwrap_or_default().contains("End-of-RIB") {
+    while !std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log")
+        .unwrap_or_default()
+        .contains("End-of-RIB")
+    {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "no End-of-RIB at n2:\n{}\n--- n1 after its restart:\n{}",
@@ -338,13 +570,34 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
 
 #[test]
 fn bgp_with_bird_as_top_of_rack_across_two_segments() {
-    let lab = Lab::up(&["--nodes", "4", "--pods-per-node", "1", "--backend", "bgp-tor", "--segments", "2"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp-tor",
+        "--segments",
+        "2",
+    ]);
     // BIRD (the router namespace) learned every node's subnet and routes between segments.
     let router = run_in("underlay", &["ip", "route"]);
     for n in ["weft-n1", "weft-n2", "weft-n3", "weft-n4"] {
-        assert!(router.lines().any(|l| l.starts_with(&lab.subnet(n)) && l.contains("proto bird")), "{n}: {router}");
+        assert!(
+            router
+                .lines()
+                .any(|l| l.starts_with(&lab.subnet(n)) && l.contains("proto bird")),
+            "{n}: {router}"
+        );
     }
-    let protos = String::from_utf8_lossy(&Command::new("birdc").args(["-s", "/run/weft/lab/bird/bird.ctl", "show", "protocols"]).output().expect("birdc").stdout).into_owned();
+    let protos = String::from_utf8_lossy(
+        &Command::new("birdc")
+            .args(["-s", "/run/weft/lab/bird/bird.ctl", "show", "protocols"])
+            .output()
+            .expect("birdc")
+            .stdout,
+    )
+    .into_owned();
     assert_eq!(protos.matches("Established").count(), 4, "{protos}");
     // Encapsulation Never: no tunnel device anywhere.
     for n in ["n1", "n2"] {
@@ -355,14 +608,47 @@ fn bgp_with_bird_as_top_of_rack_across_two_segments() {
 
 #[test]
 fn bgp_with_gobgp_as_route_reflector() {
-    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp-gobgp"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp-gobgp",
+    ]);
     // GoBGP reflected every node's route to the others; next hops are the nodes themselves.
     let routes = run_in("n1", &["ip", "route"]);
-    assert!(routes.contains(&format!("{} via 10.0.1.12 dev eth0 proto 87", lab.subnet("weft-n2"))), "{routes}");
-    assert!(routes.contains(&format!("{} via 10.0.1.13 dev eth0 proto 87", lab.subnet("weft-n3"))), "{routes}");
-    let peers = run_in("underlay", &["gobgp", "-u", "127.0.0.1", "-p", "50051", "neighbor"]);
+    assert!(
+        routes.contains(&format!(
+            "{} via 10.0.1.12 dev eth0 proto 87",
+            lab.subnet("weft-n2")
+        )),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!(
+            "{} via 10.0.1.13 dev eth0 proto 87",
+            lab.subnet("weft-n3")
+        )),
+        "{routes}"
+    );
+    let peers = run_in(
+        "underlay",
+        &["gobgp", "-u", "127.0.0.1", "-p", "50051", "neighbor"],
+    );
     assert_eq!(peers.matches("Establ").count(), 3, "{peers}");
     // What weft's agent learned carries GoBGP's reflection attributes.
-    let learned: serde_json::Value = serde_json::from_str(&run_in("n1", &[env!("CARGO_BIN_EXE_weft"), "bgp", "routes", "--json"])).expect("json");
-    assert!(learned.as_array().expect("routes").iter().all(|r| r["cluster_list"][0] == "10.0.1.254"), "{learned}");
+    let learned: serde_json::Value = serde_json::from_str(&run_in(
+        "n1",
+        &[env!("CARGO_BIN_EXE_weft"), "bgp", "routes", "--json"],
+    ))
+    .expect("json");
+    assert!(
+        learned
+            .as_array()
+            .expect("routes")
+            .iter()
+            .all(|r| r["cluster_list"][0] == "10.0.1.254"),
+        "{learned}"
+    );
 }

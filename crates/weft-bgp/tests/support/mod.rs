@@ -24,7 +24,9 @@ pub fn bird(port: u16) -> Bird {
 
 /// The same, with a TCP MD5 password on the session.
 pub fn bird_with(port: u16, password: Option<&str>) -> Bird {
-    let pw = password.map(|p| format!("  password \"{p}\";\n")).unwrap_or_default();
+    let pw = password
+        .map(|p| format!("  password \"{p}\";\n"))
+        .unwrap_or_default();
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("bird.conf");
     std::fs::write(
@@ -48,6 +50,9 @@ pub fn bird_with(port: u16, password: Option<&str>) -> Bird {
         .stderr(Stdio::null())
         .spawn()
         .expect("bird not installed: apt-get install bird2");
-    Bird { child, ctl, _dir: dir }
+    Bird {
+        child,
+        ctl,
+        _dir: dir,
+    }
 }
-

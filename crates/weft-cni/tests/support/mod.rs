@@ -12,12 +12,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_weft-cni");
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn sh(args: &[&str]) -> Output {
-    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
 pub fn ok(args: &[&str]) -> String {
     let o = sh(args);
-    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -28,7 +35,12 @@ pub struct Ns {
 
 impl Ns {
     pub fn new(tag: &str) -> Ns {
-        let name = format!("wtc{}{}-{}", std::process::id() % 100_000, tag, COUNTER.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "wtc{}{}-{}",
+            std::process::id() % 100_000,
+            tag,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         ok(&["ip", "netns", "add", &name]);
         ok(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         Ns { name }
@@ -46,12 +58,19 @@ impl Ns {
 
     pub fn run(&self, args: &[&str]) -> String {
         let o = self.exec(args);
-        assert!(o.status.success(), "in {}: {args:?}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "in {}: {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     pub fn ping(&self, ip: &str) -> bool {
-        self.exec(&["ping", "-c", "1", "-W", "2", ip]).status.success()
+        self.exec(&["ping", "-c", "1", "-W", "2", ip])
+            .status
+            .success()
     }
 }
 
@@ -76,7 +95,13 @@ impl Run {
         self.out["msg"].as_str().unwrap_or_default().to_string()
     }
     pub fn ip(&self) -> String {
-        self.out["ips"][0]["address"].as_str().unwrap_or_default().split('/').next().unwrap_or_default().to_string()
+        self.out["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_default()
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -91,7 +116,9 @@ impl Node {
     /// ARP, a default route into a dead-end veth inside the node.
     pub fn new(subnet: &str) -> Node {
         let ns = Ns::new("n");
-        ns.run(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+        ns.run(&[
+            "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+        ]);
         ns.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "up0"]);
         ns.run(&["ip", "link", "set", "up0", "up"]);
         ns.run(&["ip", "link", "set", "up1", "up"]);
@@ -115,28 +142,63 @@ impl Node {
 
     pub fn ipam_files(&self, network: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.dir.path().join("ipam").join(network))
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.parse::<std::net::IpAddr>().is_ok()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
     }
 
     /// Runs weft-cni in the node namespace, as a runtime would.
-    pub fn cni(&self, cmd: &str, conf: &Value, cid: Option<&str>, netns: Option<&str>, ifname: Option<&str>) -> Run {
+    pub fn cni(
+        &self,
+        cmd: &str,
+        conf: &Value,
+        cid: Option<&str>,
+        netns: Option<&str>,
+        ifname: Option<&str>,
+    ) -> Run {
         self.cni_raw(cmd, conf.to_string().as_bytes(), cid, netns, ifname)
     }
 
-    pub fn cni_raw(&self, cmd: &str, stdin: &[u8], cid: Option<&str>, netns: Option<&str>, ifname: Option<&str>) -> Run {
+    pub fn cni_raw(
+        &self,
+        cmd: &str,
+        stdin: &[u8],
+        cid: Option<&str>,
+        netns: Option<&str>,
+        ifname: Option<&str>,
+    ) -> Run {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns.name, BIN]).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c.args(["netns", "exec", &self.ns.name, BIN])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         c.env("CNI_COMMAND", cmd).env("CNI_PATH", "/usr/lib/cni");
-        for (k, v) in [("CNI_CONTAINERID", cid), ("CNI_NETNS", netns), ("CNI_IFNAME", ifname)] {
+        for (k, v) in [
+            ("CNI_CONTAINERID", cid),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", ifname),
+        ] {
             if let Some(v) = v {
                 c.env(k, v);
             }
         }
-        let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn weft-cni");
-        child.stdin.take().expect("stdin").write_all(stdin).expect("write stdin");
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weft-cni");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin)
+            .expect("write stdin");
         let o = child.wait_with_output().expect("wait");
         let out = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         Run {

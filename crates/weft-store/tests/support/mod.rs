@@ -7,12 +7,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use weft_store::etcd::EtcdTls;
-use weft_store::sqlite::SqliteStore;
 use weft_store::spec::EtcdSettings;
+use weft_store::sqlite::SqliteStore;
 use weft_store::{AnyStore, StoreSpec};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port on loopback")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
 }
 
 /// One etcd member.
@@ -145,7 +148,10 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd member {} did not become healthy within 20 s", self.name);
+        panic!(
+            "etcd member {} did not become healthy within 20 s",
+            self.name
+        );
     }
 
     /// SIGKILL (SIGTERM on a leader whose peers are gone blocks for seconds).
@@ -171,8 +177,11 @@ impl Etcd {
             .args(["endpoint", "status", "--write-out=json"])
             .output()
             .expect("etcdctl");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl status json");
-        let rev = v[0]["Status"]["header"]["revision"].as_i64().expect("revision");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("etcdctl status json");
+        let rev = v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("revision");
         let ok = self
             .etcdctl()
             .args(["compact", &rev.to_string()])
@@ -220,7 +229,9 @@ impl Harness {
     pub fn spec(&self) -> StoreSpec {
         match self {
             Harness::Sqlite { dir } => StoreSpec::Sqlite(dir.path().join("store.db")),
-            Harness::Etcd { members, .. } => StoreSpec::Etcd(members.iter().map(|m| m.endpoint()).collect()),
+            Harness::Etcd { members, .. } => {
+                StoreSpec::Etcd(members.iter().map(|m| m.endpoint()).collect())
+            }
         }
     }
 
@@ -233,12 +244,16 @@ impl Harness {
             },
             Harness::Sqlite { .. } => EtcdSettings::default(),
         };
-        AnyStore::open(&self.spec(), &settings).await.expect("open store")
+        AnyStore::open(&self.spec(), &settings)
+            .await
+            .expect("open store")
     }
 
     pub fn sqlite_store(&self) -> Option<SqliteStore> {
         match self {
-            Harness::Sqlite { dir } => Some(SqliteStore::open(dir.path().join("store.db")).expect("open sqlite")),
+            Harness::Sqlite { dir } => {
+                Some(SqliteStore::open(dir.path().join("store.db")).expect("open sqlite"))
+            }
             _ => None,
         }
     }
@@ -264,6 +279,11 @@ for who in server client; do
 done"#,
         dir = dir.display()
     );
-    let ok = Command::new("sh").arg("-c").arg(sh).status().expect("openssl (apt-get install openssl)").success();
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(sh)
+        .status()
+        .expect("openssl (apt-get install openssl)")
+        .success();
     assert!(ok, "making test certificates failed");
 }
