@@ -2,6 +2,8 @@
 //! vxlan and host-gw differ only here; no I/O, so every rule is a unit test with plain data.
 //! The dataplane's reconciler makes the kernel match the plan.
 
+pub mod udp;
+
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use weft_core::config::{Backend, BgpConf, Encapsulation, VxlanConf};
@@ -25,6 +27,8 @@ pub struct Local {
 pub enum Dev {
     Vxlan,
     Underlay,
+    /// The udp backend's TUN device: a device route, `via` unused.
+    Tun,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,9 +82,22 @@ pub struct Unreachable {
     pub reason: String,
 }
 
+/// The udp backend's TUN device; the agent's forwarding engine creates it, the reconciler
+/// gives it its MTU and address and brings it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunDevice {
+    pub name: String,
+    pub mtu: u32,
+    pub address: Ipv4Addr,
+}
+
+/// The TUN device's name (flannel's is flannel0).
+pub const TUN_NAME: &str = "weft0";
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub vxlan: Option<VxlanDevice>,
+    pub tun: Option<TunDevice>,
     pub routes: Vec<PlannedRoute>,
     pub neighbours: Vec<Neighbour>,
     pub fdb: Vec<FdbEntry>,
@@ -186,7 +203,23 @@ pub fn plan(
                 }
             }
         }
-        Backend::Udp(_) => {} // the udp backend routes into its TUN device (a later issue)
+        Backend::Udp(_) => {
+            // flannel's udp design: the whole cluster network into the TUN device (the local
+            // subnet is the bridge's, a longer prefix); the engine picks the node per packet.
+            d.tun = Some(TunDevice {
+                name: TUN_NAME.to_string(),
+                mtu: d.pod_mtu,
+                address: own_v4.network(),
+            });
+            if let Some(ipnet::IpNet::V4(network)) = cfg.v4.as_ref().map(|p| p.network) {
+                d.routes.push(PlannedRoute {
+                    dst: network,
+                    via: Ipv4Addr::UNSPECIFIED,
+                    dev: Dev::Tun,
+                    onlink: false,
+                });
+            }
+        }
         Backend::Bgp(g) => plan_bgp(&mut d, g, local, own_v4, leases, rib, vxlan_dev_name, mac),
     }
     d.routes.sort();
@@ -442,6 +475,45 @@ mod tests {
             onlink: true
         }));
         assert_eq!(d.fdb.len(), 1);
+    }
+
+    #[test]
+    fn udp_routes_the_cluster_network_into_the_tun_device() {
+        let c = cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#);
+        let own = lease("10.244.1.0-24", "10.0.1.1", None);
+        // Any node, on-link or not: the engine reaches them all over UDP.
+        let peers = vec![
+            lease("10.244.2.0-24", "10.0.1.2", None),
+            lease("10.244.3.0-24", "10.0.2.3", None),
+        ];
+        let d = plan(
+            &c,
+            &local(),
+            &own,
+            &peers,
+            &[],
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        );
+        assert_eq!(d.pod_mtu, 1472, "underlay MTU - 28");
+        assert_eq!(
+            d.tun,
+            Some(TunDevice {
+                name: "weft0".into(),
+                mtu: 1472,
+                address: "10.244.1.0".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            d.routes,
+            vec![PlannedRoute {
+                dst: "10.244.0.0/16".parse().unwrap(),
+                via: Ipv4Addr::UNSPECIFIED,
+                dev: Dev::Tun,
+                onlink: false
+            }]
+        );
+        assert!(d.vxlan.is_none() && d.unreachable.is_empty());
     }
 
     #[test]

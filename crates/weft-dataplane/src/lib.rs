@@ -5,6 +5,7 @@ pub mod link;
 pub mod netns;
 pub mod reconcile;
 pub mod sysctl;
+pub mod udp;
 
 pub use link::{Link, Nl, Route, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
 pub use netns::Netns;

@@ -20,7 +20,7 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::AddressFamily;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use weft_backend::{DesiredState, Dev, FdbEntry, Neighbour, PlannedRoute, VxlanDevice};
+use weft_backend::{DesiredState, Dev, FdbEntry, Neighbour, PlannedRoute, TunDevice, VxlanDevice};
 
 /// Route requests in flight at once.
 const IN_FLIGHT: usize = 64;
@@ -199,18 +199,29 @@ async fn ensure_vxlan(
             })?
         }
     };
-    if link.mtu != v.mtu {
-        h.set_mtu(link.index, v.mtu).await?;
-    }
     if link.mac != v.mac {
         h.set_mac(link.index, v.mac).await?;
+    }
+    ensure_up_with(h, &link, v.mtu, v.address, report).await?;
+    Ok(link)
+}
+
+/// MTU, up, and exactly one IPv4 address: this node's subnet.0/32 (VTEP and TUN alike).
+async fn ensure_up_with(
+    h: &Nl,
+    link: &Link,
+    mtu: u32,
+    address: Ipv4Addr,
+    report: &mut Report,
+) -> Result<(), DataplaneError> {
+    if link.mtu != mtu {
+        h.set_mtu(link.index, mtu).await?;
     }
     if !link.up {
         h.set_up(link.index).await?;
     }
-    // Exactly one address: this node's subnet.0/32.
     let want_addr =
-        IpNet::new(IpAddr::V4(v.address), 32).map_err(|e| DataplaneError::Other(e.to_string()))?;
+        IpNet::new(IpAddr::V4(address), 32).map_err(|e| DataplaneError::Other(e.to_string()))?;
     for (_, a) in h.addrs(Some(link.index)).await? {
         if a != want_addr && a.addr().is_ipv4() {
             h.del_addr(link.index, a).await?;
@@ -218,19 +229,39 @@ async fn ensure_vxlan(
         }
     }
     h.add_addr(link.index, want_addr).await?;
+    Ok(())
+}
+
+/// The udp backend's TUN device: the engine made it (it lives as long as the agent holds it
+/// open); here it gets its MTU and address and comes up.
+async fn ensure_tun(h: &Nl, t: &TunDevice, report: &mut Report) -> Result<Link, DataplaneError> {
+    let link = h.link(&t.name).await?.ok_or_else(|| {
+        DataplaneError::Other(format!(
+            "TUN device {} missing: the udp engine is not running",
+            t.name
+        ))
+    })?;
+    ensure_up_with(h, &link, t.mtu, t.address, report).await?;
     Ok(link)
 }
 
-fn route_of(p: &PlannedRoute, vx: Option<&Link>, underlay: &Link) -> Option<Route> {
+fn route_of(
+    p: &PlannedRoute,
+    vx: Option<&Link>,
+    tun: Option<&Link>,
+    underlay: &Link,
+) -> Option<Route> {
     let oif = match p.dev {
         Dev::Vxlan => vx?.index,
         Dev::Underlay => underlay.index,
+        Dev::Tun => tun?.index,
     };
+    let device_route = p.dev == Dev::Tun;
     Some(Route {
         dst: IpNet::V4(p.dst),
-        gateway: Some(IpAddr::V4(p.via)),
+        gateway: (!device_route).then_some(IpAddr::V4(p.via)),
         oif: Some(oif),
-        scope_link: false,
+        scope_link: device_route,
         protocol: RTPROT_WEFT,
         onlink: p.onlink,
     })
@@ -275,6 +306,17 @@ pub async fn reconcile(h: &Nl, d: &DesiredState, underlay: &Link) -> Report {
         }
     };
 
+    let tun = match &d.tun {
+        Some(t) => match ensure_tun(h, t, &mut report).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                report.fail(e);
+                None
+            }
+        },
+        None => None,
+    };
+
     // Neighbours and FDB on the VTEP first: a route is only useful once they are there.
     if let Some(vx) = &vx {
         if let Err(e) = sync_neighbours(h, vx, &d.neighbours, &mut report).await {
@@ -289,7 +331,7 @@ pub async fn reconcile(h: &Nl, d: &DesiredState, underlay: &Link) -> Report {
     let want: Vec<Route> = d
         .routes
         .iter()
-        .filter_map(|p| route_of(p, vx.as_ref(), underlay))
+        .filter_map(|p| route_of(p, vx.as_ref(), tun.as_ref(), underlay))
         .collect();
     match h.routes(false).await {
         Err(e) => report.fail(e),

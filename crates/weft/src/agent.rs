@@ -87,6 +87,8 @@ struct Metrics {
     /// `weft bgp peers` and `weft bgp routes` read these (JSON).
     bgp_peers: std::sync::Mutex<serde_json::Value>,
     bgp_routes: std::sync::Mutex<String>,
+    /// The udp backend's engine counters (zero with other backends).
+    udp: weft_dataplane::udp::Stats,
 }
 
 impl Metrics {
@@ -105,6 +107,7 @@ impl Metrics {
             bgp_prefixes_received: Default::default(),
             bgp_peers: std::sync::Mutex::new(serde_json::json!([])),
             bgp_routes: std::sync::Mutex::new("[]".to_string()),
+            udp: Default::default(),
         };
         registry.register("leases", "Leases seen in the store", m.leases.clone());
         registry.register(
@@ -142,7 +145,63 @@ impl Metrics {
             "Prefixes held from each BGP peer",
             m.bgp_prefixes_received.clone(),
         );
-        Metrics { registry, ..m }
+        let u = &m.udp;
+        for (name, help, c) in [
+            (
+                "udp_tx_packets",
+                "Pod packets sent to other nodes over UDP",
+                &u.tx_packets,
+            ),
+            (
+                "udp_tx_bytes",
+                "Bytes of pod packets sent over UDP",
+                &u.tx_bytes,
+            ),
+            (
+                "udp_rx_packets",
+                "Pod packets received over UDP and delivered",
+                &u.rx_packets,
+            ),
+            (
+                "udp_rx_bytes",
+                "Bytes of pod packets received over UDP and delivered",
+                &u.rx_bytes,
+            ),
+            (
+                "udp_no_route",
+                "Pod packets to an address in no lease",
+                &u.no_route,
+            ),
+            (
+                "udp_frag_needed",
+                "ICMP fragmentation-needed answers sent to pods",
+                &u.frag_needed,
+            ),
+            (
+                "udp_send_errors",
+                "Pod packets the UDP socket refused",
+                &u.send_errors,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        // One family by reason; its counters are the engine's (a Counter clone shares its value).
+        let dropped =
+            prometheus_client::metrics::family::Family::<Vec<(String, String)>, Counter>::default();
+        let udp = weft_dataplane::udp::Stats {
+            dropped: weft_backend::udp::Drop::ALL.map(|d| {
+                dropped
+                    .get_or_create(&vec![("reason".to_string(), d.as_str().to_string())])
+                    .clone()
+            }),
+            ..m.udp.clone()
+        };
+        registry.register(
+            "udp_dropped",
+            "Datagrams dropped: stranger (sender holds no lease), spoofed (inner source outside the sender's subnet), malformed",
+            dropped,
+        );
+        Metrics { registry, udp, ..m }
     }
 
     fn encode(&self) -> String {
@@ -323,10 +382,6 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         cfg.v4.is_some(),
         "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet"
     );
-    anyhow::ensure!(
-        !matches!(cfg.backend, Backend::Udp(_)),
-        "Backend.Type udp is not built yet; use vxlan, host-gw or bgp"
-    );
     let nl = Nl::here()?;
     let re = match &a.iface_regex {
         Some(r) => Some(
@@ -414,6 +469,32 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             tracing::error!(error = %e, "metrics endpoint failed");
         }
     });
+
+    // The udp backend: the TUN device and the threads that carry it over UDP.
+    let udp = match &cfg.backend {
+        Backend::Udp(u) => {
+            let own4 = lease
+                .key
+                .v4
+                .context("the udp backend needs an IPv4 subnet")?;
+            let ec = weft_dataplane::udp::EngineConfig {
+                tun_name: weft_backend::TUN_NAME.to_string(),
+                listen: std::net::SocketAddrV4::new(public_ip, u.port),
+                mtu: u16::try_from(pod_mtu).unwrap_or(u16::MAX),
+                // The first address of our subnet (the bridge's gateway) answers for the path.
+                icmp_source: own4.hosts().next().unwrap_or(own4.network()),
+            };
+            let e = weft_dataplane::udp::Engine::start(ec, metrics.udp.clone())
+                .with_context(|| format!("starting the udp backend on {public_ip}:{}", u.port))?;
+            tracing::info!(
+                port = u.port,
+                device = weft_backend::TUN_NAME,
+                "udp backend engine started"
+            );
+            Some(e)
+        }
+        _ => None,
+    };
 
     // Keep the lease; every renewal rewrites subnet.env (CNI's STATUS reads its age).
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -555,6 +636,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             }
             None => Vec::new(),
         };
+        if let Some(e) = &udp {
+            e.set_peers(weft_backend::udp::PeerTable::new(public_ip, &leases));
+        }
         let desired: DesiredState =
             weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
         let start = Instant::now();

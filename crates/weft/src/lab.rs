@@ -47,7 +47,7 @@ pub struct UpArgs {
     pub nodes: usize,
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
-    /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, bgp (node mesh, CrossSubnet) or
+    /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, udp (userspace over TUN), bgp (node mesh, CrossSubnet) or
     /// bgp-rr (no mesh: nodes peer with the --route-reflectors), bgp-tor (no mesh: nodes peer
     /// with BIRD as the top-of-rack router in the underlay namespace, Encapsulation Never) or
     /// bgp-gobgp (no mesh: GoBGP in the underlay namespace reflects for every node).
@@ -169,6 +169,7 @@ fn net_conf(backend: &str) -> Result<String> {
         "vxlan" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#.into(),
         "vxlan-dr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#.into(),
         "host-gw" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#.into(),
+        "udp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 8285}}"#.into(),
         "bgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#.into(),
         "bgp-rr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false}}"#.into(),
         // Calico's top-of-rack design: no mesh, every node peers with BIRD in the router
@@ -178,7 +179,7 @@ fn net_conf(backend: &str) -> Result<String> {
         // GoBGP as the route reflector of every node (iBGP, AS 64512), in the router namespace.
         "bgp-gobgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false,
             "Peers": [{"Address": "10.0.1.254", "ASNumber": 64512}]}}"#.into(),
-        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, bgp, bgp-rr, bgp-tor or bgp-gobgp"),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, udp, bgp, bgp-rr, bgp-tor or bgp-gobgp"),
     })
 }
 

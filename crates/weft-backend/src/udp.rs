@@ -1,0 +1,355 @@
+//! The udp backend's packet rules, pure: which node a pod packet goes to (longest-prefix match
+//! over the leases), whether a received datagram may enter (its sender holds a lease and the
+//! inner source is inside that lease), and the ICMP "fragmentation needed" answer (RFC 792,
+//! RFC 1191 §4) for a packet the path cannot carry. The I/O is in weft-dataplane.
+//!
+//! Wire format (flannel's): the UDP payload is the inner IP packet, nothing before it.
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use weft_core::Lease;
+
+/// UDP (8) + outer IPv4 (20) header bytes around each inner packet.
+pub const UDP_OVERHEAD: u32 = 28;
+
+/// The nodes a packet can go to: every lease but our own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerTable {
+    /// Sorted by network address, then by prefix length, longest last.
+    v4: Vec<(Ipv4Net, Ipv4Addr)>,
+    v6: Vec<(Ipv6Net, Ipv4Addr)>,
+    /// Public IP -> its subnets (v4, v6), for checking what arrives.
+    nodes: HashMap<Ipv4Addr, (Option<Ipv4Net>, Option<Ipv6Net>)>,
+}
+
+/// Why a datagram was dropped (the metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Drop {
+    /// From an address that holds no lease.
+    Stranger,
+    /// From a node, but the inner source is outside that node's subnet.
+    Spoofed,
+    /// Too short, not IPv4/IPv6, or lengths that do not add up.
+    Malformed,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 3] = [Drop::Stranger, Drop::Spoofed, Drop::Malformed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::Stranger => "stranger",
+            Drop::Spoofed => "spoofed",
+            Drop::Malformed => "malformed",
+        }
+    }
+}
+
+impl PeerTable {
+    /// From the leases; our own (`own_ip`) is left out: local pods are the bridge's.
+    pub fn new(own_ip: Ipv4Addr, leases: &[Lease]) -> PeerTable {
+        let mut t = PeerTable::default();
+        for l in leases.iter().filter(|l| l.attrs.public_ip != own_ip) {
+            let ip = l.attrs.public_ip;
+            if let Some(v4) = l.key.v4 {
+                t.v4.push((v4, ip));
+            }
+            if let Some(v6) = l.key.v6 {
+                t.v6.push((v6, ip));
+            }
+            t.nodes.insert(ip, (l.key.v4, l.key.v6));
+        }
+        t.v4.sort_by_key(|(n, _)| (n.network(), n.prefix_len()));
+        t.v6.sort_by_key(|(n, _)| (n.network(), n.prefix_len()));
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The public IP of the node whose subnet holds `dst` (longest prefix). Leases never
+    /// overlap, so the entry just below `dst` in address order decides; walking down covers
+    /// nested reservations too.
+    pub fn next_hop(&self, dst: IpAddr) -> Option<Ipv4Addr> {
+        match dst {
+            IpAddr::V4(a) => lpm(&self.v4, a, |n| n.network(), |n, a| n.contains(a)),
+            IpAddr::V6(a) => lpm(&self.v6, a, |n| n.network(), |n, a| n.contains(a)),
+        }
+    }
+
+    /// May this datagram from `from` enter? `pkt` is the inner packet.
+    pub fn check_inbound(&self, from: Ipv4Addr, pkt: &[u8]) -> Result<(), Drop> {
+        let Some((v4, v6)) = self.nodes.get(&from) else {
+            return Err(Drop::Stranger);
+        };
+        match parse(pkt)? {
+            (IpAddr::V4(src), _) if v4.is_some_and(|n| n.contains(&src)) => Ok(()),
+            (IpAddr::V6(src), _) if v6.is_some_and(|n| n.contains(&src)) => Ok(()),
+            _ => Err(Drop::Spoofed),
+        }
+    }
+}
+
+fn lpm<N: Copy, A: Copy + Ord>(
+    t: &[(N, Ipv4Addr)],
+    a: A,
+    net: impl Fn(&N) -> A,
+    has: impl Fn(&N, &A) -> bool,
+) -> Option<Ipv4Addr> {
+    let end = t.partition_point(|(n, _)| net(n) <= a);
+    t[..end]
+        .iter()
+        .rev()
+        .find(|(n, _)| has(n, &a))
+        .map(|(_, ip)| *ip)
+}
+
+/// The inner packet's (source, destination), or Malformed: an IPv4 header whose length and
+/// total length fit the datagram, or an IPv6 header whose payload length does.
+pub fn parse(pkt: &[u8]) -> Result<(IpAddr, IpAddr), Drop> {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 20 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+            if ihl < 20 || total < ihl || total > pkt.len() {
+                return Err(Drop::Malformed);
+            }
+            let a =
+                |i: usize| IpAddr::V4(Ipv4Addr::new(pkt[i], pkt[i + 1], pkt[i + 2], pkt[i + 3]));
+            Ok((a(12), a(16)))
+        }
+        Some(6) if pkt.len() >= 40 => {
+            let payload = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+            if 40 + payload > pkt.len() {
+                return Err(Drop::Malformed);
+            }
+            let a = |i: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&pkt[i..i + 16]);
+                IpAddr::from(b)
+            };
+            Ok((a(8), a(24)))
+        }
+        _ => Err(Drop::Malformed),
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Writes into `out` the ICMP "destination unreachable, fragmentation needed and DF set"
+/// (type 3 code 4) that tells the sender of IPv4 packet `pkt` to use at most `mtu` bytes, from
+/// `src`; returns its length. None when no answer is due (not IPv4, DF clear, a fragment other
+/// than the first, itself an ICMP error) or `out` is too small (RFC 1812 §4.3.2.7 rules).
+pub fn frag_needed(pkt: &[u8], mtu: u16, src: Ipv4Addr, out: &mut [u8]) -> Option<usize> {
+    let (IpAddr::V4(dst), _) = parse(pkt).ok()? else {
+        return None;
+    };
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let flags_frag = u16::from_be_bytes([pkt[6], pkt[7]]);
+    let df = flags_frag & 0x4000 != 0;
+    let offset = flags_frag & 0x1fff;
+    let icmp_error = pkt[9] == 1
+        && pkt
+            .get(ihl)
+            .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+    if !df || offset != 0 || icmp_error {
+        return None;
+    }
+    // RFC 792: the original IP header and the first 64 bits of its data.
+    let quoted = &pkt[..(ihl + 8).min(pkt.len())];
+    let len = 20 + 8 + quoted.len();
+    let out = out.get_mut(..len)?;
+    out.fill(0);
+    out[0] = 0x45;
+    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    out[8] = 64; // TTL
+    out[9] = 1; // ICMP
+    out[12..16].copy_from_slice(&src.octets());
+    out[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&out[..20]);
+    out[10..12].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut out[20..];
+    icmp[0] = 3;
+    icmp[1] = 4;
+    // RFC 1191 §4: the next-hop MTU in the low 16 bits of the second word.
+    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+    icmp[8..].copy_from_slice(quoted);
+    let c = checksum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Some(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::{Expiry, LeaseAttrs};
+
+    fn lease(sub: &str, ip: &str) -> Lease {
+        Lease {
+            key: sub.parse().unwrap(),
+            attrs: LeaseAttrs::new("n", ip.parse().unwrap(), "udp"),
+            expiry: Expiry::Unknown,
+        }
+    }
+
+    fn v4(src: &str, dst: &str, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[6] = 0x40; // DF
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src.parse::<Ipv4Addr>().unwrap().octets());
+        p[16..20].copy_from_slice(&dst.parse::<Ipv4Addr>().unwrap().octets());
+        p
+    }
+
+    fn table() -> PeerTable {
+        let leases = [
+            lease("10.244.1.0-24", "10.0.0.1"),
+            lease("10.244.2.0-24", "10.0.0.2"),
+            lease("10.244.3.0-24", "10.0.0.3"),
+            lease("10.244.8.0-21", "10.0.0.8"),
+            lease("10.244.9.0-24", "10.0.0.9"), // nested in the /21: the longer prefix wins
+        ];
+        PeerTable::new("10.0.0.1".parse().unwrap(), &leases)
+    }
+
+    #[test]
+    fn destinations_go_to_the_node_holding_the_longest_prefix() {
+        let t = table();
+        let hop = |d: &str| t.next_hop(d.parse().unwrap()).map(|a| a.to_string());
+        assert_eq!(hop("10.244.2.7").as_deref(), Some("10.0.0.2"));
+        assert_eq!(hop("10.244.3.255").as_deref(), Some("10.0.0.3"));
+        assert_eq!(hop("10.244.9.1").as_deref(), Some("10.0.0.9"));
+        assert_eq!(hop("10.244.10.1").as_deref(), Some("10.0.0.8"));
+        assert_eq!(hop("10.244.1.5"), None, "our own subnet is the bridge's");
+        assert_eq!(hop("10.244.4.1"), None);
+        assert_eq!(hop("9.9.9.9"), None);
+        assert_eq!(t.len(), 4);
+    }
+
+    #[test]
+    fn only_nodes_with_a_lease_may_send_and_only_from_their_subnet() {
+        let t = table();
+        let ok = v4("10.244.2.9", "10.244.1.5", 60);
+        assert_eq!(t.check_inbound("10.0.0.2".parse().unwrap(), &ok), Ok(()));
+        assert_eq!(
+            t.check_inbound("10.0.0.66".parse().unwrap(), &ok),
+            Err(Drop::Stranger)
+        );
+        assert_eq!(
+            t.check_inbound("10.0.0.1".parse().unwrap(), &ok),
+            Err(Drop::Stranger),
+            "we do not send to ourselves"
+        );
+        assert_eq!(
+            t.check_inbound("10.0.0.3".parse().unwrap(), &ok),
+            Err(Drop::Spoofed)
+        );
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        v6[5] = 8;
+        assert_eq!(
+            t.check_inbound("10.0.0.2".parse().unwrap(), &v6),
+            Err(Drop::Spoofed),
+            "node 2 has no IPv6 subnet"
+        );
+    }
+
+    #[test]
+    fn malformed_inner_packets_are_named() {
+        let t = table();
+        let from: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let good = v4("10.244.2.9", "10.244.1.5", 60);
+        assert_eq!(t.check_inbound(from, &[]), Err(Drop::Malformed));
+        assert_eq!(
+            t.check_inbound(from, &good[..19]),
+            Err(Drop::Malformed),
+            "shorter than a header"
+        );
+        assert_eq!(
+            t.check_inbound(from, &good[..59]),
+            Err(Drop::Malformed),
+            "total length past the end"
+        );
+        let mut bad_ihl = good.clone();
+        bad_ihl[0] = 0x44;
+        assert_eq!(t.check_inbound(from, &bad_ihl), Err(Drop::Malformed));
+        let mut not_ip = good.clone();
+        not_ip[0] = 0x15;
+        assert_eq!(t.check_inbound(from, &not_ip), Err(Drop::Malformed));
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        v6[5] = 9; // 40 + 9 > 48
+        assert_eq!(t.check_inbound(from, &v6), Err(Drop::Malformed));
+    }
+
+    #[test]
+    fn frag_needed_quotes_the_packet_and_carries_the_mtu() {
+        let pkt = v4("10.244.1.5", "10.244.2.9", 1400);
+        let mut out = [0u8; 128];
+        let n = frag_needed(&pkt, 1372, "10.244.1.1".parse().unwrap(), &mut out).unwrap();
+        let o = &out[..n];
+        assert_eq!(n, 20 + 8 + 28);
+        assert_eq!(
+            parse(o).unwrap(),
+            ("10.244.1.1".parse().unwrap(), "10.244.1.5".parse().unwrap())
+        );
+        assert_eq!(checksum(&o[..20]), 0, "IP header checksum verifies");
+        assert_eq!(checksum(&o[20..]), 0, "ICMP checksum verifies");
+        assert_eq!((o[20], o[21]), (3, 4));
+        assert_eq!(u16::from_be_bytes([o[26], o[27]]), 1372);
+        assert_eq!(&o[28..], &pkt[..28]);
+        // No answer without DF, for later fragments, for ICMP errors, for IPv6.
+        let mut no_df = pkt.clone();
+        no_df[6] = 0;
+        assert_eq!(
+            frag_needed(&no_df, 1372, "10.244.1.1".parse().unwrap(), &mut out),
+            None
+        );
+        let mut later = pkt.clone();
+        later[7] = 1;
+        assert_eq!(
+            frag_needed(&later, 1372, "10.244.1.1".parse().unwrap(), &mut out),
+            None
+        );
+        let mut err = pkt.clone();
+        err[9] = 1;
+        err[20] = 3;
+        assert_eq!(
+            frag_needed(&err, 1372, "10.244.1.1".parse().unwrap(), &mut out),
+            None
+        );
+        assert_eq!(
+            frag_needed(&pkt, 1372, "10.244.1.1".parse().unwrap(), &mut [0u8; 40]),
+            None,
+            "no room"
+        );
+    }
+
+    #[test]
+    fn checksum_matches_rfc_1071_example() {
+        // RFC 1071 §3: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2, so the checksum is 220d.
+        assert_eq!(
+            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0x220d
+        );
+    }
+}
