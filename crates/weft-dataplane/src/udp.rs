@@ -26,8 +26,10 @@ use crate::DataplaneError;
 /// Linux `UDP_SEGMENT` and `UDP_GRO` (include/uapi/linux/udp.h).
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
-/// Segments in one GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
+/// Segments in one GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels), and bytes:
+/// one send is one UDP datagram to the socket layer, at most 65535 − 20 − 8.
 const MAX_SEGMENTS: usize = 64;
+const MAX_GSO_BYTES: usize = 65535 - 28;
 /// Messages per `recvmmsg`.
 const RX_MSGS: usize = 16;
 const MAX_DATAGRAM: usize = 65536;
@@ -251,6 +253,7 @@ struct Tx {
 impl Tx {
     fn run(self) {
         let stride = usize::from(self.cfg.mtu);
+        let max_run = MAX_SEGMENTS.min(MAX_GSO_BYTES / stride.max(1)).max(1);
         let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM];
         // Packets back to back, one per `stride`: a run of full-size packets to one node is
         // already the contiguous buffer a GSO send wants.
@@ -288,7 +291,7 @@ impl Tx {
                 let mut j = i + 1;
                 while j < n
                     && sizes[j - 1] == stride
-                    && j - i < MAX_SEGMENTS
+                    && j - i < max_run
                     && hop_of(j) == Some(hop)
                 {
                     j += 1;
