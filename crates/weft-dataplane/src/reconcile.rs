@@ -242,6 +242,9 @@ async fn ensure_tun(h: &Nl, t: &TunDevice, report: &mut Report) -> Result<Link, 
         ))
     })?;
     ensure_up_with(h, &link, t.mtu, t.address, report).await?;
+    // The engine's ICMP "fragmentation needed" comes from our own bridge address: without
+    // accept_local the kernel drops a packet with a local source arriving on an interface.
+    crate::sysctl::set_iface("ipv4", &t.name, "accept_local", "1")?;
     Ok(link)
 }
 
