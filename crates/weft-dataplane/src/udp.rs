@@ -289,11 +289,7 @@ impl Tx {
                 };
                 // A run: full-size packets to the same node, the last one possibly shorter.
                 let mut j = i + 1;
-                while j < n
-                    && sizes[j - 1] == stride
-                    && j - i < max_run
-                    && hop_of(j) == Some(hop)
-                {
+                while j < n && sizes[j - 1] == stride && j - i < max_run && hop_of(j) == Some(hop) {
                     j += 1;
                 }
                 let bytes = (j - 1 - i) * stride + sizes[j - 1];

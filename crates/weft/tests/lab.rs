@@ -668,18 +668,32 @@ fn send_datagram(ns_cmd: &[&str], dst: &str, payload_hex: &str) {
     let py = format!("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(bytes.fromhex('{payload_hex}'), ('{dst}', 8285))");
     let mut cmd = ns_cmd.to_vec();
     cmd.extend_from_slice(&["python3", "-c", &py]);
-    let o = Command::new(cmd[0]).args(&cmd[1..]).output().expect("python3");
-    assert!(o.status.success(), "sending a datagram: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .expect("python3");
+    assert!(
+        o.status.success(),
+        "sending a datagram: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// An ICMP echo request from `src` to `dst` as hex (IPv4 header with its checksum).
 fn echo_hex(src: &str, dst: &str) -> String {
-    let ip = |a: &str| a.split('.').map(|o| o.parse::<u8>().expect("octet")).collect::<Vec<u8>>();
+    let ip = |a: &str| {
+        a.split('.')
+            .map(|o| o.parse::<u8>().expect("octet"))
+            .collect::<Vec<u8>>()
+    };
     let mut p = vec![0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 1, 0, 0];
     p.extend(ip(src));
     p.extend(ip(dst));
     p.extend([8, 0, 0xf7, 0xff, 0, 0, 0, 0]); // echo request, id 0 seq 0, checksum of itself
-    let sum = p[..20].chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum::<u32>();
+    let sum = p[..20]
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
     let c = !((sum & 0xffff) + (sum >> 16)) as u16;
     p[10..12].copy_from_slice(&c.to_be_bytes());
     p.iter().map(|b| format!("{b:02x}")).collect()
@@ -691,8 +705,15 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     // MTU: underlay 1500 minus UDP's 28; a full-size packet with DF set crosses nodes.
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1472"));
     let far = lab.pod_ip("n3-p0");
-    let o = exec("n1-p0", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1444", &far]);
-    assert!(o.status.success(), "1472-byte DF ping over udp: {}", String::from_utf8_lossy(&o.stdout));
+    let o = exec(
+        "n1-p0",
+        &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1444", &far],
+    );
+    assert!(
+        o.status.success(),
+        "1472-byte DF ping over udp: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 
     // Strangers: the underlay router holds no lease; n2 holds one but may only speak for its
@@ -704,7 +725,11 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     let in_subnet = |s: &str| s.replace(".0/24", ".77");
     let before = |r: &str| udp_counter("n1", &format!("weft_udp_dropped_total{{reason=\"{r}\"}}"));
     let (st, sp, ma) = (before("stranger"), before("spoofed"), before("malformed"));
-    send_datagram(&["ip", "netns", "exec", "weft-underlay"], n1, &echo_hex(&in_subnet(&s2), &pod1));
+    send_datagram(
+        &["ip", "netns", "exec", "weft-underlay"],
+        n1,
+        &echo_hex(&in_subnet(&s2), &pod1),
+    );
     let n2_exec = [env!("CARGO_BIN_EXE_weft"), "lab", "exec", "n2", "--"];
     send_datagram(&n2_exec, n1, &echo_hex(&in_subnet(&s3), &pod1));
     send_datagram(&n2_exec, n1, "4500");
@@ -715,26 +740,72 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
 
     // Path MTU: n1's path to n2 shrinks to 1200; a pod sending more with DF set hears so
     // (ICMP fragmentation needed, mtu 1200 - 28) and then fits its packets to it.
-    run_in("n1", &["ip", "route", "add", "10.0.1.12/32", "dev", "eth0", "mtu", "lock", "1200"]);
+    run_in(
+        "n1",
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.0.1.12/32",
+            "dev",
+            "eth0",
+            "mtu",
+            "lock",
+            "1200",
+        ],
+    );
     let pod2 = lab.pod_ip("n2-p0");
-    let o = exec("n1-p0", &["ping", "-c", "3", "-i", "0.3", "-W", "1", "-M", "do", "-s", "1400", &pod2]);
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(text.contains("mtu = 1172") || text.contains("mtu=1172"), "no fragmentation-needed from the udp backend:\n{text}");
+    let o = exec(
+        "n1-p0",
+        &[
+            "ping", "-c", "3", "-i", "0.3", "-W", "1", "-M", "do", "-s", "1400", &pod2,
+        ],
+    );
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        text.contains("mtu = 1172") || text.contains("mtu=1172"),
+        "no fragmentation-needed from the udp backend:\n{text}"
+    );
     assert!(udp_counter("n1", "weft_udp_frag_needed_total") > 0);
-    let o = exec("n1-p0", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1100", &pod2]);
-    assert!(o.status.success(), "a packet that fits the smaller path: {}", String::from_utf8_lossy(&o.stdout));
+    let o = exec(
+        "n1-p0",
+        &[
+            "ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1100", &pod2,
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "a packet that fits the smaller path: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     run_in("n1", &["ip", "route", "del", "10.0.1.12/32"]);
 
     // A node joins, a node leaves: the peer tables follow the leases, nothing restarts.
     let pid1 = lab.agent_pid("weft-n1");
-    ok(&["lab", "up", "--nodes", "4", "--pods-per-node", "2", "--backend", "udp"]);
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "2",
+        "--backend",
+        "udp",
+    ]);
     lab.converge();
     ok(&["lab", "leave", "n2"]);
     lab.converge();
     let stale = udp_counter("n1", "weft_udp_no_route_total");
     let _ = exec("n1-p0", &["ping", "-c", "1", "-W", "1", &pod2]);
-    wait_until("n1 no longer sending to the departed node", 5, || udp_counter("n1", "weft_udp_no_route_total") > stale);
-    assert_eq!(lab.agent_pid("weft-n1"), pid1, "the agent was not restarted by joins and leaves");
+    wait_until("n1 no longer sending to the departed node", 5, || {
+        udp_counter("n1", "weft_udp_no_route_total") > stale
+    });
+    assert_eq!(
+        lab.agent_pid("weft-n1"),
+        pid1,
+        "the agent was not restarted by joins and leaves"
+    );
 
     // Agents killed and restarted: the TUN device comes back and every pod reaches every pod.
     for n in ["weft-n1", "weft-n3"] {
@@ -744,7 +815,16 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    ok(&["lab", "up", "--nodes", "4", "--pods-per-node", "2", "--backend", "udp"]);
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "2",
+        "--backend",
+        "udp",
+    ]);
     lab.converge();
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 }
