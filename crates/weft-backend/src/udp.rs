@@ -1,6 +1,6 @@
 //! The udp backend's packet rules, pure: which node a pod packet goes to (longest-prefix match
-//! over the leases), whether a received datagram may enter (its sender holds a lease and the
-//! inner source is inside that lease), and the ICMP "fragmentation needed" answer (RFC 792,
+//! over the leases), whether a received datagram may enter (its sender holds a lease, the
+//! inner source is inside that lease and the inner destination inside ours), and the ICMP "fragmentation needed" answer (RFC 792,
 //! RFC 1191 §4) for a packet the path cannot carry. The I/O is in weft-dataplane.
 //!
 //! Wire format (flannel's): the UDP payload is the inner IP packet, nothing before it.
@@ -21,6 +21,8 @@ pub struct PeerTable {
     v6: Vec<(Ipv6Net, Ipv4Addr)>,
     /// Public IP -> its subnets (v4, v6), for checking what arrives.
     nodes: HashMap<Ipv4Addr, (Option<Ipv4Net>, Option<Ipv6Net>)>,
+    /// Our own subnets: what arrives must be for them.
+    own: (Option<Ipv4Net>, Option<Ipv6Net>),
 }
 
 /// Why a datagram was dropped (the metric label).
@@ -32,16 +34,25 @@ pub enum Drop {
     Spoofed,
     /// Too short, not IPv4/IPv6, or lengths that do not add up.
     Malformed,
+    /// From a node, but not for a pod of ours: we would forward it on (a relay for anyone
+    /// holding a lease), so it stops here.
+    Misdirected,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 3] = [Drop::Stranger, Drop::Spoofed, Drop::Malformed];
+    pub const ALL: [Drop; 4] = [
+        Drop::Stranger,
+        Drop::Spoofed,
+        Drop::Malformed,
+        Drop::Misdirected,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Drop::Stranger => "stranger",
             Drop::Spoofed => "spoofed",
             Drop::Malformed => "malformed",
+            Drop::Misdirected => "misdirected",
         }
     }
 }
@@ -50,6 +61,9 @@ impl PeerTable {
     /// From the leases; our own (`own_ip`) is left out: local pods are the bridge's.
     pub fn new(own_ip: Ipv4Addr, leases: &[Lease]) -> PeerTable {
         let mut t = PeerTable::default();
+        if let Some(l) = leases.iter().find(|l| l.attrs.public_ip == own_ip) {
+            t.own = (l.key.v4, l.key.v6);
+        }
         for l in leases.iter().filter(|l| l.attrs.public_ip != own_ip) {
             let ip = l.attrs.public_ip;
             if let Some(v4) = l.key.v4 {
@@ -88,10 +102,22 @@ impl PeerTable {
         let Some((v4, v6)) = self.nodes.get(&from) else {
             return Err(Drop::Stranger);
         };
-        match parse(pkt)? {
-            (IpAddr::V4(src), _) if v4.is_some_and(|n| n.contains(&src)) => Ok(()),
-            (IpAddr::V6(src), _) if v6.is_some_and(|n| n.contains(&src)) => Ok(()),
-            _ => Err(Drop::Spoofed),
+        let (src, dst) = parse(pkt)?;
+        let (from_ok, to_ok) = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => (
+                v4.is_some_and(|n| n.contains(&s)),
+                self.own.0.is_some_and(|n| n.contains(&d)),
+            ),
+            (IpAddr::V6(s), IpAddr::V6(d)) => (
+                v6.is_some_and(|n| n.contains(&s)),
+                self.own.1.is_some_and(|n| n.contains(&d)),
+            ),
+            _ => (false, false),
+        };
+        match (from_ok, to_ok) {
+            (false, _) => Err(Drop::Spoofed),
+            (true, false) => Err(Drop::Misdirected),
+            (true, true) => Ok(()),
         }
     }
 }
@@ -262,6 +288,18 @@ mod tests {
         assert_eq!(
             t.check_inbound("10.0.0.3".parse().unwrap(), &ok),
             Err(Drop::Spoofed)
+        );
+        let elsewhere = v4("10.244.2.9", "10.244.3.5", 60);
+        assert_eq!(
+            t.check_inbound("10.0.0.2".parse().unwrap(), &elsewhere),
+            Err(Drop::Misdirected),
+            "not a relay to node 3"
+        );
+        let outside = v4("10.244.2.9", "8.8.8.8", 60);
+        assert_eq!(
+            t.check_inbound("10.0.0.2".parse().unwrap(), &outside),
+            Err(Drop::Misdirected),
+            "not a relay out of the cluster"
         );
         let mut v6 = vec![0u8; 48];
         v6[0] = 0x60;

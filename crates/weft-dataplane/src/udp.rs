@@ -47,7 +47,7 @@ pub struct Stats {
     pub frag_needed: Counter,
     pub send_errors: Counter,
     /// Indexed like `Drop::ALL`.
-    pub dropped: [Counter; 3],
+    pub dropped: [Counter; 4],
 }
 
 impl Stats {

@@ -198,7 +198,7 @@ impl Metrics {
         };
         registry.register(
             "udp_dropped",
-            "Datagrams dropped: stranger (sender holds no lease), spoofed (inner source outside the sender's subnet), malformed",
+            "Datagrams dropped: stranger (sender holds no lease), spoofed (inner source outside the sender's subnet), malformed, misdirected (inner destination not in our subnet)",
             dropped,
         );
         Metrics { registry, udp, ..m }

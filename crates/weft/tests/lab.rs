@@ -724,7 +724,12 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     let s3 = lab.subnet("weft-n3");
     let in_subnet = |s: &str| s.replace(".0/24", ".77");
     let before = |r: &str| udp_counter("n1", &format!("weft_udp_dropped_total{{reason=\"{r}\"}}"));
-    let (st, sp, ma) = (before("stranger"), before("spoofed"), before("malformed"));
+    let (st, sp, ma, mi) = (
+        before("stranger"),
+        before("spoofed"),
+        before("malformed"),
+        before("misdirected"),
+    );
     send_datagram(
         &["ip", "netns", "exec", "weft-underlay"],
         n1,
@@ -733,8 +738,13 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     let n2_exec = [env!("CARGO_BIN_EXE_weft"), "lab", "exec", "n2", "--"];
     send_datagram(&n2_exec, n1, &echo_hex(&in_subnet(&s3), &pod1));
     send_datagram(&n2_exec, n1, "4500");
+    // From n2's subnet but not for n1's pods: n1 would forward it on (a relay), so it stops.
+    send_datagram(&n2_exec, n1, &echo_hex(&in_subnet(&s2), "10.0.1.254"));
     wait_until("the forged datagrams counted", 5, || {
-        before("stranger") > st && before("spoofed") > sp && before("malformed") > ma
+        before("stranger") > st
+            && before("spoofed") > sp
+            && before("malformed") > ma
+            && before("misdirected") > mi
     });
     lab.converge();
 
