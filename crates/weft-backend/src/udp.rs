@@ -221,6 +221,110 @@ pub fn frag_needed(pkt: &[u8], mtu: u16, src: Ipv4Addr, out: &mut [u8]) -> Optio
     Some(len)
 }
 
+/// Linux virtio-net header (include/uapi/linux/virtio_net.h), the TUN device's per-packet prefix.
+pub const VNET_HDR_LEN: usize = 10;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+/// Room for a virtio-net header and IPv4 + TCP headers with options.
+pub const SUPER_HEADER_MAX: usize = VNET_HDR_LEN + 60 + 60;
+
+/// An IPv4 TCP segment's layout: (IP header length, TCP header length, payload length).
+fn tcp4(p: &[u8]) -> Option<(usize, usize, usize)> {
+    let ihl = usize::from(p.first()? & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*p.get(2)?, *p.get(3)?]));
+    // Version 4, TCP, not a fragment, no IP options (their bytes would have to match too).
+    if p[0] >> 4 != 4
+        || ihl != 20
+        || *p.get(9)? != 6
+        || u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0
+        || total != p.len()
+    {
+        return None;
+    }
+    let th = usize::from(*p.get(ihl + 12)? >> 4) * 4;
+    (th >= 20 && ihl + th <= total).then_some((ihl, th, total - ihl - th))
+}
+
+fn seq(p: &[u8], ihl: usize) -> u32 {
+    u32::from_be_bytes([p[ihl + 4], p[ihl + 5], p[ihl + 6], p[ihl + 7]])
+}
+
+/// Can `next` join the run of TCP segments that began with `first` and so far ends with
+/// `prev`, to be handed to the kernel as one super-packet (GRO's rules, as the kernel's
+/// tcp_gro_receive keeps them): same flow and headers (TTL, TOS, DF, options alike), the next
+/// sequence number, equal-sized segments (the last may be shorter), only ACK set before the
+/// last (which may add PSH), and the whole under 64 KiB.
+pub fn tcp_joins(first: &[u8], prev: &[u8], next: &[u8], run_payload: usize) -> bool {
+    let (Some((ihl, th, flen)), Some((_, _, plen)), Some((nihl, nth, nlen))) =
+        (tcp4(first), tcp4(prev), tcp4(next))
+    else {
+        return false;
+    };
+    let flags = |p: &[u8]| p[ihl + 13];
+    nihl == ihl
+        && nth == th
+        && nlen > 0
+        && nlen <= flen
+        && plen == flen
+        && flags(prev) == TCP_ACK
+        && (flags(next) & !TCP_PSH) == TCP_ACK
+        && first[1] == next[1] // TOS
+        && first[6] & 0x40 == next[6] & 0x40 // DF
+        && first[8] == next[8] // TTL
+        && first[12..20] == next[12..20] // addresses
+        && first[ihl..ihl + 4] == next[ihl..ihl + 4] // ports
+        && first[ihl + 8..ihl + 12] == next[ihl + 8..ihl + 12] // ack number
+        && first[ihl + 14..ihl + 16] == next[ihl + 14..ihl + 16] // window
+        && first[ihl + 20..ihl + th] == next[ihl + 20..ihl + th] // options
+        && seq(next, ihl) == seq(prev, ihl).wrapping_add(plen as u32)
+        && ihl + th + run_payload + nlen <= 65535
+}
+
+/// Writes into `out` the virtio-net header and the IPv4 + TCP headers of the super-packet made
+/// of a run that starts with `first`, carries `payload` bytes in all and ends with `last`
+/// (whose PSH it takes); returns the header's length. The TCP checksum field holds the
+/// pseudo-header sum for the kernel to finish (CHECKSUM_PARTIAL); the segments' payloads follow
+/// the header as they are.
+pub fn tcp_super_header(
+    first: &[u8],
+    last: &[u8],
+    payload: usize,
+    out: &mut [u8; SUPER_HEADER_MAX],
+) -> Option<usize> {
+    let (ihl, th, seg) = tcp4(first)?;
+    let hl = ihl + th;
+    let total = u16::try_from(hl + payload).ok()?;
+    out[..VNET_HDR_LEN].fill(0);
+    out[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    out[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+    out[2..4].copy_from_slice(&(hl as u16).to_le_bytes());
+    out[4..6].copy_from_slice(&(seg as u16).to_le_bytes());
+    out[6..8].copy_from_slice(&(ihl as u16).to_le_bytes());
+    out[8..10].copy_from_slice(&16u16.to_le_bytes());
+    let h = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + hl];
+    h.copy_from_slice(&first[..hl]);
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[10..12].fill(0);
+    let c = checksum(&h[..ihl]);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h[ihl + 13] |= last[ihl + 13] & TCP_PSH;
+    // Pseudo-header (RFC 793 §3.1): addresses, protocol, TCP length; folded, not inverted.
+    let mut pseudo = [0u8; 12];
+    pseudo[..8].copy_from_slice(&first[12..20]);
+    pseudo[9] = 6;
+    pseudo[10..12].copy_from_slice(&((th + payload) as u16).to_be_bytes());
+    let partial = !checksum(&pseudo);
+    h[ihl + 16..ihl + 18].copy_from_slice(&partial.to_be_bytes());
+    Some(VNET_HDR_LEN + hl)
+}
+
+/// The payload of an IPv4 TCP segment (what follows its headers).
+pub fn tcp_payload(p: &[u8]) -> &[u8] {
+    tcp4(p).map_or(&[], |(ihl, th, _)| &p[ihl + th..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,5 +493,103 @@ mod tests {
             checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
             0x220d
         );
+    }
+
+    /// An IPv4 TCP segment of `flow` (source port) with sequence `seq`, flags, payload length.
+    fn seg(sport: u16, seq: u32, flags: u8, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + 32 + len];
+        p[0] = 0x45;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[6] = 0x40;
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 244, 2, 9]);
+        p[16..20].copy_from_slice(&[10, 244, 1, 5]);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&7u32.to_be_bytes());
+        p[32] = 8 << 4; // 32-byte TCP header (timestamps)
+        p[33] = flags;
+        p[34..36].copy_from_slice(&500u16.to_be_bytes());
+        p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        for (i, b) in p[52..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        p
+    }
+
+    #[test]
+    fn consecutive_segments_of_one_flow_join_and_others_do_not() {
+        let a = seg(1000, 100, TCP_ACK, 1420);
+        let b = seg(1000, 1520, TCP_ACK, 1420);
+        let c = seg(1000, 2940, TCP_ACK | TCP_PSH, 300);
+        assert!(tcp_joins(&a, &a, &b, 1420));
+        assert!(
+            tcp_joins(&a, &b, &c, 2840),
+            "the last may be shorter and carry PSH"
+        );
+        assert!(
+            !tcp_joins(&a, &c, &seg(1000, 3240, TCP_ACK, 300), 3140),
+            "nothing after PSH or a short one"
+        );
+        assert!(
+            !tcp_joins(&a, &a, &seg(1000, 1521, TCP_ACK, 1420), 1420),
+            "a gap in sequence"
+        );
+        assert!(
+            !tcp_joins(&a, &a, &seg(1001, 1520, TCP_ACK, 1420), 1420),
+            "another flow"
+        );
+        assert!(
+            !tcp_joins(&a, &a, &seg(1000, 1520, TCP_ACK, 1421), 1420),
+            "longer than the first"
+        );
+        assert!(
+            !tcp_joins(&a, &a, &seg(1000, 1520, TCP_ACK | 0x01, 1420), 1420),
+            "FIN"
+        );
+        let mut ts = b.clone();
+        ts[47] = 9; // another timestamp
+        assert!(!tcp_joins(&a, &a, &ts, 1420), "options must match");
+        assert!(!tcp_joins(&a, &a, &b, 65535 - 52 - 1000), "under 64 KiB");
+        assert!(
+            !tcp_joins(&a, &a, &v4("10.244.2.9", "10.244.1.5", 60), 1420),
+            "not TCP"
+        );
+        assert_eq!(tcp_payload(&c).len(), 300);
+    }
+
+    #[test]
+    fn the_super_header_describes_the_whole_run() {
+        let a = seg(1000, 100, TCP_ACK, 1420);
+        let c = seg(1000, 1520, TCP_ACK | TCP_PSH, 300);
+        let mut h = [0u8; SUPER_HEADER_MAX];
+        let n = tcp_super_header(&a, &c, 1720, &mut h).unwrap();
+        assert_eq!(n, VNET_HDR_LEN + 52);
+        // virtio-net: NEEDS_CSUM, TCPv4, hdr_len 52, gso_size 1420, csum at 20 + 16.
+        assert_eq!(&h[..10], &[1, 1, 52, 0, 0x8c, 0x05, 20, 0, 16, 0]);
+        let ip = &h[10..n];
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 52 + 1720);
+        assert_eq!(checksum(&ip[..20]), 0, "IP header checksum verifies");
+        assert_eq!(ip[33], TCP_ACK | TCP_PSH, "PSH from the last segment");
+        assert_eq!(
+            &ip[24..28],
+            &100u32.to_be_bytes(),
+            "the first segment's sequence"
+        );
+        // The kernel completes the checksum over header + payload from the pseudo-header sum:
+        // doing the same here must verify against the real pseudo-header.
+        let mut whole = ip[20..].to_vec();
+        whole.extend_from_slice(tcp_payload(&a));
+        whole.extend_from_slice(tcp_payload(&c));
+        let partial = u16::from_be_bytes([whole[16], whole[17]]);
+        whole[16..18].fill(0);
+        let full = !checksum(&[&partial.to_be_bytes()[..], &whole].concat());
+        whole[16..18].copy_from_slice(&(!full).to_be_bytes());
+        let mut pseudo = vec![10, 244, 2, 9, 10, 244, 1, 5, 0, 6];
+        pseudo.extend_from_slice(&(whole.len() as u16).to_be_bytes());
+        assert_eq!(checksum(&[pseudo, whole].concat()), 0);
     }
 }

@@ -18,8 +18,11 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
-use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
-use weft_backend::udp::{frag_needed, parse, Drop, PeerTable, UDP_OVERHEAD};
+use tun_rs::{DeviceBuilder, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use weft_backend::udp::{
+    frag_needed, parse, tcp_joins, tcp_payload, tcp_super_header, Drop, PeerTable,
+    SUPER_HEADER_MAX, UDP_OVERHEAD, VNET_HDR_LEN,
+};
 
 use crate::DataplaneError;
 
@@ -33,6 +36,10 @@ const MAX_GSO_BYTES: usize = 65535 - 28;
 /// Messages per `recvmmsg`.
 const RX_MSGS: usize = 16;
 const MAX_DATAGRAM: usize = 65536;
+const _: () = assert!(
+    VNET_HDR_LEN == VIRTIO_NET_HDR_LEN,
+    "the TUN device's header is the one the rules build"
+);
 
 /// The engine's counters (shared with the agent's /metrics).
 #[derive(Debug, Clone, Default)]
@@ -347,18 +354,24 @@ struct Rx {
     stats: Stats,
 }
 
+/// A run of admitted datagrams of one message, consecutive (`first..=last`, by index of
+/// `stride`), that forms one TCP super-packet (or a single packet).
+#[derive(Clone, Copy)]
+struct Run {
+    first: usize,
+    last: usize,
+    payload: usize,
+}
+
 impl Rx {
     fn run(self) {
         let fd = self.sock.as_raw_fd();
         let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; RX_MSGS];
-        // Inner packets to write, each behind room for its virtio-net header; capacity for a
-        // whole coalesced super-packet so GRO never reallocates.
-        let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
-            .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_DATAGRAM))
-            .collect();
-        let mut gro = GROTable::default();
         let mut addrs = [sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); RX_MSGS];
         let mut controls = [[0u64; 8]; RX_MSGS];
+        let mut hdr = [0u8; SUPER_HEADER_MAX];
+        // One header + one payload per datagram of a GRO message (at most 64).
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + 2 * MAX_SEGMENTS);
         loop {
             let mut iovs: [libc::iovec; RX_MSGS] = std::array::from_fn(|k| libc::iovec {
                 iov_base: bufs[k].as_mut_ptr() as *mut libc::c_void,
@@ -393,41 +406,106 @@ impl Rx {
                 continue;
             }
             let peers = current(&self.peers);
-            let mut m = 0;
             for (k, msg) in msgs.iter().enumerate().take(n as usize) {
                 let len = msg.msg_len as usize;
                 let from = Ipv4Addr::from(u32::from_be(addrs[k].sin_addr.s_addr));
                 let stride = gro_size(&msg.msg_hdr).unwrap_or(len).max(1);
-                for d in bufs[k][..len].chunks(stride) {
+                let data = &bufs[k][..len];
+                let at = |i: usize| &data[i * stride..((i + 1) * stride).min(len)];
+                let mut run: Option<Run> = None;
+                for i in 0..len.div_ceil(stride) {
+                    let d = at(i);
                     if let Err(why) = peers.check_inbound(from, d) {
                         self.stats.dropped(why).inc();
+                        if let Some(r) = run.take() {
+                            self.write(&at, r, &mut hdr, &mut iov);
+                        }
                         continue;
                     }
-                    let b = &mut out[m];
-                    b.clear();
-                    b.resize(VIRTIO_NET_HDR_LEN, 0);
-                    b.extend_from_slice(d);
+                    self.stats.rx_packets.inc();
                     self.stats.rx_bytes.inc_by(d.len() as u64);
-                    m += 1;
-                    if m == out.len() {
-                        self.write(&mut gro, &mut out, m);
-                        m = 0;
-                    }
+                    run = match run {
+                        Some(r)
+                            if r.last + 1 == i
+                                && tcp_joins(at(r.first), at(r.last), d, r.payload) =>
+                        {
+                            Some(Run {
+                                last: i,
+                                payload: r.payload + tcp_payload(d).len(),
+                                ..r
+                            })
+                        }
+                        other => {
+                            if let Some(r) = other {
+                                self.write(&at, r, &mut hdr, &mut iov);
+                            }
+                            Some(Run {
+                                first: i,
+                                last: i,
+                                payload: tcp_payload(d).len(),
+                            })
+                        }
+                    };
                 }
-            }
-            if m > 0 {
-                self.write(&mut gro, &mut out, m);
+                if let Some(r) = run {
+                    self.write(&at, r, &mut hdr, &mut iov);
+                }
             }
         }
     }
 
-    fn write(&self, gro: &mut GROTable, out: &mut [Vec<u8>], m: usize) {
-        self.stats.rx_packets.inc_by(m as u64);
-        if let Err(e) = self
-            .dev
-            .send_multiple(gro, &mut out[..m], VIRTIO_NET_HDR_LEN)
-        {
-            tracing::debug!(error = %e, "TUN write");
+    /// Writes a run to the TUN device: a single packet as it is, several as one TCP
+    /// super-packet — one header, then every segment's payload straight from the receive
+    /// buffer (no copy here; the kernel re-segments or delivers it whole). Should the kernel
+    /// refuse the super-packet, its segments go one by one.
+    fn write<'a>(
+        &self,
+        at: &impl Fn(usize) -> &'a [u8],
+        r: Run,
+        hdr: &mut [u8; SUPER_HEADER_MAX],
+        iov: &mut Vec<libc::iovec>,
+    ) {
+        let tun = self.dev.as_raw_fd();
+        let plain = [0u8; VNET_HDR_LEN];
+        let one = |p: &[u8]| writev(tun, &[io_slice(&plain), io_slice(p)]);
+        if r.first == r.last {
+            if let Err(e) = one(at(r.first)) {
+                tracing::debug!(error = %e, "TUN write");
+            }
+            return;
+        }
+        let Some(n) = tcp_super_header(at(r.first), at(r.last), r.payload, hdr) else {
+            return;
+        };
+        iov.clear();
+        iov.push(io_slice(&hdr[..n]));
+        iov.extend((r.first..=r.last).map(|i| io_slice(tcp_payload(at(i)))));
+        if let Err(e) = writev(tun, iov) {
+            tracing::debug!(error = %e, segments = r.last - r.first + 1, "TUN refused a super-packet; writing its segments one by one");
+            for i in r.first..=r.last {
+                let _ = one(at(i));
+            }
+        }
+    }
+}
+
+fn io_slice(b: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: b.as_ptr() as *mut libc::c_void,
+        iov_len: b.len(),
+    }
+}
+
+fn writev(fd: RawFd, iov: &[libc::iovec]) -> io::Result<()> {
+    loop {
+        // SAFETY: every iovec points into a live buffer with its length.
+        let rc = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -716,6 +716,24 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     );
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 
+    // Bytes arrive intact: the receiver hands TCP trains to the kernel as super-packets whose
+    // checksum the kernel finishes rather than checks, so compare what arrives with what left.
+    let srv = "import socket,hashlib\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 7000)); s.listen(1)\nc,_=s.accept(); h=hashlib.sha256()\nwhile True:\n    b=c.recv(1<<20)\n    if not b: break\n    h.update(b)\nprint(h.hexdigest())";
+    let server = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["lab", "exec", "n3-p0", "--", "python3", "-c", srv])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("server");
+    std::thread::sleep(Duration::from_millis(500));
+    let cli = format!("import socket,hashlib,random\nd=random.randbytes(30<<20); s=socket.create_connection(('{far}', 7000)); s.sendall(d); s.close(); print(hashlib.sha256(d).hexdigest())");
+    let sent = run_in("n1-p0", &["python3", "-c", &cli]);
+    let got = server.wait_with_output().expect("server output");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        sent.trim(),
+        "30 MiB over udp arrived altered"
+    );
+
     // Strangers: the underlay router holds no lease; n2 holds one but may only speak for its
     // own subnet; a datagram too short to be a packet. Each dropped and counted; the agent lives.
     let n1 = "10.0.1.11";
