@@ -225,104 +225,146 @@ pub fn frag_needed(pkt: &[u8], mtu: u16, src: Ipv4Addr, out: &mut [u8]) -> Optio
 pub const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 /// Room for a virtio-net header and IPv4 + TCP headers with options.
 pub const SUPER_HEADER_MAX: usize = VNET_HDR_LEN + 60 + 60;
 
-/// An IPv4 TCP segment's layout: (IP header length, TCP header length, payload length).
-fn tcp4(p: &[u8]) -> Option<(usize, usize, usize)> {
+/// An IPv4 TCP or UDP packet's layout, for coalescing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct L4 {
+    proto: u8,
+    /// IP header length (20: packets with IP options are left alone).
+    ihl: usize,
+    /// TCP or UDP header length.
+    hl: usize,
+    payload: usize,
+}
+
+fn l4(p: &[u8]) -> Option<L4> {
     let ihl = usize::from(p.first()? & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([*p.get(2)?, *p.get(3)?]));
-    // Version 4, TCP, not a fragment, no IP options (their bytes would have to match too).
+    // Version 4, no IP options, not a fragment, nothing after the packet.
     if p[0] >> 4 != 4
         || ihl != 20
-        || *p.get(9)? != 6
         || u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0
         || total != p.len()
     {
         return None;
     }
-    let th = usize::from(*p.get(ihl + 12)? >> 4) * 4;
-    (th >= 20 && ihl + th <= total).then_some((ihl, th, total - ihl - th))
+    let (proto, hl) = match *p.get(9)? {
+        6 => (6, usize::from(*p.get(ihl + 12)? >> 4) * 4),
+        17 if usize::from(u16::from_be_bytes([*p.get(ihl + 4)?, *p.get(ihl + 5)?]))
+            == total - ihl =>
+        {
+            (17, 8)
+        }
+        _ => return None,
+    };
+    (hl >= 8 && ihl + hl <= total).then_some(L4 {
+        proto,
+        ihl,
+        hl,
+        payload: total - ihl - hl,
+    })
 }
 
 fn seq(p: &[u8], ihl: usize) -> u32 {
     u32::from_be_bytes([p[ihl + 4], p[ihl + 5], p[ihl + 6], p[ihl + 7]])
 }
 
-/// Can `next` join the run of TCP segments that began with `first` and so far ends with
-/// `prev`, to be handed to the kernel as one super-packet (GRO's rules, as the kernel's
-/// tcp_gro_receive keeps them): same flow and headers (TTL, TOS, DF, options alike), the next
-/// sequence number, equal-sized segments (the last may be shorter), only ACK set before the
-/// last (which may add PSH), and the whole under 64 KiB.
-pub fn tcp_joins(first: &[u8], prev: &[u8], next: &[u8], run_payload: usize) -> bool {
-    let (Some((ihl, th, flen)), Some((_, _, plen)), Some((nihl, nth, nlen))) =
-        (tcp4(first), tcp4(prev), tcp4(next))
-    else {
+/// Can `next` join the run of packets that began with `first` and so far ends with `prev`, to
+/// be handed to the kernel as one super-packet (GRO's rules, as the kernel's keep them): one
+/// flow (TCP or UDP) with the same IP header fields, equal-sized packets (the last may be
+/// shorter), the whole under 64 KiB; for TCP also the next sequence number, the same ACK,
+/// window and options, and only ACK set before the last (which may add PSH). UDP only when
+/// `udp_ok` (the TUN device takes UDP segmentation offload).
+pub fn joins(first: &[u8], prev: &[u8], next: &[u8], run_payload: usize, udp_ok: bool) -> bool {
+    let (Some(f), Some(p), Some(n)) = (l4(first), l4(prev), l4(next)) else {
         return false;
     };
-    let flags = |p: &[u8]| p[ihl + 13];
-    nihl == ihl
-        && nth == th
-        && nlen > 0
-        && nlen <= flen
-        && plen == flen
-        && flags(prev) == TCP_ACK
-        && (flags(next) & !TCP_PSH) == TCP_ACK
-        && first[1] == next[1] // TOS
+    let ihl = f.ihl;
+    let same_ip = first[1] == next[1] // TOS
         && first[6] & 0x40 == next[6] & 0x40 // DF
         && first[8] == next[8] // TTL
         && first[12..20] == next[12..20] // addresses
-        && first[ihl..ihl + 4] == next[ihl..ihl + 4] // ports
-        && first[ihl + 8..ihl + 12] == next[ihl + 8..ihl + 12] // ack number
-        && first[ihl + 14..ihl + 16] == next[ihl + 14..ihl + 16] // window
-        && first[ihl + 20..ihl + th] == next[ihl + 20..ihl + th] // options
-        && seq(next, ihl) == seq(prev, ihl).wrapping_add(plen as u32)
-        && ihl + th + run_payload + nlen <= 65535
+        && first[ihl..ihl + 4] == next[ihl..ihl + 4]; // ports
+    let shape = n.proto == f.proto
+        && n.ihl == ihl
+        && n.hl == f.hl
+        && n.payload > 0
+        && n.payload <= f.payload
+        && p.payload == f.payload
+        && ihl + f.hl + run_payload + n.payload <= 65535;
+    if !(same_ip && shape) {
+        return false;
+    }
+    match f.proto {
+        6 => {
+            let flags = |q: &[u8]| q[ihl + 13];
+            flags(prev) == TCP_ACK
+                && (flags(next) & !TCP_PSH) == TCP_ACK
+                && first[ihl + 8..ihl + 12] == next[ihl + 8..ihl + 12] // ack number
+                && first[ihl + 14..ihl + 16] == next[ihl + 14..ihl + 16] // window
+                && first[ihl + 20..ihl + f.hl] == next[ihl + 20..ihl + f.hl] // options
+                && seq(next, ihl) == seq(prev, ihl).wrapping_add(p.payload as u32)
+        }
+        _ => udp_ok,
+    }
 }
 
-/// Writes into `out` the virtio-net header and the IPv4 + TCP headers of the super-packet made
-/// of a run that starts with `first`, carries `payload` bytes in all and ends with `last`
-/// (whose PSH it takes); returns the header's length. The TCP checksum field holds the
-/// pseudo-header sum for the kernel to finish (CHECKSUM_PARTIAL); the segments' payloads follow
+/// Writes into `out` the virtio-net header and the IPv4 + TCP/UDP headers of the super-packet
+/// made of a run that starts with `first`, carries `payload` bytes in all and ends with `last`
+/// (whose PSH it takes); returns the header's length. The checksum field holds the
+/// pseudo-header sum for the kernel to finish (CHECKSUM_PARTIAL); the packets' payloads follow
 /// the header as they are.
-pub fn tcp_super_header(
+pub fn super_header(
     first: &[u8],
     last: &[u8],
     payload: usize,
     out: &mut [u8; SUPER_HEADER_MAX],
 ) -> Option<usize> {
-    let (ihl, th, seg) = tcp4(first)?;
-    let hl = ihl + th;
+    let f = l4(first)?;
+    let (ihl, hl) = (f.ihl, f.ihl + f.hl);
     let total = u16::try_from(hl + payload).ok()?;
+    let l4_len = (f.hl + payload) as u16;
+    let (gso, csum_at) = if f.proto == 6 {
+        (VIRTIO_NET_HDR_GSO_TCPV4, 16)
+    } else {
+        (VIRTIO_NET_HDR_GSO_UDP_L4, 6)
+    };
     out[..VNET_HDR_LEN].fill(0);
     out[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    out[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+    out[1] = gso;
     out[2..4].copy_from_slice(&(hl as u16).to_le_bytes());
-    out[4..6].copy_from_slice(&(seg as u16).to_le_bytes());
+    out[4..6].copy_from_slice(&(f.payload as u16).to_le_bytes());
     out[6..8].copy_from_slice(&(ihl as u16).to_le_bytes());
-    out[8..10].copy_from_slice(&16u16.to_le_bytes());
-    let h = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + hl];
-    h.copy_from_slice(&first[..hl]);
+    out[8..10].copy_from_slice(&(csum_at as u16).to_le_bytes());
+    let h = out.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + hl)?;
+    h.copy_from_slice(first.get(..hl)?);
     h[2..4].copy_from_slice(&total.to_be_bytes());
     h[10..12].fill(0);
     let c = checksum(&h[..ihl]);
     h[10..12].copy_from_slice(&c.to_be_bytes());
-    h[ihl + 13] |= last[ihl + 13] & TCP_PSH;
-    // Pseudo-header (RFC 793 §3.1): addresses, protocol, TCP length; folded, not inverted.
+    if f.proto == 6 {
+        h[ihl + 13] |= last.get(ihl + 13)? & TCP_PSH;
+    } else {
+        h[ihl + 4..ihl + 6].copy_from_slice(&l4_len.to_be_bytes());
+    }
+    // Pseudo-header (RFC 793 §3.1, RFC 768): addresses, protocol, length; folded, not inverted.
     let mut pseudo = [0u8; 12];
     pseudo[..8].copy_from_slice(&first[12..20]);
-    pseudo[9] = 6;
-    pseudo[10..12].copy_from_slice(&((th + payload) as u16).to_be_bytes());
+    pseudo[9] = f.proto;
+    pseudo[10..12].copy_from_slice(&l4_len.to_be_bytes());
     let partial = !checksum(&pseudo);
-    h[ihl + 16..ihl + 18].copy_from_slice(&partial.to_be_bytes());
+    h[ihl + csum_at..ihl + csum_at + 2].copy_from_slice(&partial.to_be_bytes());
     Some(VNET_HDR_LEN + hl)
 }
 
-/// The payload of an IPv4 TCP segment (what follows its headers).
-pub fn tcp_payload(p: &[u8]) -> &[u8] {
-    tcp4(p).map_or(&[], |(ihl, th, _)| &p[ihl + th..])
+/// The payload of an IPv4 TCP or UDP packet (what follows its headers).
+pub fn l4_payload(p: &[u8]) -> &[u8] {
+    l4(p).map_or(&[], |f| &p[f.ihl + f.hl..])
 }
 
 #[cfg(test)]
@@ -520,45 +562,96 @@ mod tests {
         p
     }
 
+    fn tjoins(first: &[u8], prev: &[u8], next: &[u8], run: usize) -> bool {
+        joins(first, prev, next, run, false)
+    }
+
+    fn udp(sport: u16, len: usize) -> Vec<u8> {
+        let mut p = v4("10.244.2.9", "10.244.1.5", 28 + len);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn udp_datagrams_of_one_flow_join_when_the_device_takes_them() {
+        let (a, b, c) = (udp(9, 64), udp(9, 64), udp(9, 30));
+        assert!(joins(&a, &a, &b, 64, true));
+        assert!(joins(&a, &b, &c, 128, true), "the last may be shorter");
+        assert!(
+            !joins(&a, &a, &b, 64, false),
+            "not without UDP segmentation offload"
+        );
+        assert!(
+            !joins(&a, &c, &udp(9, 30), 158, true),
+            "nothing after a short one"
+        );
+        assert!(!joins(&a, &a, &udp(10, 64), 64, true), "another flow");
+        let mut h = [0u8; SUPER_HEADER_MAX];
+        let n = super_header(&a, &c, 158, &mut h).unwrap();
+        assert_eq!(n, VNET_HDR_LEN + 28);
+        assert_eq!(
+            &h[..10],
+            &[1, 5, 28, 0, 64, 0, 20, 0, 6, 0],
+            "NEEDS_CSUM, UDP_L4, gso_size 64"
+        );
+        assert_eq!(u16::from_be_bytes([h[12], h[13]]), 28 + 158);
+        assert_eq!(
+            u16::from_be_bytes([h[34], h[35]]),
+            8 + 158,
+            "UDP length of the whole"
+        );
+        assert_eq!(checksum(&h[10..30]), 0);
+        let mut pseudo = vec![10, 244, 2, 9, 10, 244, 1, 5, 0, 17];
+        pseudo.extend_from_slice(&(8u16 + 158).to_be_bytes());
+        assert_eq!(
+            u16::from_be_bytes([h[36], h[37]]),
+            !checksum(&pseudo),
+            "the pseudo-header sum"
+        );
+        assert_eq!(l4_payload(&c).len(), 30);
+    }
+
     #[test]
     fn consecutive_segments_of_one_flow_join_and_others_do_not() {
         let a = seg(1000, 100, TCP_ACK, 1420);
         let b = seg(1000, 1520, TCP_ACK, 1420);
         let c = seg(1000, 2940, TCP_ACK | TCP_PSH, 300);
-        assert!(tcp_joins(&a, &a, &b, 1420));
+        assert!(tjoins(&a, &a, &b, 1420));
         assert!(
-            tcp_joins(&a, &b, &c, 2840),
+            tjoins(&a, &b, &c, 2840),
             "the last may be shorter and carry PSH"
         );
         assert!(
-            !tcp_joins(&a, &c, &seg(1000, 3240, TCP_ACK, 300), 3140),
+            !tjoins(&a, &c, &seg(1000, 3240, TCP_ACK, 300), 3140),
             "nothing after PSH or a short one"
         );
         assert!(
-            !tcp_joins(&a, &a, &seg(1000, 1521, TCP_ACK, 1420), 1420),
+            !tjoins(&a, &a, &seg(1000, 1521, TCP_ACK, 1420), 1420),
             "a gap in sequence"
         );
         assert!(
-            !tcp_joins(&a, &a, &seg(1001, 1520, TCP_ACK, 1420), 1420),
+            !tjoins(&a, &a, &seg(1001, 1520, TCP_ACK, 1420), 1420),
             "another flow"
         );
         assert!(
-            !tcp_joins(&a, &a, &seg(1000, 1520, TCP_ACK, 1421), 1420),
+            !tjoins(&a, &a, &seg(1000, 1520, TCP_ACK, 1421), 1420),
             "longer than the first"
         );
         assert!(
-            !tcp_joins(&a, &a, &seg(1000, 1520, TCP_ACK | 0x01, 1420), 1420),
+            !tjoins(&a, &a, &seg(1000, 1520, TCP_ACK | 0x01, 1420), 1420),
             "FIN"
         );
         let mut ts = b.clone();
         ts[47] = 9; // another timestamp
-        assert!(!tcp_joins(&a, &a, &ts, 1420), "options must match");
-        assert!(!tcp_joins(&a, &a, &b, 65535 - 52 - 1000), "under 64 KiB");
+        assert!(!tjoins(&a, &a, &ts, 1420), "options must match");
+        assert!(!tjoins(&a, &a, &b, 65535 - 52 - 1000), "under 64 KiB");
         assert!(
-            !tcp_joins(&a, &a, &v4("10.244.2.9", "10.244.1.5", 60), 1420),
+            !tjoins(&a, &a, &v4("10.244.2.9", "10.244.1.5", 60), 1420),
             "not TCP"
         );
-        assert_eq!(tcp_payload(&c).len(), 300);
+        assert_eq!(l4_payload(&c).len(), 300);
     }
 
     #[test]
@@ -566,7 +659,7 @@ mod tests {
         let a = seg(1000, 100, TCP_ACK, 1420);
         let c = seg(1000, 1520, TCP_ACK | TCP_PSH, 300);
         let mut h = [0u8; SUPER_HEADER_MAX];
-        let n = tcp_super_header(&a, &c, 1720, &mut h).unwrap();
+        let n = super_header(&a, &c, 1720, &mut h).unwrap();
         assert_eq!(n, VNET_HDR_LEN + 52);
         // virtio-net: NEEDS_CSUM, TCPv4, hdr_len 52, gso_size 1420, csum at 20 + 16.
         assert_eq!(&h[..10], &[1, 1, 52, 0, 0x8c, 0x05, 20, 0, 16, 0]);
@@ -582,8 +675,8 @@ mod tests {
         // The kernel completes the checksum over header + payload from the pseudo-header sum:
         // doing the same here must verify against the real pseudo-header.
         let mut whole = ip[20..].to_vec();
-        whole.extend_from_slice(tcp_payload(&a));
-        whole.extend_from_slice(tcp_payload(&c));
+        whole.extend_from_slice(l4_payload(&a));
+        whole.extend_from_slice(l4_payload(&c));
         let partial = u16::from_be_bytes([whole[16], whole[17]]);
         whole[16..18].fill(0);
         let full = !checksum(&[&partial.to_be_bytes()[..], &whole].concat());

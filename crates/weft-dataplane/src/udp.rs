@@ -3,12 +3,14 @@
 //!
 //! Two threads, one per direction. What makes it fast:
 //! - the TUN device runs with virtio-net headers and TSO/checksum offload, so one read is a TCP
-//!   segment train of up to 64 KiB; it is split into MTU-sized packets laid out back to back
-//!   in one buffer and sent as ONE `sendmsg` with UDP GSO (`UDP_SEGMENT`), so the train stays
-//!   one socket buffer through the underlay until the peer's socket;
+//!   segment train of up to 64 KiB; it is split into MTU-sized packets and each run of them to
+//!   one node goes out as one message with UDP GSO (`UDP_SEGMENT`), so the train stays one
+//!   socket buffer through the underlay until the peer's socket; the TUN is read until empty
+//!   and a whole batch (256 packets) leaves in one `sendmmsg`;
 //! - the receiving socket has UDP GRO on and is read with `recvmmsg`: one call returns up to
-//!   16 messages of up to 64 datagrams each; the inner packets are coalesced again (TCP GRO) and
-//!   written to the TUN device as few super-packets;
+//!   16 messages of up to 64 datagrams each; consecutive packets of one TCP or UDP flow are
+//!   written to the TUN device as one super-packet (one header, then the payloads straight
+//!   from the receive buffer: no copy in userspace);
 //! - every buffer is allocated once at start; the hot path allocates nothing per packet.
 //!
 //! The rules (which node, who may send) are pure code in `weft_backend::udp`.
@@ -18,10 +20,10 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
-use tun_rs::{DeviceBuilder, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{DeviceBuilder, SyncDevice, VIRTIO_NET_HDR_LEN};
 use weft_backend::udp::{
-    frag_needed, parse, tcp_joins, tcp_payload, tcp_super_header, Drop, PeerTable,
-    SUPER_HEADER_MAX, UDP_OVERHEAD, VNET_HDR_LEN,
+    frag_needed, joins, l4_payload, parse, super_header, Drop, PeerTable, SUPER_HEADER_MAX,
+    UDP_OVERHEAD, VNET_HDR_LEN,
 };
 
 use crate::DataplaneError;
@@ -36,6 +38,8 @@ const MAX_GSO_BYTES: usize = 65535 - 28;
 /// Messages per `recvmmsg`.
 const RX_MSGS: usize = 16;
 const MAX_DATAGRAM: usize = 65536;
+/// Packets per send batch.
+const TX_SLOTS: usize = 256;
 const _: () = assert!(
     VNET_HDR_LEN == VIRTIO_NET_HDR_LEN,
     "the TUN device's header is the one the rules build"
@@ -187,49 +191,6 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     s
 }
 
-/// One `sendmsg` of `data` to `dst`; with `segment`, the kernel cuts it into datagrams of that
-/// size (UDP GSO, the last one may be shorter).
-fn send_gso(
-    fd: RawFd,
-    dst: &libc::sockaddr_in,
-    data: &[u8],
-    segment: Option<u16>,
-) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // u64s: aligned for cmsghdr; CMSG_SPACE(2) is 24 bytes on 64-bit.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr points at locals that outlive the call; the cmsg is written inside
-    // `control`, whose size we give as msg_controllen.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_name = dst as *const libc::sockaddr_in as *mut libc::c_void;
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if let Some(seg) = segment {
-            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-            msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = UDP_SEGMENT;
-            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
-        }
-        loop {
-            if libc::sendmsg(fd, &msg, 0) >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
 /// The path MTU the kernel knows toward `dst` (IP_MTU on a connected socket).
 fn path_mtu(dst: SocketAddrV4) -> Option<u32> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
@@ -262,33 +223,69 @@ impl Tx {
         let stride = usize::from(self.cfg.mtu);
         let max_run = MAX_SEGMENTS.min(MAX_GSO_BYTES / stride.max(1)).max(1);
         let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM];
-        // Packets back to back, one per `stride`: a run of full-size packets to one node is
-        // already the contiguous buffer a GSO send wants.
-        let mut train = vec![0u8; stride * IDEAL_BATCH_SIZE];
-        let mut sizes = [0usize; IDEAL_BATCH_SIZE];
+        // One buffer per packet; a run of full-size packets to one node goes out as one GSO
+        // send whose iovecs are these buffers (the kernel cuts at `stride`, not at iovecs).
+        let mut bufs = vec![vec![0u8; stride]; TX_SLOTS];
+        let mut sizes = vec![0usize; TX_SLOTS];
         let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + 128];
-        let fd = self.sock.as_raw_fd();
+        // Per batch, one message per run: (first packet, packets, destination).
+        let mut runs: Vec<(usize, usize, SocketAddrV4)> = Vec::with_capacity(TX_SLOTS);
+        let mut iov: Vec<libc::iovec> = vec![io_slice(&[]); TX_SLOTS];
+        let mut addrs = vec![sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); TX_SLOTS];
+        let mut controls = vec![[0u64; 4]; TX_SLOTS];
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid empty message.
+        let mut msgs: Vec<libc::mmsghdr> = (0..TX_SLOTS)
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        // Non-blocking reads gather what is queued into one batch (small packets come one per
+        // read); without it, one read per batch.
+        let gather = self.dev.set_nonblocking(true).is_ok();
+        let (tun, fd) = (self.dev.as_raw_fd(), self.sock.as_raw_fd());
         loop {
-            let n = {
-                let mut bufs: Vec<&mut [u8]> = train.chunks_mut(stride).collect();
-                match self.dev.recv_multiple(&mut raw, &mut bufs, &mut sizes, 0) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            let mut fill = 0;
+            // Room for one more whole train (64 KiB of segments at least 512 bytes each).
+            while TX_SLOTS - fill >= TX_SLOTS / 2 {
+                match self
+                    .dev
+                    .recv_multiple(&mut raw, &mut bufs[fill..], &mut sizes[fill..], 0)
+                {
+                    Ok(n) => {
+                        fill += n;
+                        if !gather {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if fill > 0 {
+                            break;
+                        }
+                        let mut p = libc::pollfd {
+                            fd: tun,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one pollfd, waited on without a timeout.
+                        unsafe { libc::poll(&mut p, 1, -1) };
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        // A packet tun-rs could not split (bad offload header): drop it, go on.
+                        // A packet tun-rs could not split (bad offload header): dropped.
                         tracing::debug!(error = %e, "TUN read");
-                        continue;
+                        if fill > 0 {
+                            break;
+                        }
                     }
                 }
-            };
+            }
             let peers = current(&self.peers);
             let hop_of = |i: usize| {
-                parse(&train[i * stride..i * stride + sizes[i]])
+                parse(&bufs[i][..sizes[i]])
                     .ok()
                     .and_then(|(_, d)| peers.next_hop(d))
             };
+            runs.clear();
             let mut i = 0;
-            while i < n {
+            while i < fill {
                 let Some(hop) = hop_of(i) else {
                     self.stats.no_route.inc();
                     i += 1;
@@ -296,54 +293,99 @@ impl Tx {
                 };
                 // A run: full-size packets to the same node, the last one possibly shorter.
                 let mut j = i + 1;
-                while j < n && sizes[j - 1] == stride && j - i < max_run && hop_of(j) == Some(hop) {
+                while j < fill
+                    && sizes[j - 1] == stride
+                    && j - i < max_run
+                    && hop_of(j) == Some(hop)
+                {
                     j += 1;
                 }
-                let bytes = (j - 1 - i) * stride + sizes[j - 1];
-                let dst = SocketAddrV4::new(hop, self.cfg.listen.port());
-                let seg = (j - i > 1).then_some(stride as u16);
-                match send_gso(
-                    fd,
-                    &sockaddr(dst),
-                    &train[i * stride..i * stride + bytes],
-                    seg,
-                ) {
-                    Ok(()) => {
-                        self.stats.tx_packets.inc_by((j - i) as u64);
-                        self.stats.tx_bytes.inc_by(bytes as u64);
-                    }
-                    // Too big for the path (EMSGSIZE; EINVAL when a GSO segment is): tell the pod.
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EMSGSIZE) | Some(libc::EINVAL)
-                        ) =>
-                    {
-                        let mtu = path_mtu(dst).map_or(self.cfg.mtu, |m| {
-                            m.saturating_sub(UDP_OVERHEAD).min(u32::from(self.cfg.mtu)) as u16
-                        });
-                        let pkt = &train[i * stride..i * stride + sizes[i]];
-                        icmp[..VIRTIO_NET_HDR_LEN].fill(0);
-                        if let Some(len) = frag_needed(
-                            pkt,
-                            mtu,
-                            self.cfg.icmp_source,
-                            &mut icmp[VIRTIO_NET_HDR_LEN..],
-                        ) {
-                            if self.dev.send(&icmp[..VIRTIO_NET_HDR_LEN + len]).is_ok() {
-                                self.stats.frag_needed.inc();
-                            }
-                        }
-                        self.stats.send_errors.inc_by((j - i) as u64);
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, peer = %hop, "udp send");
-                        self.stats.send_errors.inc_by((j - i) as u64);
-                    }
-                }
+                runs.push((i, j - i, SocketAddrV4::new(hop, self.cfg.listen.port())));
                 i = j;
             }
+            for k in 0..fill {
+                iov[k] = io_slice(&bufs[k][..sizes[k]]);
+            }
+            for (m, &(first, count, dst)) in runs.iter().enumerate() {
+                addrs[m] = sockaddr(dst);
+                let h = &mut msgs[m].msg_hdr;
+                h.msg_name = &mut addrs[m] as *mut libc::sockaddr_in as *mut libc::c_void;
+                h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                h.msg_iov = &mut iov[first];
+                h.msg_iovlen = count;
+                if count > 1 {
+                    h.msg_control = controls[m].as_mut_ptr() as *mut libc::c_void;
+                    h.msg_controllen = set_segment(h, stride as u16);
+                } else {
+                    h.msg_control = std::ptr::null_mut();
+                    h.msg_controllen = 0;
+                }
+            }
+            // One sendmmsg for the batch; a message the kernel refuses is looked at alone.
+            let mut m = 0;
+            while m < runs.len() {
+                // SAFETY: every message points at buffers above, alive for the call.
+                let sent = unsafe {
+                    libc::sendmmsg(
+                        fd,
+                        msgs[m..].as_mut_ptr(),
+                        (runs.len() - m) as libc::c_uint,
+                        0,
+                    )
+                };
+                if sent > 0 {
+                    for &(first, count, _) in &runs[m..m + sent as usize] {
+                        self.stats.tx_packets.inc_by(count as u64);
+                        self.stats
+                            .tx_bytes
+                            .inc_by(sizes[first..first + count].iter().sum::<usize>() as u64);
+                    }
+                    m += sent as usize;
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let (first, count, dst) = runs[m];
+                // Too big for the path (EMSGSIZE; EINVAL when a GSO segment is): tell the pod.
+                if matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::EINVAL)) {
+                    let mtu = path_mtu(dst).map_or(self.cfg.mtu, |p| {
+                        p.saturating_sub(UDP_OVERHEAD).min(u32::from(self.cfg.mtu)) as u16
+                    });
+                    icmp[..VIRTIO_NET_HDR_LEN].fill(0);
+                    if let Some(len) = frag_needed(
+                        &bufs[first][..sizes[first]],
+                        mtu,
+                        self.cfg.icmp_source,
+                        &mut icmp[VIRTIO_NET_HDR_LEN..],
+                    ) {
+                        if self.dev.send(&icmp[..VIRTIO_NET_HDR_LEN + len]).is_ok() {
+                            self.stats.frag_needed.inc();
+                        }
+                    }
+                } else {
+                    tracing::debug!(error = %e, peer = %dst, "udp send");
+                }
+                self.stats.send_errors.inc_by(count as u64);
+                m += 1;
+            }
         }
+    }
+}
+
+/// Puts a UDP_SEGMENT control message (UDP GSO: cut into datagrams of `segment` bytes) into
+/// the control buffer `h` points at; returns the control length.
+fn set_segment(h: &mut libc::msghdr, segment: u16) -> usize {
+    // SAFETY: the control buffer is 32 bytes, aligned for cmsghdr, and CMSG_SPACE(2) is 24.
+    unsafe {
+        h.msg_controllen = libc::CMSG_SPACE(2) as usize;
+        let c = libc::CMSG_FIRSTHDR(h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, segment);
+        libc::CMSG_SPACE(2) as usize
     }
 }
 
@@ -354,8 +396,8 @@ struct Rx {
     stats: Stats,
 }
 
-/// A run of admitted datagrams of one message, consecutive (`first..=last`, by index of
-/// `stride`), that forms one TCP super-packet (or a single packet).
+/// A run of admitted datagrams of a batch, consecutive (`first..=last`, indices into the
+/// admitted list), that forms one TCP or UDP super-packet (or a single packet).
 #[derive(Clone, Copy)]
 struct Run {
     first: usize,
@@ -366,12 +408,17 @@ struct Run {
 impl Rx {
     fn run(self) {
         let fd = self.sock.as_raw_fd();
+        // Whether the TUN device took UDP segmentation offload (Linux 6.2+): then UDP trains
+        // go in as one packet too.
+        let udp_gso = self.dev.udp_gso();
         let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; RX_MSGS];
         let mut addrs = [sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); RX_MSGS];
         let mut controls = [[0u64; 8]; RX_MSGS];
         let mut hdr = [0u8; SUPER_HEADER_MAX];
-        // One header + one payload per datagram of a GRO message (at most 64).
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + 2 * MAX_SEGMENTS);
+        // A run is at most 64 KiB, so at most 1 header + 64 KiB / 1 byte payloads in theory;
+        // sized for the usual and grown once if ever needed.
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + RX_MSGS * MAX_SEGMENTS);
+        let mut got: Vec<(usize, usize, usize)> = Vec::with_capacity(RX_MSGS * MAX_SEGMENTS);
         loop {
             let mut iovs: [libc::iovec; RX_MSGS] = std::array::from_fn(|k| libc::iovec {
                 iov_base: bufs[k].as_mut_ptr() as *mut libc::c_void,
@@ -406,55 +453,59 @@ impl Rx {
                 continue;
             }
             let peers = current(&self.peers);
+            // Every admitted datagram of the batch, in order, as (message, start, end): runs
+            // cross message boundaries (small packets arrive one per message).
+            got.clear();
             for (k, msg) in msgs.iter().enumerate().take(n as usize) {
                 let len = msg.msg_len as usize;
                 let from = Ipv4Addr::from(u32::from_be(addrs[k].sin_addr.s_addr));
                 let stride = gro_size(&msg.msg_hdr).unwrap_or(len).max(1);
-                let data = &bufs[k][..len];
-                let at = |i: usize| &data[i * stride..((i + 1) * stride).min(len)];
-                let mut run: Option<Run> = None;
-                for i in 0..len.div_ceil(stride) {
-                    let d = at(i);
-                    if let Err(why) = peers.check_inbound(from, d) {
-                        self.stats.dropped(why).inc();
-                        if let Some(r) = run.take() {
+                for start in (0..len).step_by(stride) {
+                    let end = (start + stride).min(len);
+                    match peers.check_inbound(from, &bufs[k][start..end]) {
+                        Ok(()) => got.push((k, start, end)),
+                        Err(why) => {
+                            self.stats.dropped(why).inc();
+                        }
+                    }
+                }
+            }
+            let at = |j: usize| {
+                let (k, a, b) = got[j];
+                &bufs[k][a..b]
+            };
+            self.stats.rx_packets.inc_by(got.len() as u64);
+            self.stats
+                .rx_bytes
+                .inc_by(got.iter().map(|(_, a, b)| (b - a) as u64).sum());
+            let mut run: Option<Run> = None;
+            for j in 0..got.len() {
+                let d = at(j);
+                run = match run {
+                    Some(r) if joins(at(r.first), at(r.last), d, r.payload, udp_gso) => Some(Run {
+                        last: j,
+                        payload: r.payload + l4_payload(d).len(),
+                        ..r
+                    }),
+                    other => {
+                        if let Some(r) = other {
                             self.write(&at, r, &mut hdr, &mut iov);
                         }
-                        continue;
+                        Some(Run {
+                            first: j,
+                            last: j,
+                            payload: l4_payload(d).len(),
+                        })
                     }
-                    self.stats.rx_packets.inc();
-                    self.stats.rx_bytes.inc_by(d.len() as u64);
-                    run = match run {
-                        Some(r)
-                            if r.last + 1 == i
-                                && tcp_joins(at(r.first), at(r.last), d, r.payload) =>
-                        {
-                            Some(Run {
-                                last: i,
-                                payload: r.payload + tcp_payload(d).len(),
-                                ..r
-                            })
-                        }
-                        other => {
-                            if let Some(r) = other {
-                                self.write(&at, r, &mut hdr, &mut iov);
-                            }
-                            Some(Run {
-                                first: i,
-                                last: i,
-                                payload: tcp_payload(d).len(),
-                            })
-                        }
-                    };
-                }
-                if let Some(r) = run {
-                    self.write(&at, r, &mut hdr, &mut iov);
-                }
+                };
+            }
+            if let Some(r) = run {
+                self.write(&at, r, &mut hdr, &mut iov);
             }
         }
     }
 
-    /// Writes a run to the TUN device: a single packet as it is, several as one TCP
+    /// Writes a run to the TUN device: a single packet as it is, several as one TCP or UDP
     /// super-packet — one header, then every segment's payload straight from the receive
     /// buffer (no copy here; the kernel re-segments or delivers it whole). Should the kernel
     /// refuse the super-packet, its segments go one by one.
@@ -474,12 +525,12 @@ impl Rx {
             }
             return;
         }
-        let Some(n) = tcp_super_header(at(r.first), at(r.last), r.payload, hdr) else {
+        let Some(n) = super_header(at(r.first), at(r.last), r.payload, hdr) else {
             return;
         };
         iov.clear();
         iov.push(io_slice(&hdr[..n]));
-        iov.extend((r.first..=r.last).map(|i| io_slice(tcp_payload(at(i)))));
+        iov.extend((r.first..=r.last).map(|i| io_slice(l4_payload(at(i)))));
         if let Err(e) = writev(tun, iov) {
             tracing::debug!(error = %e, segments = r.last - r.first + 1, "TUN refused a super-packet; writing its segments one by one");
             for i in r.first..=r.last {
