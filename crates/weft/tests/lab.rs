@@ -113,10 +113,40 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Kills these nodes' agents (SIGKILL: no goodbye), waits `pause`, and runs `lab up` with
+    /// `up` again, which restarts dead agents.
+    fn kill_and_restart(&self, nodes: &[&str], pause: Duration, up: &[&str]) {
+        for n in nodes {
+            // SAFETY: killing the agent the lab started.
+            unsafe {
+                libc::kill(self.agent_pid(n), libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(pause);
+        let mut a = vec!["lab", "up"];
+        a.extend_from_slice(up);
+        ok(&a);
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = weft(&["lab", "down"]);
     }
+}
+
+/// A ping of `size` bytes of payload with DF set from pod `from` to `to` gets through.
+fn df_ping(from: &str, to: &str, size: &str, what: &str) {
+    let o = exec(
+        from,
+        &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", size, to],
+    );
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -136,15 +166,7 @@ fn vxlan_reachability_mtu_drift_join_leave_and_restart() {
     // MTU: underlay 1500 minus VXLAN's 50; a 1400-byte packet with DF set crosses nodes.
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1450"));
     let far = lab.pod_ip("n3-p0");
-    let o = exec(
-        "n1-p0",
-        &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1372", &far],
-    );
-    assert!(
-        o.status.success(),
-        "1400-byte DF ping across vxlan: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    df_ping("n1-p0", &far, "1372", "1400-byte DF ping across vxlan");
 
     // flannel's kernel state on n1 for n2: on-link route via subnet.0, neighbour, FDB.
     let s2 = lab.subnet("weft-n2");
@@ -208,23 +230,11 @@ fn vxlan_reachability_mtu_drift_join_leave_and_restart() {
         .output();
     let pinger = std::thread::spawn(move || pinger);
     std::thread::sleep(Duration::from_millis(500));
-    for n in ["weft-n1", "weft-n3"] {
-        // SAFETY: killing the agent the lab started.
-        unsafe {
-            libc::kill(lab.agent_pid(n), libc::SIGKILL);
-        }
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    ok(&[
-        "lab",
-        "up",
-        "--nodes",
-        "4",
-        "--pods-per-node",
-        "2",
-        "--backend",
-        "vxlan",
-    ]); // restarts dead agents
+    lab.kill_and_restart(
+        &["weft-n1", "weft-n3"],
+        Duration::from_millis(300),
+        &["--nodes", "4", "--pods-per-node", "2", "--backend", "vxlan"],
+    ); // restarts dead agents
     let out = pinger.join().expect("pinger").expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -524,23 +534,11 @@ fn bgp_graceful_restart_keeps_pod_traffic_flowing() {
     std::thread::sleep(Duration::from_millis(500));
     // n3's agent (and n1's) die, their BGP sessions with them, then come back. n2 keeps
     // forwarding to n3's pods only because it keeps n3's routes through the restart.
-    for n in ["weft-n1", "weft-n3"] {
-        // SAFETY: killing the agent the lab started.
-        unsafe {
-            libc::kill(lab.agent_pid(n), libc::SIGKILL);
-        }
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    ok(&[
-        "lab",
-        "up",
-        "--nodes",
-        "3",
-        "--pods-per-node",
-        "1",
-        "--backend",
-        "bgp",
-    ]);
+    lab.kill_and_restart(
+        &["weft-n1", "weft-n3"],
+        Duration::from_millis(1500),
+        &["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp"],
+    );
     let out = pinger.join().expect("pinger").expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -705,15 +703,7 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     // MTU: underlay 1500 minus UDP's 28; a full-size packet with DF set crosses nodes.
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1472"));
     let far = lab.pod_ip("n3-p0");
-    let o = exec(
-        "n1-p0",
-        &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1444", &far],
-    );
-    assert!(
-        o.status.success(),
-        "1472-byte DF ping over udp: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    df_ping("n1-p0", &far, "1444", "1472-byte DF ping over udp");
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 
     // Bytes arrive intact: the receiver hands TCP trains to the kernel as super-packets whose
@@ -796,16 +786,11 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
         "no fragmentation-needed from the udp backend:\n{text}"
     );
     assert!(udp_counter("n1", "weft_udp_frag_needed_total") > 0);
-    let o = exec(
+    df_ping(
         "n1-p0",
-        &[
-            "ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1100", &pod2,
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "a packet that fits the smaller path: {}",
-        String::from_utf8_lossy(&o.stdout)
+        &pod2,
+        "1100",
+        "a packet that fits the smaller path",
     );
     run_in("n1", &["ip", "route", "del", "10.0.1.12/32"]);
 
@@ -836,23 +821,11 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     );
 
     // Agents killed and restarted: the TUN device comes back and every pod reaches every pod.
-    for n in ["weft-n1", "weft-n3"] {
-        // SAFETY: killing the agent the lab started.
-        unsafe {
-            libc::kill(lab.agent_pid(n), libc::SIGKILL);
-        }
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    ok(&[
-        "lab",
-        "up",
-        "--nodes",
-        "4",
-        "--pods-per-node",
-        "2",
-        "--backend",
-        "udp",
-    ]);
+    lab.kill_and_restart(
+        &["weft-n1", "weft-n3"],
+        Duration::from_millis(300),
+        &["--nodes", "4", "--pods-per-node", "2", "--backend", "udp"],
+    );
     lab.converge();
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 }
