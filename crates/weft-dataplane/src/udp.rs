@@ -83,6 +83,21 @@ pub struct EngineConfig {
 pub struct Engine {
     peers: Arc<RwLock<Arc<PeerTable>>>,
     pub stats: Stats,
+    /// Threads still forwarding (2 at start); a thread that ends, also by a panic, counts down.
+    running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts its thread out when dropped: on return and on unwinding alike.
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl std::ops::Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::error!(
+            thread = std::thread::current().name().unwrap_or("?"),
+            "a udp backend thread stopped"
+        );
+    }
 }
 
 impl Engine {
@@ -130,9 +145,14 @@ impl Engine {
             stats: stats.clone(),
             cfg: cfg.clone(),
         };
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(2));
+        let guard = Running(running.clone());
         std::thread::Builder::new()
             .name("weft-udp-tx".into())
-            .spawn(move || tx.run())
+            .spawn(move || {
+                let _guard = guard;
+                tx.run()
+            })
             .map_err(tun("starting the tx thread"))?;
         let rx = Rx {
             dev,
@@ -140,11 +160,24 @@ impl Engine {
             peers: peers.clone(),
             stats: stats.clone(),
         };
+        let guard = Running(running.clone());
         std::thread::Builder::new()
             .name("weft-udp-rx".into())
-            .spawn(move || rx.run())
+            .spawn(move || {
+                let _guard = guard;
+                rx.run()
+            })
             .map_err(tun("starting the rx thread"))?;
-        Ok(Engine { peers, stats })
+        Ok(Engine {
+            peers,
+            stats,
+            running,
+        })
+    }
+
+    /// Both threads still forwarding.
+    pub fn alive(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst) == 2
     }
 
     /// Replaces the peer table (from the leases); the threads pick it up with their next batch.

@@ -637,6 +637,12 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             None => Vec::new(),
         };
         if let Some(e) = &udp {
+            // Pod traffic over udp runs through the engine: without it the node is cut off,
+            // so stop and let the supervisor (kubelet, systemd, the lab) start a new agent.
+            anyhow::ensure!(
+                e.alive(),
+                "the udp backend's forwarding threads stopped (see the log above)"
+            );
             e.set_peers(weft_backend::udp::PeerTable::new(public_ip, &leases));
         }
         let desired: DesiredState =
