@@ -86,13 +86,14 @@ struct Metrics {
     bgp_prefixes_received: prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
     /// `weft bgp peers` and `weft bgp routes` read these (JSON).
     bgp_peers: std::sync::Mutex<serde_json::Value>,
-    bgp_routes: std::sync::Mutex<String>,
+    /// `/bgp/routes` asks the agent loop, which answers with the table as it is then.
+    bgp_routes: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>,
     /// The udp backend's engine counters (zero with other backends).
     udp: weft_dataplane::udp::Stats,
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    fn new(bgp_routes: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>) -> Metrics {
         let mut registry = Registry::with_prefix("weft");
         let m = Metrics {
             leases: Gauge::default(),
@@ -106,7 +107,7 @@ impl Metrics {
             bgp_peer_up: Default::default(),
             bgp_prefixes_received: Default::default(),
             bgp_peers: std::sync::Mutex::new(serde_json::json!([])),
-            bgp_routes: std::sync::Mutex::new("[]".to_string()),
+            bgp_routes,
             udp: Default::default(),
         };
         registry.register("leases", "Leases seen in the store", m.leases.clone());
@@ -250,14 +251,18 @@ async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                                     .map(|v| v.to_string())
                                     .unwrap_or_default(),
                             ),
-                            "/bgp/routes" => (
-                                StatusCode::OK,
-                                metrics
-                                    .bgp_routes
-                                    .lock()
-                                    .map(|v| v.clone())
-                                    .unwrap_or_default(),
-                            ),
+                            "/bgp/routes" => {
+                                // No bgp backend (nobody answers): an empty table.
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                let body = match metrics.bgp_routes.send(tx).await {
+                                    Ok(()) => tokio::time::timeout(Duration::from_secs(10), rx)
+                                        .await
+                                        .ok()
+                                        .and_then(|r| r.ok()),
+                                    Err(_) => None,
+                                };
+                                (StatusCode::OK, body.unwrap_or_else(|| "[]".to_string()))
+                            }
                             _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
                         };
                         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -461,7 +466,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let csum_workaround =
         matches!(cfg.backend, Backend::Vxlan(_)) && kernel_needs_csum_workaround();
 
-    let metrics = Arc::new(Metrics::new());
+    let (routes_tx, routes_rx) = tokio::sync::mpsc::channel(4);
+    let metrics = Arc::new(Metrics::new(routes_tx));
     let m2 = metrics.clone();
     let addr = a.metrics_addr;
     tokio::spawn(async move {
@@ -591,8 +597,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let mut last_unreachable = String::new();
     // The bgp backend is waiting for its peers before reconciling: look again soon.
     let mut unsettled = false;
+    // Only the bgp backend answers /bgp/routes; otherwise the channel closes at once.
+    let mut routes_rx = bgp.is_some().then_some(routes_rx);
     loop {
         tokio::select! {
+            req = async { match routes_rx.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                if let (Some(b), Some(reply)) = (bgp.as_ref(), req) {
+                    let _ = reply.send(b.routes_json());
+                }
+                continue;
+            }
             _ = tokio::time::sleep(Duration::from_millis(100)), if unsettled => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -1062,8 +1076,11 @@ impl Bgp {
         if let Ok(mut p) = m.bgp_peers.lock() {
             *p = serde_json::Value::Array(rows);
         }
-        // Serialized once here, not kept as a JSON tree: with a full table (100,000 routes) the
-        // tree alone was ~50 MiB.
+    }
+
+    /// The route table for `weft bgp routes`, built when asked: kept up to date per UPDATE
+    /// batch, a full table (100,000 routes) cost 12 MiB and a serialization per batch.
+    fn routes_json(&self) -> String {
         #[derive(serde::Serialize)]
         struct Row<'a> {
             prefix: ipnet::Ipv4Net,
@@ -1092,9 +1109,7 @@ impl Bgp {
             }
         }
         routes.sort_by_key(|r| (r.prefix, r.from));
-        if let (Ok(text), Ok(mut r)) = (serde_json::to_string(&routes), m.bgp_routes.lock()) {
-            *r = text;
-        }
+        serde_json::to_string(&routes).unwrap_or_else(|_| "[]".to_string())
     }
 
     fn settled(&self) -> bool {
