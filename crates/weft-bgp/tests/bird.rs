@@ -13,7 +13,7 @@ use weft_bgp::fsm::{Config, Fsm, Input, Output, State};
 
 #[test]
 fn session_with_bird_exchanges_routes_both_ways() {
-    let port = 20000 + (std::process::id() % 20000) as u16;
+    let port = support::free_port();
     let b = support::bird(port);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut sock = loop {

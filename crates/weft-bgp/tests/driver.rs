@@ -49,32 +49,45 @@ async fn next(rx: &mut Receiver<Event>, what: &str, f: impl Fn(&Event) -> bool) 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_weft_speakers_and_a_stranger() {
-    let port = 30000 + (std::process::id() % 20000) as u16;
-    let (a, mut ea) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), port))
+/// Two weft speakers on `a` and `b` (ports the kernel picks: fixed ones can collide with
+/// other tests' outgoing connections), a connecting to b, both sessions up.
+async fn pair(a: &str, b: &str) -> (Speaker, Receiver<Event>, Speaker, Receiver<Event>) {
+    let (sa, mut ea) = Speaker::bind(SocketAddr::new(ip(a), 0))
         .await
         .expect("bind a");
-    let (b, mut eb) = Speaker::bind(SocketAddr::new(ip("127.0.0.2"), port))
+    let (sb, mut eb) = Speaker::bind(SocketAddr::new(ip(b), 0))
         .await
         .expect("bind b");
+    let id = |s: &str| {
+        s.rsplit('.')
+            .next()
+            .and_then(|o| o.parse().ok())
+            .expect("last octet")
+    };
     // The lower address connects; the other waits.
-    a.add_peer(PeerConfig {
-        address: ip("127.0.0.2"),
-        port,
-        fsm: fsm(64512, 1, 64512),
+    sa.add_peer(PeerConfig {
+        address: ip(b),
+        port: sb.local_addr().port(),
+        fsm: fsm(64512, id(a), 64512),
         active: true,
         password: None,
     });
-    b.add_peer(PeerConfig {
-        address: ip("127.0.0.1"),
-        port,
-        fsm: fsm(64512, 2, 64512),
+    sb.add_peer(PeerConfig {
+        address: ip(a),
+        port: sa.local_addr().port(),
+        fsm: fsm(64512, id(b), 64512),
         active: false,
         password: None,
     });
     next(&mut ea, "a up", |e| matches!(e, Event::Up { .. })).await;
     next(&mut eb, "b up", |e| matches!(e, Event::Up { .. })).await;
+    (sa, ea, sb, eb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_weft_speakers_and_a_stranger() {
+    let (a, _ea, b, mut eb) = pair("127.0.0.1", "127.0.0.2").await;
+    let port = b.local_addr().port();
     a.announce(route("10.244.1.0/24", "127.0.0.1", 64512)).await;
     let e = next(&mut eb, "the route at b", |e| {
         matches!(e, Event::Update { .. })
@@ -113,7 +126,7 @@ async fn two_weft_speakers_and_a_stranger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_speaker_with_bird() {
-    let port = 40000 + (std::process::id() % 20000) as u16;
+    let port = support::free_port();
     let b = support::bird(port);
     let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0))
         .await
@@ -153,7 +166,7 @@ async fn weft_speaker_with_bird() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_md5_with_bird() {
     // The right key: the session comes up.
-    let port = 45000 + (std::process::id() % 15000) as u16;
+    let port = support::free_port();
     let _b = support::bird_with(port, Some("weft-secret"));
     let (sp, mut ev) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0))
         .await
@@ -171,7 +184,7 @@ async fn tcp_md5_with_bird() {
     .await;
     sp.remove_peer(ip("127.0.0.2"));
     // A wrong key: the kernel drops every segment, no session.
-    let port2 = port + 1;
+    let port2 = support::free_port();
     let _c = support::bird_with(port2, Some("weft-secret"));
     let (sp2, mut ev2) = Speaker::bind(SocketAddr::new(ip("127.0.0.1"), 0))
         .await
@@ -198,29 +211,7 @@ async fn tcp_md5_with_bird() {
 /// arrive at the other, in order, and the session never drops (no stall, no hold-timer expiry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_updates_through_the_driver() {
-    let port = 30000 + ((std::process::id() + 7919) % 20000) as u16;
-    let (a, mut ea) = Speaker::bind(SocketAddr::new(ip("127.0.0.4"), port))
-        .await
-        .expect("bind a");
-    let (b, mut eb) = Speaker::bind(SocketAddr::new(ip("127.0.0.5"), port))
-        .await
-        .expect("bind b");
-    a.add_peer(PeerConfig {
-        address: ip("127.0.0.5"),
-        port,
-        fsm: fsm(64512, 4, 64512),
-        active: true,
-        password: None,
-    });
-    b.add_peer(PeerConfig {
-        address: ip("127.0.0.4"),
-        port,
-        fsm: fsm(64512, 5, 64512),
-        active: false,
-        password: None,
-    });
-    next(&mut ea, "a up", |e| matches!(e, Event::Up { .. })).await;
-    next(&mut eb, "b up", |e| matches!(e, Event::Up { .. })).await;
+    let (a, _ea, _b, mut eb) = pair("127.0.0.4", "127.0.0.5").await;
     const N: u32 = 20_000;
     let sender = tokio::spawn(async move {
         for i in 0..N {

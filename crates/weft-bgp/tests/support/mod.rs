@@ -56,3 +56,15 @@ pub fn bird_with(port: u16, password: Option<&str>) -> Bird {
         _dir: dir,
     }
 }
+
+/// A TCP port free on both 127.0.0.1 and 127.0.0.2 now (the kernel picks it): fixed ports
+/// can collide with other tests' outgoing connections.
+pub fn free_port() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = a.local_addr().expect("local addr").port();
+        if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok() {
+            return port;
+        }
+    }
+}
