@@ -125,7 +125,10 @@ impl Engine {
             libc::IP_PMTUDISC_DO,
         )
         .map_err(tun("IP_MTU_DISCOVER"))?;
-        setsockopt(fd, libc::SOL_UDP, UDP_GRO, 1).map_err(tun("UDP_GRO"))?;
+        // UDP GRO (Linux 5.0+) is a speed-up, not a need: without it every datagram is a message.
+        if let Err(e) = setsockopt(fd, libc::SOL_UDP, UDP_GRO, 1) {
+            tracing::warn!(error = %e, "UDP GRO unavailable: receiving datagram by datagram");
+        }
         // Room for bursts; FORCE works as root beyond net.core.*mem_max, plain set elsewhere.
         for (force, plain) in [
             (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
