@@ -317,7 +317,17 @@ pub async fn reconcile(h: &Nl, d: &DesiredState, underlay: &Link) -> Report {
                 None
             }
         },
-        None => None,
+        None => {
+            // Not the udp backend (any more): the persistent TUN a udp agent left is ours to go.
+            if let Ok(Some(l)) = h.link(weft_backend::TUN_NAME).await {
+                match h.del_link(l.index).await {
+                    Ok(true) => report.removed += 1,
+                    Ok(false) => {}
+                    Err(e) => report.fail(e),
+                }
+            }
+            None
+        }
     };
 
     // Neighbours and FDB on the VTEP first: a route is only useful once they are there.

@@ -69,7 +69,7 @@ impl Stats {
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// The TUN device (created here; gone when the process ends).
+    /// The TUN device (created here, or attached to if a previous agent left it).
     pub tun_name: String,
     /// This node's public IP and the backend's port (8285): datagrams leave from here.
     pub listen: SocketAddrV4,
@@ -113,6 +113,11 @@ impl Engine {
             .offload(true)
             .build_sync()
             .map_err(tun("creating the TUN device"))?;
+        // Persistent: when the agent stops, weft0 and its route stay, so pod packets for other
+        // nodes wait at the device (dropped there) instead of following the default route out
+        // unencapsulated; the next agent attaches to the same device.
+        dev.persist()
+            .map_err(tun("making the TUN device persistent"))?;
         let sock =
             std::net::UdpSocket::bind(cfg.listen).map_err(tun("binding the udp backend's port"))?;
         let fd = sock.as_raw_fd();

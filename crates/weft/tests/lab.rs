@@ -820,9 +820,17 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
         "the agent was not restarted by joins and leaves"
     );
 
-    // Agents killed and restarted: the TUN device comes back and every pod reaches every pod.
+    // An agent dies: weft0 (persistent) and its route stay, so pod traffic for other nodes
+    // waits at the device instead of leaving unencapsulated by the default route.
+    // SAFETY: killing the agent the lab started.
+    unsafe {
+        libc::kill(lab.agent_pid("weft-n1"), libc::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
+    // Agents restarted (n1's already dead): they take the device back, every pod reaches every pod.
     lab.kill_and_restart(
-        &["weft-n1", "weft-n3"],
+        &["weft-n3"],
         Duration::from_millis(300),
         &["--nodes", "4", "--pods-per-node", "2", "--backend", "udp"],
     );
