@@ -356,7 +356,7 @@ fn decode_capability(code: u8, v: &[u8]) -> Option<Capability> {
             Capability::MultiProtocol { afi, safi: r.u8()? }
         }
         2 if v.is_empty() => Capability::RouteRefresh,
-        64 if v.len() >= 2 && (v.len() - 2) % 4 == 0 => {
+        64 if v.len() >= 2 && (v.len() - 2).is_multiple_of(4) => {
             let w = r.u16()?;
             let mut families = Vec::new();
             while !r.b.is_empty() {

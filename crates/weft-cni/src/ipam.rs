@@ -13,6 +13,9 @@ use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+/// An allocated address and, when known, the (container ID, interface) holding it.
+pub type Allocation = (IpAddr, Option<(String, String)>);
+
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft/ipam";
 const LAST: &str = "last_reserved_ip";
 
@@ -114,7 +117,7 @@ impl Ipam {
     }
 
     /// Every allocation: (address, containerID, ifname); unreadable files are owned by nobody.
-    fn entries(&self) -> Result<Vec<(IpAddr, Option<(String, String)>)>, CniError> {
+    fn entries(&self) -> Result<Vec<Allocation>, CniError> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir)
             .map_err(io_err(format!("reading {}", self.dir.display())))?
@@ -231,7 +234,7 @@ impl Ipam {
     }
 
     #[cfg(test)]
-    pub fn allocations(&self) -> Result<Vec<(IpAddr, Option<(String, String)>)>, CniError> {
+    pub fn allocations(&self) -> Result<Vec<Allocation>, CniError> {
         self.entries()
     }
 

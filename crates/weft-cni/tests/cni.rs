@@ -245,6 +245,7 @@ fn gc_releases_addresses_of_vanished_attachments() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)] // a table of cases, read once
 fn bad_input_gets_the_right_code_and_changes_nothing() {
     let node = Node::new("10.244.8.1/24");
     let conf = node.conf("1.1.0", "bridge");
@@ -441,7 +442,7 @@ fn killed_adds_then_gc_leave_no_leaked_or_doubled_address() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         std::thread::sleep(std::time::Duration::from_micros(seed % 6000));
-        if seed % 2 == 0 {
+        if seed.is_multiple_of(2) {
             let _ = c.kill();
         }
         if c.wait().map(|s| s.success()).unwrap_or(false) {

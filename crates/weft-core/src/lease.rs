@@ -294,8 +294,8 @@ fn cover(level: u32, base: u32, lo: u32, hi: u32, out: &mut Vec<(String, String)
         return;
     }
     let block = 1u64 << shift;
-    let head_partial = (lo as u64) % block != 0;
-    let tail_partial = (hi as u64 + 1) % block != 0;
+    let head_partial = !(lo as u64).is_multiple_of(block);
+    let tail_partial = !(hi as u64 + 1).is_multiple_of(block);
     let octet_base = |o: u32| base | (o << shift);
     if o_lo == o_hi {
         if head_partial || tail_partial {

@@ -73,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..conc {
         stores.push(
             EtcdStore::connect(
-                &[endpoint.clone()],
+                std::slice::from_ref(&endpoint),
                 "/coreos.com/network/",
                 &Default::default(),
             )

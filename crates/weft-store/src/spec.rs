@@ -87,6 +87,8 @@ impl Default for EtcdSettings {
 }
 
 /// Whichever store `--store` named.
+// One per process: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum AnyStore {
     Sqlite(SqliteStore),

@@ -189,7 +189,7 @@ fn bump(
         )
         .map_err(err)?;
     // Trim in steps of a tenth of the log, not on every write.
-    if rev % (keep / 10).max(1) == 0 && rev > keep {
+    if rev.is_multiple_of((keep / 10).max(1)) && rev > keep {
         let upto = rev - keep;
         tx.execute("DELETE FROM events WHERE rev <= ?1", [upto])
             .map_err(err)?;
