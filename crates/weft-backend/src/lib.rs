@@ -384,6 +384,19 @@ mod tests {
         }
     }
 
+    /// `plan` as this node (`local()`, VTEP weft.1 with a fixed MAC) sees it.
+    fn plan_for(c: &NetConfig, own: &Lease, leases: &[Lease], rib: &[Learned]) -> DesiredState {
+        plan(
+            c,
+            &local(),
+            own,
+            leases,
+            rib,
+            "weft.1",
+            [0x0e, 0, 0, 0, 0, 1],
+        )
+    }
+
     fn local() -> Local {
         Local {
             public_ip: "10.0.1.1".parse().unwrap(),
@@ -402,15 +415,7 @@ mod tests {
             lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")),
             lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03")),
         ];
-        let d = plan(
-            &c,
-            &local(),
-            &own,
-            &peers,
-            &[],
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&c, &own, &peers, &[]);
         let vx = d.vxlan.unwrap();
         assert_eq!(
             (vx.vni, vx.port, vx.mtu, vx.address.to_string()),
@@ -453,15 +458,7 @@ mod tests {
             lease("10.244.2.0-24", "10.0.1.2", Some("0e:00:00:00:00:02")),
             lease("10.244.3.0-24", "10.0.2.3", Some("0e:00:00:00:00:03")),
         ];
-        let d = plan(
-            &c,
-            &local(),
-            &own,
-            &peers,
-            &[],
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&c, &own, &peers, &[]);
         assert!(d.routes.contains(&PlannedRoute {
             dst: "10.244.2.0/24".parse().unwrap(),
             via: "10.0.1.2".parse().unwrap(),
@@ -486,15 +483,7 @@ mod tests {
             lease("10.244.2.0-24", "10.0.1.2", None),
             lease("10.244.3.0-24", "10.0.2.3", None),
         ];
-        let d = plan(
-            &c,
-            &local(),
-            &own,
-            &peers,
-            &[],
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&c, &own, &peers, &[]);
         assert_eq!(d.pod_mtu, 1472, "underlay MTU - 28");
         assert_eq!(
             d.tun,
@@ -524,15 +513,7 @@ mod tests {
             lease("10.244.2.0-24", "10.0.1.2", None),
             lease("10.244.3.0-24", "10.0.2.3", None),
         ];
-        let d = plan(
-            &c,
-            &local(),
-            &own,
-            &peers,
-            &[],
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&c, &own, &peers, &[]);
         assert!(d.vxlan.is_none());
         assert_eq!(
             d.routes,
@@ -552,15 +533,7 @@ mod tests {
     fn a_peer_without_vtep_mac_is_reported() {
         let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let d = plan(
-            &c,
-            &local(),
-            &own,
-            &[lease("10.244.2.0-24", "10.0.1.2", None)],
-            &[],
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&c, &own, &[lease("10.244.2.0-24", "10.0.1.2", None)], &[]);
         assert!(d.routes.is_empty());
         assert_eq!(d.unreachable.len(), 1);
     }
@@ -587,15 +560,7 @@ mod tests {
                 next_hop: "10.0.1.9".parse().unwrap(),
             }, // our own: never
         ];
-        let d = plan(
-            &c,
-            &local(),
-            &own,
-            &leases,
-            &rib,
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&c, &own, &leases, &rib);
         assert_eq!(d.routes.len(), 2);
         assert!(d.routes.contains(&PlannedRoute {
             dst: "10.244.2.0/24".parse().unwrap(),
@@ -613,15 +578,7 @@ mod tests {
         let never = cfg(
             r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "Never"}}"#,
         );
-        let d = plan(
-            &never,
-            &local(),
-            &own,
-            &leases,
-            &rib,
-            "weft.1",
-            [0x0e, 0, 0, 0, 0, 1],
-        );
+        let d = plan_for(&never, &own, &leases, &rib);
         assert!(d.vxlan.is_none());
         assert_eq!(d.routes.len(), 1);
         assert_eq!(
