@@ -113,7 +113,20 @@ impl Lab {
     }
 }
 
+/// A plain (unencapsulated) route of the agent's to `subnet` via a node's address.
+fn plain_route(subnet: &str, via: &str) -> String {
+    format!("{subnet} via {via} dev eth0 proto 87")
+}
+
 impl Lab {
+    /// `routes` (a node's `ip route`) has a plain route to `node`'s subnet via `via`.
+    fn assert_plain_route(&self, routes: &str, node: &str, via: &str) {
+        assert!(
+            routes.contains(&plain_route(&self.subnet(node), via)),
+            "no route to {node} via {via}: {routes}"
+        );
+    }
+
     /// Kills these nodes' agents (SIGKILL: no goodbye), waits `pause`, and runs `lab up` with
     /// `up` again, which restarts dead agents.
     fn kill_and_restart(&self, nodes: &[&str], pause: Duration, up: &[&str]) {
@@ -259,10 +272,7 @@ fn vxlan_direct_routing_across_two_segments() {
     let routes = run_in("n1", &["ip", "route"]);
     let s3 = lab.subnet("weft-n3");
     let s2 = lab.subnet("weft-n2");
-    assert!(
-        routes.contains(&format!("{s3} via 10.0.1.13 dev eth0 proto 87")),
-        "{routes}"
-    );
+    assert!(routes.contains(&plain_route(&s3, "10.0.1.13")), "{routes}");
     assert!(
         routes.contains(&format!("{s2} via"))
             && routes
@@ -283,13 +293,7 @@ fn host_gw_routes_via_peers_and_reports_off_link_ones() {
         "host-gw",
     ]);
     let routes = run_in("n1", &["ip", "route"]);
-    assert!(
-        routes.contains(&format!(
-            "{} via 10.0.1.12 dev eth0 proto 87",
-            lab.subnet("weft-n2")
-        )),
-        "{routes}"
-    );
+    lab.assert_plain_route(&routes, "weft-n2", "10.0.1.12");
     assert!(!routes.contains("weft.1"));
     assert!(run_in("n1-p0", &["ip", "link", "show", "eth0"]).contains("mtu 1500"));
     // The agent's metrics: ready, two peers programmed.
@@ -430,7 +434,7 @@ fn bgp_node_mesh_of_five() {
     let routes = run_in("n1", &["ip", "route"]);
     for (n, ip) in [("weft-n2", "10.0.1.12"), ("weft-n5", "10.0.1.15")] {
         assert!(
-            routes.contains(&format!("{} via {ip} dev eth0 proto 87", lab.subnet(n))),
+            routes.contains(&plain_route(&lab.subnet(n), ip)),
             "{routes}"
         );
     }
@@ -468,13 +472,7 @@ fn bgp_cross_subnet_tunnels_only_across_segments() {
     ]);
     let routes = run_in("n1", &["ip", "route"]);
     // n3 shares n1's segment: plain. n2 and n4 are behind the router: vxlan.
-    assert!(
-        routes.contains(&format!(
-            "{} via 10.0.1.13 dev eth0 proto 87",
-            lab.subnet("weft-n3")
-        )),
-        "{routes}"
-    );
+    lab.assert_plain_route(&routes, "weft-n3", "10.0.1.13");
     for n in ["weft-n2", "weft-n4"] {
         let s = lab.subnet(n);
         assert!(
@@ -506,13 +504,7 @@ fn bgp_route_reflectors_and_losing_one() {
         "{client}"
     );
     let routes = run_in("n4", &["ip", "route"]);
-    assert!(
-        routes.contains(&format!(
-            "{} via 10.0.1.15 dev eth0 proto 87",
-            lab.subnet("weft-n5")
-        )),
-        "a client's route via the reflectors: {routes}"
-    );
+    lab.assert_plain_route(&routes, "weft-n5", "10.0.1.15");
     // One reflector goes: no route is lost between the rest.
     ok(&["lab", "leave", "n1"]);
     std::thread::sleep(Duration::from_secs(1));
@@ -616,20 +608,8 @@ fn bgp_with_gobgp_as_route_reflector() {
     ]);
     // GoBGP reflected every node's route to the others; next hops are the nodes themselves.
     let routes = run_in("n1", &["ip", "route"]);
-    assert!(
-        routes.contains(&format!(
-            "{} via 10.0.1.12 dev eth0 proto 87",
-            lab.subnet("weft-n2")
-        )),
-        "{routes}"
-    );
-    assert!(
-        routes.contains(&format!(
-            "{} via 10.0.1.13 dev eth0 proto 87",
-            lab.subnet("weft-n3")
-        )),
-        "{routes}"
-    );
+    lab.assert_plain_route(&routes, "weft-n2", "10.0.1.12");
+    lab.assert_plain_route(&routes, "weft-n3", "10.0.1.13");
     let peers = run_in(
         "underlay",
         &["gobgp", "-u", "127.0.0.1", "-p", "50051", "neighbor"],
