@@ -429,11 +429,15 @@ async fn sync_neighbours(
             have.push((Neighbour { ip, mac }, m.clone()));
         }
     }
+    // Sets, not scans: with thousands of peers a scan per entry was quadratic on every resync.
+    let right: HashSet<&Neighbour> = have
+        .iter()
+        .filter(|(_, m)| m.header.state == NeighbourState::Permanent)
+        .map(|(n, _)| n)
+        .collect();
+    let wanted: HashSet<Ipv4Addr> = want.iter().map(|w| w.ip).collect();
     for w in want {
-        if have
-            .iter()
-            .any(|(n, m)| n == w && m.header.state == NeighbourState::Permanent)
-        {
+        if right.contains(w) {
             continue;
         }
         h.handle()
@@ -448,7 +452,7 @@ async fn sync_neighbours(
         report.added += 1;
     }
     for (n, m) in have {
-        if !want.iter().any(|w| w.ip == n.ip) {
+        if !wanted.contains(&n.ip) {
             remove_entry(h, m, format!("removing neighbour {}", n.ip), report).await;
         }
     }
@@ -476,8 +480,10 @@ async fn sync_fdb(
             have.push((FdbEntry { mac, dst }, m.clone()));
         }
     }
+    let present: HashSet<&FdbEntry> = have.iter().map(|(f, _)| f).collect();
+    let wanted: HashSet<&FdbEntry> = want.iter().collect();
     for w in want {
-        if have.iter().any(|(f, _)| f == w) {
+        if present.contains(w) {
             continue;
         }
         h.handle()
@@ -493,7 +499,7 @@ async fn sync_fdb(
         report.added += 1;
     }
     for (f, m) in have {
-        if !want.contains(&f) {
+        if !wanted.contains(&f) {
             remove_entry(h, m, format!("removing FDB entry dst {}", f.dst), report).await;
         }
     }
