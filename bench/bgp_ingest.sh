@@ -30,33 +30,16 @@ python3 bench/mrt.py "$T/rib.mrt" "$N" 11.0.0.0 10.98.0.1 65002 65100 5000
 
 ip netns add $SRC
 ip -n $SRC link set lo up
-cat > "$T/gobgpd.toml" <<EOF
-[global.config]
-  as = 65002
-  router-id = "10.98.0.1"
-[[peer-groups]]
-  [peer-groups.config]
-    peer-group-name = "weft"
-    peer-as = 64512
-  [[peer-groups.afi-safis]]
-    [peer-groups.afi-safis.config]
-      afi-safi-name = "ipv4-unicast"
-[[peer-groups]]
-  [peer-groups.config]
-    peer-group-name = "bird"
-    peer-as = 64513
-  [[peer-groups.afi-safis]]
-    [peer-groups.afi-safis.config]
-      afi-safi-name = "ipv4-unicast"
-[[dynamic-neighbors]]
-  [dynamic-neighbors.config]
-    prefix = "10.98.0.0/24"
-    peer-group = "weft"
-[[dynamic-neighbors]]
-  [dynamic-neighbors.config]
-    prefix = "10.98.1.0/24"
-    peer-group = "bird"
-EOF
+# One peer group per receiver kind, each taking any address of its segment (dynamic neighbours).
+{
+  printf '[global.config]\n  as = 65002\n  router-id = "10.98.0.1"\n'
+  for g in "weft 64512 0" "bird 64513 1"; do
+    set -- $g
+    printf '[[peer-groups]]\n  [peer-groups.config]\n    peer-group-name = "%s"\n    peer-as = %s\n' "$1" "$2"
+    printf '  [[peer-groups.afi-safis]]\n    [peer-groups.afi-safis.config]\n      afi-safi-name = "ipv4-unicast"\n'
+    printf '[[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = "10.98.%s.0/24"\n    peer-group = "%s"\n' "$3" "$1"
+  done
+} > "$T/gobgpd.toml"
 ip netns exec $SRC gobgpd -f "$T/gobgpd.toml" --api-hosts 127.0.0.1:50051 >"$T/gobgpd.log" 2>&1 &
 G="ip netns exec $SRC gobgp -u 127.0.0.1 -p 50051"
 for _ in $(seq 100); do $G global >/dev/null 2>&1 && break; sleep 0.1; done
