@@ -222,13 +222,18 @@ async fn ensure_up_with(
     }
     let want_addr =
         IpNet::new(IpAddr::V4(address), 32).map_err(|e| DataplaneError::Other(e.to_string()))?;
+    let mut present = false;
     for (_, a) in h.addrs(Some(link.index)).await? {
-        if a != want_addr && a.addr().is_ipv4() {
+        if a == want_addr {
+            present = true;
+        } else if a.addr().is_ipv4() {
             h.del_addr(link.index, a).await?;
             report.removed += 1;
         }
     }
-    h.add_addr(link.index, want_addr).await?;
+    if !present {
+        h.add_addr(link.index, want_addr).await?;
+    }
     Ok(())
 }
 
@@ -244,7 +249,10 @@ async fn ensure_tun(h: &Nl, t: &TunDevice, report: &mut Report) -> Result<Link, 
     ensure_up_with(h, &link, t.mtu, t.address, report).await?;
     // The engine's ICMP "fragmentation needed" comes from our own bridge address: without
     // accept_local the kernel drops a packet with a local source arriving on an interface.
-    crate::sysctl::set_iface("ipv4", &t.name, "accept_local", "1")?;
+    if crate::sysctl::get(&format!("net.ipv4.conf.{}.accept_local", t.name)).as_deref() != Some("1")
+    {
+        crate::sysctl::set_iface("ipv4", &t.name, "accept_local", "1")?;
+    }
     Ok(link)
 }
 
