@@ -82,7 +82,6 @@ pub struct EngineConfig {
 /// A running engine; peers change with [`Engine::set_peers`] while it runs.
 pub struct Engine {
     peers: Arc<RwLock<Arc<PeerTable>>>,
-    pub stats: Stats,
     /// Threads still forwarding (2 at start); a thread that ends, also by a panic, counts down.
     running: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -166,7 +165,7 @@ impl Engine {
             dev,
             sock,
             peers: peers.clone(),
-            stats: stats.clone(),
+            stats,
         };
         let guard = Running(running.clone());
         std::thread::Builder::new()
@@ -176,11 +175,7 @@ impl Engine {
                 rx.run()
             })
             .map_err(tun("starting the rx thread"))?;
-        Ok(Engine {
-            peers,
-            stats,
-            running,
-        })
+        Ok(Engine { peers, running })
     }
 
     /// Both threads still forwarding.
