@@ -307,3 +307,86 @@ proptest! {
         prop_assert_eq!(decode(&encode(&Message::Update(u.clone()), s), s).unwrap(), Message::Update(u));
     }
 }
+
+/// Valid messages of every type, as a peer would send them, to be mutated.
+fn valid_messages() -> Vec<Vec<u8>> {
+    let s = Session {
+        four_octet_as: true,
+    };
+    let update = Update {
+        withdrawn: vec!["10.244.9.0/24".parse().unwrap()],
+        attrs: Attrs {
+            origin: Some(Origin::Igp),
+            as_path: vec![Segment::Sequence(vec![64512, 65000]), Segment::Set(vec![7])],
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            med: Some(5),
+            local_pref: Some(100),
+            originator_id: Some(Ipv4Addr::new(10, 0, 0, 9)),
+            cluster_list: vec![Ipv4Addr::new(10, 0, 0, 2)],
+            other: vec![],
+        },
+        nlri: vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.2.0/25".parse().unwrap(),
+        ],
+        treat_as_withdraw: None,
+    };
+    let open = Open {
+        version: 4,
+        asn: 4_200_000_000,
+        hold_time: 90,
+        router_id: Ipv4Addr::new(10, 0, 0, 1),
+        capabilities: vec![
+            Capability::MultiProtocol { afi: 1, safi: 1 },
+            Capability::RouteRefresh,
+            Capability::GracefulRestart {
+                restarting: true,
+                time: 120,
+                families: vec![(1, 1, true)],
+            },
+        ],
+    };
+    vec![
+        encode(&Message::Open(open), s),
+        encode(&Message::Update(update), s),
+        encode(
+            &Message::Notification {
+                code: 6,
+                subcode: 2,
+                data: vec![1, 2],
+            },
+            s,
+        ),
+        encode(&Message::Keepalive, s),
+        encode(&Message::RouteRefresh { afi: 1, safi: 1 }, s),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+    /// A valid message with bytes overwritten (lengths, flags, types among them), cut short or
+    /// lengthened, framed and decoded with either AS size: an error, never a panic.
+    #[test]
+    fn mutated_messages_never_panic(
+        which in 0usize..5,
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        cut in any::<Option<usize>>(),
+        four: bool,
+    ) {
+        let mut m = valid_messages().swap_remove(which);
+        for (i, b) in edits {
+            let n = m.len();
+            m[i % n] = b;
+        }
+        if let Some(c) = cut {
+            let n = m.len() + 16;
+            m.resize(c % n, 0);
+        }
+        if let Ok(Some(len)) = frame(&m) {
+            prop_assert!(len <= m.len());
+            let _ = decode(&m[..len], Session { four_octet_as: four });
+        }
+        let _ = decode(&m, Session { four_octet_as: four });
+    }
+}

@@ -265,16 +265,12 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
         Some(p) => CniResult::from_json(p)?,
         None => CniResult::default(),
     };
-    let base = result.interfaces.len();
-    result.interfaces.extend(made.interfaces);
-    result.ips.extend(made.ips.into_iter().map(|mut i| {
-        i.interface = i.interface.map(|x| x + base);
-        i
-    }));
-    result.routes.extend(made.routes);
-    if result.dns.is_null() {
-        result.dns = dns;
-    }
+    result.append(CniResult {
+        interfaces: made.interfaces,
+        ips: made.ips,
+        routes: made.routes,
+        dns,
+    });
     Ok(result.to_json(&conf.cni_version))
 }
 

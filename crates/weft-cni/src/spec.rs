@@ -311,7 +311,10 @@ impl CniResult {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_string(),
-                mtu: i.get("mtu").and_then(Value::as_u64).map(|m| m as u32),
+                mtu: i
+                    .get("mtu")
+                    .and_then(Value::as_u64)
+                    .and_then(|m| u32::try_from(m).ok()),
                 sandbox: i.get("sandbox").and_then(Value::as_str).map(str::to_string),
             });
         }
@@ -330,7 +333,7 @@ impl CniResult {
                 interface: ip
                     .get("interface")
                     .and_then(Value::as_u64)
-                    .map(|i| i as usize),
+                    .and_then(|i| usize::try_from(i).ok()),
             });
         }
         for rt in v
@@ -354,7 +357,25 @@ impl CniResult {
         }
         Ok(r)
     }
+
+    /// Appends what this plugin made to a previous plugin's result (chaining): our interface
+    /// indices move past theirs; their DNS is kept unless they had none.
+    pub fn append(&mut self, made: CniResult) {
+        let base = self.interfaces.len();
+        self.interfaces.extend(made.interfaces);
+        self.ips.extend(made.ips.into_iter().map(|mut i| {
+            i.interface = i.interface.and_then(|x| x.checked_add(base));
+            i
+        }));
+        self.routes.extend(made.routes);
+        if self.dns.is_null() {
+            self.dns = made.dns;
+        }
+    }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

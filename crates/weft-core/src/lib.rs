@@ -7,6 +7,9 @@ pub mod lease;
 pub mod subnet;
 pub mod subnet_env;
 
+#[cfg(test)]
+mod props;
+
 pub use config::{Backend, ConfigError, ConfigProblem, NetConfig};
 pub use lease::{Expiry, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 

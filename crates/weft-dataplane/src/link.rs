@@ -543,35 +543,3 @@ impl Nl {
         }
     }
 }
-
-/// Brings `lo` up in the calling thread's namespace (ioctl: no netlink runtime needed).
-pub fn loopback_up() -> Result<(), DataplaneError> {
-    // SAFETY: plain socket/ioctl calls on a zeroed ifreq that we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(DataplaneError::Sys {
-                what: "socket for bringing lo up".into(),
-                errno: nix::errno::Errno::last(),
-            });
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
-        }
-        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
-        if rc == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-        }
-        let errno = nix::errno::Errno::last();
-        libc::close(fd);
-        if rc != 0 {
-            return Err(DataplaneError::Sys {
-                what: "bringing lo up".into(),
-                errno,
-            });
-        }
-    }
-    Ok(())
-}

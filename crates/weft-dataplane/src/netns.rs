@@ -128,7 +128,7 @@ impl Netns {
         }
         let ns = Netns::open(&path)?;
         // Loopback up, as `ip netns add` users expect from a fresh namespace.
-        ns.run(crate::link::loopback_up)??;
+        ns.run(crate::ioctl::loopback_up)??;
         Ok(ns)
     }
 

@@ -79,9 +79,77 @@ pub struct EngineConfig {
     pub icmp_source: Ipv4Addr,
 }
 
+/// The TUN device the threads use now. Deleted by hand, the threads see it gone (a read fails
+/// with EBADFD), set `lost` and wait, without spinning, for [`Engine::ensure_device`] (run by
+/// every reconcile) to put a new one here.
+struct DevSlot {
+    dev: RwLock<Arc<SyncDevice>>,
+    lost: std::sync::atomic::AtomicBool,
+    /// Bumped on every new device, so a waiting thread knows to pick it up.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl DevSlot {
+    fn get(&self) -> Arc<SyncDevice> {
+        match self.dev.read() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The device is gone: say so once, and wait (sleeping) until another one is in place.
+    fn wait_for_new(&self, seen: u64, e: &io::Error) {
+        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::error!(error = %e, "the udp backend's TUN device is gone; forwarding pauses until the reconciler makes it again");
+        }
+        while self.generation() == seen {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// A TUN read or write error that means the device is gone (deleted, detached), not a bad packet.
+fn device_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::EIO)
+    )
+}
+
+fn open_tun(name: &str) -> Result<SyncDevice, DataplaneError> {
+    let io = |what: &'static str| {
+        move |e: io::Error| DataplaneError::Io {
+            what: what.to_string(),
+            source: e,
+        }
+    };
+    let dev = DeviceBuilder::new()
+        .name(name)
+        .offload(true)
+        .build_sync()
+        .map_err(io("creating the TUN device"))?;
+    // Persistent: when the agent stops, weft0 and its route stay, so pod packets for other
+    // nodes wait at the device (dropped there) instead of following the default route out
+    // unencapsulated; the next agent attaches to the same device.
+    dev.persist()
+        .map_err(io("making the TUN device persistent"))?;
+    // Non-blocking reads gather what is queued into one batch (small packets come one per
+    // read); the tx thread polls before reading.
+    if let Err(e) = dev.set_nonblocking(true) {
+        tracing::warn!(error = %e, "TUN device stays blocking: one read per batch");
+    }
+    Ok(dev)
+}
+
 /// A running engine; peers change with [`Engine::set_peers`] while it runs.
 pub struct Engine {
     peers: Arc<RwLock<Arc<PeerTable>>>,
+    slot: Arc<DevSlot>,
+    tun_name: String,
     /// Threads still forwarding (2 at start); a thread that ends, also by a panic, counts down.
     running: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -107,16 +175,7 @@ impl Engine {
                 source: e,
             }
         };
-        let dev = DeviceBuilder::new()
-            .name(&cfg.tun_name)
-            .offload(true)
-            .build_sync()
-            .map_err(tun("creating the TUN device"))?;
-        // Persistent: when the agent stops, weft0 and its route stay, so pod packets for other
-        // nodes wait at the device (dropped there) instead of following the default route out
-        // unencapsulated; the next agent attaches to the same device.
-        dev.persist()
-            .map_err(tun("making the TUN device persistent"))?;
+        let dev = open_tun(&cfg.tun_name)?;
         let sock =
             std::net::UdpSocket::bind(cfg.listen).map_err(tun("binding the udp backend's port"))?;
         let fd = sock.as_raw_fd();
@@ -143,10 +202,14 @@ impl Engine {
             }
         }
         let peers = Arc::new(RwLock::new(Arc::new(PeerTable::default())));
-        let dev = Arc::new(dev);
+        let slot = Arc::new(DevSlot {
+            dev: RwLock::new(Arc::new(dev)),
+            lost: Default::default(),
+            generation: Default::default(),
+        });
         let sock = Arc::new(sock);
         let tx = Tx {
-            dev: dev.clone(),
+            slot: slot.clone(),
             sock: sock.clone(),
             peers: peers.clone(),
             stats: stats.clone(),
@@ -162,7 +225,7 @@ impl Engine {
             })
             .map_err(tun("starting the tx thread"))?;
         let rx = Rx {
-            dev,
+            slot: slot.clone(),
             sock,
             peers: peers.clone(),
             stats,
@@ -175,7 +238,35 @@ impl Engine {
                 rx.run()
             })
             .map_err(tun("starting the rx thread"))?;
-        Ok(Engine { peers, running })
+        Ok(Engine {
+            peers,
+            running,
+            slot,
+            tun_name: cfg.tun_name,
+        })
+    }
+
+    /// Makes the TUN device again when it is gone (deleted by hand: the threads found it so, or
+    /// no device of its name exists); true when it made one. The reconciler then gives it its
+    /// address and route, and the waiting threads resume on it.
+    pub fn ensure_device(&self) -> Result<bool, DataplaneError> {
+        let exists = crate::ioctl::index_by_name(&self.tun_name).is_some();
+        if exists && !self.slot.lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let dev = open_tun(&self.tun_name)?;
+        match self.slot.dev.write() {
+            Ok(mut d) => *d = Arc::new(dev),
+            Err(p) => *p.into_inner() = Arc::new(dev),
+        }
+        self.slot
+            .lost
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.slot
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(device = %self.tun_name, "made the udp backend's TUN device again");
+        Ok(true)
     }
 
     /// Both threads still forwarding.
@@ -247,7 +338,7 @@ fn path_mtu(dst: SocketAddrV4) -> Option<u32> {
 }
 
 struct Tx {
-    dev: Arc<SyncDevice>,
+    slot: Arc<DevSlot>,
     sock: Arc<std::net::UdpSocket>,
     peers: Arc<RwLock<Arc<PeerTable>>>,
     stats: Stats,
@@ -273,18 +364,16 @@ impl Tx {
         let mut msgs: Vec<libc::mmsghdr> = (0..TX_SLOTS)
             .map(|_| unsafe { std::mem::zeroed() })
             .collect();
-        // Non-blocking reads gather what is queued into one batch (small packets come one per
-        // read); without it, one read per batch.
-        let gather = self.dev.set_nonblocking(true).is_ok();
-        let (tun, fd) = (self.dev.as_raw_fd(), self.sock.as_raw_fd());
+        let fd = self.sock.as_raw_fd();
         loop {
+            let generation = self.slot.generation();
+            let dev = self.slot.get();
+            let tun = dev.as_raw_fd();
+            let gather = dev.is_nonblocking().unwrap_or(false);
             let mut fill = 0;
             // Room for one more whole train (64 KiB of segments at least 512 bytes each).
             while TX_SLOTS - fill >= TX_SLOTS / 2 {
-                match self
-                    .dev
-                    .recv_multiple(&mut raw, &mut bufs[fill..], &mut sizes[fill..], 0)
-                {
+                match dev.recv_multiple(&mut raw, &mut bufs[fill..], &mut sizes[fill..], 0) {
                     Ok(n) => {
                         fill += n;
                         if !gather {
@@ -300,10 +389,20 @@ impl Tx {
                             events: libc::POLLIN,
                             revents: 0,
                         };
-                        // SAFETY: one pollfd, waited on without a timeout.
-                        unsafe { libc::poll(&mut p, 1, -1) };
+                        // SAFETY: one pollfd. The timeout lets a device made again (after this
+                        // one was deleted while idle) be picked up.
+                        let n = unsafe { libc::poll(&mut p, 1, 1000) };
+                        if n == 0 && self.slot.generation() != generation {
+                            break;
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if device_gone(&e) => {
+                        // Deleted by hand: a poll on it returns at once, so reading on would
+                        // spin. Wait for the reconciler to make it again.
+                        self.slot.wait_for_new(generation, &e);
+                        break;
+                    }
                     Err(e) => {
                         // A packet tun-rs could not split (bad offload header): dropped.
                         tracing::debug!(error = %e, "TUN read");
@@ -396,7 +495,7 @@ impl Tx {
                         self.cfg.icmp_source,
                         &mut icmp[VIRTIO_NET_HDR_LEN..],
                     ) {
-                        if self.dev.send(&icmp[..VIRTIO_NET_HDR_LEN + len]).is_ok() {
+                        if dev.send(&icmp[..VIRTIO_NET_HDR_LEN + len]).is_ok() {
                             self.stats.frag_needed.inc();
                         }
                     }
@@ -426,7 +525,7 @@ fn set_segment(h: &mut libc::msghdr, segment: u16) -> usize {
 }
 
 struct Rx {
-    dev: Arc<SyncDevice>,
+    slot: Arc<DevSlot>,
     sock: Arc<std::net::UdpSocket>,
     peers: Arc<RwLock<Arc<PeerTable>>>,
     stats: Stats,
@@ -446,7 +545,7 @@ impl Rx {
         let fd = self.sock.as_raw_fd();
         // Whether the TUN device took UDP segmentation offload (Linux 6.2+): then UDP trains
         // go in as one packet too.
-        let udp_gso = self.dev.udp_gso();
+        let udp_gso = self.slot.get().udp_gso();
         let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; RX_MSGS];
         let mut addrs = [sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); RX_MSGS];
         let mut controls = [[0u64; 8]; RX_MSGS];
@@ -489,6 +588,7 @@ impl Rx {
                 continue;
             }
             let peers = current(&self.peers);
+            let dev = self.slot.get();
             // Every admitted datagram of the batch, in order, as (message, start, end): runs
             // cross message boundaries (small packets arrive one per message).
             got.clear();
@@ -525,7 +625,7 @@ impl Rx {
                     }),
                     other => {
                         if let Some(r) = other {
-                            self.write(&at, r, &mut hdr, &mut iov);
+                            self.write(dev.as_raw_fd(), &at, r, &mut hdr, &mut iov);
                         }
                         Some(Run {
                             first: j,
@@ -536,7 +636,7 @@ impl Rx {
                 };
             }
             if let Some(r) = run {
-                self.write(&at, r, &mut hdr, &mut iov);
+                self.write(dev.as_raw_fd(), &at, r, &mut hdr, &mut iov);
             }
         }
     }
@@ -547,16 +647,23 @@ impl Rx {
     /// refuse the super-packet, its segments go one by one.
     fn write<'a>(
         &self,
+        tun: RawFd,
         at: &impl Fn(usize) -> &'a [u8],
         r: Run,
         hdr: &mut [u8; SUPER_HEADER_MAX],
         iov: &mut Vec<libc::iovec>,
     ) {
-        let tun = self.dev.as_raw_fd();
         let plain = [0u8; VNET_HDR_LEN];
         let one = |p: &[u8]| writev(tun, &[io_slice(&plain), io_slice(p)]);
         if r.first == r.last {
             if let Err(e) = one(at(r.first)) {
+                if device_gone(&e) {
+                    // The tx thread waits for the new device; received packets are dropped
+                    // meanwhile, as the kernel would drop them at a missing device.
+                    self.slot
+                        .lost
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 tracing::debug!(error = %e, "TUN write");
             }
             return;

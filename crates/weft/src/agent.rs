@@ -333,53 +333,6 @@ fn apply_masq(network: ipnet::Ipv4Net) -> Result<()> {
     Ok(())
 }
 
-/// Kernels before 5.7 corrupt VXLAN checksums under some offloads (the 63-second stalls
-/// flannel and Calico hit); there the VTEP's tx checksum offload is turned off.
-fn kernel_needs_csum_workaround() -> bool {
-    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = rel
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    let old = (maj, min) < (5, 7);
-    tracing::info!(
-        kernel = rel.trim(),
-        tx_checksum_workaround = old,
-        "kernel check (VXLAN tx checksum bug before 5.7)"
-    );
-    old
-}
-
-fn disable_tx_csum(dev: &str) -> Result<()> {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    let mut v = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
-    // SAFETY: an ifreq naming `dev` whose data points at `v`, both alive for the call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in dev.bytes().take(15).enumerate() {
-            req.ifr_name[i] = b as libc::c_char;
-        }
-        req.ifr_ifru.ifru_data = &mut v as *mut EthtoolValue as *mut libc::c_char;
-        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        anyhow::ensure!(rc == 0, "turning tx checksum offload off on {dev}: {err}");
-    }
-    Ok(())
-}
-
 pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let store = a.store.open().await?;
     let cfg = a.config.load(&store).await?;
@@ -463,8 +416,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             apply_masq(n)?;
         }
     }
-    let csum_workaround =
-        matches!(cfg.backend, Backend::Vxlan(_)) && kernel_needs_csum_workaround();
+    let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_))
+        && weft_dataplane::ioctl::kernel_needs_csum_workaround();
 
     let (routes_tx, routes_rx) = tokio::sync::mpsc::channel(4);
     let metrics = Arc::new(Metrics::new(routes_tx));
@@ -651,6 +604,11 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             None => Vec::new(),
         };
         if let Some(e) = &udp {
+            // weft0 deleted by hand: made again here, then the reconcile below restores its
+            // address and route, and forwarding resumes.
+            if let Err(err) = e.ensure_device() {
+                tracing::error!(error = %err, "making the udp backend's TUN device again");
+            }
             // Pod traffic over udp runs through the engine: without it the node is cut off,
             // so stop and let the supervisor (kubelet, systemd, the lab) start a new agent.
             anyhow::ensure!(
@@ -671,7 +629,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         }
         if csum_workaround {
             if let Some(v) = &desired.vxlan {
-                if let Err(e) = disable_tx_csum(&v.name) {
+                if let Err(e) = weft_dataplane::ioctl::disable_tx_csum(&v.name) {
                     tracing::warn!(error = %e, "tx checksum workaround");
                 }
             }

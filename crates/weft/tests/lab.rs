@@ -774,8 +774,63 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     );
     run_in("n1", &["ip", "route", "del", "10.0.1.12/32"]);
 
-    // A node joins, a node leaves: the peer tables follow the leases, nothing restarts.
+    // TCP headers shorter than 20 bytes (data offset 2), from a node holding a lease, for n1's
+    // pod, in pairs that the receiver tries to coalesce: this once killed the receive thread
+    // (and the agent with it). Sent many times so pairs meet in one receive batch.
     let pid1 = lab.agent_pid("weft-n1");
+    let short_tcp = {
+        let mut h = echo_hex(&in_subnet(&s2), &pod1);
+        // Protocol 6, total length 40, then a TCP header with data offset 2 and ACK set.
+        h.replace_range(4..8, "0028");
+        h.replace_range(18..20, "06");
+        h.replace_range(20..24, "0000");
+        h.truncate(40);
+        h + "9c4009c40000000100000002201001000000" + "0000"
+    };
+    let py = format!("import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(200): s.sendto(bytes.fromhex('{short_tcp}'), ('{n1}', 8285))");
+    run_in("n2", &["python3", "-c", &py]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.agent_pid("weft-n1"), pid1);
+    // SAFETY: signal 0 only asks whether the agent is alive.
+    assert_eq!(
+        unsafe { libc::kill(pid1, 0) },
+        0,
+        "n1's agent died of short TCP headers"
+    );
+    lab.converge();
+
+    // weft0 deleted by hand: the engine does not spin on the dead device (a core's worth of
+    // CPU); the reconciler makes it again and forwarding resumes, the agent not restarted.
+    run_in("n1", &["ip", "link", "del", "weft0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = |pid: i32| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
+        let f: Vec<&str> = st
+            .rsplit(')')
+            .next()
+            .expect("stat")
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+    };
+    let before_cpu = cpu(pid1);
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu(pid1) - before_cpu;
+    assert!(
+        ticks < 40,
+        "the agent spun on the deleted TUN device: {ticks} ticks in 2 s"
+    );
+    wait_until("weft0 made again with its route", 15, || {
+        run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87")
+    });
+    lab.converge();
+    assert_eq!(
+        lab.agent_pid("weft-n1"),
+        pid1,
+        "recovered without a restart"
+    );
+
+    // A node joins, a node leaves: the peer tables follow the leases, nothing restarts.
     ok(&[
         "lab",
         "up",
