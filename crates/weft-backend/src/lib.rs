@@ -2,6 +2,7 @@
 //! vxlan and host-gw differ only here; no I/O, so every rule is a unit test with plain data.
 //! The dataplane's reconciler makes the kernel match the plan.
 
+pub mod masq;
 pub mod udp;
 
 use ipnet::Ipv4Net;
@@ -82,6 +83,36 @@ pub struct Unreachable {
     pub reason: String,
 }
 
+/// A lease or a learned route the plan refuses: bad data from a peer (an invalid VTEP MAC, an
+/// address no node can have, a route that would hijack the node's own traffic). Reported and
+/// skipped; never a reason to call the node unready, since only the peer can fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The lease (`10.244.7.0/24`) or route (`0.0.0.0/0 via 10.0.0.9`) at fault.
+    pub what: String,
+    pub reason: String,
+}
+
+/// Why a peer's public IP cannot be anyone's, if it cannot.
+fn bad_public_ip(ip: Ipv4Addr, local: &Local) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("an unspecified public IP")
+    } else if ip.is_loopback() {
+        Some("a loopback public IP")
+    } else if ip.is_multicast() || ip.is_broadcast() {
+        Some("a multicast or broadcast public IP")
+    } else if ip == local.public_ip {
+        Some("this node's own public IP")
+    } else {
+        None
+    }
+}
+
+/// A VTEP MAC a peer may use: unicast and not all zeros.
+fn good_mac(m: [u8; 6]) -> bool {
+    m != [0; 6] && m[0] & 1 == 0
+}
+
 /// The udp backend's TUN device; the agent's forwarding engine creates it, the reconciler
 /// gives it its MTU and address and brings it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,8 +133,11 @@ pub struct DesiredState {
     pub neighbours: Vec<Neighbour>,
     pub fdb: Vec<FdbEntry>,
     pub unreachable: Vec<Unreachable>,
+    pub rejected: Vec<Rejected>,
     /// The MTU pods get (subnet.env's FLANNEL_MTU).
     pub pod_mtu: u32,
+    /// ip-masq's nftables table; `None` removes it.
+    pub masq: Option<masq::Masq>,
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -174,9 +208,27 @@ pub fn plan(
         ..Default::default()
     };
     let Some(own_v4) = own.key.v4 else { return d };
-    let peers = leases
+    let mut rejected = Vec::new();
+    let peers: Vec<&Lease> = leases
         .iter()
-        .filter(|l| l.key != own.key && l.attrs.public_ip != local.public_ip);
+        .filter(|l| l.key != own.key && l.attrs.node_ip() != own.attrs.node_ip())
+        .filter(|l| match bad_public_ip(l.attrs.public_ip, local) {
+            Some(why) => {
+                rejected.push(Rejected {
+                    what: l.key.to_string(),
+                    reason: format!(
+                        "lease of {} has {why} ({})",
+                        l.attrs.owner(),
+                        l.attrs.public_ip
+                    ),
+                });
+                false
+            }
+            None => true,
+        })
+        .collect();
+    d.rejected = rejected;
+    let peers = peers.into_iter();
     match &cfg.backend {
         Backend::Vxlan(v) => plan_vxlan(&mut d, v, local, own_v4, peers, vxlan_dev_name, mac),
         Backend::HostGw => {
@@ -220,7 +272,10 @@ pub fn plan(
                 });
             }
         }
-        Backend::Bgp(g) => plan_bgp(&mut d, g, local, own_v4, leases, rib, vxlan_dev_name, mac),
+        Backend::Bgp(g) => {
+            let peers: Vec<Lease> = peers.cloned().collect();
+            plan_bgp(&mut d, g, local, own_v4, &peers, rib, vxlan_dev_name, mac)
+        }
     }
     d.routes.sort();
     d.neighbours.sort();
@@ -273,12 +328,16 @@ fn tunnel_to(d: &mut DesiredState, p: &Lease, sub: Ipv4Net) {
         .get("VtepMAC")
         .and_then(|m| m.as_str())
         .and_then(parse_mac);
-    let Some(mac) = mac else {
-        d.unreachable.push(Unreachable {
-            lease: p.key,
+    let Some(mac) = mac.filter(|m| good_mac(*m)) else {
+        d.rejected.push(Rejected {
+            what: p.key.to_string(),
             reason: format!(
-                "lease of {} has no valid BackendData.VtepMAC",
-                p.attrs.owner()
+                "lease of {} has no valid BackendData.VtepMAC (a unicast, non-zero MAC): {}",
+                p.attrs.owner(),
+                p.attrs
+                    .backend_data
+                    .get("VtepMAC")
+                    .map_or("none".to_string(), |v| v.to_string())
             ),
         });
         return;
@@ -331,6 +390,30 @@ fn plan_bgp(
             || l.next_hop == local.public_ip
             || !seen.insert(l.prefix)
         {
+            continue;
+        }
+        // A peer must not steer this node's own traffic: no default route, nothing that covers
+        // or lies in the underlay network (the node would route its peers' addresses away).
+        let hijack = if l.prefix.prefix_len() == 0 {
+            Some("a default route")
+        } else if l.prefix.contains(&local.underlay_net.network())
+            || local.underlay_net.contains(&l.prefix.network())
+        {
+            Some("a prefix overlapping the underlay network")
+        } else if l.next_hop.is_unspecified()
+            || l.next_hop.is_loopback()
+            || l.next_hop.is_multicast()
+            || l.next_hop.is_broadcast()
+        {
+            Some("an invalid next hop")
+        } else {
+            None
+        };
+        if let Some(why) = hijack {
+            d.rejected.push(Rejected {
+                what: format!("{} via {}", l.prefix, l.next_hop),
+                reason: format!("learned route is {why}; ignored"),
+            });
             continue;
         }
         let on_link = local.underlay_net.contains(&l.next_hop);
@@ -530,12 +613,61 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_without_vtep_mac_is_reported() {
+    fn bad_leases_are_rejected_by_name_and_the_rest_planned() {
         let c = cfg(r#"{"Network": "10.244.0.0/16"}"#);
         let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
-        let d = plan_for(&c, &own, &[lease("10.244.2.0-24", "10.0.1.2", None)], &[]);
-        assert!(d.routes.is_empty());
-        assert_eq!(d.unreachable.len(), 1);
+        let peers = [
+            lease("10.244.2.0-24", "10.0.1.2", None),
+            lease("10.244.3.0-24", "10.0.1.3", Some("00:00:00:00:00:00")),
+            lease("10.244.4.0-24", "10.0.1.4", Some("01:00:5e:00:00:01")),
+            lease("10.244.5.0-24", "0.0.0.0", Some("0e:00:00:00:00:05")),
+            lease("10.244.6.0-24", "127.0.0.1", Some("0e:00:00:00:00:06")),
+            lease("10.244.7.0-24", "10.0.1.7", Some("0e:00:00:00:00:07")),
+        ];
+        let d = plan_for(&c, &own, &peers, &[]);
+        assert_eq!(d.routes.len(), 1, "only the good peer: {:?}", d.routes);
+        assert_eq!(d.routes[0].dst.to_string(), "10.244.7.0/24");
+        assert!(d.unreachable.is_empty(), "bad data is no readiness failure");
+        let named: Vec<&str> = d.rejected.iter().map(|r| r.what.as_str()).collect();
+        assert_eq!(
+            named,
+            [
+                "10.244.5.0-24",
+                "10.244.6.0-24",
+                "10.244.2.0-24",
+                "10.244.3.0-24",
+                "10.244.4.0-24"
+            ],
+            "{:?}",
+            d.rejected
+        );
+        assert!(d.rejected[3].reason.contains("VtepMAC"));
+    }
+
+    #[test]
+    fn learned_routes_that_would_hijack_the_node_are_rejected() {
+        let c = cfg(
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "Never"}}"#,
+        );
+        let own = lease("10.244.1.0-24", "10.0.1.1", Some("0e:00:00:00:00:01"));
+        let leases = [lease("10.244.2.0-24", "10.0.1.2", None)];
+        let learned = |p: &str, nh: &str| Learned {
+            prefix: p.parse().unwrap(),
+            next_hop: nh.parse().unwrap(),
+        };
+        let rib = [
+            learned("0.0.0.0/0", "10.0.1.2"),
+            learned("10.0.0.0/8", "10.0.1.2"),
+            learned("10.0.1.128/25", "10.0.1.2"),
+            learned("10.244.9.0/24", "0.0.0.0"),
+            learned("10.244.2.0/24", "10.0.1.2"),
+        ];
+        let d = plan_for(&c, &own, &leases, &rib);
+        assert_eq!(d.routes.len(), 1);
+        assert_eq!(d.routes[0].dst.to_string(), "10.244.2.0/24");
+        assert_eq!(d.rejected.len(), 4, "{:?}", d.rejected);
+        assert!(d.rejected[0].what.starts_with("0.0.0.0/0 via"));
+        assert!(d.unreachable.is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod ioctl;
 pub mod link;
 pub mod netns;
+pub mod nft;
 pub mod reconcile;
 pub mod sysctl;
 pub mod udp;

@@ -351,43 +351,59 @@ impl Store for EtcdStore {
     }
 
     async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
-        let (id, expiry) = self.grant(ttl).await?;
         let key = self.key_of(&lease.key);
-        let mut put_opts = PutOptions::new().with_prev_key();
-        if id != 0 {
-            put_opts = put_opts.with_lease(id);
-        }
-        // Only an existing key is rewritten: a lease that expired meanwhile is not resurrected.
-        let index_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.clone(),
-                CompareOp::Greater,
-                0,
-            )])
-            .and_then(vec![
-                TxnOp::put(key, lease.attrs.to_json(), Some(put_opts)),
-                TxnOp::put(
-                    self.node_key(lease.attrs.node_ip()),
-                    lease.key.to_string(),
-                    index_opts,
-                ),
-            ]);
-        let Some(r) = self.run_guarded(txn, id).await? else {
-            return Err(StoreError::NotFound(lease.key));
-        };
-        // The key moved to the new etcd lease; the old one holds nothing now.
-        if let Some(TxnOpResponse::Put(p)) = r.op_responses().into_iter().next() {
-            if let Some(prev) = p.prev_key() {
-                if prev.lease() != id {
-                    self.revoke(prev.lease()).await;
-                }
+        // Compare-and-swap: read the lease, check it is still this node's, and rewrite it only
+        // if nobody wrote it since (its mod_revision). A lease that lapsed and was taken by
+        // another node is that node's now; its etcd lease and index entry are not ours to touch.
+        for _ in 0..8 {
+            let got = self
+                .client
+                .clone()
+                .get(key.clone(), None)
+                .await
+                .map_err(map_err)?;
+            let Some(kv) = got.kvs().first() else {
+                return Err(StoreError::NotFound(lease.key));
+            };
+            let owner = weft_core::LeaseAttrs::from_json(kv.value()).map(|a| a.node_ip());
+            if owner.as_ref().ok() != Some(&lease.attrs.node_ip()) {
+                tracing::warn!(lease = %lease.key, held_by = %owner.map_or_else(|e| format!("an unreadable value ({e})"), |ip| ip.to_string()), "not renewing a lease another node holds");
+                return Err(StoreError::Conflict(lease.key));
             }
+            let (old_id, rev) = (kv.lease(), kv.mod_revision());
+            let (id, expiry) = self.grant(ttl).await?;
+            let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then(vec![
+                    TxnOp::put(key.clone(), lease.attrs.to_json(), put_opts.clone()),
+                    TxnOp::put(
+                        self.node_key(lease.attrs.node_ip()),
+                        lease.key.to_string(),
+                        put_opts,
+                    ),
+                ]);
+            if self.run_guarded(txn, id).await?.is_none() {
+                continue; // written meanwhile: look again
+            }
+            // Both keys moved to the new etcd lease; the old one (ours, checked above) holds
+            // nothing now.
+            if old_id != id {
+                self.revoke(old_id).await;
+            }
+            return Ok(Lease {
+                expiry,
+                ..lease.clone()
+            });
         }
-        Ok(Lease {
-            expiry,
-            ..lease.clone()
-        })
+        Err(StoreError::Unavailable(format!(
+            "lease {} kept changing while being renewed",
+            lease.key
+        )))
     }
 
     async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {

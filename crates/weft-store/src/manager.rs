@@ -25,12 +25,35 @@ pub struct LeaseTiming {
 
 impl Default for LeaseTiming {
     fn default() -> Self {
+        LeaseTiming::for_ttl(Duration::from_secs(24 * 3600))
+    }
+}
+
+/// The shortest lease weft keeps: below it renewals would crowd the store.
+pub const MIN_TTL: Duration = Duration::from_secs(10);
+
+impl LeaseTiming {
+    /// flannel's timing for its 24 h leases (renew 1 h before the end, retry every minute),
+    /// scaled down for short ones so a renewal always has time to happen: renew at half-life
+    /// when an hour is more than half the lease, retry ten times within one.
+    pub fn for_ttl(ttl: Duration) -> LeaseTiming {
+        let ttl = ttl.max(MIN_TTL);
         LeaseTiming {
-            ttl: Duration::from_secs(24 * 3600),
-            renew_margin: Duration::from_secs(3600),
-            retry: Duration::from_secs(60),
+            ttl,
+            renew_margin: Duration::from_secs(3600).min(ttl / 2),
+            retry: Duration::from_secs(60).min(ttl / 10),
         }
     }
+}
+
+/// Why this node no longer holds its lease. The agent stops on it (as flanneld does when its
+/// lease is revoked): a new start acquires a lease afresh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseLost {
+    #[error("lease {0} is gone from the store (released, or it expired before it was renewed)")]
+    Gone(LeaseKey),
+    #[error("lease {key} now belongs to another node ({holder}): it lapsed and was taken")]
+    Taken { key: LeaseKey, holder: String },
 }
 
 /// How long to wait before renewing a lease that ends at `expiry`.
@@ -269,60 +292,80 @@ pub async fn reserve<S: Store>(
     retrying("reserving", || store.create(&lease, None)).await
 }
 
-/// Renews `lease`; takes its subnet again if it lapsed and nobody took it meanwhile.
+/// Renews `lease` by compare-and-swap: only while the store still holds it for this node.
+/// `NotFound` when it is gone, `Conflict` when another node holds the subnet now; a lapsed
+/// lease is never silently re-created (another node may have been told the subnet is free).
 pub async fn renew<S: Store>(store: &S, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
     if lease.is_reservation() {
         return Ok(lease.clone());
     }
-    match retrying("renewing the lease", || store.update(lease, Some(ttl))).await {
-        Err(StoreError::NotFound(_)) => {
-            tracing::warn!(lease = %lease.key, "lease lapsed before renewal; taking it again");
-            retrying("re-creating the lease", || store.create(lease, Some(ttl))).await
-        }
-        other => other,
+    retrying("renewing the lease", || store.update(lease, Some(ttl))).await
+}
+
+/// What the store says of `key` for the node at `node_ip`, as a loss, if it is not its own.
+pub async fn check_held<S: Store>(
+    store: &S,
+    key: LeaseKey,
+    node_ip: std::net::IpAddr,
+) -> Result<Option<LeaseLost>, StoreError> {
+    let held = retrying("finding the node's lease", || store.find_node(node_ip)).await?;
+    if held.as_ref().is_some_and(|l| l.key == key) {
+        return Ok(None);
     }
+    let listing = retrying("listing leases", || store.list()).await?;
+    Ok(Some(match listing.leases.iter().find(|l| l.key == key) {
+        Some(other) => LeaseLost::Taken {
+            key,
+            holder: other.attrs.owner(),
+        },
+        None => LeaseLost::Gone(key),
+    }))
 }
 
 /// Keeps `lease` alive until `stop` fires: renews `renew_margin` before expiry and retries
-/// every `retry` on failure. If the subnet was lost to another node, acquires a new one; the
-/// current lease is published on the returned channel.
+/// every `retry` on failure; the current lease is published on the returned channel. Ends
+/// with `Err` when the lease is lost (gone, or taken by another node after it lapsed): the
+/// caller must stop using the subnet.
 pub fn keep<S: Store + Clone>(
     store: S,
-    cfg: NetConfig,
     lease: Lease,
     timing: LeaseTiming,
     mut stop: watch::Receiver<bool>,
-) -> (watch::Receiver<Lease>, tokio::task::JoinHandle<()>) {
+) -> (
+    watch::Receiver<Lease>,
+    tokio::task::JoinHandle<Result<(), LeaseLost>>,
+) {
     let (tx, rx) = watch::channel(lease.clone());
     let task = tokio::spawn(async move {
         let mut lease = lease;
         loop {
             let Some(wait) = renew_in(lease.expiry, &timing, SystemTime::now()) else {
                 let _ = stop.changed().await; // a reservation: nothing to renew
-                return;
+                return Ok(());
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => return,
+                _ = stop.changed() => return Ok(()),
             }
-            let result = match renew(&store, &lease, timing.ttl).await {
-                Err(StoreError::Conflict(_)) => {
-                    tracing::error!(lease = %lease.key, "lease was taken by another node while lapsed; acquiring a new one");
-                    acquire(&store, &cfg, &lease.attrs, None, timing.ttl).await
-                }
-                other => other,
-            };
-            match result {
+            match renew(&store, &lease, timing.ttl).await {
                 Ok(l) => {
                     tracing::debug!(lease = %l.key, "lease renewed");
                     lease = l;
                     let _ = tx.send(lease.clone());
                 }
+                Err(StoreError::NotFound(k)) => return Err(LeaseLost::Gone(k)),
+                Err(StoreError::Conflict(key)) => {
+                    let holder = match check_held(&store, key, lease.attrs.node_ip()).await {
+                        Ok(Some(LeaseLost::Taken { holder, .. })) => holder,
+                        _ => "another node".to_string(),
+                    };
+                    return Err(LeaseLost::Taken { key, holder });
+                }
                 Err(e) => {
                     tracing::warn!(lease = %lease.key, error = %e, retry_in = ?timing.retry, "lease renewal failed");
                     tokio::select! {
                         _ = tokio::time::sleep(timing.retry) => {}
-                        _ = stop.changed() => return,
+                        _ = stop.changed() => return Ok(()),
                     }
                     // Retry at once next round, however far the expiry still is.
                     lease.expiry = Expiry::Unknown;

@@ -435,14 +435,25 @@ impl Store for SqliteStore {
         let (lease, expires) = stamped(lease, ttl);
         self.write(move |tx, err| {
             let (key, value) = (lease.key.to_string(), lease.attrs.to_json());
+            // Compare-and-swap on the owner: a lease that lapsed and was taken by another node
+            // is that node's now, and renewing must not take it back.
             let n = tx
                 .execute(
-                    "UPDATE leases SET value = ?2, expires_at = ?3, node_ip = ?4 WHERE key = ?1",
+                    "UPDATE leases SET value = ?2, expires_at = ?3 WHERE key = ?1 AND node_ip = ?4",
                     params![key, value, expires, lease.attrs.node_ip().to_string()],
                 )
                 .map_err(err)?;
             if n == 0 {
-                return Err(StoreError::NotFound(lease.key));
+                let held: Option<String> = tx
+                    .query_row("SELECT node_ip FROM leases WHERE key = ?1", [&key], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .map_err(err)?;
+                return Err(match held {
+                    Some(_) => StoreError::Conflict(lease.key),
+                    None => StoreError::NotFound(lease.key),
+                });
             }
             log_event(tx, err, &key, Some(&value), expires)?;
             Ok(lease)

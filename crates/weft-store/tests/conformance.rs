@@ -209,13 +209,13 @@ async fn renewal_keeps_a_short_lease_alive(h: Harness) {
     let mut w = LeaseWatcher::new(h.store().await);
     assert_eq!(snapshot(&mut w).await.len(), 1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (current, task) = manager::keep(s.clone(), c.clone(), l.clone(), timing, stop_rx);
+    let (current, task) = manager::keep(s.clone(), l.clone(), timing, stop_rx);
     // Five TTLs pass; the lease never lapses, so the watcher sees nothing at all.
     let quiet = tokio::time::timeout(Duration::from_secs(6), w.next()).await;
     assert!(quiet.is_err(), "lease must not lapse while kept: {quiet:?}");
     assert_eq!(current.borrow().key, l.key);
     let _ = stop_tx.send(true);
-    task.await.expect("keeper stops");
+    assert_eq!(task.await.expect("keeper stops"), Ok(()));
     // Not kept any more: it lapses.
     assert_eq!(
         next_lease_event(&mut w, 10).await,
@@ -399,6 +399,99 @@ async fn one_node_racing_itself_gets_one_lease(h: Harness) {
     assert_eq!(h.store().await.list().await.expect("list").leases.len(), 1);
 }
 
+/// Node A's lease lapses and node B takes the subnet. A's renewal must not take it back (the
+/// store compares the owner), A's keeper reports the loss naming B, and A, starting again with
+/// its old subnet remembered, moves to another: one subnet, one node, always.
+async fn a_lapsed_lease_taken_by_another_node_stays_taken(h: Harness) {
+    // Two subnets: 10.10.0.16/28 and 10.10.0.32/28.
+    let c = cfg(r#"{"Network": "10.10.0.0/27"}"#);
+    let s = h.store().await;
+    let (a, b) = (node(1), node(2));
+    let short = Duration::from_secs(2);
+    let la = manager::acquire(&s, &c, &a, None, short)
+        .await
+        .expect("A acquires");
+    let mut w = LeaseWatcher::new(h.store().await);
+    assert_eq!(snapshot(&mut w).await.len(), 1);
+    assert_eq!(
+        next_lease_event(&mut w, 15).await,
+        LeaseEvent::Removed(la.key),
+        "A's lease lapses"
+    );
+    let lb = manager::acquire(&s, &c, &b, Some(la.key), DAY)
+        .await
+        .expect("B acquires");
+    assert_eq!(lb.key, la.key, "B takes the lapsed subnet");
+
+    // A renews late: refused, and B's lease is untouched (on etcd: its etcd lease not revoked).
+    match s.update(&la, Some(DAY)).await {
+        Err(StoreError::Conflict(k)) => assert_eq!(k, la.key),
+        other => panic!("renewing a subnet another node holds must conflict: {other:?}"),
+    }
+    let timing = LeaseTiming::for_ttl(Duration::from_secs(10));
+    let expired = Lease {
+        expiry: Expiry::Unknown,
+        ..la.clone()
+    };
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (_, task) = manager::keep(s.clone(), expired, timing, stop_rx);
+    let lost = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the keeper ends")
+        .expect("keeper task");
+    assert_eq!(
+        lost,
+        Err(manager::LeaseLost::Taken {
+            key: la.key,
+            holder: "node-2".into()
+        })
+    );
+    let held = s.find_node(b.node_ip()).await.expect("find B");
+    assert_eq!(held.map(|l| l.key), Some(lb.key), "B still holds it");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.find_node(b.node_ip())
+            .await
+            .expect("find B")
+            .map(|l| l.key),
+        Some(lb.key),
+        "B's lease outlives A's old TTL (nothing of A's revoked it)"
+    );
+
+    // A starts again, remembering its old subnet: it moves to the other one.
+    let la2 = manager::acquire(&s, &c, &a, Some(la.key), DAY)
+        .await
+        .expect("A acquires again");
+    assert_ne!(la2.key, la.key, "A moved");
+    let listing = s.list().await.expect("list");
+    assert_eq!(listing.leases.len(), 2);
+    for l in &listing.leases {
+        let want = if l.key == lb.key { "node-2" } else { "node-1" };
+        assert_eq!(l.attrs.node_name, want, "{}", l.key);
+    }
+}
+
+/// Lease timing stays sane for any TTL: renewals happen before the end, never in a tight loop.
+#[test]
+fn lease_timing_for_short_and_long_ttls() {
+    for secs in [1, 10, 60, 3600, 7200, 24 * 3600, 7 * 24 * 3600] {
+        let t = LeaseTiming::for_ttl(Duration::from_secs(secs));
+        assert!(t.ttl >= manager::MIN_TTL);
+        assert!(t.renew_margin < t.ttl && t.renew_margin <= Duration::from_secs(3600));
+        let wait = manager::renew_in(
+            Expiry::At(std::time::SystemTime::now() + t.ttl),
+            &t,
+            std::time::SystemTime::now(),
+        )
+        .expect("a wait");
+        assert!(
+            wait >= Duration::from_secs(4),
+            "{secs}: renews after {wait:?}"
+        );
+        assert!(t.retry >= Duration::from_secs(1) && t.retry <= Duration::from_secs(60));
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -432,4 +525,5 @@ conformance!(
     config_lives_in_the_store,
     create_refuses_any_overlap,
     one_node_racing_itself_gets_one_lease,
+    a_lapsed_lease_taken_by_another_node_stays_taken,
 );

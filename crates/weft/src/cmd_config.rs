@@ -125,14 +125,14 @@ impl ConfigCmd {
                     return Ok(ExitCode::FAILURE);
                 }
                 store.open().await?.put_config(&text).await?;
-                println!("stored {} in {}", file.display(), store.store);
+                println!("stored {} in {}", file.display(), store.name());
                 Ok(ExitCode::SUCCESS)
             }
             ConfigCmd::Show { json, store } => {
                 let Some(text) = store.open().await?.get_config().await? else {
                     anyhow::bail!(
                         "{} holds no network config; put one with `weft config put FILE`",
-                        store.store
+                        store.name()
                     );
                 };
                 match check(&text, "the store's config") {

@@ -408,6 +408,8 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
             "eth0",
             "--resync",
             "2",
+            "--full-resync",
+            "10",
         ])
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))

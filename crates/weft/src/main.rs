@@ -2,6 +2,7 @@
 //! build on the same store options.
 
 mod agent;
+mod backoff;
 mod cmd_bgp;
 mod cmd_config;
 mod cmd_leases;
@@ -52,9 +53,10 @@ enum Cmd {
 /// Where leases live, for every command that needs the store.
 #[derive(Args, Clone, Debug)]
 pub struct StoreArgs {
-    /// `sqlite:/path/to/store.db` (embedded, one machine) or `etcd://h1:2379,h2:2379`.
-    #[arg(long, env = "WEFT_STORE", default_value = DEFAULT_STORE)]
-    pub store: String,
+    /// `sqlite:/path/to/store.db` (embedded, one machine) or `etcd://h1:2379,h2:2379`. The CLI
+    /// defaults to the embedded store; the agent needs it given.
+    #[arg(long, env = "WEFT_STORE")]
+    pub store: Option<String>,
     /// Key prefix in etcd (flannel's default, so flanneld and weft can share an etcd).
     #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = weft_store::etcd::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
@@ -70,8 +72,23 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The store named, or the embedded default.
+    pub fn name(&self) -> &str {
+        self.store.as_deref().unwrap_or(DEFAULT_STORE)
+    }
+
+    /// The store an agent uses: it must be named. A node quietly on a SQLite file of its own
+    /// would hand out subnets that other nodes also hand out.
+    pub async fn open_required(&self) -> Result<AnyStore> {
+        anyhow::ensure!(
+            self.store.is_some(),
+            "weft agent needs its datastore named: --store etcd://HOST:2379 for a cluster (every node the same etcd), or --store {DEFAULT_STORE} for agents on one machine sharing that file (the lab); WEFT_STORE works too"
+        );
+        self.open().await
+    }
+
     pub async fn open(&self) -> Result<AnyStore> {
-        let spec: StoreSpec = self.store.parse()?;
+        let spec: StoreSpec = self.name().parse()?;
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
         let settings = EtcdSettings {
             prefix: self.etcd_prefix.clone(),
@@ -83,7 +100,7 @@ impl StoreArgs {
         };
         AnyStore::open(&spec, &settings)
             .await
-            .with_context(|| format!("opening the store {}", self.store))
+            .with_context(|| format!("opening the store {}", self.name()))
     }
 }
 

@@ -381,6 +381,31 @@ fn ip_masq_hides_pods_leaving_the_cluster_but_not_pod_to_pod() {
         .trim()
         .to_string();
     assert_eq!(seen, lab.pod_ip("n1-p0"), "pod to pod: never masqueraded");
+
+    // flannel's rules: random-fully, kube-proxy's marked packets left to it, and the host
+    // reaching a remote pod from its own address is masqueraded to its cluster address.
+    assert!(rules.contains("fully-random"), "{rules}");
+    assert!(rules.contains("0x00004000"), "{rules}");
+    let inside = listen("n2-p0", &p2);
+    let code = format!("import socket,time\nfor i in range(50):\n  try:\n    socket.create_connection(('{p2}',7777),timeout=1,source_address=('10.0.1.11',0));break\n  except OSError:\n    time.sleep(0.1)");
+    run_in("n1", &["python3", "-c", &code]);
+    let seen = String::from_utf8_lossy(&inside.join().expect("listener").stdout)
+        .trim()
+        .to_string();
+    let n1_vtep = lab.subnet("weft-n1").replace(".0/24", ".0");
+    assert_eq!(
+        seen, n1_vtep,
+        "host to remote pod: masqueraded to the node's cluster address"
+    );
+
+    // Drift: the chain flushed by hand is replaced by the next full pass.
+    run_in(
+        "n1",
+        &["nft", "flush", "chain", "ip", "weft", "postrouting"],
+    );
+    wait_until("ip-masq rules restored", 20, || {
+        run_in("n1", &["nft", "list", "table", "ip", "weft"]).contains("masquerade fully-random")
+    });
 }
 
 #[test]

@@ -1,0 +1,274 @@
+//! The reconciler: makes the kernel match a backend's plan, touching only what weft owns.
+//!
+//! Owned means: routes of protocol [`RTPROT_WEFT`](crate::RTPROT_WEFT) in the main table, the VTEP device the plan
+//! names (and any other `weft.<VNI>` VXLAN device, left from an older config), the neighbour and
+//! FDB entries weft made on it (see [`entries`]), the udp backend's TUN device, and the
+//! nftables table `ip weft`. A pass dumps what it owns, diffs against the plan, applies the
+//! difference (adds before removals for entries, so traffic keeps flowing), and reports what it
+//! could not do, each failure with its object. EEXIST/ENOENT mean "done already".
+//!
+//! [`Reconciler`] decides when a full pass is due: the plan changed, the kernel changed under
+//! weft (its [`monitor`]), the last pass failed somewhere, or the periodic full pass is due.
+
+mod devices;
+mod entries;
+pub mod monitor;
+mod routes;
+
+use crate::link::{Link, Nl};
+use crate::nft::MasqTable;
+use crate::DataplaneError;
+use ipnet::{IpNet, Ipv4Net};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_backend::DesiredState;
+
+/// A kernel object the reconciler manages, to name in a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Object {
+    Device(String),
+    Route(IpNet),
+    /// A VTEP neighbour entry, by its address (a remote node's subnet.0).
+    Neighbour(Ipv4Addr),
+    /// A VTEP FDB entry, by its destination (a remote node's public IP).
+    Fdb(Ipv4Addr),
+    /// A routing table or the nftables table.
+    Table(String),
+}
+
+impl std::fmt::Display for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Object::Device(d) => write!(f, "device {d}"),
+            Object::Route(r) => write!(f, "route {r}"),
+            Object::Neighbour(n) => write!(f, "neighbour {n}"),
+            Object::Fdb(d) => write!(f, "FDB entry to {d}"),
+            Object::Table(t) => write!(f, "table {t}"),
+        }
+    }
+}
+
+/// One thing a pass could not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub object: Object,
+    pub error: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.error)
+    }
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub added: usize,
+    pub removed: usize,
+    pub errors: Vec<Failure>,
+}
+
+impl Report {
+    fn fail(&mut self, object: Object, e: DataplaneError) {
+        self.note(object, e.to_string());
+    }
+
+    fn note(&mut self, object: Object, error: String) {
+        self.errors.push(Failure { object, error });
+    }
+}
+
+/// Makes the kernel match `d`, every part on its own: a failing device, entry, route or table
+/// is reported and the rest still applied. `underlay` is the interface peers are reached
+/// through. Returns the report and weft's device indices (for the monitor).
+pub async fn reconcile(
+    h: &Nl,
+    d: &DesiredState,
+    underlay: &Link,
+    masq: &mut MasqTable,
+) -> (Report, HashSet<u32>) {
+    let mut report = Report::default();
+    let mut devices = HashSet::new();
+    let vx = match &d.vxlan {
+        Some(v) => match devices::ensure_vxlan(h, v, underlay, &mut report).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                report.fail(Object::Device(v.name.clone()), e);
+                None
+            }
+        },
+        None => {
+            devices::remove_weft_vteps(h, &mut report).await;
+            None
+        }
+    };
+    let tun = match &d.tun {
+        Some(t) => match devices::ensure_tun(h, t, &mut report).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                report.fail(Object::Device(t.name.clone()), e);
+                None
+            }
+        },
+        None => {
+            devices::remove_tun(h, &mut report).await;
+            None
+        }
+    };
+    devices.extend(vx.iter().chain(tun.iter()).map(|l| l.index));
+
+    // Neighbours and FDB on the VTEP first: a route is only useful once they are there.
+    if let (Some(vx), Some(v)) = (&vx, &d.vxlan) {
+        let own_device = devices::is_weft_vtep(&v.name);
+        match entries::sync_neighbours(h, vx, own_device, &d.neighbours, &mut report).await {
+            Ok(macs) => {
+                if let Err(e) =
+                    entries::sync_fdb(h, vx, own_device, &macs, &d.fdb, &mut report).await
+                {
+                    report.fail(Object::Table(format!("{} FDB", vx.name)), e);
+                }
+            }
+            Err(e) => report.fail(Object::Table(format!("{} neighbours", vx.name)), e),
+        }
+    }
+
+    let want: Vec<_> = d
+        .routes
+        .iter()
+        .filter_map(|p| routes::route_of(p, vx.as_ref(), tun.as_ref(), underlay))
+        .collect();
+    routes::sync_routes(h, &want, &mut report).await;
+
+    match masq.sync(d.masq.as_ref()) {
+        Ok(true) => report.added += 1,
+        Ok(false) => {}
+        Err(e) => report.fail(Object::Table("nftables ip weft".into()), e),
+    }
+    (report, devices)
+}
+
+/// Runs passes when they are due; an idle node costs one comparison per tick.
+pub struct Reconciler {
+    nl: Nl,
+    underlay: Link,
+    masq: MasqTable,
+    watch: Arc<monitor::Watch>,
+    last: Option<DesiredState>,
+    last_failed: bool,
+    last_full: Option<Instant>,
+    /// A full pass at least this often, whatever the notifications say.
+    pub full_every: Duration,
+}
+
+impl Reconciler {
+    /// Starts the kernel monitor (without it every pass is a full one).
+    pub fn new(nl: Nl, underlay: Link, full_every: Duration) -> Reconciler {
+        let watch = Arc::new(monitor::Watch::default());
+        if let Err(e) = monitor::start(watch.clone()) {
+            tracing::warn!(error = %e, "no kernel notifications: every tick is a full pass");
+        }
+        Reconciler {
+            nl,
+            underlay,
+            masq: MasqTable::default(),
+            watch,
+            last: None,
+            last_failed: false,
+            last_full: None,
+            full_every,
+        }
+    }
+
+    /// Whether a pass is due even if the plan stays the same.
+    pub fn due(&self) -> bool {
+        self.last_failed
+            || self.last.is_none()
+            || self
+                .last_full
+                .is_none_or(|t| t.elapsed() >= self.full_every)
+            || self.watch.is_dirty()
+    }
+
+    /// Runs a pass if `d` differs from the last plan or one is [`due`](Self::due); None when
+    /// there was nothing to do.
+    pub async fn run(&mut self, d: &DesiredState) -> Option<Report> {
+        let dirty = self.watch.take_dirty();
+        let same = self.last.as_ref() == Some(d);
+        let full_due = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= self.full_every);
+        if same && !dirty && !self.last_failed && !full_due {
+            return None;
+        }
+        let (report, devices) = reconcile(&self.nl, d, &self.underlay, &mut self.masq).await;
+        self.watch.set_devices(devices);
+        self.last_failed = !report.errors.is_empty();
+        self.last = Some(d.clone());
+        self.last_full = Some(Instant::now());
+        Some(report)
+    }
+}
+
+/// The interface and address of the default route, or of `name`: the agent's underlay.
+pub async fn underlay(
+    h: &Nl,
+    name: Option<&str>,
+    regex_match: Option<&dyn Fn(&str) -> bool>,
+) -> Result<(Link, Ipv4Net), DataplaneError> {
+    let links = h.links().await?;
+    let link = if let Some(n) = name {
+        links
+            .into_iter()
+            .find(|l| l.name == n)
+            .ok_or_else(|| DataplaneError::Other(format!("--iface {n}: no such interface")))?
+    } else if let Some(m) = regex_match {
+        let addrs = h.addrs(None).await?;
+        links
+            .into_iter()
+            .find(|l| {
+                m(&l.name)
+                    && addrs
+                        .iter()
+                        .any(|(i, a)| *i == l.index && a.addr().is_ipv4())
+            })
+            .ok_or_else(|| {
+                DataplaneError::Other(
+                    "--iface-regex matches no interface with an IPv4 address".into(),
+                )
+            })?
+    } else {
+        let routes = h.routes(false).await?;
+        let oif = routes
+            .iter()
+            .find(|r| r.dst.prefix_len() == 0)
+            .and_then(|r| r.oif)
+            .ok_or_else(|| {
+                DataplaneError::Other(
+                    "no default route to pick the underlay interface from; pass --iface NAME"
+                        .into(),
+                )
+            })?;
+        links
+            .into_iter()
+            .find(|l| l.index == oif)
+            .ok_or_else(|| DataplaneError::Other("the default route's interface vanished".into()))?
+    };
+    let addr = h
+        .addrs(Some(link.index))
+        .await?
+        .into_iter()
+        .find_map(|(_, a)| match a {
+            IpNet::V4(v) => Some(v),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            DataplaneError::Other(format!(
+                "interface {} has no IPv4 address; pass --public-ip or another --iface",
+                link.name
+            ))
+        })?;
+    Ok((link, addr))
+}

@@ -1,0 +1,194 @@
+//! Routes: weft's are those of protocol 87 in the main table. A route another program made to
+//! a destination the plan wants is adopted only when it is exactly the planned route (flanneld's
+//! `via <subnet.0> dev flannel.1 onlink`, protocol boot): replaced in place with weft's protocol,
+//! an atomic swap. Any other route there is left alone and reported.
+
+use super::{Object, Report};
+use crate::link::{is_exists, Link, Nl, Route, RTPROT_WEFT};
+use futures::StreamExt;
+use ipnet::IpNet;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use weft_backend::{Dev, PlannedRoute};
+
+/// Route requests in flight at once (one netlink socket, acknowledged out of order): one at a
+/// time, a table of 100,000 took 3 s.
+const IN_FLIGHT: usize = 64;
+
+pub(super) fn route_of(
+    p: &PlannedRoute,
+    vx: Option<&Link>,
+    tun: Option<&Link>,
+    underlay: &Link,
+) -> Option<Route> {
+    let oif = match p.dev {
+        Dev::Vxlan => vx?.index,
+        Dev::Underlay => underlay.index,
+        Dev::Tun => tun?.index,
+    };
+    let device_route = p.dev == Dev::Tun;
+    Some(Route {
+        dst: IpNet::V4(p.dst),
+        gateway: (!device_route).then_some(IpAddr::V4(p.via)),
+        oif: Some(oif),
+        scope_link: device_route,
+        protocol: RTPROT_WEFT,
+        onlink: p.onlink,
+    })
+}
+
+fn same_route(have: &Route, want: &Route) -> bool {
+    have.dst == want.dst && have.gateway == want.gateway && have.oif == want.oif
+}
+
+/// What to do for one wanted route, given every main-table route to its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Nothing,
+    Add,
+    /// Ours but different, or someone else's exactly as planned (adopted).
+    Replace,
+    /// Someone else's, and not as planned: theirs.
+    Foreign,
+}
+
+fn step(at_dst: &[&Route], w: &Route) -> Step {
+    let ours: Vec<&&Route> = at_dst
+        .iter()
+        .filter(|r| r.protocol == RTPROT_WEFT)
+        .collect();
+    if ours.iter().any(|r| same_route(r, w)) {
+        Step::Nothing
+    } else if !ours.is_empty()
+        || at_dst
+            .iter()
+            .any(|r| same_route(r, w) && r.onlink == w.onlink)
+    {
+        Step::Replace
+    } else if at_dst.is_empty() {
+        Step::Add
+    } else {
+        Step::Foreign
+    }
+}
+
+pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
+    let have = match h.routes(false).await {
+        Ok(h) => h,
+        Err(e) => return report.fail(Object::Table("main".into()), e),
+    };
+    // Indexed by destination: a full BGP table is 100,000 routes, and a scan per route was
+    // quadratic. (Sorted references, not a map of vectors: no allocation per route.)
+    let mut all: Vec<&Route> = have
+        .iter()
+        .filter(|r| r.protocol != crate::link::RTPROT_WEFT_POD)
+        .collect();
+    all.sort_by_key(|r| r.dst);
+    let at = |dst: IpNet| {
+        let from = all.partition_point(|r| r.dst < dst);
+        let to = all.partition_point(|r| r.dst <= dst);
+        &all[from..to]
+    };
+    let mut changes = Vec::new();
+    for w in want {
+        match step(at(w.dst), w) {
+            Step::Nothing => {}
+            Step::Add => changes.push((w, false)),
+            Step::Replace => changes.push((w, true)),
+            Step::Foreign => {
+                let theirs = at(w.dst)
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} proto {}",
+                            r.gateway.map_or("dev".into(), |g| format!("via {g}")),
+                            r.protocol
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                report.note(
+                    Object::Route(w.dst),
+                    format!(
+                        "a route to {} exists and is not weft's ({theirs}); left alone",
+                        w.dst
+                    ),
+                );
+            }
+        }
+    }
+    let results: Vec<_> = futures::stream::iter(changes)
+        .map(|(w, replace)| async move {
+            let r = if replace {
+                h.replace_route(w).await
+            } else {
+                h.add_route_strict(w).await
+            };
+            (w, r)
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (w, r) in results {
+        match r {
+            Ok(()) => report.added += 1,
+            Err(e) if is_exists(&e) => report.note(
+                Object::Route(w.dst),
+                format!(
+                    "a route to {} appeared meanwhile and is not weft's; left alone",
+                    w.dst
+                ),
+            ),
+            Err(e) => report.fail(Object::Route(w.dst), e),
+        }
+    }
+    let wanted: HashSet<IpNet> = want.iter().map(|w| w.dst).collect();
+    let stale = have
+        .iter()
+        .filter(|r| r.protocol == RTPROT_WEFT && !wanted.contains(&r.dst));
+    let results: Vec<_> = futures::stream::iter(stale)
+        .map(|r| async move { (r.dst, h.del_route(r).await) })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (dst, r) in results {
+        match r {
+            Ok(true) => report.removed += 1,
+            Ok(false) => {}
+            Err(e) => report.fail(Object::Route(dst), e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(dst: &str, via: &str, proto: u8, onlink: bool) -> Route {
+        Route {
+            dst: dst.parse().unwrap(),
+            gateway: Some(via.parse().unwrap()),
+            oif: Some(5),
+            scope_link: false,
+            protocol: proto,
+            onlink,
+        }
+    }
+
+    #[test]
+    fn flannels_route_is_adopted_only_when_it_is_the_plan() {
+        let want = r("10.244.2.0/24", "10.244.2.0", RTPROT_WEFT, true);
+        let flannel = r("10.244.2.0/24", "10.244.2.0", 3, true);
+        assert_eq!(step(&[&flannel], &want), Step::Replace, "adopted in place");
+        let other = r("10.244.2.0/24", "192.0.2.1", 3, false);
+        assert_eq!(
+            step(&[&other], &want),
+            Step::Foreign,
+            "someone else's: left alone"
+        );
+        let stale_ours = r("10.244.2.0/24", "10.244.9.0", RTPROT_WEFT, true);
+        assert_eq!(step(&[&stale_ours], &want), Step::Replace);
+        assert_eq!(step(&[&want.clone()], &want), Step::Nothing);
+        assert_eq!(step(&[], &want), Step::Add);
+    }
+}

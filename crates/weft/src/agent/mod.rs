@@ -1,0 +1,490 @@
+//! `weft agent`: the per-node daemon (flanneld's job).
+//!
+//! Acquires this node's lease and keeps it, writes subnet.env, watches every other lease, and
+//! reconciles the kernel to the backend's plan on every change and on a timer (drift). SIGTERM
+//! leaves the dataplane in place, so a restart drops no packet.
+
+use crate::{ConfigArgs, StoreArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use weft_backend::{DesiredState, Local};
+use weft_core::subnet_env::SubnetEnv;
+use weft_core::{Backend, Lease, LeaseAttrs};
+use weft_dataplane::{reconcile, Nl};
+use weft_store::manager::{self, LeaseTiming};
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// This node's name (published in its lease).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The underlay interface (default: the default route's).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Pick the first interface whose name matches (with an IPv4 address).
+    #[arg(long)]
+    pub iface_regex: Option<String>,
+    /// The address peers reach this node at (default: the underlay interface's).
+    #[arg(long)]
+    pub public_ip: Option<Ipv4Addr>,
+    #[arg(long, default_value = weft_core::subnet_env::DEFAULT_PATH)]
+    pub subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network (nftables table `weft`).
+    #[arg(long)]
+    pub ip_masq: bool,
+    /// /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9965")]
+    pub metrics_addr: SocketAddr,
+    /// The VTEP device's name (default weft.<VNI>; flannel.1 is accepted for a drop-in switch).
+    #[arg(long)]
+    pub vxlan_device: Option<String>,
+    /// Reconcile at least this often, repairing drift (seconds).
+    #[arg(long, default_value_t = 5)]
+    pub resync: u64,
+    /// Lease lifetime (seconds; flannel's 24 h; at least 10). Renewed an hour before the end,
+    /// or at half-life for leases under two hours.
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub lease_ttl: u64,
+    /// A full reconcile pass (dump and compare everything weft owns) at least this often
+    /// (seconds); between them, passes run when a lease, a route or the kernel changes.
+    #[arg(long, default_value_t = 60)]
+    pub full_resync: u64,
+    /// The bgp backend's TCP port (peers use the same).
+    #[arg(long, default_value_t = 179)]
+    pub bgp_port: u16,
+    /// This node reflects routes (RFC 4456): with NodeMesh false, the others peer only with
+    /// the reflectors. Published in the lease so the others find it.
+    #[arg(long)]
+    pub bgp_route_reflector: bool,
+    /// The reflector's cluster ID (default: its public IP).
+    #[arg(long)]
+    pub bgp_cluster_id: Option<Ipv4Addr>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+mod bgp;
+mod http;
+mod lease;
+use bgp::Bgp;
+use http::Metrics;
+
+/// How often subnet.env is rewritten while the lease is held, whatever the lease's TTL (CNI's
+/// STATUS takes a subnet.env untouched for 25 h for a dead agent).
+const SUBNET_ENV_REFRESH: Duration = Duration::from_secs(3600);
+
+pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
+    let ttl = Duration::from_secs(a.lease_ttl);
+    anyhow::ensure!(
+        ttl >= manager::MIN_TTL,
+        "--lease-ttl {} is too short: at least {} seconds (flannel's is 86400)",
+        a.lease_ttl,
+        manager::MIN_TTL.as_secs()
+    );
+    let store = a.store.open_required().await?;
+    let cfg = a.config.load(&store).await?;
+    anyhow::ensure!(
+        cfg.v4.is_some(),
+        "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet"
+    );
+    let nl = Nl::here()?;
+    let re = match &a.iface_regex {
+        Some(r) => Some(
+            regex::Regex::new(r)
+                .with_context(|| format!("--iface-regex {r:?} is not a valid regex"))?,
+        ),
+        None => None,
+    };
+    let matcher = re.as_ref().map(|re| move |n: &str| re.is_match(n));
+    let (underlay, underlay_net) = reconcile::underlay(
+        &nl,
+        a.iface.as_deref(),
+        matcher.as_ref().map(|m| m as &dyn Fn(&str) -> bool),
+    )
+    .await?;
+    let public_ip = a.public_ip.unwrap_or(underlay_net.addr());
+    let local = Local {
+        public_ip,
+        underlay_net: underlay_net.trunc(),
+        underlay_dev: underlay.name.clone(),
+        underlay_mtu: underlay.mtu,
+    };
+    let vx_name = match &cfg.backend {
+        Backend::Vxlan(v) => a
+            .vxlan_device
+            .clone()
+            .unwrap_or_else(|| weft_backend::vxlan_name(v.vni)),
+        Backend::Bgp(g) => a
+            .vxlan_device
+            .clone()
+            .unwrap_or_else(|| weft_backend::vxlan_name(g.vxlan.vni)),
+        _ => String::new(),
+    };
+    // The VTEP MAC: the device's own when it exists already (a restart, or flanneld's
+    // flannel.1 taken over: peers still hold its MAC), else one derived from the node.
+    let mac = match (vx_name.is_empty(), nl.link(&vx_name).await) {
+        (false, Ok(Some(l))) => <[u8; 6]>::try_from(l.mac.as_slice())
+            .ok()
+            .filter(|m| m != &[0; 6] && m[0] & 1 == 0),
+        _ => None,
+    }
+    .unwrap_or_else(|| weft_backend::vtep_mac(&a.node_name, public_ip));
+    let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
+    tracing::info!(node = %a.node_name, iface = %underlay.name, %public_ip, backend = cfg.backend.type_name(), pod_mtu, "starting");
+
+    // The bgp backend's listener exists before our lease does: peers connect as soon as they
+    // see the lease.
+    let bgp_bound = match &cfg.backend {
+        Backend::Bgp(_) => Some(
+            weft_bgp::driver::Speaker::bind(SocketAddr::new(public_ip.into(), a.bgp_port))
+                .await
+                .with_context(|| format!("listening for BGP on {public_ip}:{}", a.bgp_port))?,
+        ),
+        _ => None,
+    };
+    // The lease: ours from before (same public IP, or the subnet in subnet.env), else a new one.
+    let mut attrs = LeaseAttrs::new(&a.node_name, public_ip, cfg.backend.type_name());
+    attrs.backend_data = weft_backend::backend_data(&cfg, Some(mac));
+    if a.bgp_route_reflector {
+        if let serde_json::Value::Object(m) = &mut attrs.backend_data {
+            m.insert("RouteReflector".into(), serde_json::Value::Bool(true));
+        } else {
+            attrs.backend_data = serde_json::json!({"RouteReflector": true});
+        }
+    }
+    let previous = SubnetEnv::read(&a.subnet_file)
+        .ok()
+        .flatten()
+        .and_then(|e| e.lease_key());
+    let lease = manager::acquire(&store, &cfg, &attrs, previous, ttl)
+        .await
+        .context("acquiring this node's lease")?;
+    tracing::info!(lease = %lease.key, "lease held");
+    lease::write_subnet_env(&a.subnet_file, &cfg, &lease, pod_mtu, a.ip_masq)?;
+    let masq_network = cfg
+        .v4
+        .as_ref()
+        .and_then(|p| weft_core::subnet::v4(p.network));
+    let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_))
+        && weft_dataplane::ioctl::kernel_needs_csum_workaround();
+
+    let (routes_tx, routes_rx) = tokio::sync::mpsc::channel(4);
+    let metrics = Arc::new(Metrics::new(routes_tx));
+    // Bound here, so a port in use stops the agent at once with a clear error.
+    let http = http::listen(a.metrics_addr).await?;
+    tokio::spawn(http::serve(http, metrics.clone()));
+
+    // The udp backend: the TUN device and the threads that carry it over UDP.
+    let udp = match &cfg.backend {
+        Backend::Udp(u) => {
+            let own4 = lease
+                .key
+                .v4
+                .context("the udp backend needs an IPv4 subnet")?;
+            let ec = weft_dataplane::udp::EngineConfig {
+                tun_name: weft_backend::TUN_NAME.to_string(),
+                listen: std::net::SocketAddrV4::new(public_ip, u.port),
+                mtu: u16::try_from(pod_mtu).unwrap_or(u16::MAX),
+                // The first address of our subnet (the bridge's gateway) answers for the path.
+                icmp_source: own4.hosts().next().unwrap_or(own4.network()),
+            };
+            let e = weft_dataplane::udp::Engine::start(ec, metrics.udp.clone())
+                .with_context(|| format!("starting the udp backend on {public_ip}:{}", u.port))?;
+            tracing::info!(
+                port = u.port,
+                device = weft_backend::TUN_NAME,
+                "udp backend engine started"
+            );
+            Some(e)
+        }
+        _ => None,
+    };
+
+    // Keep the lease; every renewal rewrites subnet.env (CNI's STATUS reads its age).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (mut own_rx, mut keeper) = manager::keep(
+        store.clone(),
+        lease.clone(),
+        LeaseTiming::for_ttl(ttl),
+        stop_rx,
+    );
+
+    // Watch every lease; the reconcile loop sees the latest set. The watch ending is fatal.
+    let (mut leases_rx, mut watcher) = lease::watch_all(store.clone(), metrics.clone());
+
+    // The bgp backend: a speaker on the public address, a session per peer, a RIB per peer.
+    let mut bgp = match &cfg.backend {
+        Backend::Bgp(g) => {
+            let (sp, ev) = bgp_bound.context("the BGP listener")?;
+            let mut b = Bgp {
+                conf: g.clone(),
+                speaker: sp,
+                events: ev,
+                peers: HashMap::new(),
+                peer_as: HashMap::new(),
+                since: HashMap::new(),
+                rib: HashMap::new(),
+                port: a.bgp_port,
+                started: Instant::now(),
+                last_up: None,
+                reflector: a
+                    .bgp_route_reflector
+                    .then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
+                router_id: public_ip,
+                peer_ids: HashMap::new(),
+                gr_times: HashMap::new(),
+                stale: HashMap::new(),
+            };
+            // External peers: the ones on this node's own segment when the config lists any
+            // there (one ToR per segment, as Calico's per-node peerings do), else all of them.
+            let on_link: Vec<_> = g
+                .peers
+                .iter()
+                .filter(|p| matches!(p.address, IpAddr::V4(a) if local.underlay_net.contains(&a)))
+                .collect();
+            let chosen = if on_link.is_empty() {
+                g.peers.iter().collect()
+            } else {
+                on_link
+            };
+            for p in chosen {
+                b.add(p.address, p.as_number, true, public_ip, p.password.clone());
+            }
+            Some(b)
+        }
+        _ => None,
+    };
+    let mut own = lease;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(a.resync.max(1)));
+    let mut refresh = tokio::time::interval(SUBNET_ENV_REFRESH);
+    refresh.tick().await; // the first tick is now: subnet.env was just written
+    let mut reconciler = reconcile::Reconciler::new(
+        nl.clone(),
+        underlay.clone(),
+        Duration::from_secs(a.full_resync.max(1)),
+    );
+    let mut last_problems = String::new();
+    // Something the plan depends on changed since the last pass.
+    let mut inputs_changed = true;
+    let (mut own_open, mut leases_open) = (true, true);
+    // The bgp backend is waiting for its peers before reconciling: look again soon.
+    let mut unsettled = false;
+    // Only the bgp backend answers /bgp/routes; otherwise the channel closes at once.
+    let mut routes_rx = bgp.is_some().then_some(routes_rx);
+    let lost = loop {
+        tokio::select! {
+            req = async { match routes_rx.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                if let (Some(b), Some(reply)) = (bgp.as_ref(), req) {
+                    let _ = reply.send(b.routes_json());
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if unsettled => {}
+            _ = term.recv() => break None,
+            _ = tokio::signal::ctrl_c() => break None,
+            r = &mut keeper => match r {
+                Ok(Err(l)) => break Some(l),
+                Ok(Ok(())) => anyhow::bail!("the lease keeper stopped unasked"),
+                Err(e) => anyhow::bail!("the lease keeper failed: {e}"),
+            },
+            r = &mut watcher => match r {
+                Ok(e) => anyhow::bail!("the lease watch failed for good: {e}"),
+                Err(e) => anyhow::bail!("the lease watch failed: {e}"),
+            },
+            r = own_rx.changed(), if own_open => {
+                // Closed: the keeper ended, and its arm above says why.
+                if r.is_err() { own_open = false; continue; }
+                let l = own_rx.borrow().clone();
+                own = l;
+                lease::write_subnet_env(&a.subnet_file, &cfg, &own, pod_mtu, a.ip_masq)?;
+                inputs_changed = true;
+            }
+            r = leases_rx.changed(), if leases_open => {
+                if r.is_err() { leases_open = false; continue; }
+                inputs_changed = true;
+            }
+            _ = refresh.tick() => {
+                // Also with reservations and TTLs over a day: subnet.env never looks stale
+                // while this agent holds the lease.
+                lease::write_subnet_env(&a.subnet_file, &cfg, &own, pod_mtu, a.ip_masq)?;
+                continue;
+            }
+            _ = tick.tick() => {}
+            ev = async { match bgp.as_mut() { Some(b) => b.events.recv().await, None => std::future::pending().await } } => {
+                if let (Some(b), Some(ev)) = (bgp.as_mut(), ev) {
+                    b.on_event(ev, &own).await;
+                    // A full table arrives as thousands of UPDATEs: take every one already
+                    // queued, then plan and reconcile once (per event it was quadratic).
+                    while let Ok(ev) = b.events.try_recv() {
+                        b.on_event(ev, &own).await;
+                    }
+                    b.publish(&metrics);
+                    inputs_changed = true;
+                }
+            }
+        }
+        if let Some(e) = &udp {
+            // weft0 deleted by hand: made again here, then the pass below restores its
+            // address and route, and forwarding resumes.
+            match e.ensure_device() {
+                Ok(true) => inputs_changed = true,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(error = %err, "making the udp backend's TUN device again")
+                }
+            }
+            // Pod traffic over udp runs through the engine: without it the node is cut off,
+            // so stop and let the supervisor (kubelet, systemd, the lab) start a new agent.
+            anyhow::ensure!(
+                e.alive(),
+                "the udp backend's forwarding threads stopped (see the log above)"
+            );
+        }
+        // Idle: nothing changed and the kernel needs no look; no copy, no plan, no dump.
+        if !inputs_changed && !unsettled && !reconciler.due() {
+            continue;
+        }
+        let Some(all) = leases_rx.borrow().clone() else {
+            continue;
+        };
+        if let Some(l) = lease::lost(&store, &all, &own).await {
+            break Some(l);
+        }
+        inputs_changed = false;
+        let leases: Vec<Lease> = all.into_values().collect();
+        let rib = match bgp.as_mut() {
+            Some(b) => {
+                b.sync_mesh(&leases, &own, public_ip);
+                // After a restart, wait for the peers to re-send their routes before removing
+                // anything (an approximation of end-of-RIB: every peer up, or 10 s).
+                unsettled = !b.settled();
+                if unsettled {
+                    continue;
+                }
+                b.learned()
+            }
+            None => Vec::new(),
+        };
+        if let Some(e) = &udp {
+            e.set_peers(weft_backend::udp::PeerTable::new(public_ip, &leases));
+        }
+        let mut desired: DesiredState =
+            weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
+        desired.masq = match (a.ip_masq, masq_network, own.key.v4) {
+            (true, Some(network), Some(subnet)) => {
+                Some(weft_backend::masq::Masq { network, subnet })
+            }
+            _ => None,
+        };
+        let start = Instant::now();
+        let Some(report) = reconciler.run(&desired).await else {
+            continue;
+        };
+        metrics
+            .reconcile_seconds
+            .observe(start.elapsed().as_secs_f64());
+        if report.added + report.removed > 0 {
+            tracing::info!(added = report.added, removed = report.removed, took = ?start.elapsed(), "reconciled");
+        }
+        if csum_workaround {
+            if let Some(v) = &desired.vxlan {
+                if let Err(e) = weft_dataplane::ioctl::disable_tx_csum(&v.name) {
+                    tracing::warn!(error = %e, "tx checksum workaround");
+                }
+            }
+        }
+        metrics.reconcile_errors.inc_by(report.errors.len() as u64);
+        let peers = leases.iter().filter(|l| l.key != own.key).count();
+        metrics
+            .peers_unreachable
+            .set(desired.unreachable.len() as i64);
+        metrics.rejected.set(desired.rejected.len() as i64);
+        metrics
+            .peers_programmed
+            .set((peers - desired.unreachable.len().min(peers)) as i64);
+        report_problems(&desired, &report, &leases, &mut last_problems);
+        // Ready: lease held, subnet.env written, every current peer programmed. Rejected
+        // leases and routes (bad data a peer sent) do not count: only that peer can fix them.
+        metrics.ready.store(
+            report.errors.is_empty() && desired.unreachable.is_empty(),
+            Ordering::Relaxed,
+        );
+    };
+    // SIGTERM: stop renewing, leave every route, neighbour and device in place.
+    let _ = stop_tx.send(true);
+    let Some(lost) = lost else {
+        let _ = keeper.await;
+        tracing::info!("stopped; the dataplane stays as it is");
+        return Ok(std::process::ExitCode::SUCCESS);
+    };
+    // The lease is gone or another node's: stop announcing the subnet, and let the supervisor
+    // start a new agent, which acquires a lease afresh.
+    metrics.ready.store(false, Ordering::Relaxed);
+    if let (Some(b), Some(v4)) = (bgp.as_ref(), own.key.v4) {
+        b.withdraw_own(v4).await;
+    }
+    if matches!(lost, manager::LeaseLost::Taken { .. }) {
+        // Pods must not get addresses of another node's subnet meanwhile (CNI waits instead).
+        let _ = std::fs::remove_file(&a.subnet_file);
+    }
+    anyhow::bail!(
+        "{lost}; this node stops using it and exits (its supervisor starts it on a fresh lease)"
+    )
+}
+
+/// Logs what the plan rejected or could not reach and what a pass could not do, each named with
+/// the lease it came from, once per change (a pass every few seconds must not flood the log).
+fn report_problems(
+    d: &DesiredState,
+    report: &reconcile::Report,
+    leases: &[Lease],
+    last: &mut String,
+) {
+    let lease_of = |o: &reconcile::Object| -> Option<String> {
+        let l = leases.iter().find(|l| match o {
+            reconcile::Object::Route(ipnet::IpNet::V4(dst)) => l.key.v4 == Some(*dst),
+            reconcile::Object::Neighbour(ip) => l.key.v4.is_some_and(|n| n.network() == *ip),
+            reconcile::Object::Fdb(dst) => l.attrs.public_ip == *dst,
+            _ => false,
+        })?;
+        Some(format!("{} ({})", l.key, l.attrs.owner()))
+    };
+    let mut lines = Vec::new();
+    for u in &d.unreachable {
+        lines.push(format!(
+            "peer not programmed: lease {}: {}",
+            u.lease, u.reason
+        ));
+    }
+    for r in &d.rejected {
+        lines.push(format!("rejected {}: {}", r.what, r.reason));
+    }
+    for f in &report.errors {
+        match lease_of(&f.object) {
+            Some(l) => lines.push(format!("{f} (for lease {l}); retrying next pass")),
+            None => lines.push(format!("{f}; retrying next pass")),
+        }
+    }
+    let now = lines.join("\n");
+    if now != *last {
+        for l in &lines {
+            tracing::warn!("{l}");
+        }
+        *last = now;
+    }
+}
