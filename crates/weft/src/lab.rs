@@ -72,6 +72,10 @@ pub struct UpArgs {
     /// With bgp-rr: the first K nodes reflect routes.
     #[arg(long, default_value_t = 2)]
     pub route_reflectors: usize,
+    /// The agents' lease lifetime in seconds (flannel's day by default; short ones show
+    /// expiry and renewal).
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub lease_ttl: u64,
     /// A net-conf.json to use instead of the one --backend implies.
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -89,6 +93,8 @@ struct State {
     direct: bool,
     #[serde(default)]
     route_reflectors: usize,
+    #[serde(default)]
+    lease_ttl: Option<u64>,
     etcd_pid: Option<u32>,
     /// BIRD or gobgpd in the router namespace.
     #[serde(default)]
@@ -415,6 +421,7 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         .arg(dir.join("subnet.env"))
         .args(["--store", &store_arg(st), "--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))
+        .args(["--lease-ttl".to_string(), st.lease_ttl.unwrap_or(24 * 3600).to_string()])
         .args(
             node.strip_prefix("weft-n")
                 .and_then(|i| i.parse::<usize>().ok())
@@ -529,6 +536,7 @@ async fn up(a: &UpArgs) -> Result<State> {
         segments: a.segments,
         ip_masq: a.ip_masq,
         direct: a.underlay == "direct",
+        lease_ttl: Some(a.lease_ttl),
         route_reflectors: if a.backend == "bgp-rr" {
             a.route_reflectors
         } else {

@@ -897,3 +897,72 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     lab.converge();
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 }
+
+/// n1's agent freezes past its lease's end; another node takes n1's subnet. When n1's agent
+/// wakes it must neither renew nor keep announcing the subnet: it says so and exits non-zero;
+/// started again, it moves to another subnet; every route points at the subnet's holder.
+fn a_lapsed_lease_taken_by_another_node(store: &str) {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--store", store, "--lease-ttl", "10"]);
+    let weft_bin = env!("CARGO_BIN_EXE_weft");
+    let store_url = if store == "etcd" {
+        "etcd://10.0.1.254:2379".to_string()
+    } else {
+        "sqlite:/run/weft/lab/store.db".to_string()
+    };
+    let leases = || run_in("n2", &[weft_bin, "leases", "list", "--json", "--store", &store_url]);
+    let s1 = lab.subnet("weft-n1");
+    let pid1 = lab.agent_pid("weft-n1");
+    // SAFETY: pausing the agent the lab started.
+    unsafe { libc::kill(pid1, libc::SIGSTOP) };
+    let key = s1.replace('/', "-");
+    wait_until("n1's lease lapsed", 30, || !leases().contains(&key));
+    // Another node (no agent: 10.0.1.99 holds the lease alone) takes the subnet.
+    let env = "/run/weft/lab/intruder.env";
+    std::fs::write(env, format!("FLANNEL_SUBNET={}\n", s1.replace(".0/", ".1/"))).expect("env");
+    run_in(
+        "n2",
+        &[
+            weft_bin, "leases", "acquire", "--store", &store_url, "--node", "intruder",
+            "--public-ip", "10.0.1.99", "--backend-data", r#"{"VNI":1,"VtepMAC":"0e:99:00:00:00:99"}"#,
+            "--subnet-file", env, "--ttl", "3600",
+        ],
+    );
+    assert!(leases().contains("intruder"));
+    // SAFETY: waking the agent again.
+    unsafe { libc::kill(pid1, libc::SIGCONT) };
+    let log = "/run/weft/lab/weft-n1/agent.log";
+    wait_until("n1's agent gave the subnet up", 20, || {
+        std::fs::read_to_string(log).unwrap_or_default().contains("now belongs to another node")
+    });
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(text.contains("error: lease"), "the agent exits with an error:\n{text}");
+    let st = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap_or_default();
+    assert!(st.is_empty() || st.contains(") Z"), "the agent is gone: {st}");
+    // Started again, it moves; the subnet stays the intruder's.
+    ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "1", "--store", store, "--lease-ttl", "10"]);
+    wait_until("n1 holds a new subnet", 20, || lab.subnet("weft-n1") != s1);
+    let s1b = lab.subnet("weft-n1");
+    let all = leases();
+    assert!(all.contains(&s1b.replace('/', "-")), "{all}");
+    // n2 routes the old subnet to the intruder and the new one to n1, nothing else.
+    let vtep = |s: &str| s.replace(".0/24", ".0");
+    wait_until("n2 follows the leases", 20, || {
+        let neigh = run_in("n2", &["ip", "neigh", "show", "dev", "weft.1"]);
+        neigh.contains(&format!("{} lladdr 0e:99:00:00:00:99", vtep(&s1)))
+            && run_in("n2", &["ip", "route"]).contains(&format!("{s1b} via {}", vtep(&s1b)))
+    });
+    let fdb = run_in("n2", &["bridge", "fdb", "show", "dev", "weft.1"]);
+    assert!(fdb.contains("0e:99:00:00:00:99 dst 10.0.1.99"), "{fdb}");
+    let routes = run_in("n2", &["ip", "route"]);
+    assert_eq!(routes.matches(&format!("{s1} ")).count(), 1, "{routes}");
+}
+
+#[test]
+fn a_lapsed_lease_taken_by_another_node_sqlite() {
+    a_lapsed_lease_taken_by_another_node("sqlite");
+}
+
+#[test]
+fn a_lapsed_lease_taken_by_another_node_etcd() {
+    a_lapsed_lease_taken_by_another_node("etcd");
+}
