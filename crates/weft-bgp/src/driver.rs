@@ -37,7 +37,7 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerConfig {
     pub address: IpAddr,
     pub port: u16,
@@ -46,6 +46,19 @@ pub struct PeerConfig {
     pub active: bool,
     /// TCP MD5 signature key (RFC 2385), set on both the listener and the connecting socket.
     pub password: Option<String>,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    // By hand: the MD5 key must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("fsm", &self.fsm)
+            .field("active", &self.active)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Installs (or with an empty key, removes) the TCP MD5 key for `peer` on socket `fd`
@@ -137,9 +150,22 @@ impl Speaker {
         };
         let s2 = sp.clone();
         tokio::spawn(async move {
+            let mut backoff = weft_core::backoff::Backoff::default();
             loop {
-                let Ok((sock, from)) = listener.accept().await else {
-                    continue;
+                let (sock, from) = match listener.accept().await {
+                    Ok(c) => {
+                        backoff.reset();
+                        c
+                    }
+                    // Out of file descriptors (EMFILE) and the like: wait, do not spin.
+                    Err(e) => {
+                        let (wait, log) = backoff.failed();
+                        if let Some(unlogged) = log {
+                            tracing::warn!(error = %e, unlogged, retry_in = ?wait, "BGP accept failed");
+                        }
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                 };
                 let tx = s2
                     .peers
@@ -152,7 +178,8 @@ impl Speaker {
                     }
                     None => {
                         drop(sock);
-                        let _ = s2.events.send(Event::Refused { from: from.ip() }).await;
+                        // Never blocks the listener: a flood of strangers is dropped here.
+                        let _ = s2.events.try_send(Event::Refused { from: from.ip() });
                     }
                 }
             }

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// An allocated address and, when known, the (container ID, interface) holding it.
@@ -89,13 +90,30 @@ impl Drop for Locked {
     }
 }
 
+/// Writes `text` to a new or truncated file only root may read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    File::options()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 impl Ipam {
     pub fn open(data_dir: &Path, network: &str) -> Result<Ipam, CniError> {
         let dir = data_dir.join(network);
-        std::fs::create_dir_all(&dir).map_err(io_err(format!(
-            "creating the IPAM directory {}",
-            dir.display()
-        )))?;
+        // Root only: which pod holds which address is nobody else's business.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(format!(
+                "creating the IPAM directory {}",
+                dir.display()
+            )))?;
         Ok(Ipam { dir })
     }
 
@@ -109,6 +127,7 @@ impl Ipam {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_err(format!("opening {}", path.display())))?;
         f.lock()
@@ -172,7 +191,7 @@ impl Ipam {
             _ => 0,
         };
         let tmp = self.dir.join(format!(".tmp-{}", std::process::id()));
-        std::fs::write(&tmp, format!("{cid}\n{ifname}\n"))
+        write_private(&tmp, &format!("{cid}\n{ifname}\n"))
             .map_err(io_err(format!("writing {}", tmp.display())))?;
         let mut result = None;
         for k in 0..size {
@@ -202,7 +221,7 @@ impl Ipam {
             )
         })?;
         // Best effort: only where the next search starts.
-        let _ = std::fs::write(self.dir.join(LAST), ip.to_string());
+        let _ = write_private(&self.dir.join(LAST), &ip.to_string());
         Ok((ip, true))
     }
 
@@ -291,6 +310,13 @@ mod tests {
         assert!(ipam.release("c3", "eth0").unwrap().is_empty());
         // The freed address is handed out again once the others are taken.
         assert!(ipam.allocate(&r, "c7", "eth0").is_ok());
+        // Root only, whatever the umask: the directory and every record.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(ipam.dir()), 0o700);
+        for e in std::fs::read_dir(ipam.dir()).unwrap().flatten() {
+            assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+        }
     }
 
     #[test]

@@ -111,12 +111,73 @@ pub enum Encapsulation {
     Always,
 }
 
+/// A secret value: `Debug` prints `<redacted>`, so it never reaches a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where a BGP peer's TCP MD5 password comes from. net-conf.json is shared (every node reads
+/// it, and it is kept in the store): a file or an environment variable on each node keeps the
+/// password out of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// `Password`: in net-conf.json itself (accepted, with a warning).
+    Inline(Secret),
+    /// `PasswordFile`: a file only root may read (e.g. a mounted Kubernetes Secret).
+    File(std::path::PathBuf),
+    /// `PasswordEnv`: the name of an environment variable of the agent.
+    Env(String),
+}
+
+impl PasswordSource {
+    /// The password itself. A file readable by group or others is refused: a key anyone on
+    /// the node can read proves nothing.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        match self {
+            PasswordSource::Inline(s) => Ok(s.clone()),
+            PasswordSource::Env(v) => std::env::var(v).map(Secret).map_err(|_| {
+                format!("PasswordEnv names {v}, which is not set in the agent's environment")
+            }),
+            PasswordSource::File(p) => {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(p)
+                    .map_err(|e| format!("PasswordFile {}: {e}", p.display()))?;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(format!(
+                        "PasswordFile {} is readable by others (mode {mode:o}); chmod 600 it",
+                        p.display()
+                    ));
+                }
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("PasswordFile {}: {e}", p.display()))?;
+                Ok(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
+            }
+        }
+    }
+}
+
 /// An external BGP peer (a top-of-rack router).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BgpPeer {
     pub address: std::net::IpAddr,
     pub as_number: u32,
-    pub password: Option<String>,
+    pub password: Option<PasswordSource>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -674,11 +735,31 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                                 .get("ASNumber")
                                 .and_then(Value::as_u64)
                                 .filter(|a| *a >= 1 && *a <= u32::MAX as u64);
+                            let str_of = |k: &str| p.get(k).and_then(Value::as_str);
+                            let sources: Vec<PasswordSource> = [
+                                str_of("Password").map(|s| PasswordSource::Inline(Secret::new(s))),
+                                str_of("PasswordFile").map(|s| PasswordSource::File(s.into())),
+                                str_of("PasswordEnv").map(|s| PasswordSource::Env(s.into())),
+                            ]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                            if sources.len() > 1 {
+                                ctx.problem(
+                                    &format!("{key}.Password"),
+                                    None,
+                                    "give one of Password, PasswordFile, PasswordEnv",
+                                    "\"PasswordFile\": \"/etc/weft/bgp-peer.key\"",
+                                );
+                            }
+                            if matches!(sources.first(), Some(PasswordSource::Inline(_))) {
+                                warnings.push(format!("{key}.Password is kept in net-conf.json, which every node and the store can read; prefer \"PasswordFile\" (a root-only file on each node) or \"PasswordEnv\""));
+                            }
                             match (addr, asn) {
                                 (Some(address), Some(a)) => peers.push(BgpPeer {
                                     address,
                                     as_number: a as u32,
-                                    password: p.get("Password").and_then(Value::as_str).map(str::to_string),
+                                    password: sources.into_iter().next(),
                                 }),
                                 _ => ctx.problem(&key, Some(p), "needs an IP \"Address\" and an \"ASNumber\" from 1 to 4294967295", example),
                             }
@@ -850,8 +931,20 @@ impl NetConfig {
                         let mut m = Map::new();
                         m.insert("Address".into(), Value::String(p.address.to_string()));
                         m.insert("ASNumber".into(), Value::from(p.as_number));
-                        if p.password.is_some() {
-                            m.insert("Password".into(), Value::String("<set>".into()));
+                        match &p.password {
+                            Some(PasswordSource::Inline(_)) => {
+                                m.insert("Password".into(), Value::String("<set>".into()));
+                            }
+                            Some(PasswordSource::File(f)) => {
+                                m.insert(
+                                    "PasswordFile".into(),
+                                    Value::String(f.display().to_string()),
+                                );
+                            }
+                            Some(PasswordSource::Env(v)) => {
+                                m.insert("PasswordEnv".into(), Value::String(v.clone()));
+                            }
+                            None => {}
                         }
                         Value::Object(m)
                     })
@@ -1051,8 +1144,47 @@ mod tests {
     }
 
     #[test]
+    fn bgp_passwords_come_from_a_file_or_the_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        let inline = NetConfig::parse(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000, "Password": "s3"}]}}"#).unwrap();
+        assert!(
+            inline.warnings.iter().any(|w| w.contains("PasswordFile")),
+            "an inline password is warned about: {:?}",
+            inline.warnings
+        );
+        let d = std::env::temp_dir().join(format!("weft-pw-{}", std::process::id()));
+        std::fs::write(&d, "from-file\n").unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            r#"{{"Network": "10.0.0.0/16", "Backend": {{"Type": "bgp", "Peers": [{{"Address": "10.0.1.254", "ASNumber": 65000, "PasswordFile": "{}"}}, {{"Address": "10.0.1.253", "ASNumber": 65000, "PasswordEnv": "WEFT_TEST_NO_SUCH_VAR"}}]}}}}"#,
+            d.display()
+        );
+        let p = NetConfig::parse(&text).unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let Backend::Bgp(g) = &p.config.backend else {
+            panic!("bgp")
+        };
+        let file = g.peers[0].password.as_ref().unwrap();
+        let e = file.resolve().unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(file.resolve().unwrap().expose(), "from-file");
+        let env = g.peers[1].password.as_ref().unwrap();
+        assert!(env.resolve().unwrap_err().contains("WEFT_TEST_NO_SUCH_VAR"));
+        let _ = std::fs::remove_file(&d);
+        let both = NetConfig::parse(
+            r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000, "Password": "a", "PasswordEnv": "B"}]}}"#,
+        );
+        assert!(both.is_err(), "one source only");
+    }
+
+    #[test]
     fn bgp_backend() {
         let c = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 65010, "Encapsulation": "Never", "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000, "Password": "s3"}]}}"#).config;
+        assert!(
+            !format!("{c:?}").contains("s3"),
+            "Debug never prints a password"
+        );
         match c.backend {
             Backend::Bgp(g) => {
                 assert_eq!(
@@ -1060,7 +1192,10 @@ mod tests {
                     (65010, true, Encapsulation::Never)
                 );
                 assert_eq!(g.peers[0].as_number, 65000);
-                assert_eq!(g.peers[0].password.as_deref(), Some("s3"));
+                assert_eq!(
+                    g.peers[0].password,
+                    Some(PasswordSource::Inline(Secret::new("s3")))
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -2,6 +2,7 @@
 //! Nothing here touches the network, a store or the kernel.
 
 pub mod alloc;
+pub mod backoff;
 pub mod config;
 pub mod lease;
 pub mod subnet;

@@ -92,6 +92,23 @@ impl SqliteStore {
                 ))
             })?;
         }
+        // Leases are the cluster's map of who owns what: readable by root only. SQLite gives
+        // its -wal and -shm files the database's permissions.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| {
+                    StoreError::Invalid(format!(
+                        "cannot create sqlite store {}: {e}",
+                        path.display()
+                    ))
+                })?;
+        }
         let mut conn = connect(&path).map_err(err)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -593,5 +610,22 @@ impl SqliteStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_store_file_is_root_only() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = d.path().join("store.db");
+        let _s = SqliteStore::open(&path).expect("open");
+        for f in std::fs::read_dir(d.path()).expect("dir").flatten() {
+            let mode = f.metadata().expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.path().display());
+        }
     }
 }

@@ -421,7 +421,10 @@ fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         .arg(dir.join("subnet.env"))
         .args(["--store", &store_arg(st), "--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))
-        .args(["--lease-ttl".to_string(), st.lease_ttl.unwrap_or(24 * 3600).to_string()])
+        .args([
+            "--lease-ttl".to_string(),
+            st.lease_ttl.unwrap_or(24 * 3600).to_string(),
+        ])
         .args(
             node.strip_prefix("weft-n")
                 .and_then(|i| i.parse::<usize>().ok())

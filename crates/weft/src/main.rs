@@ -2,7 +2,6 @@
 //! build on the same store options.
 
 mod agent;
-mod backoff;
 mod cmd_bgp;
 mod cmd_config;
 mod cmd_leases;

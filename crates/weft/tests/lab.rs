@@ -481,6 +481,12 @@ fn bgp_node_mesh_of_five() {
         });
     }
     lab.converge();
+    // Nothing of n3 is kept: no peer, no metric series.
+    let metrics = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/metrics').read().decode())";
+    wait_until("n3's series gone from n1's metrics", 10, || {
+        !run_in("n1", &["python3", "-c", metrics]).contains("10.0.1.13")
+    });
+    assert!(!run_in("n1", &[weft, "bgp", "peers"]).contains("10.0.1.13"));
 }
 
 #[test]
@@ -902,14 +908,28 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
 /// wakes it must neither renew nor keep announcing the subnet: it says so and exits non-zero;
 /// started again, it moves to another subnet; every route points at the subnet's holder.
 fn a_lapsed_lease_taken_by_another_node(store: &str) {
-    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--store", store, "--lease-ttl", "10"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--store",
+        store,
+        "--lease-ttl",
+        "10",
+    ]);
     let weft_bin = env!("CARGO_BIN_EXE_weft");
     let store_url = if store == "etcd" {
         "etcd://10.0.1.254:2379".to_string()
     } else {
         "sqlite:/run/weft/lab/store.db".to_string()
     };
-    let leases = || run_in("n2", &[weft_bin, "leases", "list", "--json", "--store", &store_url]);
+    let leases = || {
+        run_in(
+            "n2",
+            &[weft_bin, "leases", "list", "--json", "--store", &store_url],
+        )
+    };
     let s1 = lab.subnet("weft-n1");
     let pid1 = lab.agent_pid("weft-n1");
     // SAFETY: pausing the agent the lab started.
@@ -918,13 +938,29 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
     wait_until("n1's lease lapsed", 30, || !leases().contains(&key));
     // Another node (no agent: 10.0.1.99 holds the lease alone) takes the subnet.
     let env = "/run/weft/lab/intruder.env";
-    std::fs::write(env, format!("FLANNEL_SUBNET={}\n", s1.replace(".0/", ".1/"))).expect("env");
+    std::fs::write(
+        env,
+        format!("FLANNEL_SUBNET={}\n", s1.replace(".0/", ".1/")),
+    )
+    .expect("env");
     run_in(
         "n2",
         &[
-            weft_bin, "leases", "acquire", "--store", &store_url, "--node", "intruder",
-            "--public-ip", "10.0.1.99", "--backend-data", r#"{"VNI":1,"VtepMAC":"0e:99:00:00:00:99"}"#,
-            "--subnet-file", env, "--ttl", "3600",
+            weft_bin,
+            "leases",
+            "acquire",
+            "--store",
+            &store_url,
+            "--node",
+            "intruder",
+            "--public-ip",
+            "10.0.1.99",
+            "--backend-data",
+            r#"{"VNI":1,"VtepMAC":"0e:99:00:00:00:99"}"#,
+            "--subnet-file",
+            env,
+            "--ttl",
+            "3600",
         ],
     );
     assert!(leases().contains("intruder"));
@@ -932,14 +968,33 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
     unsafe { libc::kill(pid1, libc::SIGCONT) };
     let log = "/run/weft/lab/weft-n1/agent.log";
     wait_until("n1's agent gave the subnet up", 20, || {
-        std::fs::read_to_string(log).unwrap_or_default().contains("now belongs to another node")
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("now belongs to another node")
     });
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(text.contains("error: lease"), "the agent exits with an error:\n{text}");
+    assert!(
+        text.contains("error: lease"),
+        "the agent exits with an error:\n{text}"
+    );
     let st = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap_or_default();
-    assert!(st.is_empty() || st.contains(") Z"), "the agent is gone: {st}");
+    assert!(
+        st.is_empty() || st.contains(") Z"),
+        "the agent is gone: {st}"
+    );
     // Started again, it moves; the subnet stays the intruder's.
-    ok(&["lab", "up", "--nodes", "2", "--pods-per-node", "1", "--store", store, "--lease-ttl", "10"]);
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--store",
+        store,
+        "--lease-ttl",
+        "10",
+    ]);
     wait_until("n1 holds a new subnet", 20, || lab.subnet("weft-n1") != s1);
     let s1b = lab.subnet("weft-n1");
     let all = leases();

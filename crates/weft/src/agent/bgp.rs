@@ -35,6 +35,10 @@ pub(super) struct Bgp {
     /// Graceful restart (RFC 4724 §4.2): the routes of a restarting peer, kept until it sends
     /// End-of-RIB or its restart time runs out.
     pub(super) stale: HashMap<std::net::IpAddr, (HashMap<ipnet::Ipv4Net, Path>, Instant)>,
+    /// Peers removed since the last publish: their metric series go too.
+    pub(super) gone: Vec<std::net::IpAddr>,
+    /// Connections from strangers, logged at a bounded rate (a flood must not fill the log).
+    pub(super) refused: weft_core::backoff::Backoff,
 }
 
 impl Bgp {
@@ -101,9 +105,16 @@ impl Bgp {
             .collect::<Vec<_>>()
         {
             self.speaker.remove_peer(addr);
+            // Everything kept per peer goes with it: a node leaving every second for a day
+            // must not grow the agent.
             self.peers.remove(&addr);
             self.rib.remove(&addr);
             self.stale.remove(&addr);
+            self.peer_as.remove(&addr);
+            self.since.remove(&addr);
+            self.peer_ids.remove(&addr);
+            self.gr_times.remove(&addr);
+            self.gone.push(addr);
             tracing::info!(peer = %addr, "BGP peer removed (its lease is gone)");
         }
     }
@@ -245,7 +256,9 @@ impl Bgp {
                 }
             }
             Event::Refused { from } => {
-                tracing::warn!(%from, "BGP connection from a stranger refused")
+                if let Some(unlogged) = self.refused.note() {
+                    tracing::warn!(%from, unlogged, "BGP connection from a stranger refused (logged at most once a minute)")
+                }
             }
         }
     }
@@ -332,7 +345,12 @@ impl Bgp {
     }
 
     /// Peer and route tables for `weft bgp`, and the per-peer metrics.
-    pub(super) fn publish(&self, m: &Metrics) {
+    pub(super) fn publish(&mut self, m: &Metrics) {
+        for addr in self.gone.drain(..) {
+            let label = vec![("peer".to_string(), addr.to_string())];
+            m.bgp_peer_up.remove(&label);
+            m.bgp_prefixes_received.remove(&label);
+        }
         let mut peers: Vec<_> = self.peers.iter().collect();
         peers.sort_by_key(|(a, _)| **a);
         let mut rows = Vec::new();

@@ -166,7 +166,7 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metric
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
-    let mut backoff = crate::backoff::Backoff::default();
+    let mut backoff = weft_core::backoff::Backoff::default();
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => {
@@ -174,7 +174,11 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metric
                 s
             }
             Err(e) => {
-                backoff.wait("metrics accept", &e).await;
+                let (wait, log) = backoff.failed();
+                if let Some(unlogged) = log {
+                    tracing::warn!(error = %e, unlogged, retry_in = ?wait, "metrics accept failed");
+                }
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };

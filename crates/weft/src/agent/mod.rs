@@ -248,6 +248,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 peer_ids: HashMap::new(),
                 gr_times: HashMap::new(),
                 stale: HashMap::new(),
+                gone: Vec::new(),
+                refused: Default::default(),
             };
             // External peers: the ones on this node's own segment when the config lists any
             // there (one ToR per segment, as Calico's per-node peerings do), else all of them.
@@ -262,7 +264,18 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 on_link
             };
             for p in chosen {
-                b.add(p.address, p.as_number, true, public_ip, p.password.clone());
+                // The TCP MD5 key, from a root-only file or the environment on this node
+                // (or, warned about, net-conf.json itself); never logged.
+                let password = match &p.password {
+                    Some(src) => Some(
+                        src.resolve()
+                            .map_err(|e| anyhow::anyhow!("Backend.Peers {}: {e}", p.address))?
+                            .expose()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                b.add(p.address, p.as_number, true, public_ip, password);
             }
             Some(b)
         }
@@ -370,6 +383,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         let rib = match bgp.as_mut() {
             Some(b) => {
                 b.sync_mesh(&leases, &own, public_ip);
+                if !b.gone.is_empty() {
+                    b.publish(&metrics);
+                }
                 // After a restart, wait for the peers to re-send their routes before removing
                 // anything (an approximation of end-of-RIB: every peer up, or 10 s).
                 unsettled = !b.settled();
