@@ -151,7 +151,7 @@ async fn finish(
         None => {
             sysctl::set_iface("ipv4", hname, "proxy_arp", "1").map_err(dp)?;
             // Answer the pod's ARP at once, not after the default random delay.
-            let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{hname}/proxy_delay"), "0");
+            let _ = sysctl::set_neigh("ipv4", hname, "proxy_delay", "0");
             host.add_route(&Route {
                 dst: IpNet::new(
                     plan.address.addr(),

@@ -5,6 +5,7 @@ pub mod ioctl;
 pub mod link;
 pub mod netns;
 pub mod nft;
+pub mod probe;
 pub mod reconcile;
 pub mod sysctl;
 pub mod udp;

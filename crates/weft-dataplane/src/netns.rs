@@ -61,6 +61,24 @@ impl Netns {
         self.file.as_raw_fd()
     }
 
+    /// A command that runs inside this namespace (entered between fork and exec).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(program);
+        let fd = self.fd();
+        // SAFETY: setns is async-signal-safe; the fd stays open in the parent (self lives)
+        // until spawn returns.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T, DataplaneError> {
         std::thread::scope(|s| {

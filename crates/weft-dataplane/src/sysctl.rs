@@ -30,6 +30,15 @@ pub fn set_iface(family: &str, iface: &str, key: &str, value: &str) -> Result<()
     )
 }
 
+/// Writes a per-interface neighbour setting (`net.ipv4.neigh.<iface>.<key>`).
+pub fn set_neigh(family: &str, iface: &str, key: &str, value: &str) -> Result<(), DataplaneError> {
+    write(
+        &format!("/proc/sys/net/{family}/neigh/{iface}/{key}"),
+        &format!("net.{family}.neigh.{iface}.{key}"),
+        value,
+    )
+}
+
 pub fn get(key: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))
         .ok()

@@ -1021,3 +1021,62 @@ fn a_lapsed_lease_taken_by_another_node_sqlite() {
 fn a_lapsed_lease_taken_by_another_node_etcd() {
     a_lapsed_lease_taken_by_another_node("etcd");
 }
+
+/// Out of file descriptors, the agent's accept loop must wait, not spin; once descriptors are
+/// free again it serves as before. (The agent's limit is lowered at runtime with prlimit, then
+/// connections are held open until accept fails with EMFILE.)
+#[test]
+fn an_agent_out_of_file_descriptors_does_not_spin() {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let pid = lab.agent_pid("weft-n1");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    let limit = format!("--nofile={}:{}", open + 4, open + 4);
+    let o = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .output()
+        .expect("prlimit");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Hold 40 connections to /metrics open: a few are accepted, then accept fails.
+    let holder = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["lab", "exec", "n1", "--", "python3", "-c",
+            "import socket,time\ns=[socket.create_connection(('127.0.0.1',9965)) for _ in range(40)]\ntime.sleep(4)"])
+        .spawn()
+        .expect("holder");
+    std::thread::sleep(Duration::from_millis(1000));
+    let cpu = |pid: i32| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
+        let f: Vec<&str> = st
+            .rsplit(')')
+            .next()
+            .expect("stat")
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+    };
+    let before = cpu(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu(pid) - before;
+    let mut holder = holder;
+    let _ = holder.wait();
+    let _ = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=1048576:1048576"])
+        .output();
+    assert!(
+        ticks < 40,
+        "the agent spun while out of file descriptors: {ticks} ticks in 2 s"
+    );
+    // Served again, the same process.
+    let py = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/healthz').read().decode())";
+    wait_until("/healthz answers again", 10, || {
+        exec("n1", &["python3", "-c", py]).status.success()
+    });
+    assert_eq!(lab.agent_pid("weft-n1"), pid);
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
+    assert!(
+        log.contains("metrics accept failed"),
+        "logged (once a minute at most)"
+    );
+    assert!(log.matches("metrics accept failed").count() <= 2, "{log}");
+}

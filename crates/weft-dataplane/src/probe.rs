@@ -1,0 +1,77 @@
+//! Reachability probes for the lab: an ICMP echo from inside a namespace over a raw socket of
+//! our own (no ping binary needed).
+
+use crate::Netns;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// One ICMP echo from inside `ns` to `dst` (a raw socket of our own; no ping binary needed).
+pub fn icmp_echo(ns: &Netns, dst: Ipv4Addr, timeout: Duration, seq: u16) -> bool {
+    ns.run(move || -> bool {
+        // SAFETY: plain socket calls on buffers we own.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            );
+            if fd < 0 {
+                return false;
+            }
+            let tv = libc::timeval {
+                tv_sec: timeout.as_secs() as _,
+                tv_usec: timeout.subsec_micros() as _,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&tv) as u32,
+            );
+            let id = (std::process::id() as u16) ^ 0x5757;
+            let mut pkt = [0u8; 16];
+            pkt[0] = 8; // echo request
+            pkt[4..6].copy_from_slice(&id.to_be_bytes());
+            pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+            pkt[8..16].copy_from_slice(b"weft-lab");
+            let sum = weft_backend::udp::checksum(&pkt);
+            pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as u16;
+            sa.sin_addr.s_addr = u32::from(dst).to_be();
+            libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&sa) as u32,
+            );
+            let deadline = Instant::now() + timeout;
+            let mut ok = false;
+            while Instant::now() < deadline {
+                let mut buf = [0u8; 1500];
+                let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+                if n < 28 {
+                    break;
+                }
+                let ihl = ((buf[0] & 0x0f) as usize) * 4;
+                let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                let icmp = &buf[ihl..n as usize];
+                if src == dst
+                    && icmp.len() >= 8
+                    && icmp[0] == 0
+                    && icmp[4..6] == id.to_be_bytes()
+                    && icmp[6..8] == seq.to_be_bytes()
+                {
+                    ok = true;
+                    break;
+                }
+            }
+            libc::close(fd);
+            ok
+        }
+    })
+    .unwrap_or(false)
+}

@@ -1,0 +1,289 @@
+//! `weft lab`: a whole cluster on one machine. Each node is a network namespace on an underlay
+//! bridge, running a real `weft agent`; pods are namespaces wired by `weft-cni`, called as a
+//! runtime calls it. Everything is named `weft-*` and `down` removes it all, also after a crash.
+//! Namespaces, veths, bridges and addresses are made through netlink by weft itself.
+
+use crate::ConfigArgs;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use weft_dataplane::{sysctl, Netns, Nl, Route, VethSpec};
+
+const DIR: &str = "/run/weft/lab";
+const UNDERLAY: &str = "weft-underlay";
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build (or grow) the lab: nodes with agents, pods wired by weft-cni.
+    Up(UpArgs),
+    /// Nodes, leases, agents, pods.
+    Status,
+    /// Ping every pod from every pod; print the matrix; exit 1 on any failure.
+    Check,
+    /// Run a command inside a node's or a pod's namespace.
+    Exec {
+        /// e.g. weft-n1 or weft-n1-p0 (the `weft-` may be left out)
+        target: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// A node leaves: its agent stops, its lease is released, its namespaces go.
+    Leave { node: String },
+    /// Stop every agent, remove every namespace and file the lab made (safe to run twice).
+    Down,
+    /// up, check, a summary, down.
+    Demo(UpArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    #[arg(long, default_value_t = 2)]
+    pub pods_per_node: usize,
+    /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, udp (userspace over TUN), bgp (node mesh, CrossSubnet) or
+    /// bgp-rr (no mesh: nodes peer with the --route-reflectors), bgp-tor (no mesh: nodes peer
+    /// with BIRD as the top-of-rack router in the underlay namespace, Encapsulation Never) or
+    /// bgp-gobgp (no mesh: GoBGP in the underlay namespace reflects for every node).
+    #[arg(long, default_value = "vxlan")]
+    pub backend: String,
+    /// 2 puts the nodes on two L2 segments joined by a router.
+    #[arg(long, default_value_t = 1)]
+    pub segments: u8,
+    /// sqlite (embedded) or etcd (a real etcd in the underlay namespace).
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
+    /// Pod wiring: bridge (flannel) or routed (Calico).
+    #[arg(long, default_value = "bridge")]
+    pub mode: String,
+    /// Agents masquerade pod traffic leaving the cluster network.
+    #[arg(long)]
+    pub ip_masq: bool,
+    /// The underlay: a bridge (any number of nodes, segments), or `direct`: two nodes joined
+    /// by one veth pair, back to back (the hand-built benchmark topology).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "direct"])]
+    pub underlay: String,
+    /// With bgp-rr: the first K nodes reflect routes.
+    #[arg(long, default_value_t = 2)]
+    pub route_reflectors: usize,
+    /// The agents' lease lifetime in seconds (flannel's day by default; short ones show
+    /// expiry and renewal).
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub lease_ttl: u64,
+    /// A net-conf.json to use instead of the one --backend implies.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Serialize, Deserialize, Default, Clone)]
+struct State {
+    backend: String,
+    mode: String,
+    store: String,
+    segments: u8,
+    #[serde(default)]
+    ip_masq: bool,
+    #[serde(default)]
+    direct: bool,
+    #[serde(default)]
+    route_reflectors: usize,
+    #[serde(default)]
+    lease_ttl: Option<u64>,
+    etcd_pid: Option<u32>,
+    /// BIRD or gobgpd in the router namespace.
+    #[serde(default)]
+    router_pid: Option<u32>,
+    nodes: Vec<NodeState>,
+    pods: Vec<PodState>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct NodeState {
+    name: String,
+    ip: Ipv4Addr,
+    segment: u8,
+    agent_pid: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct PodState {
+    name: String,
+    node: String,
+    ip: Ipv4Addr,
+}
+
+fn state_path() -> PathBuf {
+    Path::new(DIR).join("state.json")
+}
+
+fn load() -> Option<State> {
+    serde_json::from_slice(&std::fs::read(state_path()).ok()?).ok()
+}
+
+fn save(s: &State) -> Result<()> {
+    std::fs::create_dir_all(DIR)?;
+    let tmp = Path::new(DIR).join(".state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(s)?)?;
+    std::fs::rename(&tmp, state_path())?;
+    Ok(())
+}
+
+mod daemons;
+mod ops;
+mod topology;
+use daemons::*;
+use ops::*;
+use topology::*;
+
+fn net_conf(backend: &str) -> Result<String> {
+    Ok(match backend {
+        "vxlan" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#.into(),
+        "vxlan-dr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#.into(),
+        "host-gw" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#.into(),
+        "udp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 8285}}"#.into(),
+        "bgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#.into(),
+        "bgp-rr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false}}"#.into(),
+        // Calico's top-of-rack design: no mesh, every node peers with BIRD in the router
+        // namespace (one address per segment), routes across segments without encapsulation.
+        "bgp-tor" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
+            "Peers": [{"Address": "10.0.1.254", "ASNumber": 65000}, {"Address": "10.0.2.254", "ASNumber": 65000}]}}"#.into(),
+        // GoBGP as the route reflector of every node (iBGP, AS 64512), in the router namespace.
+        "bgp-gobgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false,
+            "Peers": [{"Address": "10.0.1.254", "ASNumber": 64512}]}}"#.into(),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, udp, bgp, bgp-rr, bgp-tor or bgp-gobgp"),
+    })
+}
+
+fn resolve(target: &str) -> String {
+    if target.starts_with("weft-") {
+        target.to_string()
+    } else {
+        format!("weft-{target}")
+    }
+}
+
+pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
+    match cmd {
+        LabCmd::Up(a) => {
+            let st = up(&a).await?;
+            eprintln!(
+                "lab up: {} nodes, {} pods ({} backend, {} pods)",
+                st.nodes.len(),
+                st.pods.len(),
+                st.backend,
+                st.mode
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Status => {
+            let st = load().context("no lab is up (weft lab up)")?;
+            status(&st);
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Check => {
+            let st = load().context("no lab is up (weft lab up)")?;
+            Ok(if check(&st, false)? == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCmd::Exec { target, cmd } => {
+            let name = resolve(&target);
+            let ns = Netns::open(ns_path(&name))
+                .with_context(|| format!("{target}: no such lab node or pod"))?;
+            let status = in_ns(&ns, &cmd[0])
+                .args(&cmd[1..])
+                .status()
+                .with_context(|| format!("running {}", cmd[0]))?;
+            Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+        }
+        LabCmd::Leave { node } => {
+            let name = resolve(&node);
+            let mut st = load().context("no lab is up (weft lab up)")?;
+            let n = st
+                .nodes
+                .iter()
+                .find(|n| n.name == name)
+                .cloned()
+                .with_context(|| format!("{node}: no such lab node"))?;
+            // SAFETY: signalling the agent the lab started.
+            unsafe {
+                libc::kill(n.agent_pid as i32, libc::SIGTERM);
+            }
+            let _ = wait_for("the agent to stop", Duration::from_secs(10), || {
+                !alive(n.agent_pid)
+            });
+            let un = Netns::open(ns_path(UNDERLAY))?;
+            let subnet = weft_core::subnet_env::SubnetEnv::read(
+                &Path::new(DIR).join(&name).join("subnet.env"),
+            )?
+            .and_then(|e| e.subnet);
+            if let Some(sub) = subnet {
+                let ok = weft_in(&un)?
+                    .args([
+                        "leases",
+                        "release",
+                        &sub.to_string(),
+                        "--store",
+                        &store_arg(&st),
+                    ])
+                    .status()?
+                    .success();
+                anyhow::ensure!(ok, "releasing {sub} of {name} failed");
+            }
+            for p in st.pods.iter().filter(|p| p.node == name) {
+                Netns::delete_named(&p.name)?;
+            }
+            Netns::delete_named(&name)?;
+            st.pods.retain(|p| p.node != name);
+            st.nodes.retain(|x| x.name != name);
+            save(&st)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Down => {
+            down()?;
+            eprintln!("lab down");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Demo(a) => {
+            down()?;
+            let t = Instant::now();
+            eprintln!(
+                "weft lab demo: {} nodes × {} pods, {} backend, {} store",
+                a.nodes, a.pods_per_node, a.backend, a.store
+            );
+            let result = async {
+                let st = up(&a).await?;
+                eprintln!(
+                    "up in {:.1?}; waiting for every agent to program its peers",
+                    t.elapsed()
+                );
+                // Converged when every pair answers (routes appear within one reconcile).
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while check(&st, true)? > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                println!();
+                status(&st);
+                println!();
+                let fails = check(&st, false)?;
+                Ok::<usize, anyhow::Error>(fails)
+            }
+            .await;
+            down()?;
+            eprintln!("lab down ({:.1?} in all)", t.elapsed());
+            match result {
+                Ok(0) => Ok(ExitCode::SUCCESS),
+                Ok(_) => Ok(ExitCode::FAILURE),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}

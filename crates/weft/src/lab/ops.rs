@@ -1,0 +1,274 @@
+//! The lab's commands: up (and grow), check (the all-pairs matrix), status, down.
+
+use super::*;
+
+pub(super) async fn up(a: &UpArgs) -> Result<State> {
+    anyhow::ensure!((1..=2).contains(&a.segments), "--segments is 1 or 2");
+    anyhow::ensure!(a.nodes >= 1 && a.nodes <= 200, "--nodes is 1 to 200");
+    anyhow::ensure!(
+        matches!(a.store.as_str(), "sqlite" | "etcd"),
+        "--store is sqlite or etcd"
+    );
+    anyhow::ensure!(
+        matches!(a.mode.as_str(), "bridge" | "routed"),
+        "--mode is bridge or routed"
+    );
+    let conf = match &a.config.config {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => net_conf(&a.backend)?,
+    };
+    weft_core::NetConfig::parse(&conf).context("the lab's net-conf.json")?;
+    let mut st = load().unwrap_or_else(|| State {
+        backend: a.backend.clone(),
+        mode: a.mode.clone(),
+        store: a.store.clone(),
+        segments: a.segments,
+        ip_masq: a.ip_masq,
+        direct: a.underlay == "direct",
+        lease_ttl: Some(a.lease_ttl),
+        route_reflectors: if a.backend == "bgp-rr" {
+            a.route_reflectors
+        } else {
+            0
+        },
+        ..Default::default()
+    });
+    anyhow::ensure!(
+        !st.direct || (a.nodes == 2 && a.segments == 1 && st.store == "sqlite" && st.mode == "bridge"),
+        "--underlay direct joins exactly two nodes back to back: use it with --nodes 2 --segments 1 --store sqlite --mode bridge"
+    );
+    std::fs::create_dir_all(DIR)?;
+    let (un, unl) = underlay(st.segments.max(a.segments)).await?;
+    st.segments = st.segments.max(a.segments);
+    // The store, with the network config in it (as flanneld reads it from etcd).
+    if a.backend == "bgp-tor" && !st.router_pid.is_some_and(alive) {
+        st.router_pid = Some(start_bird(&un)?);
+        eprintln!("  bird       the top-of-rack router, AS 65000, in {UNDERLAY}");
+    }
+    if a.backend == "bgp-gobgp" && !st.router_pid.is_some_and(alive) {
+        st.router_pid = Some(start_gobgpd(&un)?);
+        eprintln!("  gobgpd     the route reflector, AS 64512, in {UNDERLAY}");
+    }
+    if st.store == "etcd" && !st.etcd_pid.is_some_and(alive) {
+        st.etcd_pid = Some(start_etcd(&un)?);
+        eprintln!("  etcd       started in {UNDERLAY} on {}:2379", gateway(1));
+    }
+    save(&st)?;
+    // The network config goes into the store (as flanneld reads it from etcd). Store traffic
+    // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
+    let conf_path = Path::new(DIR).join("net-conf.json");
+    std::fs::write(&conf_path, &conf)?;
+    wait_for(
+        "the store to take the network config",
+        Duration::from_secs(20),
+        || {
+            weft_in(&un)
+                .map(|mut c| {
+                    c.args(["config", "put"])
+                        .arg(&conf_path)
+                        .args(["--store", &store_arg(&st)])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+                .unwrap_or(false)
+        },
+    )?;
+    if st.direct {
+        add_direct_pair().await?;
+    }
+    for i in 1..=a.nodes {
+        let name = format!("weft-n{i}");
+        let seg = if a.segments == 2 && i % 2 == 0 { 2 } else { 1 };
+        let existing = st.nodes.iter().position(|n| n.name == name);
+        let seg = existing.map(|k| st.nodes[k].segment).unwrap_or(seg);
+        let ip = node_ip(seg, i);
+        let ns = if st.direct {
+            Netns::open(ns_path(&name))?
+        } else {
+            add_node(&unl, &name, seg, ip).await?
+        };
+        match existing {
+            Some(k) if alive(st.nodes[k].agent_pid) => {}
+            _ => {
+                let pid = start_agent(&ns, &name, &st)?;
+                st.nodes.retain(|n| n.name != name);
+                st.nodes.push(NodeState {
+                    name: name.clone(),
+                    ip,
+                    segment: seg,
+                    agent_pid: pid,
+                });
+                eprintln!("  node       {name}  {ip} (segment {seg})  agent pid {pid}");
+            }
+        }
+        save(&st)?;
+    }
+    for i in 1..=a.nodes {
+        let name = format!("weft-n{i}");
+        let ns = Netns::open(ns_path(&name))?;
+        let env = Path::new(DIR).join(&name).join("subnet.env");
+        wait_for(
+            &format!("{name}'s agent to write {}", env.display()),
+            Duration::from_secs(30),
+            || env.exists(),
+        )
+        .with_context(|| format!("see {DIR}/{name}/agent.log"))?;
+        for j in 0..a.pods_per_node {
+            let pod = format!("{name}-p{j}");
+            if st.pods.iter().any(|p| p.name == pod) {
+                continue;
+            }
+            let ip = add_pod(&ns, &name, &pod, &st.mode)?;
+            eprintln!("  pod        {pod}  {ip}");
+            st.pods.push(PodState {
+                name: pod,
+                node: name.clone(),
+                ip,
+            });
+            save(&st)?;
+        }
+    }
+    Ok(st)
+}
+
+/// Pings every pod from every pod; returns the failures.
+pub(super) fn check(st: &State, quiet: bool) -> Result<usize> {
+    let pods = &st.pods;
+    let nss: Vec<Netns> = pods
+        .iter()
+        .map(|p| Netns::open(ns_path(&p.name)))
+        .collect::<Result<_, _>>()?;
+    let results: Vec<Vec<bool>> = std::thread::scope(|s| {
+        let hs: Vec<_> = nss
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                s.spawn(move || {
+                    pods.iter()
+                        .enumerate()
+                        .map(|(j, p)| {
+                            i == j
+                                || (0..3).any(|k| {
+                                    weft_dataplane::probe::icmp_echo(
+                                        ns,
+                                        p.ip,
+                                        Duration::from_millis(700),
+                                        (i * 1000 + j * 3 + k) as u16,
+                                    )
+                                })
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let fails: usize = results.iter().flatten().filter(|ok| !**ok).count();
+    if !quiet {
+        let w = pods.iter().map(|p| p.name.len()).max().unwrap_or(4);
+        print!("{:w$} ", "from \\ to");
+        for j in 0..pods.len() {
+            print!(" {j:>2}");
+        }
+        println!();
+        for (i, row) in results.iter().enumerate() {
+            print!("{:w$} ", format!("{i:>2} {}", pods[i].name));
+            for (j, ok) in row.iter().enumerate() {
+                print!(
+                    " {}",
+                    if i == j {
+                        " -"
+                    } else if *ok {
+                        " ✓"
+                    } else {
+                        " ✗"
+                    }
+                );
+            }
+            println!();
+        }
+        let n = pods.len() * pods.len().saturating_sub(1);
+        println!(
+            "{} of {n} pod pairs reach each other{}",
+            n - fails,
+            if fails > 0 { " — FAILURES" } else { "" }
+        );
+    }
+    Ok(fails)
+}
+
+pub(super) fn down() -> Result<()> {
+    if let Some(st) = load() {
+        for pid in st
+            .nodes
+            .iter()
+            .map(|n| n.agent_pid)
+            .chain(st.etcd_pid)
+            .chain(st.router_pid)
+        {
+            if alive(pid) {
+                // SAFETY: signalling a process the lab started.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    // Every namespace named weft-*, whether the state file knows it or not (a crashed up).
+    if let Ok(rd) = std::fs::read_dir(weft_dataplane::netns::NETNS_RUN_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("weft-") {
+                Netns::delete_named(&name)?;
+            }
+        }
+    }
+    match std::fs::remove_dir_all(DIR) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    Ok(())
+}
+
+pub(super) fn status(st: &State) {
+    println!(
+        "backend {}  pods {}  store {}  segments {}",
+        st.backend,
+        st.mode,
+        store_arg(st),
+        st.segments
+    );
+    for n in &st.nodes {
+        let env = weft_core::subnet_env::SubnetEnv::read(
+            &Path::new(DIR).join(&n.name).join("subnet.env"),
+        )
+        .ok()
+        .flatten();
+        let subnet = env
+            .as_ref()
+            .and_then(|e| e.subnet)
+            .map_or("-".to_string(), |s| s.to_string());
+        println!(
+            "node {:<10} {:<12} segment {}  subnet {:<16} agent {} ({})",
+            n.name,
+            n.ip,
+            n.segment,
+            subnet,
+            n.agent_pid,
+            if alive(n.agent_pid) {
+                "running"
+            } else {
+                "stopped"
+            }
+        );
+    }
+    for p in &st.pods {
+        println!("pod  {:<14} {:<12} on {}", p.name, p.ip, p.node);
+    }
+}
