@@ -14,6 +14,8 @@ use weft_backend::masq::{Masq, TABLE};
 #[derive(Debug, Default)]
 pub struct MasqTable {
     applied: Option<(Masq, String)>,
+    /// Without ip-masq: whether a table left by an earlier run was looked for already.
+    checked_absent: bool,
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String), DataplaneError> {
@@ -67,7 +69,21 @@ fn listing() -> Result<Option<String>, DataplaneError> {
 impl MasqTable {
     /// Makes `ip weft` hold exactly `want` (or not exist); true when it wrote anything.
     pub fn sync(&mut self, want: Option<&Masq>) -> Result<bool, DataplaneError> {
-        let have = listing()?;
+        if want.is_none() && self.applied.is_none() && !self.checked_absent {
+            // Without ip-masq a node needs no nftables at all: look once for a table a previous
+            // run left (and remove it), then not again.
+            self.checked_absent = true;
+        } else if want.is_none() && self.applied.is_none() {
+            return Ok(false);
+        }
+        let have = match listing() {
+            Err(DataplaneError::Io { source, .. })
+                if want.is_none() && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(false); // no nft: nothing can have made the table
+            }
+            other => other?,
+        };
         match want {
             None => {
                 self.applied = None;

@@ -1080,3 +1080,25 @@ fn an_agent_out_of_file_descriptors_does_not_spin() {
     );
     assert!(log.matches("metrics accept failed").count() <= 2, "{log}");
 }
+
+/// Bad data in a peer's lease (a zero VTEP MAC, a loopback public IP) is rejected by name and
+/// counted; every other peer is programmed and the node stays ready.
+#[test]
+fn bad_leases_are_rejected_and_the_node_stays_ready() {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let weft_bin = env!("CARGO_BIN_EXE_weft");
+    let store = "sqlite:/run/weft/lab/store.db";
+    for (node, ip, mac) in [("zero-mac", "10.0.1.77", "00:00:00:00:00:00"), ("loopback", "127.0.0.9", "0e:00:00:00:00:09")] {
+        let data = format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+        run_in("n2", &[weft_bin, "leases", "acquire", "--store", store, "--node", node, "--public-ip", ip, "--backend-data", &data]);
+    }
+    let metrics = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/metrics').read().decode())";
+    wait_until("both rejected on n1", 15, || {
+        run_in("n1", &["python3", "-c", metrics]).contains("weft_rejected 2")
+    });
+    let ready = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/readyz').status)";
+    assert!(run_in("n1", &["python3", "-c", ready]).contains("200"), "still ready");
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
+    assert!(log.contains("rejected") && log.contains("VtepMAC") && log.contains("loopback public IP"), "{log}");
+    lab.converge();
+}

@@ -124,10 +124,8 @@ pub fn start(watch: Arc<Watch>) -> Result<(), DataplaneError> {
                 InnerMessage(M::DelRoute(m)) => watch.route(&m, false),
                 InnerMessage(M::NewNeighbour(m)) => watch.neighbour(&m, true),
                 InnerMessage(M::DelNeighbour(m)) => watch.neighbour(&m, false),
-                InnerMessage(M::NewLink(m) | M::DelLink(m)) => {
-                    if watch.ours(m.header.index) {
-                        watch.mark("a device of weft's changed");
-                    }
+                InnerMessage(M::NewLink(m) | M::DelLink(m)) if watch.ours(m.header.index) => {
+                    watch.mark("a device of weft's changed");
                 }
                 InnerMessage(M::DelAddress(m)) => watch.address(&m),
                 _ => {}

@@ -453,6 +453,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     metrics.ready.store(false, Ordering::Relaxed);
     if let (Some(b), Some(v4)) = (bgp.as_ref(), own.key.v4) {
         b.withdraw_own(v4).await;
+        // Let the sessions carry the withdrawal out before the process (and its sockets) ends.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     if matches!(lost, manager::LeaseLost::Taken { .. }) {
         // Pods must not get addresses of another node's subnet meanwhile (CNI waits instead).
