@@ -268,7 +268,8 @@ fn l4(p: &[u8]) -> Option<L4> {
         _ => return None,
     };
     let min = if proto == 6 { 20 } else { 8 };
-    (hl >= min && ihl + hl <= total).then_some(L4 {
+    // `then`, not `then_some`: the payload length may be computed only once the lengths fit.
+    (hl >= min && ihl + hl <= total).then(|| L4 {
         proto,
         ihl,
         hl,
