@@ -16,21 +16,27 @@ DURATION=${DURATION:-1800}; STORES=${STORES:-"sqlite etcd"}
 trap '$W lab down >/dev/null 2>&1 || true' EXIT
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 pids() { python3 -c "import json; s=json.load(open('/run/weft/lab/state.json')); print(' '.join(str(n['agent_pid']) for n in s['nodes'] if n['name'] in ('weft-n1','weft-n2','weft-n3','weft-n4')))"; }
-present() { python3 -c "import json,sys; s=json.load(open('/run/weft/lab/state.json')); sys.exit(0 if any(n['name']=='$1' for n in s['nodes']) else 1)"; }
 metrics='import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9965/metrics").read().decode())'
 
 for store in $STORES; do
   up=(lab up --nodes 6 --pods-per-node 0 --backend bgp --segments 2 --store "$store")
   $W lab down >/dev/null 2>&1 || true
   $W "${up[@]}" >/dev/null 2>&1
-  start=$(date +%s); joins=0; leaves=0; failures=0; first_rss=""; turn=5
+  start=$(date +%s); joins=0; leaves=0; failures=0; first_rss=""; step=0
+  # One node per second: n6 leaves, n5 leaves, n5 joins, n6 joins, again.
   while [ $(( $(date +%s) - start )) -lt "$DURATION" ]; do
-    if present "weft-n$turn"; then
-      $W lab leave "n$turn" >/dev/null 2>&1 && leaves=$((leaves + 1)) || failures=$((failures + 1))
-      turn=$(( turn == 5 ? 6 : 5 ))
+    case $(( step % 4 )) in
+      0) op=(lab leave n6) ;;
+      1) op=(lab leave n5) ;;
+      2) op=(lab up --nodes 5 --pods-per-node 0 --backend bgp --segments 2 --store "$store") ;;
+      3) op=(lab up --nodes 6 --pods-per-node 0 --backend bgp --segments 2 --store "$store") ;;
+    esac
+    if $W "${op[@]}" >/dev/null 2>&1; then
+      [ "${op[1]}" = leave ] && leaves=$((leaves + 1)) || joins=$((joins + 1))
     else
-      $W "${up[@]}" >/dev/null 2>&1 && joins=$((joins + 1)) || failures=$((failures + 1))
+      failures=$((failures + 1))
     fi
+    step=$((step + 1))
     if [ -z "$first_rss" ] && [ $(( $(date +%s) - start )) -ge 60 ]; then
       first_rss=$(for p in $(pids); do rss "$p"; done | tr '\n' ' ')
     fi
@@ -51,7 +57,7 @@ for store in $STORES; do
     [ "$routes" = 3 ] && [ "$neigh" = 2 ] && [ "$fdb" = 2 ] && [ "$peers" = 3 ] && [ "$series" = 3 ] || stale=$((stale + 1))
     detail="$detail n$i:routes=$routes,neigh=$neigh,fdb=$fdb,peers=$peers,series=$series"
   done
-  leases=$($W lab exec n1 -- "$W" leases list --json --store "$([ "$store" = etcd ] && echo etcd://10.0.1.254:2379 || echo sqlite:/run/weft/lab/store.db)" | python3 -c "import json,sys; print(len(json.load(sys.stdin)))")
+  leases=$($W lab exec n1 -- "$W" leases list --json --store "$([ "$store" = etcd ] && echo etcd://10.0.1.254:2379 || echo sqlite:/run/weft/lab/store.db)" | python3 -c "import json,sys; print(len(json.load(sys.stdin)['leases']))")
   python3 - "$store" "$DURATION" "$joins" "$leaves" "$failures" "$stale" "$leases" "$first_rss" "$last_rss" "$detail" <<'PY'
 import json, sys
 store, dur, joins, leaves, fails, stale, leases, first, last, detail = sys.argv[1:]
