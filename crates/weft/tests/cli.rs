@@ -373,3 +373,23 @@ fn killed_acquirers_leave_no_damage() {
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
 }
+
+#[test]
+fn the_agent_needs_its_datastore_named_and_a_sane_ttl() {
+    let o = run(&["agent", "--node-name", "n1"]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("--store etcd://") && err.contains("WEFT_STORE"),
+        "the error says how: {err}"
+    );
+    let d = tempfile::tempdir().expect("tmp");
+    let store = format!("sqlite:{}", d.path().join("s.db").display());
+    let o = run(&["agent", "--node-name", "n1", "--store", &store, "--lease-ttl", "5"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--lease-ttl 5 is too short"), "{}", text(&o.stderr));
+    assert!(
+        !d.path().join("s.db").exists(),
+        "a bad flag changes nothing: no store file made"
+    );
+}
