@@ -904,112 +904,73 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     assert!(run_in("n1", &["ip", "route"]).contains("10.244.0.0/16 dev weft0 proto 87"));
 }
 
-/// n1's agent freezes past its lease's end; another node takes n1's subnet. When n1's agent
-/// wakes it must neither renew nor keep announcing the subnet: it says so and exits non-zero;
-/// started again, it moves to another subnet; every route points at the subnet's holder.
+/// Two agents contend for one subnet: n1's agent freezes past its lease's end, and n3's agent,
+/// starting with that subnet in its subnet.env, takes it. When n1's agent wakes it must
+/// neither renew nor keep announcing the subnet: it says so and exits non-zero; started again,
+/// it moves to another subnet; every route on every node points at the subnet's holder.
 fn a_lapsed_lease_taken_by_another_node(store: &str) {
-    let lab = Lab::up(&[
-        "--nodes",
-        "2",
-        "--pods-per-node",
-        "1",
-        "--store",
-        store,
-        "--lease-ttl",
-        "10",
-    ]);
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "0", "--store", store, "--lease-ttl", "10"]);
     let weft_bin = env!("CARGO_BIN_EXE_weft");
     let store_url = if store == "etcd" {
         "etcd://10.0.1.254:2379".to_string()
     } else {
         "sqlite:/run/weft/lab/store.db".to_string()
     };
-    let leases = || {
-        run_in(
-            "n2",
-            &[weft_bin, "leases", "list", "--json", "--store", &store_url],
-        )
-    };
+    let leases = || run_in("n2", &[weft_bin, "leases", "list", "--store", &store_url]);
     let s1 = lab.subnet("weft-n1");
     let pid1 = lab.agent_pid("weft-n1");
     // SAFETY: pausing the agent the lab started.
     unsafe { libc::kill(pid1, libc::SIGSTOP) };
-    let key = s1.replace('/', "-");
-    wait_until("n1's lease lapsed", 30, || !leases().contains(&key));
-    // Another node (no agent: 10.0.1.99 holds the lease alone) takes the subnet.
-    let env = "/run/weft/lab/intruder.env";
+    wait_until("n1's lease lapsed", 30, || !leases().contains(&s1));
+    // n3 joins remembering n1's subnet (as a node that held it before would): it gets it.
+    std::fs::create_dir_all("/run/weft/lab/weft-n3").expect("dir");
     std::fs::write(
-        env,
+        "/run/weft/lab/weft-n3/subnet.env",
         format!("FLANNEL_SUBNET={}\n", s1.replace(".0/", ".1/")),
     )
     .expect("env");
-    run_in(
-        "n2",
-        &[
-            weft_bin,
-            "leases",
-            "acquire",
-            "--store",
-            &store_url,
-            "--node",
-            "intruder",
-            "--public-ip",
-            "10.0.1.99",
-            "--backend-data",
-            r#"{"VNI":1,"VtepMAC":"0e:99:00:00:00:99"}"#,
-            "--subnet-file",
-            env,
-            "--ttl",
-            "3600",
-        ],
-    );
-    assert!(leases().contains("intruder"));
+    let up3 = ["lab", "up", "--nodes", "3", "--pods-per-node", "0", "--store", store, "--lease-ttl", "10"];
+    ok(&up3);
+    wait_until("n3 holds n1's old subnet", 20, || {
+        leases().lines().any(|l| l.contains(&s1) && l.contains("weft-n3"))
+    });
     // SAFETY: waking the agent again.
     unsafe { libc::kill(pid1, libc::SIGCONT) };
     let log = "/run/weft/lab/weft-n1/agent.log";
     wait_until("n1's agent gave the subnet up", 20, || {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains("now belongs to another node")
+        std::fs::read_to_string(log).unwrap_or_default().contains("now belongs to another node")
     });
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(
-        text.contains("error: lease"),
-        "the agent exits with an error:\n{text}"
-    );
+    assert!(text.contains("error: lease"), "the agent exits with an error:\n{text}");
     let st = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap_or_default();
-    assert!(
-        st.is_empty() || st.contains(") Z"),
-        "the agent is gone: {st}"
-    );
-    // Started again, it moves; the subnet stays the intruder's.
-    ok(&[
-        "lab",
-        "up",
-        "--nodes",
-        "2",
-        "--pods-per-node",
-        "1",
-        "--store",
-        store,
-        "--lease-ttl",
-        "10",
-    ]);
-    wait_until("n1 holds a new subnet", 20, || lab.subnet("weft-n1") != s1);
-    let s1b = lab.subnet("weft-n1");
-    let all = leases();
-    assert!(all.contains(&s1b.replace('/', "-")), "{all}");
-    // n2 routes the old subnet to the intruder and the new one to n1, nothing else.
-    let vtep = |s: &str| s.replace(".0/24", ".0");
-    wait_until("n2 follows the leases", 20, || {
-        let neigh = run_in("n2", &["ip", "neigh", "show", "dev", "weft.1"]);
-        neigh.contains(&format!("{} lladdr 0e:99:00:00:00:99", vtep(&s1)))
-            && run_in("n2", &["ip", "route"]).contains(&format!("{s1b} via {}", vtep(&s1b)))
+    assert!(st.is_empty() || st.contains(") Z"), "the agent is gone: {st}");
+    // Started again, it moves; the subnet stays n3's.
+    ok(&up3);
+    wait_until("n1 holds a new subnet", 20, || {
+        std::path::Path::new("/run/weft/lab/weft-n1/subnet.env").exists() && lab.subnet("weft-n1") != s1
     });
-    let fdb = run_in("n2", &["bridge", "fdb", "show", "dev", "weft.1"]);
-    assert!(fdb.contains("0e:99:00:00:00:99 dst 10.0.1.99"), "{fdb}");
-    let routes = run_in("n2", &["ip", "route"]);
-    assert_eq!(routes.matches(&format!("{s1} ")).count(), 1, "{routes}");
+    let s1b = lab.subnet("weft-n1");
+    assert_eq!(lab.subnet("weft-n3"), s1, "exactly one holds it");
+    let all = leases();
+    assert_eq!(all.matches(&s1).count(), 1, "{all}");
+    // Every route to either subnet points at its holder: plain next hops on one segment via
+    // the VTEP (vxlan): the neighbour of <subnet>.0 is the holder's VTEP MAC.
+    let mac_of = |node: &str| {
+        let j: serde_json::Value = serde_json::from_str(&run_in(node, &["ip", "-j", "link", "show", "weft.1"])).expect("json");
+        j[0]["address"].as_str().expect("mac").to_string()
+    };
+    let (m1, m3) = (mac_of("n1"), mac_of("n3"));
+    let vtep = |s: &str| s.replace(".0/24", ".0");
+    for (node, peers) in [("n2", vec![(&s1, &m3), (&s1b, &m1)]), ("n1", vec![(&s1, &m3)]), ("n3", vec![(&s1b, &m1)])] {
+        wait_until(&format!("{node} follows the leases"), 20, || {
+            let neigh = run_in(node, &["ip", "neigh", "show", "dev", "weft.1"]);
+            peers.iter().all(|(s, m)| neigh.contains(&format!("{} lladdr {m}", vtep(s))))
+        });
+        let routes = run_in(node, &["ip", "route"]);
+        for (s, _) in &peers {
+            assert_eq!(routes.matches(&format!("{s} via {} dev weft.1", vtep(s))).count(), 1, "{node}: {routes}");
+        }
+    }
 }
 
 #[test]

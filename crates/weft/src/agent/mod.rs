@@ -101,6 +101,24 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         cfg.v4.is_some(),
         "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet"
     );
+    // The BGP peers' TCP MD5 keys, from a root-only file or the environment on this node (or,
+    // warned about, net-conf.json itself); never logged. Read before anything changes, so a
+    // missing key stops the agent with nothing done.
+    let mut passwords: HashMap<IpAddr, Option<String>> = HashMap::new();
+    if let Backend::Bgp(g) = &cfg.backend {
+        for p in &g.peers {
+            let key = match &p.password {
+                Some(src) => Some(
+                    src.resolve()
+                        .map_err(|e| anyhow::anyhow!("Backend.Peers {}: {e}", p.address))?
+                        .expose()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            passwords.insert(p.address, key);
+        }
+    }
     let nl = Nl::here()?;
     let re = match &a.iface_regex {
         Some(r) => Some(
@@ -264,17 +282,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 on_link
             };
             for p in chosen {
-                // The TCP MD5 key, from a root-only file or the environment on this node
-                // (or, warned about, net-conf.json itself); never logged.
-                let password = match &p.password {
-                    Some(src) => Some(
-                        src.resolve()
-                            .map_err(|e| anyhow::anyhow!("Backend.Peers {}: {e}", p.address))?
-                            .expose()
-                            .to_string(),
-                    ),
-                    None => None,
-                };
+                let password = passwords.get(&p.address).cloned().flatten();
                 b.add(p.address, p.as_number, true, public_ip, password);
             }
             Some(b)
