@@ -10,6 +10,10 @@ use std::net::Ipv4Addr;
 
 pub const MARKER: [u8; 16] = [0xff; 16];
 pub const HEADER_LEN: usize = 19;
+/// The largest BGP message (RFC 4271 §4): a peer resets the session on anything longer.
+pub const MAX_MESSAGE: usize = 4096;
+/// ASNs in one AS_PATH segment: its count is one octet (RFC 4271 §4.3).
+const MAX_SEGMENT_ASNS: usize = 255;
 pub const MAX_LEN: usize = 4096;
 /// RFC 6793 §9: the 2-octet stand-in for a 4-octet AS.
 pub const AS_TRANS: u16 = 23456;
@@ -601,6 +605,78 @@ fn attr(out: &mut Vec<u8>, flags: u8, code: u8, v: &[u8]) {
     out.extend_from_slice(v);
 }
 
+/// The bytes a prefix takes in an UPDATE's withdrawn routes or NLRI.
+fn prefix_len(p: &Ipv4Net) -> usize {
+    1 + (p.prefix_len() as usize).div_ceil(8)
+}
+
+/// Prefixes cut into runs that each fit in `budget` bytes.
+fn fitting(ps: &[Ipv4Net], budget: usize) -> Vec<Vec<Ipv4Net>> {
+    let mut out: Vec<Vec<Ipv4Net>> = Vec::new();
+    let mut used = budget; // start a new run at once
+    for p in ps {
+        let n = prefix_len(p);
+        if used + n > budget {
+            out.push(Vec::new());
+            used = 0;
+        }
+        used += n;
+        if let Some(run) = out.last_mut() {
+            run.push(*p);
+        }
+    }
+    out
+}
+
+/// An UPDATE as messages of at most [`MAX_MESSAGE`] bytes (RFC 4271 §4): as it is when it fits;
+/// else its withdrawals in as many messages as they need (no attributes), then its NLRI in as
+/// many as they need, each carrying the attributes. Attributes that alone leave no room for a
+/// prefix cannot be sent: the NLRI is dropped (the withdrawals still go).
+pub fn encode_update(u: &Update, s: Session) -> Vec<Vec<u8>> {
+    let whole = encode(&Message::Update(u.clone()), s);
+    if whole.len() <= MAX_MESSAGE {
+        return vec![whole];
+    }
+    let fixed = HEADER_LEN + 4; // header, withdrawn length, attributes length
+    let mut out: Vec<Vec<u8>> = fitting(&u.withdrawn, MAX_MESSAGE - fixed)
+        .into_iter()
+        .map(|w| {
+            let m = Update {
+                withdrawn: w,
+                ..Default::default()
+            };
+            encode(&Message::Update(m), s)
+        })
+        .collect();
+    if !u.nlri.is_empty() {
+        let bare = Update {
+            attrs: u.attrs.clone(),
+            nlri: Vec::new(),
+            ..Default::default()
+        };
+        // The attributes' length, measured as encoded with one prefix of one byte (0/0): an
+        // empty AS_PATH is written only when there is NLRI.
+        let probe = Update {
+            nlri: vec![Ipv4Net::default()],
+            ..bare.clone()
+        };
+        let attrs_len = encode(&Message::Update(probe), s).len() - fixed - 1;
+        if let Some(budget) = (MAX_MESSAGE - fixed)
+            .checked_sub(attrs_len)
+            .filter(|b| *b >= 5)
+        {
+            for n in fitting(&u.nlri, budget) {
+                let m = Update {
+                    nlri: n,
+                    ..bare.clone()
+                };
+                out.push(encode(&Message::Update(m), s));
+            }
+        }
+    }
+    out
+}
+
 pub fn encode(m: &Message, s: Session) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     match m {
@@ -666,17 +742,20 @@ pub fn encode(m: &Message, s: Session) -> Vec<u8> {
                         Segment::Set(x) => (1u8, x),
                         Segment::Sequence(x) => (2u8, x),
                     };
-                    p.extend_from_slice(&[t, asns.len() as u8]);
-                    for asn in asns {
-                        if s.four_octet_as {
-                            p.extend_from_slice(&asn.to_be_bytes());
-                        } else {
-                            let two = if *asn > u16::MAX as u32 {
-                                AS_TRANS
+                    // Longer segments go out as several of the same type.
+                    for asns in asns.chunks(MAX_SEGMENT_ASNS) {
+                        p.extend_from_slice(&[t, asns.len() as u8]);
+                        for asn in asns {
+                            if s.four_octet_as {
+                                p.extend_from_slice(&asn.to_be_bytes());
                             } else {
-                                *asn as u16
-                            };
-                            p.extend_from_slice(&two.to_be_bytes());
+                                let two = if *asn > u16::MAX as u32 {
+                                    AS_TRANS
+                                } else {
+                                    *asn as u16
+                                };
+                                p.extend_from_slice(&two.to_be_bytes());
+                            }
                         }
                     }
                 }

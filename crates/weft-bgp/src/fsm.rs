@@ -234,7 +234,11 @@ impl Fsm {
                 }
                 out
             }
-            (Established, Input::Announce(u)) => vec![self.send(&Message::Update(u))],
+            // Split to fit a message (RFC 4271 §4): a peer resets the session otherwise.
+            (Established, Input::Announce(u)) => codec::encode_update(&u, self.session)
+                .into_iter()
+                .map(Output::Send)
+                .collect(),
             (OpenSent | OpenConfirm | Established, Input::Bytes(b)) => {
                 self.rx.extend_from_slice(&b);
                 let mut out = Vec::new();

@@ -390,3 +390,129 @@ proptest! {
         let _ = decode(&m, Session { four_octet_as: four });
     }
 }
+
+/// Every message within 4,096 bytes, and together the whole UPDATE.
+fn split_and_check(u: &Update, s: Session) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv4Net>, usize) {
+    let msgs = encode_update(u, s);
+    let (mut w, mut n) = (Vec::new(), Vec::new());
+    for m in &msgs {
+        assert!(m.len() <= MAX_MESSAGE, "a message of {} bytes", m.len());
+        let Message::Update(d) = decode(m, s).expect("decodes") else {
+            panic!("not an UPDATE")
+        };
+        if !d.nlri.is_empty() {
+            assert_eq!(d.attrs.next_hop, u.attrs.next_hop, "attributes on every part");
+            assert_eq!(d.attrs.local_pref, u.attrs.local_pref);
+        }
+        w.extend(d.withdrawn);
+        n.extend(d.nlri);
+    }
+    (w, n, msgs.len())
+}
+
+fn many(n: u32, len: u8) -> Vec<ipnet::Ipv4Net> {
+    (0..n)
+        .map(|i| ipnet::Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + (i << 8)), len).unwrap())
+        .collect()
+}
+
+#[test]
+fn updates_are_split_to_fit_4096_bytes() {
+    let s = Session { four_octet_as: true };
+    // 1,201 withdrawals made a 4,827-byte message; 50,000 wrapped the 16-bit length.
+    for n in [1201, 50_000] {
+        let u = Update {
+            withdrawn: many(n, 24),
+            ..Default::default()
+        };
+        let (w, nlri, parts) = split_and_check(&u, s);
+        assert_eq!(w, u.withdrawn, "every withdrawal, in order");
+        assert!(nlri.is_empty() && parts > 1);
+    }
+    let u = Update {
+        withdrawn: many(700, 32),
+        attrs: Attrs {
+            origin: Some(Origin::Igp),
+            as_path: vec![],
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            local_pref: Some(100),
+            ..Default::default()
+        },
+        nlri: many(3000, 24),
+        treat_as_withdraw: None,
+    };
+    let (w, nlri, parts) = split_and_check(&u, s);
+    assert_eq!((w, nlri), (u.withdrawn.clone(), u.nlri.clone()));
+    assert!(parts >= 4, "{parts}");
+    // One that fits stays one message, byte for byte.
+    let small = Update {
+        nlri: many(10, 24),
+        ..u.clone()
+    };
+    assert_eq!(
+        encode_update(&small, s),
+        vec![encode(&Message::Update(small.clone()), s)]
+    );
+}
+
+#[test]
+fn as_path_segments_hold_at_most_255_asns() {
+    let s = Session { four_octet_as: true };
+    let long: Vec<u32> = (1..=600).collect();
+    let u = Update {
+        attrs: Attrs {
+            origin: Some(Origin::Igp),
+            as_path: vec![Segment::Sequence(long.clone())],
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..Default::default()
+        },
+        nlri: many(1, 24),
+        ..Default::default()
+    };
+    let Message::Update(d) = decode(&encode(&Message::Update(u), s), s).expect("decodes") else {
+        panic!("not an UPDATE")
+    };
+    assert_eq!(d.attrs.as_path.len(), 3, "255 + 255 + 90");
+    let flat: Vec<u32> = d
+        .attrs
+        .as_path
+        .iter()
+        .flat_map(|g| match g {
+            Segment::Sequence(a) => a.clone(),
+            Segment::Set(_) => panic!("a sequence stays a sequence"),
+        })
+        .collect();
+    assert_eq!(flat, long);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Any UPDATE, however large, leaves as messages of at most 4,096 bytes that carry it all.
+    #[test]
+    fn any_update_is_split_into_messages_that_fit(
+        w in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..3000),
+        n in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..3000),
+        path in proptest::collection::vec(1u32.., 0..700),
+        four: bool,
+    ) {
+        let nets = |v: &[(u32, u8)]| -> Vec<ipnet::Ipv4Net> {
+            v.iter().map(|(a, l)| ipnet::Ipv4Net::new(Ipv4Addr::from(*a), *l).unwrap().trunc()).collect()
+        };
+        let u = Update {
+            withdrawn: nets(&w),
+            attrs: Attrs {
+                origin: Some(Origin::Igp),
+                as_path: vec![Segment::Sequence(path)],
+                next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..Default::default()
+            },
+            nlri: nets(&n),
+            treat_as_withdraw: None,
+        };
+        let s = Session { four_octet_as: four };
+        let (got_w, got_n, _) = split_and_check(&u, s);
+        prop_assert_eq!(got_w, u.withdrawn);
+        prop_assert_eq!(got_n, u.nlri);
+    }
+}
