@@ -401,7 +401,10 @@ fn split_and_check(u: &Update, s: Session) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::I
             panic!("not an UPDATE")
         };
         if !d.nlri.is_empty() {
-            assert_eq!(d.attrs.next_hop, u.attrs.next_hop, "attributes on every part");
+            assert_eq!(
+                d.attrs.next_hop, u.attrs.next_hop,
+                "attributes on every part"
+            );
             assert_eq!(d.attrs.local_pref, u.attrs.local_pref);
         }
         w.extend(d.withdrawn);
@@ -418,7 +421,9 @@ fn many(n: u32, len: u8) -> Vec<ipnet::Ipv4Net> {
 
 #[test]
 fn updates_are_split_to_fit_4096_bytes() {
-    let s = Session { four_octet_as: true };
+    let s = Session {
+        four_octet_as: true,
+    };
     // 1,201 withdrawals made a 4,827-byte message; 50,000 wrapped the 16-bit length.
     for n in [1201, 50_000] {
         let u = Update {
@@ -457,7 +462,9 @@ fn updates_are_split_to_fit_4096_bytes() {
 
 #[test]
 fn as_path_segments_hold_at_most_255_asns() {
-    let s = Session { four_octet_as: true };
+    let s = Session {
+        four_octet_as: true,
+    };
     let long: Vec<u32> = (1..=600).collect();
     let u = Update {
         attrs: Attrs {

@@ -319,7 +319,14 @@ async fn cmd_check(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError
             if held.is_none_or(|h| !want.contains(&h)) {
                 return Err(CniError::new(
                     code::CHECK_MISMATCH,
-                    format!("IPAM holds {held:?} for {cid}/{ifname}, the result says {want:?}"),
+                    format!(
+                        "IPAM holds {} for {cid}/{ifname}, the result says {}",
+                        held.map_or("no address".to_string(), |h| h.to_string()),
+                        want.iter()
+                            .map(|w| w.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 ));
             }
         }

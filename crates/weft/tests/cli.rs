@@ -385,9 +385,21 @@ fn the_agent_needs_its_datastore_named_and_a_sane_ttl() {
     );
     let d = tempfile::tempdir().expect("tmp");
     let store = format!("sqlite:{}", d.path().join("s.db").display());
-    let o = run(&["agent", "--node-name", "n1", "--store", &store, "--lease-ttl", "5"]);
+    let o = run(&[
+        "agent",
+        "--node-name",
+        "n1",
+        "--store",
+        &store,
+        "--lease-ttl",
+        "5",
+    ]);
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("--lease-ttl 5 is too short"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--lease-ttl 5 is too short"),
+        "{}",
+        text(&o.stderr)
+    );
     assert!(
         !d.path().join("s.db").exists(),
         "a bad flag changes nothing: no store file made"

@@ -909,7 +909,16 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
 /// neither renew nor keep announcing the subnet: it says so and exits non-zero; started again,
 /// it moves to another subnet; every route on every node points at the subnet's holder.
 fn a_lapsed_lease_taken_by_another_node(store: &str) {
-    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "0", "--store", store, "--lease-ttl", "10"]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "0",
+        "--store",
+        store,
+        "--lease-ttl",
+        "10",
+    ]);
     let weft_bin = env!("CARGO_BIN_EXE_weft");
     let store_url = if store == "etcd" {
         "etcd://10.0.1.254:2379".to_string()
@@ -929,25 +938,47 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
         format!("FLANNEL_SUBNET={}\n", s1.replace(".0/", ".1/")),
     )
     .expect("env");
-    let up3 = ["lab", "up", "--nodes", "3", "--pods-per-node", "0", "--store", store, "--lease-ttl", "10"];
+    let up3 = [
+        "lab",
+        "up",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "0",
+        "--store",
+        store,
+        "--lease-ttl",
+        "10",
+    ];
     ok(&up3);
     wait_until("n3 holds n1's old subnet", 20, || {
-        leases().lines().any(|l| l.contains(&s1) && l.contains("weft-n3"))
+        leases()
+            .lines()
+            .any(|l| l.contains(&s1) && l.contains("weft-n3"))
     });
     // SAFETY: waking the agent again.
     unsafe { libc::kill(pid1, libc::SIGCONT) };
     let log = "/run/weft/lab/weft-n1/agent.log";
     wait_until("n1's agent gave the subnet up", 20, || {
-        std::fs::read_to_string(log).unwrap_or_default().contains("now belongs to another node")
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("now belongs to another node")
     });
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(text.contains("error: lease"), "the agent exits with an error:\n{text}");
+    assert!(
+        text.contains("error: lease"),
+        "the agent exits with an error:\n{text}"
+    );
     let st = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap_or_default();
-    assert!(st.is_empty() || st.contains(") Z"), "the agent is gone: {st}");
+    assert!(
+        st.is_empty() || st.contains(") Z"),
+        "the agent is gone: {st}"
+    );
     // Started again, it moves; the subnet stays n3's.
     ok(&up3);
     wait_until("n1 holds a new subnet", 20, || {
-        std::path::Path::new("/run/weft/lab/weft-n1/subnet.env").exists() && lab.subnet("weft-n1") != s1
+        std::path::Path::new("/run/weft/lab/weft-n1/subnet.env").exists()
+            && lab.subnet("weft-n1") != s1
     });
     let s1b = lab.subnet("weft-n1");
     assert_eq!(lab.subnet("weft-n3"), s1, "exactly one holds it");
@@ -956,19 +987,33 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
     // Every route to either subnet points at its holder: plain next hops on one segment via
     // the VTEP (vxlan): the neighbour of <subnet>.0 is the holder's VTEP MAC.
     let mac_of = |node: &str| {
-        let j: serde_json::Value = serde_json::from_str(&run_in(node, &["ip", "-j", "link", "show", "weft.1"])).expect("json");
+        let j: serde_json::Value =
+            serde_json::from_str(&run_in(node, &["ip", "-j", "link", "show", "weft.1"]))
+                .expect("json");
         j[0]["address"].as_str().expect("mac").to_string()
     };
     let (m1, m3) = (mac_of("n1"), mac_of("n3"));
     let vtep = |s: &str| s.replace(".0/24", ".0");
-    for (node, peers) in [("n2", vec![(&s1, &m3), (&s1b, &m1)]), ("n1", vec![(&s1, &m3)]), ("n3", vec![(&s1b, &m1)])] {
+    for (node, peers) in [
+        ("n2", vec![(&s1, &m3), (&s1b, &m1)]),
+        ("n1", vec![(&s1, &m3)]),
+        ("n3", vec![(&s1b, &m1)]),
+    ] {
         wait_until(&format!("{node} follows the leases"), 20, || {
             let neigh = run_in(node, &["ip", "neigh", "show", "dev", "weft.1"]);
-            peers.iter().all(|(s, m)| neigh.contains(&format!("{} lladdr {m}", vtep(s))))
+            peers
+                .iter()
+                .all(|(s, m)| neigh.contains(&format!("{} lladdr {m}", vtep(s))))
         });
         let routes = run_in(node, &["ip", "route"]);
         for (s, _) in &peers {
-            assert_eq!(routes.matches(&format!("{s} via {} dev weft.1", vtep(s))).count(), 1, "{node}: {routes}");
+            assert_eq!(
+                routes
+                    .matches(&format!("{s} via {} dev weft.1", vtep(s)))
+                    .count(),
+                1,
+                "{node}: {routes}"
+            );
         }
     }
 }
@@ -1049,17 +1094,41 @@ fn bad_leases_are_rejected_and_the_node_stays_ready() {
     let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
     let weft_bin = env!("CARGO_BIN_EXE_weft");
     let store = "sqlite:/run/weft/lab/store.db";
-    for (node, ip, mac) in [("zero-mac", "10.0.1.77", "00:00:00:00:00:00"), ("loopback", "127.0.0.9", "0e:00:00:00:00:09")] {
+    for (node, ip, mac) in [
+        ("zero-mac", "10.0.1.77", "00:00:00:00:00:00"),
+        ("loopback", "127.0.0.9", "0e:00:00:00:00:09"),
+    ] {
         let data = format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
-        run_in("n2", &[weft_bin, "leases", "acquire", "--store", store, "--node", node, "--public-ip", ip, "--backend-data", &data]);
+        run_in(
+            "n2",
+            &[
+                weft_bin,
+                "leases",
+                "acquire",
+                "--store",
+                store,
+                "--node",
+                node,
+                "--public-ip",
+                ip,
+                "--backend-data",
+                &data,
+            ],
+        );
     }
     let metrics = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/metrics').read().decode())";
     wait_until("both rejected on n1", 15, || {
         run_in("n1", &["python3", "-c", metrics]).contains("weft_rejected 2")
     });
     let ready = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/readyz').status)";
-    assert!(run_in("n1", &["python3", "-c", ready]).contains("200"), "still ready");
+    assert!(
+        run_in("n1", &["python3", "-c", ready]).contains("200"),
+        "still ready"
+    );
     let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
-    assert!(log.contains("rejected") && log.contains("VtepMAC") && log.contains("loopback public IP"), "{log}");
+    assert!(
+        log.contains("rejected") && log.contains("VtepMAC") && log.contains("loopback public IP"),
+        "{log}"
+    );
     lab.converge();
 }

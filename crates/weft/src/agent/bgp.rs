@@ -221,7 +221,8 @@ impl Bgp {
                         }
                     }
                     (why, _) => {
-                        tracing::warn!(%peer, reason = ?why, "malformed UPDATE: its routes are withdrawn (RFC 7606)");
+                        let reason = why.as_deref().unwrap_or("no NEXT_HOP");
+                        tracing::warn!(%peer, reason, "malformed UPDATE: its routes are withdrawn (RFC 7606)");
                         for n in &update.nlri {
                             routes.remove(n);
                         }
