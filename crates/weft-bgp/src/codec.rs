@@ -93,28 +93,28 @@ pub struct Open {
     pub capabilities: Vec<Capability>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Origin {
     Igp = 0,
     Egp = 1,
     Incomplete = 2,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Segment {
     Set(Vec<u32>),
     Sequence(Vec<u32>),
 }
 
 /// An attribute weft does not interpret, passed on when optional transitive.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RawAttr {
     pub flags: u8,
     pub code: u8,
     pub value: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Attrs {
     pub origin: Option<Origin>,
     pub as_path: Vec<Segment>,

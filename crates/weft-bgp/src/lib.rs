@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod driver;
 pub mod fsm;
+pub mod rib;
 
 #[cfg(test)]
 mod tests;

@@ -1132,3 +1132,48 @@ fn bad_leases_are_rejected_and_the_node_stays_ready() {
     );
     lab.converge();
 }
+
+/// A live udp agent under a storm of hostile datagrams from a node holding a lease: random
+/// bytes and mutated TCP/UDP packets for its pods (admitted, so they reach the coalescing and
+/// the TUN device), sent in bursts so they meet in receive batches. The agent lives on and
+/// every pod still reaches every pod.
+#[test]
+fn a_udp_agent_survives_a_storm_of_hostile_datagrams() {
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--backend", "udp"]);
+    let pid1 = lab.agent_pid("weft-n1");
+    let src = lab.subnet("weft-n2").replace(".0/24", ".7");
+    let dst = lab.pod_ip("n1-p0");
+    let py = format!(
+        r#"
+import random, socket, struct
+random.seed(1234)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def ip4(proto, l4):
+    h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0,
+                    socket.inet_aton('{src}'), socket.inet_aton('{dst}'))
+    return h + l4
+def tcp(off, flags, payload):
+    return struct.pack('!HHIIBBHHH', 40000, 5201, 1, 7, off << 4, flags, 500, 0, 0) + payload
+def udp(payload):
+    return struct.pack('!HHHH', 40000, 5201, 8 + len(payload), 0) + payload
+for burst in range(400):
+    for _ in range(50):
+        k = random.random()
+        if k < 0.3:
+            p = bytes(random.getrandbits(8) for _ in range(random.randint(0, 120)))
+        else:
+            p = bytearray(ip4(6, tcp(random.randint(0, 15), 0x10, b'x' * 64)) if k < 0.7 else ip4(17, udp(b'y' * 64)))
+            for _ in range(random.randint(0, 4)):
+                p[random.randrange(len(p))] = random.getrandbits(8)
+            p = bytes(p[:random.randint(0, len(p) + 8)])
+        s.sendto(p, ('10.0.1.11', 8285))
+"#
+    );
+    run_in("n2", &["python3", "-c", &py]);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signal 0 only asks whether the agent is alive.
+    assert_eq!(unsafe { libc::kill(pid1, 0) }, 0, "n1's agent died of hostile datagrams");
+    assert_eq!(lab.agent_pid("weft-n1"), pid1);
+    assert!(udp_counter("n1", "weft_udp_dropped_total{reason=\"malformed\"}") > 0);
+    lab.converge();
+}
