@@ -30,6 +30,12 @@ pub enum Event {
     Down {
         peer: IpAddr,
         reason: String,
+        /// A NOTIFICATION was sent or received: no graceful restart (RFC 4724 §4.2).
+        notification: bool,
+    },
+    /// The peer asked for our routes again (ROUTE-REFRESH, RFC 2918).
+    RouteRefresh {
+        peer: IpAddr,
     },
     /// A connection from an address that is no peer, closed unread.
     Refused {
@@ -199,6 +205,7 @@ impl Speaker {
                 let _ = self.events.try_send(Event::Down {
                     peer: p.address,
                     reason: format!("TCP MD5 on the listener: {e}"),
+                    notification: false,
                 });
             }
         }
@@ -341,12 +348,18 @@ async fn run_peer(
                             })
                             .await;
                     }
-                    Output::RouteRefreshRequested => {}
-                    Output::Down(reason) => {
+                    Output::RouteRefreshRequested => {
+                        let _ = events.send(Event::RouteRefresh { peer: p.address }).await;
+                    }
+                    Output::Down {
+                        reason,
+                        notification,
+                    } => {
                         let _ = events
                             .send(Event::Down {
                                 peer: p.address,
                                 reason,
+                                notification,
                             })
                             .await;
                     }

@@ -60,6 +60,9 @@ pub struct Negotiated {
     pub route_refresh: bool,
     /// The peer's graceful-restart capability: its restart time, when it has one.
     pub peer_restart_time: Option<u16>,
+    /// Whether it kept its forwarding state for IPv4 unicast across a restart (RFC 4724 §3,
+    /// the F bit of the family in its capability).
+    pub peer_forwarding_kept: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +75,12 @@ pub enum Output {
     Established(Negotiated),
     Update(Update),
     RouteRefreshRequested,
-    Down(String),
+    /// The session ended; `notification`: a NOTIFICATION was sent or received (graceful
+    /// restart does not apply then, RFC 4724 §4.2).
+    Down {
+        reason: String,
+        notification: bool,
+    },
 }
 
 pub struct Fsm {
@@ -135,7 +143,12 @@ impl Fsm {
 
     /// Tears the session down: NOTIFICATION (if given), close, back to Idle, retry later.
     fn fail(&mut self, n: Option<Notify>, why: String) -> Vec<Output> {
+        self.fail_with(n, why, false)
+    }
+
+    fn fail_with(&mut self, n: Option<Notify>, why: String, received: bool) -> Vec<Output> {
         let mut out = Vec::new();
+        let notification = received || n.is_some();
         if let Some(n) = n {
             out.push(self.send(&Message::Notification {
                 code: n.code,
@@ -148,7 +161,10 @@ impl Fsm {
             Output::CancelTimer(Timer::Hold),
             Output::CancelTimer(Timer::Keepalive),
             Output::SetTimer(Timer::ConnectRetry, self.cfg.connect_retry),
-            Output::Down(why),
+            Output::Down {
+                reason: why,
+                notification,
+            },
         ]);
         self.state = State::Idle;
         self.session = Session::default();
@@ -285,9 +301,11 @@ impl Fsm {
     fn on_message(&mut self, m: Message) -> Vec<Output> {
         use State::*;
         match (self.state, m) {
-            (_, Message::Notification { code, subcode, .. }) => {
-                self.fail(None, format!("peer sent NOTIFICATION {code}/{subcode}"))
-            }
+            (_, Message::Notification { code, subcode, .. }) => self.fail_with(
+                None,
+                format!("peer sent NOTIFICATION {code}/{subcode}"),
+                true,
+            ),
             (OpenSent, Message::Open(o)) => {
                 if o.asn != self.cfg.peer_as {
                     let n = Notify {
@@ -344,6 +362,10 @@ impl Fsm {
                         } else {
                             None
                         }
+                    }),
+                    peer_forwarding_kept: o.capabilities.iter().any(|c| {
+                        matches!(c, Capability::GracefulRestart { families, .. }
+                            if families.iter().any(|(afi, safi, f)| *afi == AFI_IPV4 && *safi == SAFI_UNICAST && *f))
                     }),
                 });
                 out
@@ -496,7 +518,7 @@ mod tests {
         assert_ne!(a.state(), State::Established);
         assert!(
             oa.iter()
-                .any(|o| matches!(o, Output::Down(w) if w.contains("expected AS 64512"))),
+                .any(|o| matches!(o, Output::Down { reason, notification: true } if reason.contains("expected AS 64512"))),
             "{oa:?}"
         );
         let notif = sent(&oa);

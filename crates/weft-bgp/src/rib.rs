@@ -48,6 +48,10 @@ pub struct Path {
     pub ibgp: bool,
     /// Kept through the sender's graceful restart, not announced again since.
     pub stale: bool,
+    /// Allowed by the import policy now. Refused paths are kept (soft reconfiguration
+    /// inbound): a lease seen a moment after its node's route makes the route usable without
+    /// asking the peer again.
+    pub eligible: bool,
 }
 
 /// An UPDATE to send to one peer.
@@ -181,23 +185,33 @@ impl Rib {
         v
     }
 
-    /// The policy changed (leases came or went): routes it no longer allows go.
+    /// The policy changed (leases came or went): every path is judged again; routes it no
+    /// longer allows stop being used, routes it now allows start.
     pub fn set_policy(&mut self, policy: Policy) -> Vec<Out> {
         let own_changed = policy.own != self.policy.own;
         self.policy = policy;
-        let mut changed = Vec::new();
-        let mut dropped: Vec<(IpAddr, Ipv4Net)> = Vec::new();
+        let mut flips: Vec<(Ipv4Net, IpAddr, bool)> = Vec::new();
         for (prefix, paths) in &self.paths {
             for p in paths {
-                if self.check(p.from, p.ibgp, *prefix, &p.attrs).is_err() {
-                    dropped.push((p.from, *prefix));
+                let ok = self.check(p.ibgp, *prefix, &p.attrs).is_ok();
+                if ok != p.eligible {
+                    flips.push((*prefix, p.from, ok));
                 }
             }
         }
-        for (from, prefix) in dropped {
-            self.remove_path(from, prefix);
+        let mut changed = Vec::new();
+        for (prefix, from, ok) in flips {
+            if let Some(p) = self
+                .paths
+                .get_mut(&prefix)
+                .and_then(|v| v.iter_mut().find(|p| p.from == from))
+            {
+                p.eligible = ok;
+            }
             changed.push(prefix);
         }
+        changed.sort();
+        changed.dedup();
         if own_changed {
             // Our own subnet is announced to everyone: every peer's view changes.
             return self.resync_all();
@@ -206,7 +220,7 @@ impl Rib {
     }
 
     /// Import policy and semantic checks (RFC 4271 §5.1.3, RFC 7606 §7.3): Err(reason) refuses.
-    fn check(&self, peer: IpAddr, ibgp: bool, prefix: Ipv4Net, a: &Attrs) -> Result<(), String> {
+    fn check(&self, ibgp: bool, prefix: Ipv4Net, a: &Attrs) -> Result<(), String> {
         let nh = a.next_hop.ok_or_else(|| "no NEXT_HOP".to_string())?;
         if nh.is_unspecified() || nh.is_loopback() || nh.is_multicast() || nh.is_broadcast() {
             return Err(format!("next hop {nh} is no unicast address"));
@@ -214,7 +228,11 @@ impl Rib {
         if nh == self.cfg.router_id {
             return Err(format!("next hop {nh} is this node"));
         }
-        if self.policy.own.is_some_and(|o| o == prefix || o.contains(&prefix) || prefix.contains(&o.network())) {
+        if self
+            .policy
+            .own
+            .is_some_and(|o| o == prefix || o.contains(&prefix) || prefix.contains(&o.network()))
+        {
             return Err("it covers or lies in this node's own subnet".into());
         }
         if ibgp {
@@ -223,13 +241,21 @@ impl Rib {
                 Some(holder) => Err(format!(
                     "{prefix} is the subnet of the node at {holder}, not of next hop {nh}"
                 )),
-                None => Err(format!("{prefix} is no node's subnet (a weft peer may announce only its lease's)")),
+                None => Err(format!(
+                    "{prefix} is no node's subnet (a weft peer may announce only its lease's)"
+                )),
             }
-        } else if self.policy.external_accept.iter().any(|n| n.contains(&prefix)) {
+        } else if self
+            .policy
+            .external_accept
+            .iter()
+            .any(|n| n.contains(&prefix))
+        {
             Ok(())
         } else {
-            let _ = peer;
-            Err(format!("{prefix} is outside the external peers' accept list"))
+            Err(format!(
+                "{prefix} is outside the external peers' accept list"
+            ))
         }
     }
 
@@ -247,7 +273,11 @@ impl Rib {
 
     /// The best path to `prefix` (RFC 4271 §9.1.2, with RFC 4456 §9's tie-breaks).
     pub fn best(&self, prefix: &Ipv4Net) -> Option<&Path> {
-        self.paths.get(prefix)?.iter().min_by(|a, b| rank(a).cmp(&rank(b)))
+        self.paths
+            .get(prefix)?
+            .iter()
+            .filter(|p| p.eligible)
+            .min_by(|a, b| rank(a).cmp(&rank(b)))
     }
 
     /// The routes to install: the best path of every prefix, as (prefix, next hop).
@@ -263,7 +293,9 @@ impl Rib {
 
     /// Every path, for `weft bgp routes`.
     pub fn paths(&self) -> impl Iterator<Item = (&Ipv4Net, &Path)> {
-        self.paths.iter().flat_map(|(n, v)| v.iter().map(move |p| (n, p)))
+        self.paths
+            .iter()
+            .flat_map(|(n, v)| v.iter().map(move |p| (n, p)))
     }
 
     /// What `peer` should hold for `prefix` from us now.
@@ -299,7 +331,12 @@ impl Rib {
     /// The UPDATEs that bring every up peer's Adj-RIB-Out in line for these prefixes, packed:
     /// one UPDATE per set of identical attributes, withdrawals together.
     fn propagate(&mut self, prefixes: &[Ipv4Net]) -> Vec<Out> {
-        let peers: Vec<IpAddr> = self.peers.iter().filter(|(_, p)| p.up).map(|(a, _)| *a).collect();
+        let peers: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.up)
+            .map(|(a, _)| *a)
+            .collect();
         let mut out = Vec::new();
         for peer in peers {
             out.extend(self.sync_peer(peer, prefixes.iter().copied()));
@@ -384,7 +421,9 @@ impl Rib {
         } else if let Some(p) = self.peers.get_mut(&peer) {
             // Still stale until its End-of-RIB, or the restart time at the latest.
             if p.stale_until.is_some() {
-                let t = p.restart_time.map_or(Duration::from_secs(120), |t| Duration::from_secs(t.into()));
+                let t = p
+                    .restart_time
+                    .map_or(Duration::from_secs(120), |t| Duration::from_secs(t.into()));
                 p.stale_until = Some(now + t);
             }
         }
@@ -430,7 +469,11 @@ impl Rib {
         let from_id = p.id.unwrap_or(Ipv4Addr::UNSPECIFIED);
         // End-of-RIB: what is still stale was not announced again, and goes.
         if u.withdrawn.is_empty() && u.nlri.is_empty() && u.attrs == Attrs::default() {
-            let changed = if self.peers.get(&peer).is_some_and(|p| p.stale_until.is_some()) {
+            let changed = if self
+                .peers
+                .get(&peer)
+                .is_some_and(|p| p.stale_until.is_some())
+            {
                 self.sweep_stale(peer)
             } else {
                 Vec::new()
@@ -446,7 +489,10 @@ impl Rib {
         // RFC 7606: a malformed UPDATE withdraws what it carries; so does a loop (RFC 4456 §8,
         // RFC 4271 §9.1.2: our AS in the path of an external route, our ID or cluster).
         let looped = u.attrs.originator_id == Some(self.cfg.router_id)
-            || self.cfg.cluster_id.is_some_and(|c| u.attrs.cluster_list.contains(&c))
+            || self
+                .cfg
+                .cluster_id
+                .is_some_and(|c| u.attrs.cluster_list.contains(&c))
             || (!ibgp
                 && u.attrs.as_path.iter().any(|s| match s {
                     Segment::Sequence(a) | Segment::Set(a) => a.contains(&self.cfg.local_as),
@@ -460,20 +506,27 @@ impl Rib {
             let attrs = self.intern(u.attrs);
             for n in u.nlri {
                 changed.push(n);
-                if let Err(reason) = self.check(peer, ibgp, n, &attrs) {
-                    self.remove_path(peer, n);
-                    if let Some(p) = self.peers.get_mut(&peer) {
-                        p.refused += 1;
+                let eligible = match self.check(ibgp, n, &attrs) {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        if let Some(p) = self.peers.get_mut(&peer) {
+                            p.refused += 1;
+                        }
+                        refused.push(Refused {
+                            peer,
+                            prefix: n,
+                            reason,
+                        });
+                        false
                     }
-                    refused.push(Refused { peer, prefix: n, reason });
-                    continue;
-                }
+                };
                 let path = Path {
                     attrs: attrs.clone(),
                     from: peer,
                     from_id,
                     ibgp,
                     stale: false,
+                    eligible,
                 };
                 let v = self.paths.entry(n).or_default();
                 match v.iter_mut().find(|x| x.from == peer) {
@@ -525,8 +578,20 @@ impl Rib {
         out
     }
 
+    /// Forgets attribute sets nothing uses any more (a node that left, a path replaced): the
+    /// interning must not grow with every node that ever joined.
+    fn collect(&mut self) {
+        self.interned.retain(|a| Arc::strong_count(a) > 1);
+    }
+
+    /// How many distinct attribute sets are held (for tests of growth).
+    pub fn attribute_sets(&self) -> usize {
+        self.interned.len()
+    }
+
     /// The clock: restart windows that ran out drop their stale routes.
     pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        self.collect();
         let due: Vec<IpAddr> = self
             .peers
             .iter()
@@ -562,7 +627,19 @@ impl Rib {
 /// Path preference, smallest first (RFC 4271 §9.1.2.2, RFC 4456 §9): higher LOCAL_PREF,
 /// shorter AS_PATH (a set counts one), lower ORIGIN, lower MED, eBGP over iBGP, lower
 /// ORIGINATOR_ID (or sender ID), shorter CLUSTER_LIST, lower peer address. Stale paths last.
-fn rank(p: &Path) -> (bool, std::cmp::Reverse<u32>, usize, Origin, u32, bool, Ipv4Addr, usize, IpAddr) {
+fn rank(
+    p: &Path,
+) -> (
+    bool,
+    std::cmp::Reverse<u32>,
+    usize,
+    Origin,
+    u32,
+    bool,
+    Ipv4Addr,
+    usize,
+    IpAddr,
+) {
     let a = &p.attrs;
     let path_len = a
         .as_path

@@ -55,7 +55,7 @@ fn session_with_bird_exchanges_routes_both_ways() {
                         got_route = true;
                     }
                 }
-                Output::Down(why) => panic!("session went down: {why}"),
+                Output::Down { reason, .. } => panic!("session went down: {reason}"),
                 _ => {}
             }
         }

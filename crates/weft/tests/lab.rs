@@ -1172,7 +1172,11 @@ for burst in range(400):
     run_in("n2", &["python3", "-c", &py]);
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signal 0 only asks whether the agent is alive.
-    assert_eq!(unsafe { libc::kill(pid1, 0) }, 0, "n1's agent died of hostile datagrams");
+    assert_eq!(
+        unsafe { libc::kill(pid1, 0) },
+        0,
+        "n1's agent died of hostile datagrams"
+    );
     assert_eq!(lab.agent_pid("weft-n1"), pid1);
     assert!(udp_counter("n1", "weft_udp_dropped_total{reason=\"malformed\"}") > 0);
     lab.converge();

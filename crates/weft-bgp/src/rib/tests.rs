@@ -74,9 +74,21 @@ fn announce(prefixes: &[&str], nh: &str) -> Update {
             local_pref: Some(100),
             med: Some(7),
             other: vec![
-                RawAttr { flags: 0xc0, code: 8, value: vec![0xfd, 0xe8, 0, 1] }, // COMMUNITIES
-                RawAttr { flags: 0xc0, code: 99, value: vec![1, 2, 3] }, // unknown, transitive
-                RawAttr { flags: 0x80, code: 98, value: vec![4] }, // unknown, non-transitive
+                RawAttr {
+                    flags: 0xc0,
+                    code: 8,
+                    value: vec![0xfd, 0xe8, 0, 1],
+                }, // COMMUNITIES
+                RawAttr {
+                    flags: 0xc0,
+                    code: 99,
+                    value: vec![1, 2, 3],
+                }, // unknown, transitive
+                RawAttr {
+                    flags: 0x80,
+                    code: 98,
+                    value: vec![4],
+                }, // unknown, non-transitive
             ],
             ..Default::default()
         },
@@ -86,7 +98,10 @@ fn announce(prefixes: &[&str], nh: &str) -> Update {
 }
 
 fn to<'a>(outs: &'a [Out], peer: &str) -> Vec<&'a Update> {
-    outs.iter().filter(|o| o.to == ip(peer)).map(|o| &o.update).collect()
+    outs.iter()
+        .filter(|o| o.to == ip(peer))
+        .map(|o| &o.update)
+        .collect()
 }
 
 #[test]
@@ -97,7 +112,11 @@ fn a_session_coming_up_gets_our_subnet_then_end_of_rib() {
     assert_eq!(out.len(), 2, "{out:?}");
     let u = &out[0].update;
     assert_eq!(u.nlri, vec![net("10.244.9.0/24")]);
-    assert_eq!((u.attrs.local_pref, u.attrs.as_path.len()), (Some(100), 0), "iBGP");
+    assert_eq!(
+        (u.attrs.local_pref, u.attrs.as_path.len()),
+        (Some(100), 0),
+        "iBGP"
+    );
     assert_eq!(out[1].update, Update::default(), "End-of-RIB");
     let out = r.up(ip(TOR), opened(TOR), t);
     assert_eq!(
@@ -121,8 +140,15 @@ fn reflection_passes_attributes_on_unchanged_plus_originator_and_cluster() {
         let got = to(&out, client);
         assert_eq!(got.len(), 1);
         let a = &got[0].attrs;
-        assert_eq!((a.med, a.local_pref, a.origin), (Some(7), Some(100), Some(Origin::Igp)));
-        assert_eq!(a.originator_id, Some(v4(A)), "ORIGINATOR_ID: the client it came from");
+        assert_eq!(
+            (a.med, a.local_pref, a.origin),
+            (Some(7), Some(100), Some(Origin::Igp))
+        );
+        assert_eq!(
+            a.originator_id,
+            Some(v4(A)),
+            "ORIGINATOR_ID: the client it came from"
+        );
         assert_eq!(a.cluster_list, vec![v4("10.0.1.9")]);
         assert_eq!(a.next_hop, Some(v4(A)), "next hop unchanged");
         assert_eq!(
@@ -147,7 +173,11 @@ fn a_malformed_update_withdraws_the_route_from_every_client() {
     bad.treat_as_withdraw = Some("malformed MULTI_EXIT_DISC".into());
     let (out, _) = r.update(ip(A), bad);
     for client in [B, C] {
-        assert_eq!(to(&out, client)[0].withdrawn, vec![net("10.244.1.0/24")], "{client}");
+        assert_eq!(
+            to(&out, client)[0].withdrawn,
+            vec![net("10.244.1.0/24")],
+            "{client}"
+        );
     }
     assert!(r.installed().is_empty());
 }
@@ -169,11 +199,18 @@ fn invalid_next_hops_and_foreign_prefixes_are_refused_and_counted() {
         let (out, refused) = r.update(ip(peer), u);
         assert!(out.is_empty(), "{why}: nothing reflected: {out:?}");
         assert_eq!(refused.len(), 1, "{why}");
-        assert!(refused[0].reason.contains(why), "{why}: {}", refused[0].reason);
+        assert!(
+            refused[0].reason.contains(why),
+            "{why}: {}",
+            refused[0].reason
+        );
     }
     assert!(r.installed().is_empty());
     let views = r.peers();
-    assert_eq!(views.iter().find(|p| p.addr == ip(A)).map(|p| p.refused), Some(5));
+    assert_eq!(
+        views.iter().find(|p| p.addr == ip(A)).map(|p| p.refused),
+        Some(5)
+    );
     // From the ToR, a route inside the cluster network is taken (not reflected: eBGP).
     let (out, refused) = r.update(ip(TOR), announce(&["10.244.3.0/24"], TOR));
     assert!(refused.is_empty() && out.is_empty());
@@ -188,7 +225,9 @@ fn graceful_restart_keeps_routes_through_failures_until_end_of_rib() {
     r.update(ip(A), announce(&["10.244.1.0/24"], A));
     // The connection drops: routes stay (and stay reflected); a second failure changes nothing.
     assert!(r.down(ip(A), Ended::Lost, t).is_empty());
-    assert!(r.down(ip(A), Ended::Lost, t + Duration::from_secs(3)).is_empty());
+    assert!(r
+        .down(ip(A), Ended::Lost, t + Duration::from_secs(3))
+        .is_empty());
     assert!(r.tick(t + Duration::from_secs(60)).is_empty());
     assert_eq!(r.installed(), vec![(net("10.244.1.0/24"), v4(A))]);
     // Back, forwarding state kept: stale until End-of-RIB; not announced again, it goes.
@@ -220,7 +259,11 @@ fn a_notification_or_the_restart_time_ends_the_routes_at_once() {
     all_up(&mut r, t);
     r.update(ip(A), announce(&["10.244.1.0/24"], A));
     let out = r.down(ip(A), Ended::Notification, t);
-    assert_eq!(to(&out, B)[0].withdrawn, vec![net("10.244.1.0/24")], "Cease: gone at once");
+    assert_eq!(
+        to(&out, B)[0].withdrawn,
+        vec![net("10.244.1.0/24")],
+        "Cease: gone at once"
+    );
     // The restart time runs out.
     r.up(ip(A), opened(A), t);
     r.update(ip(A), announce(&["10.244.1.0/24"], A));
@@ -283,9 +326,17 @@ fn the_best_path_wins_and_a_lost_one_falls_back() {
     via_c.attrs.originator_id = Some(v4(A));
     via_c.attrs.cluster_list = vec![v4("10.0.1.99")];
     r.update(ip(C), via_c);
-    assert_eq!(r.best(&net("10.244.1.0/24")).map(|p| p.from), Some(ip(A)), "shorter CLUSTER_LIST");
+    assert_eq!(
+        r.best(&net("10.244.1.0/24")).map(|p| p.from),
+        Some(ip(A)),
+        "shorter CLUSTER_LIST"
+    );
     let out = r.down(ip(A), Ended::Notification, t);
-    assert!(out.iter().all(|o| o.update.withdrawn.is_empty() || o.to == ip(C)), "{out:?}");
+    assert!(
+        out.iter()
+            .all(|o| o.update.withdrawn.is_empty() || o.to == ip(C)),
+        "{out:?}"
+    );
     assert_eq!(r.best(&net("10.244.1.0/24")).map(|p| p.from), Some(ip(C)));
     assert_eq!(r.installed(), vec![(net("10.244.1.0/24"), v4(A))]);
 }
@@ -300,4 +351,66 @@ fn a_removed_peer_leaves_nothing_behind() {
     assert_eq!(to(&out, B)[0].withdrawn, vec![net("10.244.1.0/24")]);
     assert!(r.peers().iter().all(|p| p.addr != ip(A)));
     assert!(r.installed().is_empty());
+}
+
+#[test]
+fn a_route_refused_for_want_of_a_lease_is_used_once_the_lease_is_seen() {
+    let mut r = reflector();
+    let t = Instant::now();
+    all_up(&mut r, t);
+    // A new node's route arrives before its lease reaches this node's watch.
+    let (_, refused) = r.update(ip(A), announce(&["10.244.5.0/24"], A));
+    assert_eq!(refused.len(), 1);
+    assert!(r.installed().is_empty());
+    let mut p = policy();
+    p.leases.insert(net("10.244.5.0/24"), v4(A));
+    let out = r.set_policy(p);
+    assert_eq!(r.installed(), vec![(net("10.244.5.0/24"), v4(A))]);
+    assert_eq!(
+        to(&out, B)[0].nlri,
+        vec![net("10.244.5.0/24")],
+        "reflected now"
+    );
+    // The lease goes again: so does the route, everywhere.
+    let out = r.set_policy(policy());
+    assert!(r.installed().is_empty());
+    assert_eq!(to(&out, C)[0].withdrawn, vec![net("10.244.5.0/24")]);
+}
+
+#[test]
+fn nothing_grows_with_peers_that_come_and_go() {
+    let mut r = reflector();
+    let t = Instant::now();
+    all_up(&mut r, t);
+    r.update(ip(A), announce(&["10.244.1.0/24"], A));
+    r.tick(t);
+    let base = r.attribute_sets();
+    for i in 0..200u32 {
+        let peer = IpAddr::V4(Ipv4Addr::from(0x0a00_0200 + i));
+        let subnet = Ipv4Net::new(Ipv4Addr::from(0x0af5_0000 + (i << 8)), 24).unwrap();
+        let mut p = policy();
+        p.leases.insert(
+            subnet,
+            match peer {
+                IpAddr::V4(v) => v,
+                _ => unreachable!(),
+            },
+        );
+        r.set_policy(p);
+        r.add_peer(peer, 64512);
+        r.up(peer, opened(&peer.to_string()), t);
+        let mut u = announce(&[], &peer.to_string());
+        u.nlri = vec![subnet];
+        r.update(peer, u);
+        r.down(peer, Ended::Removed, t);
+        r.set_policy(policy());
+        r.tick(t);
+    }
+    assert_eq!(r.peers().len(), 4);
+    assert_eq!(r.installed().len(), 1);
+    assert_eq!(
+        r.attribute_sets(),
+        base,
+        "no attribute set of a departed peer is kept"
+    );
 }

@@ -35,7 +35,7 @@ impl Etcd {
     /// A single-member cluster.
     pub fn start() -> Etcd {
         let mut cluster = Self::cluster(1);
-        let m = cluster.remove(0);
+        let mut m = cluster.remove(0);
         m.wait_healthy();
         m
     }
@@ -46,6 +46,31 @@ impl Etcd {
     }
 
     fn cluster_with(n: usize, start: bool) -> Vec<Etcd> {
+        // A port found free may be taken before etcd binds it (another test, an outgoing
+        // connection): etcd then exits at once, and the cluster is made again on new ports.
+        for attempt in 1..=3 {
+            let mut members = Self::members(n);
+            if !start {
+                return members;
+            }
+            for m in &mut members {
+                m.spawn();
+            }
+            if members.iter_mut().all(|m| m.healthy_within(Duration::from_secs(20))) {
+                for m in &mut members {
+                    m.state = "existing";
+                }
+                return members;
+            }
+            eprintln!("etcd cluster of {n} did not come up (attempt {attempt}); again on new ports");
+            for m in &mut members {
+                m.kill();
+            }
+        }
+        panic!("etcd did not become healthy in three attempts");
+    }
+
+    fn members(n: usize) -> Vec<Etcd> {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster = ports
             .iter()
@@ -53,7 +78,7 @@ impl Etcd {
             .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut members: Vec<Etcd> = ports
+        let members: Vec<Etcd> = ports
             .iter()
             .enumerate()
             .map(|(i, &(c, p))| Etcd {
@@ -67,15 +92,6 @@ impl Etcd {
                 tls: None,
             })
             .collect();
-        if start {
-            for m in &mut members {
-                m.spawn();
-            }
-            for m in &mut members {
-                m.wait_healthy();
-                m.state = "existing";
-            }
-        }
         members
     }
 
@@ -132,9 +148,24 @@ impl Etcd {
         c
     }
 
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    fn wait_healthy(&mut self) {
+        if !self.healthy_within(Duration::from_secs(20)) {
+            panic!(
+                "etcd member {} did not become healthy within 20 s",
+                self.name
+            );
+        }
+    }
+
+    /// Whether the member answers a health check within `limit`; false at once if it exited.
+    fn healthy_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+            }
             let ok = self
                 .etcdctl()
                 .args(["--command-timeout=1s", "endpoint", "health"])
@@ -144,14 +175,11 @@ impl Etcd {
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ok {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "etcd member {} did not become healthy within 20 s",
-            self.name
-        );
+        false
     }
 
     /// SIGKILL (SIGTERM on a leader whose peers are gone blocks for seconds).

@@ -247,28 +247,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // The bgp backend: a speaker on the public address, a session per peer, a RIB per peer.
     let mut bgp = match &cfg.backend {
         Backend::Bgp(g) => {
-            let (sp, ev) = bgp_bound.context("the BGP listener")?;
-            let mut b = Bgp {
-                conf: g.clone(),
-                speaker: sp,
-                events: ev,
-                peers: HashMap::new(),
-                peer_as: HashMap::new(),
-                since: HashMap::new(),
-                rib: HashMap::new(),
-                port: a.bgp_port,
-                started: Instant::now(),
-                last_up: None,
-                reflector: a
-                    .bgp_route_reflector
+            let mut b = Bgp::new(
+                g.clone(),
+                bgp_bound.context("the BGP listener")?,
+                a.bgp_port,
+                public_ip,
+                a.bgp_route_reflector
                     .then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
-                router_id: public_ip,
-                peer_ids: HashMap::new(),
-                gr_times: HashMap::new(),
-                stale: HashMap::new(),
-                gone: Vec::new(),
-                refused: Default::default(),
-            };
+                masq_network,
+                lease.key.v4,
+            );
             // External peers: the ones on this node's own segment when the config lists any
             // there (one ToR per segment, as Calico's per-node peerings do), else all of them.
             let on_link: Vec<_> = g
@@ -348,11 +336,11 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             _ = tick.tick() => {}
             ev = async { match bgp.as_mut() { Some(b) => b.events.recv().await, None => std::future::pending().await } } => {
                 if let (Some(b), Some(ev)) = (bgp.as_mut(), ev) {
-                    b.on_event(ev, &own).await;
+                    b.on_event(ev).await;
                     // A full table arrives as thousands of UPDATEs: take every one already
                     // queued, then plan and reconcile once (per event it was quadratic).
                     while let Ok(ev) = b.events.try_recv() {
-                        b.on_event(ev, &own).await;
+                        b.on_event(ev).await;
                     }
                     b.publish(&metrics);
                     inputs_changed = true;
@@ -377,6 +365,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             );
         }
         // Idle: nothing changed and the kernel needs no look; no copy, no plan, no dump.
+        if bgp.as_ref().is_some_and(|b| b.deadline_passed()) {
+            inputs_changed = true;
+        }
         if !inputs_changed && !unsettled && !reconciler.due() {
             continue;
         }
@@ -390,7 +381,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         let leases: Vec<Lease> = all.into_values().collect();
         let rib = match bgp.as_mut() {
             Some(b) => {
-                b.sync_mesh(&leases, &own, public_ip);
+                b.sync_mesh(&leases, &own, public_ip).await;
+                b.expire().await;
                 if !b.gone.is_empty() {
                     b.publish(&metrics);
                 }
@@ -459,8 +451,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // The lease is gone or another node's: stop announcing the subnet, and let the supervisor
     // start a new agent, which acquires a lease afresh.
     metrics.ready.store(false, Ordering::Relaxed);
-    if let (Some(b), Some(v4)) = (bgp.as_ref(), own.key.v4) {
-        b.withdraw_own(v4).await;
+    if let Some(b) = bgp.as_mut() {
+        b.withdraw_own().await;
         // Let the sessions carry the withdrawal out before the process (and its sockets) ends.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
