@@ -188,6 +188,9 @@ pub struct BgpConf {
     pub encapsulation: Encapsulation,
     /// The tunnel used where encapsulating (VNI 1, port 8472).
     pub vxlan: VxlanConf,
+    /// `ImportFromPeers`: prefixes a route from an external peer may lie in (like Calico's
+    /// BGPFilter import rules); None: the cluster network only.
+    pub import_from_peers: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 impl Backend {
@@ -717,6 +720,21 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                     Encapsulation::CrossSubnet
                 }
             };
+            let import_from_peers = o.get("ImportFromPeers").and_then(|v| {
+                let example = "\"ImportFromPeers\": [\"10.244.0.0/16\", \"0.0.0.0/0\"]";
+                let list = v.as_array().map(|a| {
+                    a.iter()
+                        .map(|x| x.as_str().and_then(|t| t.parse::<ipnet::Ipv4Net>().ok()))
+                        .collect::<Option<Vec<_>>>()
+                });
+                match list {
+                    Some(Some(nets)) => Some(nets.into_iter().map(|n| n.trunc()).collect()),
+                    _ => {
+                        ctx.problem("Backend.ImportFromPeers", Some(v), "must be a list of IPv4 CIDRs", example);
+                        None
+                    }
+                }
+            });
             let mut peers = Vec::new();
             if let Some(v) = o.get("Peers") {
                 let example = "\"Peers\": [{\"Address\": \"10.0.1.254\", \"ASNumber\": 65000}]";
@@ -780,6 +798,7 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                     gbp: false,
                     learning: false,
                 },
+                import_from_peers,
             })
         }
         Some("udp") => {
@@ -918,6 +937,12 @@ impl NetConfig {
             Backend::Bgp(g) => {
                 b.insert("ASNumber".into(), Value::from(g.as_number));
                 b.insert("NodeMesh".into(), Value::Bool(g.node_mesh));
+                if let Some(list) = &g.import_from_peers {
+                    b.insert(
+                        "ImportFromPeers".into(),
+                        Value::Array(list.iter().map(|n| Value::String(n.to_string())).collect()),
+                    );
+                }
                 let enc = match g.encapsulation {
                     Encapsulation::Never => "Never",
                     Encapsulation::CrossSubnet => "CrossSubnet",
@@ -1199,6 +1224,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let imp = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["10.0.0.0/16", "0.0.0.0/0"]}}"#).config;
+        assert!(matches!(
+            &imp.backend,
+            Backend::Bgp(BgpConf { import_from_peers: Some(l), .. }) if l.len() == 2
+        ));
+        let bad = problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["x"]}}"#);
+        assert_eq!(bad[0].key, "Backend.ImportFromPeers");
         let d = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp"}}"#).config;
         assert!(matches!(
             d.backend,

@@ -40,8 +40,11 @@ impl Bgp {
     ) -> Bgp {
         let policy = Policy {
             leases: HashMap::new(),
-            // External peers: routes inside the cluster network only.
-            external_accept: network.into_iter().collect(),
+            // External peers: what ImportFromPeers allows, else the cluster network only.
+            external_accept: conf
+                .import_from_peers
+                .clone()
+                .unwrap_or_else(|| network.into_iter().collect()),
             own,
         };
         let rib = Rib::new(
