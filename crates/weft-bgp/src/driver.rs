@@ -123,8 +123,47 @@ enum Cmd {
     Stop,
 }
 
+/// Commands a peer's queue may hold before the peer counts as stuck and its session is reset.
+const MAX_QUEUED: usize = 200_000;
+
+/// A peer's session task: its command queue (unbounded: the caller never waits), how much it
+/// holds, and the flag set when it overflowed.
+#[derive(Clone)]
+struct Task {
+    tx: mpsc::UnboundedSender<Cmd>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    overrun: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Task {
+    /// Queues without ever waiting: a peer that stops reading must not stall the caller (the
+    /// agent, and through it every other peer). Its task gives up a write the peer does not
+    /// take within the hold time, and a queue past [`MAX_QUEUED`] resets the session.
+    /// Queues a command that must not be dropped (a connection, a stop).
+    fn push(&self, cmd: Cmd) {
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.tx.send(cmd).is_err() {
+            self.queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn offer(&self, cmd: Cmd) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.queued.fetch_add(1, SeqCst) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, SeqCst);
+            self.overrun.store(true, SeqCst);
+            return;
+        }
+        if self.tx.send(cmd).is_err() {
+            self.queued.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
 struct Peers {
-    tasks: HashMap<IpAddr, mpsc::Sender<Cmd>>,
+    tasks: HashMap<IpAddr, Task>,
 }
 
 /// A BGP speaker: a listener and its peers' sessions.
@@ -179,9 +218,7 @@ impl Speaker {
                     .ok()
                     .and_then(|p| p.tasks.get(&from.ip()).cloned());
                 match tx {
-                    Some(tx) => {
-                        let _ = tx.send(Cmd::Conn(sock)).await;
-                    }
+                    Some(t) => t.push(Cmd::Conn(sock)),
                     None => {
                         drop(sock);
                         // Never blocks the listener: a flood of strangers is dropped here.
@@ -209,16 +246,28 @@ impl Speaker {
                 });
             }
         }
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let overrun = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = Task {
+            tx,
+            queued: queued.clone(),
+            overrun: overrun.clone(),
+        };
         let old = self
             .peers
             .lock()
             .ok()
-            .and_then(|mut g| g.tasks.insert(p.address, tx));
+            .and_then(|mut g| g.tasks.insert(p.address, task));
         if let Some(old) = old {
-            let _ = old.try_send(Cmd::Stop);
+            old.push(Cmd::Stop);
         }
-        tokio::spawn(run_peer(p, rx, self.events.clone(), self.local.ip()));
+        let q = Queue {
+            rx,
+            queued,
+            overrun,
+        };
+        tokio::spawn(run_peer(p, q, self.events.clone(), self.local.ip()));
     }
 
     /// Ends the session with a peer (CEASE) and forgets it.
@@ -229,7 +278,7 @@ impl Speaker {
             .ok()
             .and_then(|mut g| g.tasks.remove(&addr))
         {
-            let _ = tx.try_send(Cmd::Stop);
+            tx.push(Cmd::Stop);
         }
     }
 
@@ -245,8 +294,8 @@ impl Speaker {
             .lock()
             .map(|g| to.iter().filter_map(|a| g.tasks.get(a).cloned()).collect())
             .unwrap_or_default();
-        for tx in txs {
-            let _ = tx.send(Cmd::Announce(u.clone())).await;
+        for t in txs {
+            t.offer(Cmd::Announce(u.clone()));
         }
     }
 
@@ -263,24 +312,65 @@ impl Speaker {
                     .collect()
             })
             .unwrap_or_default();
-        for tx in txs {
-            let _ = tx.send(Cmd::Announce(u.clone())).await;
+        for t in txs {
+            t.offer(Cmd::Announce(u.clone()));
         }
     }
 }
 
-async fn run_peer(
-    p: PeerConfig,
-    mut cmds: mpsc::Receiver<Cmd>,
-    events: mpsc::Sender<Event>,
-    local: IpAddr,
-) {
+/// A peer task's end of its queue.
+struct Queue {
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    overrun: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Queue {
+    async fn recv(&mut self) -> Option<Cmd> {
+        let c = self.rx.recv().await;
+        if c.is_some() {
+            self.queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        c
+    }
+
+    fn try_recv(&mut self) -> Option<Cmd> {
+        let c = self.rx.try_recv().ok();
+        if c.is_some() {
+            self.queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        c
+    }
+}
+
+async fn run_peer(p: PeerConfig, mut cmds: Queue, events: mpsc::Sender<Event>, local: IpAddr) {
     let mut fsm = Fsm::new(p.fsm.clone());
     let mut sock: Option<TcpStream> = None;
     let mut timers: HashMap<Timer, Instant> = HashMap::new();
     let mut pending = fsm.process(Input::Start);
     let far = Instant::now() + Duration::from_secs(86400 * 365);
+    // A write the peer does not take within its hold time ends the session: a peer that
+    // stops reading must not hold this task (and its queue) for ever.
+    let write_limit = Duration::from_secs(u64::from(p.fsm.hold_time.max(3)));
     loop {
+        if cmds
+            .overrun
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            // The queue overflowed: what is queued is stale (the session starts over and gets
+            // everything again once up). Cease, then reconnect after the retry time.
+            while let Some(c) = cmds.try_recv() {
+                if let Cmd::Stop = c {
+                    return;
+                }
+            }
+            // The peer reads nothing: the connection is dropped, not written to.
+            sock = None;
+            pending.extend(fsm.process(Input::Stop));
+            pending.extend(fsm.process(Input::Start));
+        }
         // Carry out what the FSM asked for; feed back what that caused.
         while !pending.is_empty() {
             let mut next = Vec::new();
@@ -318,7 +408,12 @@ async fn run_peer(
                     Output::Connect => {} // passive: wait for the peer's connection
                     Output::Send(b) => {
                         let ok = match sock.as_mut() {
-                            Some(s) => s.write_all(&b).await.is_ok(),
+                            Some(s) => {
+                                matches!(
+                                    tokio::time::timeout(write_limit, s.write_all(&b)).await,
+                                    Ok(Ok(()))
+                                )
+                            }
                             None => false,
                         };
                         if !ok {
@@ -378,7 +473,7 @@ async fn run_peer(
                 None | Some(Cmd::Stop) => {
                     for o in fsm.process(Input::Stop) {
                         if let (Output::Send(b), Some(s)) = (o, sock.as_mut()) {
-                            let _ = s.write_all(&b).await;
+                            let _ = tokio::time::timeout(write_limit, s.write_all(&b)).await;
                         }
                     }
                     return;

@@ -242,3 +242,99 @@ async fn a_flood_of_updates_through_the_driver() {
     }
     let _a = sender.await.expect("sender");
 }
+
+/// A peer that completes the handshake and then stops reading must stall nobody: announcing to
+/// it returns at once however much is queued, a healthy peer keeps getting every UPDATE, and the
+/// stuck session is reset (it gets everything again when it comes back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_stalls_nobody() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_bgp::codec::{encode, Capability, Message, Open, Session};
+    let (a, mut ea, _b, mut eb) = pair("127.0.0.1", "127.0.0.2").await;
+    // The hostile peer at 127.0.0.3 connects to a, says OPEN and KEEPALIVE, reads a's, then
+    // never reads again (with a tiny receive buffer, so a's writes block soon).
+    a.add_peer(PeerConfig {
+        address: ip("127.0.0.3"),
+        port: 1, // passive: it connects to us
+        fsm: fsm(64512, 1, 64512),
+        active: false,
+        password: None,
+    });
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.set_recv_buffer_size(4096).expect("rcvbuf");
+    s.bind(SocketAddr::new(ip("127.0.0.3"), 0)).expect("bind");
+    let mut h = s
+        .connect(SocketAddr::new(ip("127.0.0.1"), a.local_addr().port()))
+        .await
+        .expect("connect");
+    let open = Message::Open(Open {
+        version: 4,
+        asn: 64512,
+        hold_time: 90,
+        router_id: Ipv4Addr::new(10, 0, 0, 3),
+        capabilities: vec![Capability::FourOctetAs(64512)],
+    });
+    h.write_all(&encode(&open, Session::default()))
+        .await
+        .expect("open");
+    h.write_all(&encode(&Message::Keepalive, Session::default()))
+        .await
+        .expect("keepalive");
+    let mut buf = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_secs(2), h.read(&mut buf)).await;
+    next(
+        &mut ea,
+        "the hostile session up",
+        |e| matches!(e, Event::Up { peer, .. } if *peer == ip("127.0.0.3")),
+    )
+    .await;
+    // 3,000 UPDATEs of 500 prefixes each to both: never waiting for the stuck peer.
+    let flood = async {
+        for i in 0..3000u32 {
+            let mut u = route("10.0.0.0/24", "127.0.0.1", 64512);
+            u.nlri = (0..500u32)
+                .map(|k| {
+                    ipnet::Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + ((i * 500 + k) << 8)), 24)
+                        .expect("net")
+                })
+                .collect();
+            a.announce_to(u, &[ip("127.0.0.2"), ip("127.0.0.3")]).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), flood)
+        .await
+        .expect("announcing waited for the peer that stopped reading");
+    a.announce_to(
+        route("10.244.77.0/24", "127.0.0.1", 64512),
+        &[ip("127.0.0.2")],
+    )
+    .await;
+    // The healthy peer gets its last UPDATE (after whatever of the flood it took).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let e = tokio::time::timeout(left, eb.recv())
+            .await
+            .expect("the healthy peer's last UPDATE")
+            .expect("events");
+        if matches!(&e, Event::Update { update, .. } if update.nlri.first().is_some_and(|n| n.to_string() == "10.244.77.0/24"))
+        {
+            break;
+        }
+    }
+    // The stuck session was reset (a write it did not take within the hold time, or the hold
+    // timer itself).
+    let reset = async {
+        loop {
+            match ea.recv().await {
+                Some(Event::Down { peer, .. }) if peer == ip("127.0.0.3") => return,
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), reset)
+        .await
+        .expect("the stuck session reset");
+    drop(h);
+}

@@ -730,7 +730,12 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                 match list {
                     Some(Some(nets)) => Some(nets.into_iter().map(|n| n.trunc()).collect()),
                     _ => {
-                        ctx.problem("Backend.ImportFromPeers", Some(v), "must be a list of IPv4 CIDRs", example);
+                        ctx.problem(
+                            "Backend.ImportFromPeers",
+                            Some(v),
+                            "must be a list of IPv4 CIDRs",
+                            example,
+                        );
                         None
                     }
                 }
@@ -1229,7 +1234,9 @@ mod tests {
             &imp.backend,
             Backend::Bgp(BgpConf { import_from_peers: Some(l), .. }) if l.len() == 2
         ));
-        let bad = problems(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["x"]}}"#);
+        let bad = problems(
+            r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["x"]}}"#,
+        );
         assert_eq!(bad[0].key, "Backend.ImportFromPeers");
         let d = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp"}}"#).config;
         assert!(matches!(

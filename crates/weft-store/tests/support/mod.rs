@@ -56,13 +56,18 @@ impl Etcd {
             for m in &mut members {
                 m.spawn();
             }
-            if members.iter_mut().all(|m| m.healthy_within(Duration::from_secs(20))) {
+            if members
+                .iter_mut()
+                .all(|m| m.healthy_within(Duration::from_secs(20)))
+            {
                 for m in &mut members {
                     m.state = "existing";
                 }
                 return members;
             }
-            eprintln!("etcd cluster of {n} did not come up (attempt {attempt}); again on new ports");
+            eprintln!(
+                "etcd cluster of {n} did not come up (attempt {attempt}); again on new ports"
+            );
             for m in &mut members {
                 m.kill();
             }
