@@ -172,6 +172,49 @@ impl PasswordSource {
     }
 }
 
+/// A password given as `<prefix>Password`, `<prefix>PasswordFile` or `<prefix>PasswordEnv` in
+/// the JSON object `v` (at most one); an inline one is warned about.
+fn password_source(
+    ctx: &mut Ctx,
+    warnings: &mut Vec<String>,
+    v: &Value,
+    key: &str,
+    prefix: &str,
+) -> Option<PasswordSource> {
+    let str_of = |k: &str| v.get(format!("{prefix}{k}")).and_then(Value::as_str);
+    let sources: Vec<PasswordSource> = [
+        str_of("Password").map(|s| PasswordSource::Inline(Secret::new(s))),
+        str_of("PasswordFile").map(|s| PasswordSource::File(s.into())),
+        str_of("PasswordEnv").map(|s| PasswordSource::Env(s.into())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if sources.len() > 1 {
+        ctx.problem(
+            &format!("{key}.{prefix}Password"),
+            None,
+            &format!("give one of {prefix}Password, {prefix}PasswordFile, {prefix}PasswordEnv"),
+            &format!("\"{prefix}PasswordFile\": \"/etc/weft/bgp.key\""),
+        );
+    }
+    if matches!(sources.first(), Some(PasswordSource::Inline(_))) {
+        warnings.push(format!("{key}.{prefix}Password is kept in net-conf.json, which every node and the store can read; prefer \"{prefix}PasswordFile\" (a root-only file on each node) or \"{prefix}PasswordEnv\""));
+    }
+    sources.into_iter().next()
+}
+
+/// Where a password comes from, as net-conf.json says it (an inline one as `<set>`).
+fn password_json(m: &mut Map<String, Value>, prefix: &str, src: Option<&PasswordSource>) {
+    let (k, v) = match src {
+        Some(PasswordSource::Inline(_)) => ("Password", "<set>".to_string()),
+        Some(PasswordSource::File(f)) => ("PasswordFile", f.display().to_string()),
+        Some(PasswordSource::Env(e)) => ("PasswordEnv", e.clone()),
+        None => return,
+    };
+    m.insert(format!("{prefix}{k}"), Value::String(v));
+}
+
 /// An external BGP peer (a top-of-rack router).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BgpPeer {
@@ -191,6 +234,9 @@ pub struct BgpConf {
     /// `ImportFromPeers`: prefixes a route from an external peer may lie in (like Calico's
     /// BGPFilter import rules); None: the cluster network only.
     pub import_from_peers: Option<Vec<ipnet::Ipv4Net>>,
+    /// `MeshPasswordFile` / `MeshPasswordEnv` (or, warned, `MeshPassword`): the TCP MD5 key of
+    /// every session between weft nodes.
+    pub mesh_password: Option<PasswordSource>,
 }
 
 impl Backend {
@@ -740,6 +786,15 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                     }
                 }
             });
+            // Mesh sessions between weft nodes: one node-wide key (RFC 2385), as for peers.
+            let mut mesh = Map::new();
+            for k in ["MeshPassword", "MeshPasswordFile", "MeshPasswordEnv"] {
+                if let Some(v) = o.get(k) {
+                    mesh.insert(k.to_string(), v.clone());
+                }
+            }
+            let mesh_password =
+                password_source(ctx, warnings, &Value::Object(mesh), "Backend", "Mesh");
             let mut peers = Vec::new();
             if let Some(v) = o.get("Peers") {
                 let example = "\"Peers\": [{\"Address\": \"10.0.1.254\", \"ASNumber\": 65000}]";
@@ -758,31 +813,12 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                                 .get("ASNumber")
                                 .and_then(Value::as_u64)
                                 .filter(|a| *a >= 1 && *a <= u32::MAX as u64);
-                            let str_of = |k: &str| p.get(k).and_then(Value::as_str);
-                            let sources: Vec<PasswordSource> = [
-                                str_of("Password").map(|s| PasswordSource::Inline(Secret::new(s))),
-                                str_of("PasswordFile").map(|s| PasswordSource::File(s.into())),
-                                str_of("PasswordEnv").map(|s| PasswordSource::Env(s.into())),
-                            ]
-                            .into_iter()
-                            .flatten()
-                            .collect();
-                            if sources.len() > 1 {
-                                ctx.problem(
-                                    &format!("{key}.Password"),
-                                    None,
-                                    "give one of Password, PasswordFile, PasswordEnv",
-                                    "\"PasswordFile\": \"/etc/weft/bgp-peer.key\"",
-                                );
-                            }
-                            if matches!(sources.first(), Some(PasswordSource::Inline(_))) {
-                                warnings.push(format!("{key}.Password is kept in net-conf.json, which every node and the store can read; prefer \"PasswordFile\" (a root-only file on each node) or \"PasswordEnv\""));
-                            }
+                            let password = password_source(ctx, warnings, p, &key, "");
                             match (addr, asn) {
                                 (Some(address), Some(a)) => peers.push(BgpPeer {
                                     address,
                                     as_number: a as u32,
-                                    password: sources.into_iter().next(),
+                                    password,
                                 }),
                                 _ => ctx.problem(&key, Some(p), "needs an IP \"Address\" and an \"ASNumber\" from 1 to 4294967295", example),
                             }
@@ -804,6 +840,7 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                     learning: false,
                 },
                 import_from_peers,
+                mesh_password,
             })
         }
         Some("udp") => {
@@ -942,6 +979,7 @@ impl NetConfig {
             Backend::Bgp(g) => {
                 b.insert("ASNumber".into(), Value::from(g.as_number));
                 b.insert("NodeMesh".into(), Value::Bool(g.node_mesh));
+                password_json(&mut b, "Mesh", g.mesh_password.as_ref());
                 if let Some(list) = &g.import_from_peers {
                     b.insert(
                         "ImportFromPeers".into(),
@@ -961,21 +999,7 @@ impl NetConfig {
                         let mut m = Map::new();
                         m.insert("Address".into(), Value::String(p.address.to_string()));
                         m.insert("ASNumber".into(), Value::from(p.as_number));
-                        match &p.password {
-                            Some(PasswordSource::Inline(_)) => {
-                                m.insert("Password".into(), Value::String("<set>".into()));
-                            }
-                            Some(PasswordSource::File(f)) => {
-                                m.insert(
-                                    "PasswordFile".into(),
-                                    Value::String(f.display().to_string()),
-                                );
-                            }
-                            Some(PasswordSource::Env(v)) => {
-                                m.insert("PasswordEnv".into(), Value::String(v.clone()));
-                            }
-                            None => {}
-                        }
+                        password_json(&mut m, "", p.password.as_ref());
                         Value::Object(m)
                     })
                     .collect();

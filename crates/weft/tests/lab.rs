@@ -1181,3 +1181,39 @@ for burst in range(400):
     assert!(udp_counter("n1", "weft_udp_dropped_total{reason=\"malformed\"}") > 0);
     lab.converge();
 }
+
+/// Mesh sessions signed with one node-wide TCP MD5 key from a root-only file: every node
+/// reads it, sessions come up (they would not if one side signed and the other did not), and a
+/// key file others may read stops the agent before it changes anything.
+#[test]
+fn bgp_mesh_sessions_use_the_mesh_key_from_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tmp");
+    let key = d.path().join("mesh.key");
+    std::fs::write(&key, "s3cret-mesh\n").expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let conf = d.path().join("net-conf.json");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"{{"Network": "10.244.0.0/16", "Backend": {{"Type": "bgp", "MeshPasswordFile": "{}"}}}}"#,
+            key.display()
+        ),
+    )
+    .expect("conf");
+    let conf = conf.to_str().expect("path").to_string();
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp", "--config", &conf]);
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
+    assert_eq!(log.matches("BGP session established").count(), 2, "{log}");
+    assert!(!log.contains("s3cret"), "the key is never logged");
+    // The key file readable by others: a new agent refuses to start, naming the fix.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("mode");
+    let o = weft(&["lab", "up", "--nodes", "4", "--pods-per-node", "1", "--backend", "bgp", "--config", &conf]);
+    let n4 = std::fs::read_to_string("/run/weft/lab/weft-n4/agent.log").unwrap_or_default();
+    assert!(
+        !o.status.success() || n4.contains("chmod 600"),
+        "n4 started with a world-readable key: {n4}"
+    );
+    assert!(n4.contains("chmod 600"), "{n4}");
+    drop(lab);
+}

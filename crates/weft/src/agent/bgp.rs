@@ -26,6 +26,8 @@ pub(super) struct Bgp {
     /// Connections from strangers and refused routes, logged at a bounded rate.
     refused_conns: weft_core::backoff::Backoff,
     refused_routes: weft_core::backoff::Backoff,
+    /// The TCP MD5 key of mesh sessions (MeshPasswordFile / MeshPasswordEnv), resolved.
+    pub(super) mesh_password: Option<String>,
 }
 
 impl Bgp {
@@ -71,6 +73,7 @@ impl Bgp {
             gone: Vec::new(),
             refused_conns: Default::default(),
             refused_routes: Default::default(),
+            mesh_password: None,
         }
     }
 
@@ -147,7 +150,8 @@ impl Bgp {
             .collect::<Vec<_>>()
         {
             let active = IpAddr::from(me) < addr;
-            self.add(addr, self.conf.as_number, active, me, None);
+            let key = self.mesh_password.clone();
+            self.add(addr, self.conf.as_number, active, me, key);
         }
         for addr in self
             .configured

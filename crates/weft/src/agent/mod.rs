@@ -105,7 +105,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // warned about, net-conf.json itself); never logged. Read before anything changes, so a
     // missing key stops the agent with nothing done.
     let mut passwords: HashMap<IpAddr, Option<String>> = HashMap::new();
+    let mut mesh_password: Option<String> = None;
     if let Backend::Bgp(g) = &cfg.backend {
+        if let Some(src) = &g.mesh_password {
+            mesh_password = Some(
+                src.resolve()
+                    .map_err(|e| anyhow::anyhow!("Backend mesh password: {e}"))?
+                    .expose()
+                    .to_string(),
+            );
+        }
         for p in &g.peers {
             let key = match &p.password {
                 Some(src) => Some(
@@ -269,6 +278,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             } else {
                 on_link
             };
+            b.mesh_password = mesh_password.clone();
             for p in chosen {
                 let password = passwords.get(&p.address).cloned().flatten();
                 b.add(p.address, p.as_number, true, public_ip, password);
