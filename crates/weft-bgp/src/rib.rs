@@ -81,6 +81,17 @@ pub enum Ended {
     Removed,
 }
 
+/// Where a peer comes from, which decides what it may announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A weft node (from the leases): only a lease's subnet, with that lease's node as next hop.
+    Node,
+    /// A peer from the config (a router, FRR or GoBGP as reflector, whatever its AS): what the
+    /// accept list holds, or a lease's subnet with that lease's node as next hop (a reflector
+    /// of weft's routes).
+    Configured,
+}
+
 /// What a session's OPEN told about the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opened {
@@ -94,6 +105,7 @@ pub struct Opened {
 #[derive(Debug, Clone)]
 struct Peer {
     asn: u32,
+    kind: Kind,
     up: bool,
     id: Option<Ipv4Addr>,
     restart_time: Option<u16>,
@@ -154,9 +166,10 @@ impl Rib {
         x
     }
 
-    pub fn add_peer(&mut self, addr: IpAddr, asn: u32) {
+    pub fn add_peer(&mut self, addr: IpAddr, asn: u32, kind: Kind) {
         self.peers.entry(addr).or_insert(Peer {
             asn,
+            kind,
             up: false,
             id: None,
             restart_time: None,
@@ -193,7 +206,8 @@ impl Rib {
         let mut flips: Vec<(Ipv4Net, IpAddr, bool)> = Vec::new();
         for (prefix, paths) in &self.paths {
             for p in paths {
-                let ok = self.check(p.ibgp, *prefix, &p.attrs).is_ok();
+                let kind = self.peers.get(&p.from).map_or(Kind::Node, |x| x.kind);
+                let ok = self.check(kind, *prefix, &p.attrs).is_ok();
                 if ok != p.eligible {
                     flips.push((*prefix, p.from, ok));
                 }
@@ -220,7 +234,7 @@ impl Rib {
     }
 
     /// Import policy and semantic checks (RFC 4271 §5.1.3, RFC 7606 §7.3): Err(reason) refuses.
-    fn check(&self, ibgp: bool, prefix: Ipv4Net, a: &Attrs) -> Result<(), String> {
+    fn check(&self, kind: Kind, prefix: Ipv4Net, a: &Attrs) -> Result<(), String> {
         let nh = a.next_hop.ok_or_else(|| "no NEXT_HOP".to_string())?;
         if nh.is_unspecified() || nh.is_loopback() || nh.is_multicast() || nh.is_broadcast() {
             return Err(format!("next hop {nh} is no unicast address"));
@@ -235,27 +249,23 @@ impl Rib {
         {
             return Err("it covers or lies in this node's own subnet".into());
         }
-        if ibgp {
-            match self.policy.leases.get(&prefix) {
-                Some(holder) if *holder == nh => Ok(()),
-                Some(holder) => Err(format!(
-                    "{prefix} is the subnet of the node at {holder}, not of next hop {nh}"
-                )),
-                None => Err(format!(
-                    "{prefix} is no node's subnet (a weft peer may announce only its lease's)"
-                )),
+        let lease_ok = match self.policy.leases.get(&prefix) {
+            Some(holder) if *holder == nh => Ok(()),
+            Some(holder) => Err(format!(
+                "{prefix} is the subnet of the node at {holder}, not of next hop {nh}"
+            )),
+            None => Err(format!(
+                "{prefix} is no node's subnet (a weft peer may announce only its lease's)"
+            )),
+        };
+        match kind {
+            Kind::Node => lease_ok,
+            Kind::Configured if self.policy.external_accept.iter().any(|n| n.contains(&prefix)) => {
+                Ok(())
             }
-        } else if self
-            .policy
-            .external_accept
-            .iter()
-            .any(|n| n.contains(&prefix))
-        {
-            Ok(())
-        } else {
-            Err(format!(
-                "{prefix} is outside the external peers' accept list"
-            ))
+            Kind::Configured => lease_ok.map_err(|_| {
+                format!("{prefix} is outside the accept list for configured peers (ImportFromPeers)")
+            }),
         }
     }
 
@@ -466,6 +476,7 @@ impl Rib {
             return (Vec::new(), Vec::new());
         };
         let ibgp = p.asn == self.cfg.local_as;
+        let kind = p.kind;
         let from_id = p.id.unwrap_or(Ipv4Addr::UNSPECIFIED);
         // End-of-RIB: what is still stale was not announced again, and goes.
         if u.withdrawn.is_empty() && u.nlri.is_empty() && u.attrs == Attrs::default() {
@@ -506,7 +517,7 @@ impl Rib {
             let attrs = self.intern(u.attrs);
             for n in u.nlri {
                 changed.push(n);
-                let eligible = match self.check(ibgp, n, &attrs) {
+                let eligible = match self.check(kind, n, &attrs) {
                     Ok(()) => true,
                     Err(reason) => {
                         if let Some(p) = self.peers.get_mut(&peer) {

@@ -46,9 +46,9 @@ fn reflector() -> Rib {
         policy(),
     );
     for p in [A, B, C] {
-        r.add_peer(ip(p), 64512);
+        r.add_peer(ip(p), 64512, Kind::Node);
     }
-    r.add_peer(ip(TOR), 65000);
+    r.add_peer(ip(TOR), 65000, Kind::Configured);
     r
 }
 
@@ -397,7 +397,7 @@ fn nothing_grows_with_peers_that_come_and_go() {
             },
         );
         r.set_policy(p);
-        r.add_peer(peer, 64512);
+        r.add_peer(peer, 64512, Kind::Node);
         r.up(peer, opened(&peer.to_string()), t);
         let mut u = announce(&[], &peer.to_string());
         u.nlri = vec![subnet];
@@ -413,4 +413,20 @@ fn nothing_grows_with_peers_that_come_and_go() {
         base,
         "no attribute set of a departed peer is kept"
     );
+}
+
+#[test]
+fn a_configured_ibgp_peer_is_judged_by_the_accept_list_and_reflected() {
+    let mut r = reflector();
+    let frr = ip("10.0.1.100");
+    r.add_peer(frr, 64512, Kind::Configured);
+    let t = Instant::now();
+    all_up(&mut r, t);
+    r.up(frr, opened("10.0.1.100"), t);
+    // An FRR client of the reflector announces a prefix of its own inside the accept list.
+    let (out, refused) = r.update(frr, announce(&["10.244.200.0/24"], "10.0.1.100"));
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(to(&out, A)[0].nlri, vec![net("10.244.200.0/24")], "reflected to weft clients");
+    let (_, refused) = r.update(frr, announce(&["172.16.0.0/12"], "10.0.1.100"));
+    assert!(refused[0].reason.contains("ImportFromPeers"), "{refused:?}");
 }

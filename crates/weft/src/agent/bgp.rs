@@ -3,7 +3,7 @@
 
 use super::*;
 use weft_bgp::driver::{Event, PeerConfig, Speaker};
-use weft_bgp::rib::{Ended, Opened, Out, Policy, Rib};
+use weft_bgp::rib::{Ended, Kind, Opened, Out, Policy, Rib};
 
 pub(super) struct Bgp {
     conf: weft_core::config::BgpConf,
@@ -84,9 +84,10 @@ impl Bgp {
         active: bool,
         me: Ipv4Addr,
         password: Option<String>,
+        kind: Kind,
     ) {
         self.configured.insert(addr, peer_as);
-        self.rib.add_peer(addr, peer_as);
+        self.rib.add_peer(addr, peer_as, kind);
         self.speaker.add_peer(PeerConfig {
             address: addr,
             port: self.port,
@@ -151,7 +152,7 @@ impl Bgp {
         {
             let active = IpAddr::from(me) < addr;
             let key = self.mesh_password.clone();
-            self.add(addr, self.conf.as_number, active, me, key);
+            self.add(addr, self.conf.as_number, active, me, key, Kind::Node);
         }
         for addr in self
             .configured

@@ -281,7 +281,14 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             b.mesh_password = mesh_password.clone();
             for p in chosen {
                 let password = passwords.get(&p.address).cloned().flatten();
-                b.add(p.address, p.as_number, true, public_ip, password);
+                b.add(
+                    p.address,
+                    p.as_number,
+                    true,
+                    public_ip,
+                    password,
+                    weft_bgp::rib::Kind::Configured,
+                );
             }
             Some(b)
         }
