@@ -87,8 +87,8 @@ pub enum Kind {
     /// A weft node (from the leases): only a lease's subnet, with that lease's node as next hop.
     Node,
     /// A peer from the config (a router, FRR or GoBGP as reflector, whatever its AS): what the
-    /// accept list holds, or a lease's subnet with that lease's node as next hop (a reflector
-    /// of weft's routes).
+    /// accept list holds (a router may be the next hop of a node's subnet), or a lease's subnet
+    /// with that lease's node as next hop (a reflector of weft's routes).
     Configured,
 }
 
@@ -258,13 +258,23 @@ impl Rib {
                 "{prefix} is no node's subnet (a weft peer may announce only its lease's)"
             )),
         };
+        let accepted = self
+            .policy
+            .external_accept
+            .iter()
+            .any(|n| n.contains(&prefix));
         match kind {
+            // A lease's subnet only via its node. Anything else from a weft node only as a
+            // reflector passes on a configured peer's route (it carries ORIGINATOR_ID), inside
+            // the accept list.
+            Kind::Node if self.policy.leases.contains_key(&prefix) => lease_ok,
+            Kind::Node if a.originator_id.is_some() && accepted => Ok(()),
             Kind::Node => lease_ok,
-            Kind::Configured if self.policy.external_accept.iter().any(|n| n.contains(&prefix)) => {
-                Ok(())
-            }
+            Kind::Configured if accepted => Ok(()),
             Kind::Configured => lease_ok.map_err(|_| {
-                format!("{prefix} is outside the accept list for configured peers (ImportFromPeers)")
+                format!(
+                    "{prefix} is outside the accept list for configured peers (ImportFromPeers)"
+                )
             }),
         }
     }

@@ -194,7 +194,7 @@ fn password_source(
         ctx.problem(
             &format!("{key}.{prefix}Password"),
             None,
-            &format!("give one of {prefix}Password, {prefix}PasswordFile, {prefix}PasswordEnv"),
+            format!("give one of {prefix}Password, {prefix}PasswordFile, {prefix}PasswordEnv"),
             &format!("\"{prefix}PasswordFile\": \"/etc/weft/bgp.key\""),
         );
     }

@@ -1202,13 +1202,33 @@ fn bgp_mesh_sessions_use_the_mesh_key_from_a_file() {
     )
     .expect("conf");
     let conf = conf.to_str().expect("path").to_string();
-    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--backend", "bgp", "--config", &conf]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp",
+        "--config",
+        &conf,
+    ]);
     let log = std::fs::read_to_string("/run/weft/lab/weft-n1/agent.log").expect("log");
     assert_eq!(log.matches("BGP session established").count(), 2, "{log}");
     assert!(!log.contains("s3cret"), "the key is never logged");
     // The key file readable by others: a new agent refuses to start, naming the fix.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("mode");
-    let o = weft(&["lab", "up", "--nodes", "4", "--pods-per-node", "1", "--backend", "bgp", "--config", &conf]);
+    let o = weft(&[
+        "lab",
+        "up",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "1",
+        "--backend",
+        "bgp",
+        "--config",
+        &conf,
+    ]);
     let n4 = std::fs::read_to_string("/run/weft/lab/weft-n4/agent.log").unwrap_or_default();
     assert!(
         !o.status.success() || n4.contains("chmod 600"),

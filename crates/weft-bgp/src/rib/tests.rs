@@ -426,7 +426,42 @@ fn a_configured_ibgp_peer_is_judged_by_the_accept_list_and_reflected() {
     // An FRR client of the reflector announces a prefix of its own inside the accept list.
     let (out, refused) = r.update(frr, announce(&["10.244.200.0/24"], "10.0.1.100"));
     assert!(refused.is_empty(), "{refused:?}");
-    assert_eq!(to(&out, A)[0].nlri, vec![net("10.244.200.0/24")], "reflected to weft clients");
+    assert_eq!(
+        to(&out, A)[0].nlri,
+        vec![net("10.244.200.0/24")],
+        "reflected to weft clients"
+    );
     let (_, refused) = r.update(frr, announce(&["172.16.0.0/12"], "10.0.1.100"));
     assert!(refused[0].reason.contains("ImportFromPeers"), "{refused:?}");
+}
+
+#[test]
+fn a_weft_client_takes_what_its_reflector_passes_on_from_a_configured_peer_but_no_hijack() {
+    // A client: its only peer is the reflector R (a weft node).
+    let mut r = Rib::new(
+        Config {
+            local_as: 64512,
+            router_id: v4("10.0.1.9"),
+            cluster_id: None,
+        },
+        policy(),
+    );
+    let rr = ip(A);
+    r.add_peer(rr, 64512, Kind::Node);
+    let t = Instant::now();
+    r.up(rr, opened(A), t);
+    // An FRR client's prefix, reflected: ORIGINATOR_ID set, inside the accept list.
+    let mut u = announce(&["10.244.200.0/24"], "10.0.1.100");
+    u.attrs.originator_id = Some(v4("10.0.1.100"));
+    u.attrs.cluster_list = vec![v4(A)];
+    let (_, refused) = r.update(rr, u.clone());
+    assert!(refused.is_empty(), "{refused:?}");
+    // The same trick for another node's subnet is a hijack: refused.
+    u.nlri = vec![net("10.244.2.0/24")];
+    let (_, refused) = r.update(rr, u);
+    assert!(refused[0].reason.contains("not of next hop"), "{refused:?}");
+    assert_eq!(
+        r.installed(),
+        vec![(net("10.244.200.0/24"), v4("10.0.1.100"))]
+    );
 }

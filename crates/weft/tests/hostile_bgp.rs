@@ -1,0 +1,358 @@
+//! A hostile BGP peer against weft as route reflector, with an observing client (needs root;
+//! uses the lab). The lab: n1 reflects, n2 and n3 are its clients; two configured iBGP peers
+//! live in the underlay namespace: H (10.0.1.50), which misbehaves towards n1, and O
+//! (10.0.1.51), which records every UPDATE n1 sends it.
+//! - an unknown optional transitive attribute reaches O with the Partial bit set, the others
+//!   as H sent them, plus ORIGINATOR_ID and CLUSTER_LIST;
+//! - a malformed UPDATE (RFC 7606 treat-as-withdraw) withdraws the route at O too;
+//! - 50,000 routes, then H closes: O gets them all and then every one withdrawn, each message
+//!   at most 4,096 bytes; n2 (a weft client) installs and removes them.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use weft_bgp::codec::{
+    decode, encode, encode_update, frame, Attrs, Capability, Message, Open, Origin, RawAttr,
+    Session, Update,
+};
+
+const S: Session = Session {
+    four_octet_as: true,
+};
+
+fn weft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .output()
+        .expect("run weft")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = weft(args);
+    assert!(
+        o.status.success(),
+        "weft {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Lab;
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = weft(&["lab", "down"]);
+    }
+}
+
+/// Reads one whole BGP message (its bytes) from `s`, keeping what follows in `buf`.
+fn read_msg(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Ok(Some(n)) = frame(buf) {
+            return Some(buf.drain(..n).collect());
+        }
+        let mut chunk = [0u8; 65536];
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Answers a weft agent's OPEN as iBGP peer `id`; returns the peer's address.
+fn handshake(s: &mut TcpStream, id: Ipv4Addr, buf: &mut Vec<u8>) -> Option<IpAddr> {
+    let peer = s.peer_addr().ok()?.ip();
+    let _open = read_msg(s, buf)?;
+    let open = Message::Open(Open {
+        version: 4,
+        asn: 64512,
+        hold_time: 90,
+        router_id: id,
+        capabilities: vec![Capability::FourOctetAs(64512)],
+    });
+    s.write_all(&encode(&open, S)).ok()?;
+    s.write_all(&encode(&Message::Keepalive, S)).ok()?;
+    Some(peer)
+}
+
+fn route(prefixes: Vec<ipnet::Ipv4Net>, other: Vec<RawAttr>) -> Update {
+    Update {
+        attrs: Attrs {
+            origin: Some(Origin::Igp),
+            next_hop: Some(Ipv4Addr::new(10, 0, 1, 50)),
+            local_pref: Some(100),
+            med: Some(5),
+            other,
+            ..Default::default()
+        },
+        nlri: prefixes,
+        ..Default::default()
+    }
+}
+
+#[derive(Debug)]
+enum Seen {
+    Update(Update, usize),
+}
+
+#[test]
+fn a_hostile_peer_cannot_break_the_reflector() {
+    let _g = Lab;
+    let _ = weft(&["lab", "down"]);
+    let d = tempfile::tempdir().expect("tmp");
+    let conf = d.path().join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
+            "ImportFromPeers": ["10.244.0.0/16", "11.0.0.0/8"],
+            "Peers": [{"Address": "10.0.1.50", "ASNumber": 64512}, {"Address": "10.0.1.51", "ASNumber": 64512}]}}"#,
+    )
+    .expect("conf");
+    let conf = conf.to_str().expect("path").to_string();
+    // The underlay namespace exists once a lab is up; H and O take their addresses there.
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "0",
+        "--backend",
+        "bgp-rr",
+        "--route-reflectors",
+        "1",
+        "--config",
+        &conf,
+    ]);
+    for a in ["10.0.1.50/24", "10.0.1.51/24"] {
+        let o = Command::new("ip")
+            .args(["-n", "weft-underlay", "addr", "add", a, "dev", "br1"])
+            .output()
+            .expect("ip");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ns = weft_dataplane::Netns::open("/run/netns/weft-underlay").expect("underlay");
+    let (seen_tx, seen_rx) = mpsc::channel::<Seen>();
+    let (go_tx, go_rx) = mpsc::channel::<u8>();
+    // O: records what n1 (10.0.1.11) sends; handshakes with everyone else and stays quiet.
+    let o_ns = weft_dataplane::Netns::open("/run/netns/weft-underlay").expect("underlay");
+    std::thread::spawn(move || {
+        let _ = o_ns.run(move || {
+            let l = TcpListener::bind("10.0.1.51:179").expect("O listens");
+            for c in l.incoming().flatten() {
+                let tx = seen_tx.clone();
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let mut buf = Vec::new();
+                    let Some(peer) = handshake(&mut c, Ipv4Addr::new(10, 0, 1, 51), &mut buf)
+                    else {
+                        return;
+                    };
+                    while let Some(m) = read_msg(&mut c, &mut buf) {
+                        if let (Ok(Message::Update(u)), true) = (
+                            decode(&m, S),
+                            peer == IpAddr::V4(Ipv4Addr::new(10, 0, 1, 11)),
+                        ) {
+                            if tx.send(Seen::Update(u, m.len())).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    });
+    // H: misbehaves towards n1 when told to (1: the route, 2: malformed, 3: 50,000, 4: close).
+    std::thread::spawn(move || {
+        let _ = ns.run(move || {
+            let l = TcpListener::bind("10.0.1.50:179").expect("H listens");
+            let mut go = Some(go_rx);
+            for c in l.incoming().flatten() {
+                let mut c = c;
+                let mut buf = Vec::new();
+                let Some(peer) = handshake(&mut c, Ipv4Addr::new(10, 0, 1, 50), &mut buf) else {
+                    continue;
+                };
+                if peer != IpAddr::V4(Ipv4Addr::new(10, 0, 1, 11)) {
+                    std::thread::spawn(move || while read_msg(&mut c, &mut buf).is_some() {});
+                    continue;
+                }
+                let Some(go) = go.take() else { continue };
+                let mut reader = c.try_clone().expect("clone");
+                std::thread::spawn(move || while read_msg(&mut reader, &mut buf).is_some() {});
+                while let Ok(step) = go.recv() {
+                    match step {
+                        1 => {
+                            let u = route(
+                                vec!["10.244.250.0/24".parse().expect("net")],
+                                vec![
+                                    RawAttr {
+                                        flags: 0xc0,
+                                        code: 8,
+                                        value: vec![0xfd, 0xe8, 0, 7],
+                                    },
+                                    RawAttr {
+                                        flags: 0xc0,
+                                        code: 99,
+                                        value: vec![9, 9],
+                                    },
+                                ],
+                            );
+                            let _ = c.write_all(&encode(&Message::Update(u), S));
+                        }
+                        2 => {
+                            // MED of 3 bytes: RFC 7606 treat-as-withdraw.
+                            let mut m = encode(
+                                &Message::Update(route(
+                                    vec!["10.244.250.0/24".parse().expect("net")],
+                                    vec![],
+                                )),
+                                S,
+                            );
+                            let at = m.windows(3).position(|w| w == [0x80, 4, 4]).expect("MED");
+                            m[at + 2] = 3;
+                            m.remove(at + 3);
+                            let len = m.len() as u16;
+                            m[16..18].copy_from_slice(&len.to_be_bytes());
+                            // The attributes' total length shrank by one too.
+                            let wl = u16::from_be_bytes([m[19], m[20]]) as usize;
+                            let tl = u16::from_be_bytes([m[21 + wl], m[22 + wl]]) - 1;
+                            m[21 + wl..23 + wl].copy_from_slice(&tl.to_be_bytes());
+                            let _ = c.write_all(&m);
+                        }
+                        3 => {
+                            let all: Vec<ipnet::Ipv4Net> = (0..50_000u32)
+                                .map(|i| {
+                                    ipnet::Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + (i << 8)), 24)
+                                        .expect("net")
+                                })
+                                .collect();
+                            for m in encode_update(&route(all, vec![]), S) {
+                                let _ = c.write_all(&m);
+                            }
+                        }
+                        _ => {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    });
+    // The lab: n1 the reflector, n2 and n3 its clients.
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "0",
+        "--backend",
+        "bgp-rr",
+        "--route-reflectors",
+        "1",
+        "--config",
+        &conf,
+    ]);
+    let wait_for = |what: &str, secs: u64, f: &mut dyn FnMut(&Update, usize) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen_rx.recv_timeout(left) {
+                Ok(Seen::Update(u, len)) => {
+                    assert!(len <= 4096, "an UPDATE of {len} bytes reached O");
+                    if f(&u, len) {
+                        return;
+                    }
+                }
+                Err(_) => panic!("{what}: not within {secs} s"),
+            }
+        }
+    };
+    // 1. The route reaches O through n1, attributes intact, the unknown one marked Partial.
+    let target: ipnet::Ipv4Net = "10.244.250.0/24".parse().expect("net");
+    let _ = go_tx.send(1);
+    let mut got = None;
+    wait_for("the reflected route at O", 30, &mut |u, _| {
+        if u.nlri.contains(&target) {
+            got = Some(u.attrs.clone());
+            true
+        } else {
+            false
+        }
+    });
+    let a = got.expect("attrs");
+    assert_eq!((a.med, a.local_pref), (Some(5), Some(100)));
+    assert_eq!(a.originator_id, Some(Ipv4Addr::new(10, 0, 1, 50)));
+    assert_eq!(a.cluster_list, vec![Ipv4Addr::new(10, 0, 1, 11)]);
+    assert!(
+        a.other.contains(&RawAttr {
+            flags: 0xc0,
+            code: 8,
+            value: vec![0xfd, 0xe8, 0, 7]
+        }),
+        "{a:?}"
+    );
+    assert!(
+        a.other.contains(&RawAttr {
+            flags: 0xe0,
+            code: 99,
+            value: vec![9, 9]
+        }),
+        "Partial set: {a:?}"
+    );
+    // 2. Malformed: withdrawn at O.
+    let _ = go_tx.send(2);
+    wait_for("the withdrawal at O", 15, &mut |u, _| {
+        u.withdrawn.contains(&target)
+    });
+    // 3. 50,000 routes: all at O, then (4) H goes and all are withdrawn.
+    let _ = go_tx.send(3);
+    let mut n = 0;
+    wait_for("50,000 routes at O", 60, &mut |u, _| {
+        n += u.nlri.iter().filter(|p| p.addr().octets()[0] == 11).count();
+        n >= 50_000
+    });
+    let routes_n2 = || {
+        Command::new("ip")
+            .args(["-n", "weft-n2", "route", "show", "proto", "87"])
+            .output()
+            .map(|o| {
+                o.stdout
+                    .split(|b| *b == b'\n')
+                    .filter(|l| l.starts_with(b"11."))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let t = Instant::now();
+    while routes_n2() < 50_000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "n2 installed {} of 50,000",
+            routes_n2()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = go_tx.send(4);
+    let mut w = 0;
+    wait_for("50,000 withdrawals at O", 60, &mut |u, _| {
+        w += u
+            .withdrawn
+            .iter()
+            .filter(|p| p.addr().octets()[0] == 11)
+            .count();
+        w >= 50_000
+    });
+    let t = Instant::now();
+    while routes_n2() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "n2 still holds {}",
+            routes_n2()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
