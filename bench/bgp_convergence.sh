@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 cargo build --release -q -p weft -p weft-cni
-W=$PWD/target/release/weft
+W=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 SIZES=${SIZES:-"10 30 60"}
 # The kernel's ARP table is one table for every namespace (net.ipv4.neigh.default.gc_thresh*,
 # 128/512/1024 by default): a 60-node mesh needs 60 × 59 entries, so the sends fail with ENOBUFS

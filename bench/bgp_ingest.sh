@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh >/dev/null
 cargo build --release -q -p weft
-W=$PWD/target/release/weft
+W=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 N=${N:-100000}
 ROUNDS=${ROUNDS:-3}
 T=$(mktemp -d)

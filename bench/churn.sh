@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh >/dev/null
 cargo build --release -q -p weft -p weft-cni
-W=$PWD/target/release/weft
+W=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 DURATION=${DURATION:-1800}; STORES=${STORES:-"sqlite etcd"}
 trap '$W lab down >/dev/null 2>&1 || true' EXIT
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 cargo build --release -q -p weft -p weft-cni
 cargo build --release -q -p weft-store --example inject_leases
-W=$PWD/target/release/weft
+W=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 NODES=${NODES:-50}; JOINS=${JOINS:-10}; COUNT=${COUNT:-5000}
 tmp=$(mktemp -d)
 cleanup() { $W lab down >/dev/null 2>&1 || true; ip netns del wcp-agent 2>/dev/null || true; ip netns del wcp-base 2>/dev/null || true; [ -n "${apid:-}" ] && kill -9 "$apid" 2>/dev/null; rm -rf "$tmp"; }

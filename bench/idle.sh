@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh >/dev/null
 cargo build --release -q -p weft
 cargo build --release -q -p weft-store --example inject_leases
-W=$PWD/target/release/weft
+W=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 COUNT=${COUNT:-5000}; N=${N:-100000}; IDLE=${IDLE:-60}; ROUNDS=${ROUNDS:-2}
 T=$(mktemp -d)
 cleanup() {

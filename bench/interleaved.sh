@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 cargo build --release -q -p weft -p weft-cni
-W=$PWD/target/release/weft
+W=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 HB=${HANDBUILT:-../shared/bench/handbuilt.sh}
 REPS=${REPS:-6}; IPERF_T=${IPERF_T:-4}; STREAMS=${STREAMS:-"1 2"}
 fns=$(mktemp)
