@@ -105,7 +105,7 @@ run_weft() {
   local r=$1 d="$T/weft$1"
   wire wbi-weft 0 "$r"
   mkdir -p "$d"
-  echo '{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 64512, "Encapsulation": "Never", "Peers": [{"Address": "10.98.0.1", "ASNumber": 65002}]}}' >"$d/net-conf.json"
+  echo '{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 64512, "Encapsulation": "Never", "ImportFromPeers": ["0.0.0.0/0"], "Peers": [{"Address": "10.98.0.1", "ASNumber": 65002}]}}' >"$d/net-conf.json"
   $W config put "$d/net-conf.json" --store "sqlite:$d/leases.db" >/dev/null
   ip netns exec wbi-weft "$W" agent --node-name ingest --iface eth0 --subnet-file "$d/subnet.env" --store "sqlite:$d/leases.db" --log warn >"$d/agent.log" 2>&1 &
   measure weft "$d" $! wbi-weft 87

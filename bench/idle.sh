@@ -73,7 +73,7 @@ for _ in $(seq 20); do
   $G mrt inject global --nexthop 0.0.0.0 "$T/rib.mrt"; sleep 1
   [ "$(held)" = "$N" ] && break
 done
-echo '{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 64512, "Encapsulation": "Never", "Peers": [{"Address": "10.97.0.1", "ASNumber": 65002}]}}' > "$T/bgp.json"
+echo '{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 64512, "Encapsulation": "Never", "ImportFromPeers": ["0.0.0.0/0"], "Peers": [{"Address": "10.97.0.1", "ASNumber": 65002}]}}' > "$T/bgp.json"
 bgp() {
   rm -f "$T/bgp.db"*
   $W config put "$T/bgp.json" --store "sqlite:$T/bgp.db" >/dev/null
