@@ -52,10 +52,6 @@ pub struct Path {
     /// inbound): a lease seen a moment after its node's route makes the route usable without
     /// asking the peer again.
     pub eligible: bool,
-    /// The AS_PATH's length as path selection counts it (a set counts one). A speaker that
-    /// does not reflect keeps only what selection and the kernel need: without the AS_PATH
-    /// and unknown attributes, the paths of a full table share a handful of attribute sets.
-    pub path_len: u32,
 }
 
 /// An UPDATE to send to one peer.
@@ -528,13 +524,7 @@ impl Rib {
                 changed.push(*n);
             }
         } else if !u.nlri.is_empty() {
-            let path_len = as_path_len(&u.attrs.as_path);
-            let mut kept = u.attrs;
-            if self.cfg.cluster_id.is_none() {
-                kept.as_path = Vec::new();
-                kept.other = Vec::new();
-            }
-            let attrs = self.intern(kept);
+            let attrs = self.intern(u.attrs);
             for n in u.nlri {
                 changed.push(n);
                 let eligible = match self.check(kind, n, &attrs) {
@@ -558,7 +548,6 @@ impl Rib {
                     ibgp,
                     stale: false,
                     eligible,
-                    path_len,
                 };
                 let v = self.paths.entry(n).or_default();
                 match v.iter_mut().find(|x| x.from == peer) {
@@ -664,7 +653,7 @@ fn rank(
 ) -> (
     bool,
     std::cmp::Reverse<u32>,
-    u32,
+    usize,
     Origin,
     u32,
     bool,
@@ -673,7 +662,14 @@ fn rank(
     IpAddr,
 ) {
     let a = &p.attrs;
-    let path_len = p.path_len;
+    let path_len = a
+        .as_path
+        .iter()
+        .map(|s| match s {
+            Segment::Sequence(x) => x.len(),
+            Segment::Set(_) => 1,
+        })
+        .sum();
     (
         p.stale,
         std::cmp::Reverse(a.local_pref.unwrap_or(100)),
@@ -685,16 +681,6 @@ fn rank(
         a.cluster_list.len(),
         p.from,
     )
-}
-
-/// AS_PATH length for path selection (RFC 4271 §9.1.2.2: an AS_SET counts one).
-fn as_path_len(path: &[Segment]) -> u32 {
-    path.iter()
-        .map(|s| match s {
-            Segment::Sequence(x) => x.len() as u32,
-            Segment::Set(_) => 1,
-        })
-        .sum()
 }
 
 /// The attributes a reflector passes on besides the ones it knows: optional transitive ones
