@@ -50,7 +50,8 @@ pub struct AgentArgs {
     /// The VTEP device's name (default weft.<VNI>; flannel.1 is accepted for a drop-in switch).
     #[arg(long)]
     pub vxlan_device: Option<String>,
-    /// Reconcile at least this often, repairing drift (seconds).
+    /// How often (seconds) the agent checks whether a pass is due: kernel changes under weft
+    /// (netlink notifications), a failed pass to retry, a lapsed restart window.
     #[arg(long, default_value_t = 5)]
     pub resync: u64,
     /// Lease lifetime (seconds; flannel's 24 h; at least 10). Renewed an hour before the end,
