@@ -60,6 +60,17 @@ fn read_msg(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     }
 }
 
+/// KEEPALIVEs every 5 s on a clone of `s` (the agents' hold time is 30 s), until it fails.
+fn keep_alive(s: &TcpStream) {
+    let Ok(mut w) = s.try_clone() else { return };
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        if w.write_all(&encode(&Message::Keepalive, S)).is_err() {
+            return;
+        }
+    });
+}
+
 /// Answers a weft agent's OPEN as iBGP peer `id`; returns the peer's address.
 fn handshake(s: &mut TcpStream, id: Ipv4Addr, buf: &mut Vec<u8>) -> Option<IpAddr> {
     let peer = s.peer_addr().ok()?.ip();
@@ -149,6 +160,7 @@ fn a_hostile_peer_cannot_break_the_reflector() {
                     else {
                         return;
                     };
+                    keep_alive(&c);
                     while let Some(m) = read_msg(&mut c, &mut buf) {
                         if let (Ok(Message::Update(u)), true) = (
                             decode(&m, S),
@@ -175,13 +187,23 @@ fn a_hostile_peer_cannot_break_the_reflector() {
                     continue;
                 };
                 if peer != IpAddr::V4(Ipv4Addr::new(10, 0, 1, 11)) {
+                    keep_alive(&c);
                     std::thread::spawn(move || while read_msg(&mut c, &mut buf).is_some() {});
                     continue;
                 }
                 let Some(go) = go.take() else { continue };
                 let mut reader = c.try_clone().expect("clone");
                 std::thread::spawn(move || while read_msg(&mut reader, &mut buf).is_some() {});
-                while let Ok(step) = go.recv() {
+                loop {
+                    // KEEPALIVEs from this thread too, between steps: one writer per socket.
+                    let step = match go.recv_timeout(Duration::from_secs(5)) {
+                        Ok(step) => step,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let _ = c.write_all(&encode(&Message::Keepalive, S));
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    };
                     match step {
                         1 => {
                             let u = route(
