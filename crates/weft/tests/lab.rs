@@ -917,7 +917,7 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
         "--store",
         store,
         "--lease-ttl",
-        "10",
+        "20",
     ]);
     let weft_bin = env!("CARGO_BIN_EXE_weft");
     let store_url = if store == "etcd" {
@@ -948,7 +948,7 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
         "--store",
         store,
         "--lease-ttl",
-        "10",
+        "20",
     ];
     ok(&up3);
     wait_until("n3 holds n1's old subnet", 20, || {
@@ -983,7 +983,20 @@ fn a_lapsed_lease_taken_by_another_node(store: &str) {
     let s1b = lab.subnet("weft-n1");
     assert_eq!(lab.subnet("weft-n3"), s1, "exactly one holds it");
     let all = leases();
-    assert_eq!(all.matches(&s1).count(), 1, "{all}");
+    let logs = || {
+        ["weft-n1", "weft-n2", "weft-n3"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {n}:\n{}",
+                    std::fs::read_to_string(format!("/run/weft/lab/{n}/agent.log"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+    assert_eq!(all.matches(&s1).count(), 1, "{all}\n{}", logs());
+    assert_eq!(all.lines().count(), 4, "three leases: {all}\n{}", logs());
     // Every route to either subnet points at its holder: plain next hops on one segment via
     // the VTEP (vxlan): the neighbour of <subnet>.0 is the holder's VTEP MAC.
     let mac_of = |node: &str| {
