@@ -138,6 +138,9 @@ pub struct Rib {
     paths: HashMap<Ipv4Net, Vec<Path>>,
     /// Identical attribute sets are stored once.
     interned: HashSet<Arc<Attrs>>,
+    /// Some attribute set may have lost its last user since the last collection (collecting
+    /// walks every set: not on every pass of a full table coming in).
+    garbage: bool,
 }
 
 impl Rib {
@@ -148,6 +151,7 @@ impl Rib {
             peers: HashMap::new(),
             paths: HashMap::new(),
             interned: HashSet::new(),
+            garbage: false,
         }
     }
 
@@ -181,21 +185,22 @@ impl Rib {
     }
 
     pub fn peers(&self) -> Vec<PeerView> {
-        let mut v: Vec<PeerView> = self
-            .peers
-            .iter()
-            .map(|(a, p)| PeerView {
-                addr: *a,
-                asn: p.asn,
-                up: p.up,
-                received: p.adj_in.len(),
-                sent: p.adj_out.len(),
-                refused: p.refused,
-                stale: p.stale_until.is_some(),
-            })
-            .collect();
+        let mut v: Vec<PeerView> = self.peers.keys().filter_map(|a| self.peer(*a)).collect();
         v.sort_by_key(|p| p.addr);
         v
+    }
+
+    pub fn peer(&self, addr: IpAddr) -> Option<PeerView> {
+        let p = self.peers.get(&addr)?;
+        Some(PeerView {
+            addr,
+            asn: p.asn,
+            up: p.up,
+            received: p.adj_in.len(),
+            sent: p.adj_out.len(),
+            refused: p.refused,
+            stale: p.stale_until.is_some(),
+        })
     }
 
     /// The policy changed (leases came or went): every path is judged again; routes it no
@@ -280,6 +285,7 @@ impl Rib {
     }
 
     fn remove_path(&mut self, from: IpAddr, prefix: Ipv4Net) {
+        self.garbage = true;
         if let Some(v) = self.paths.get_mut(&prefix) {
             v.retain(|p| p.from != from);
             if v.is_empty() {
@@ -375,11 +381,12 @@ impl Rib {
             match (want, p.adj_out.get(&prefix)) {
                 (Some(w), Some(h)) if *h == w => {}
                 (Some(w), _) => {
-                    p.adj_out.insert(prefix, w.clone());
+                    self.garbage |= p.adj_out.insert(prefix, w.clone()).is_some();
                     announce.entry(w).or_default().push(prefix);
                 }
                 (None, Some(_)) => {
                     p.adj_out.remove(&prefix);
+                    self.garbage = true;
                     withdraw.push(prefix);
                 }
                 (None, None) => {}
@@ -462,6 +469,7 @@ impl Rib {
 
     /// Removes the peer's routes still marked stale; returns the prefixes that changed.
     fn sweep_stale(&mut self, peer: IpAddr) -> Vec<Ipv4Net> {
+        self.garbage = true;
         let mut gone = Vec::new();
         for (prefix, v) in self.paths.iter_mut() {
             let before = v.len();
@@ -551,7 +559,10 @@ impl Rib {
                 };
                 let v = self.paths.entry(n).or_default();
                 match v.iter_mut().find(|x| x.from == peer) {
-                    Some(x) => *x = path,
+                    Some(x) => {
+                        *x = path;
+                        self.garbage = true;
+                    }
                     None => v.push(path),
                 }
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -568,6 +579,7 @@ impl Rib {
     /// marked stale, until it is back and sends End-of-RIB or the time runs out; a second
     /// failure within that window changes nothing. Anything else withdraws them at once.
     pub fn down(&mut self, peer: IpAddr, how: Ended, now: Instant) -> Vec<Out> {
+        self.garbage = true;
         let Some(p) = self.peers.get_mut(&peer) else {
             return Vec::new();
         };
@@ -602,6 +614,9 @@ impl Rib {
     /// Forgets attribute sets nothing uses any more (a node that left, a path replaced): the
     /// interning must not grow with every node that ever joined.
     fn collect(&mut self) {
+        if !std::mem::take(&mut self.garbage) {
+            return;
+        }
         self.interned.retain(|a| Arc::strong_count(a) > 1);
     }
 

@@ -37,6 +37,29 @@ impl Ns {
     }
 }
 
+impl Ns {
+    /// eth0 (10.0.1.1/24, a veth with its peer up) and a route of weft's (protocol 87) to
+    /// 10.244.9.0/24 via 10.0.1.9.
+    fn underlay_with_a_route_of_weft(&self) {
+        self.sh(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        self.sh(&["ip", "addr", "add", "10.0.1.1/24", "dev", "eth0"]);
+        self.sh(&["ip", "link", "set", "eth0", "up"]);
+        self.sh(&["ip", "link", "set", "eth1", "up"]);
+        self.sh(&[
+            "ip",
+            "route",
+            "add",
+            "10.244.9.0/24",
+            "via",
+            "10.0.1.9",
+            "proto",
+            "87",
+        ]);
+    }
+}
+
 impl Drop for Ns {
     fn drop(&mut self) {
         let _ = Netns::delete_named(&self.0);
@@ -85,23 +108,8 @@ fn ip_masq_table_is_made_kept_against_drift_and_removed() {
 #[test]
 fn one_failing_route_does_not_stop_the_others_or_the_removals() {
     let ns = Ns::new("r");
-    ns.sh(&[
-        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.sh(&["ip", "addr", "add", "10.0.1.1/24", "dev", "eth0"]);
-    ns.sh(&["ip", "link", "set", "eth0", "up"]);
-    ns.sh(&["ip", "link", "set", "eth1", "up"]);
     // A stale route of weft's, and someone else's where the plan wants one.
-    ns.sh(&[
-        "ip",
-        "route",
-        "add",
-        "10.244.9.0/24",
-        "via",
-        "10.0.1.9",
-        "proto",
-        "87",
-    ]);
+    ns.underlay_with_a_route_of_weft();
     ns.sh(&[
         "ip",
         "route",
@@ -169,21 +177,7 @@ fn one_failing_route_does_not_stop_the_others_or_the_removals() {
 #[test]
 fn the_monitor_sees_weft_state_changed_behind_its_back() {
     let ns = Ns::new("w");
-    ns.sh(&[
-        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.sh(&["ip", "addr", "add", "10.0.1.1/24", "dev", "eth0"]);
-    ns.sh(&["ip", "link", "set", "eth0", "up"]);
-    ns.sh(&[
-        "ip",
-        "route",
-        "add",
-        "10.244.9.0/24",
-        "via",
-        "10.0.1.9",
-        "proto",
-        "87",
-    ]);
+    ns.underlay_with_a_route_of_weft();
     let seen = ns.run(|| {
         block_on(async {
             let w = std::sync::Arc::new(reconcile::monitor::Watch::default());

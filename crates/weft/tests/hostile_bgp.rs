@@ -39,6 +39,25 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The lab of `nodes` nodes, n1 the route reflector, with the config at `conf`.
+fn lab_up(nodes: u8, conf: &str) {
+    let n = nodes.to_string();
+    ok(&[
+        "lab",
+        "up",
+        "--nodes",
+        &n,
+        "--pods-per-node",
+        "0",
+        "--backend",
+        "bgp-rr",
+        "--route-reflectors",
+        "1",
+        "--config",
+        conf,
+    ]);
+}
+
 struct Lab;
 impl Drop for Lab {
     fn drop(&mut self) {
@@ -122,20 +141,7 @@ fn a_hostile_peer_cannot_break_the_reflector() {
     .expect("conf");
     let conf = conf.to_str().expect("path").to_string();
     // The underlay namespace exists once a lab is up; H and O take their addresses there.
-    ok(&[
-        "lab",
-        "up",
-        "--nodes",
-        "1",
-        "--pods-per-node",
-        "0",
-        "--backend",
-        "bgp-rr",
-        "--route-reflectors",
-        "1",
-        "--config",
-        &conf,
-    ]);
+    lab_up(1, &conf);
     for a in ["10.0.1.50/24", "10.0.1.51/24"] {
         let o = Command::new("ip")
             .args(["-n", "weft-underlay", "addr", "add", a, "dev", "br1"])
@@ -264,20 +270,7 @@ fn a_hostile_peer_cannot_break_the_reflector() {
         });
     });
     // The lab: n1 the reflector, n2 and n3 its clients.
-    ok(&[
-        "lab",
-        "up",
-        "--nodes",
-        "3",
-        "--pods-per-node",
-        "0",
-        "--backend",
-        "bgp-rr",
-        "--route-reflectors",
-        "1",
-        "--config",
-        &conf,
-    ]);
+    lab_up(3, &conf);
     let wait_for = |what: &str, secs: u64, f: &mut dyn FnMut(&Update, usize) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {

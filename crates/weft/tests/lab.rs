@@ -162,6 +162,18 @@ fn df_ping(from: &str, to: &str, size: &str, what: &str) {
     );
 }
 
+/// A process's CPU time so far (user + system), in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
+    let f: Vec<&str> = st
+        .rsplit(')')
+        .next()
+        .expect("stat")
+        .split_whitespace()
+        .collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -834,19 +846,9 @@ fn udp_backend_reachability_strangers_pmtu_join_leave_and_restart() {
     // CPU); the reconciler makes it again and forwarding resumes, the agent not restarted.
     run_in("n1", &["ip", "link", "del", "weft0"]);
     std::thread::sleep(Duration::from_millis(300));
-    let cpu = |pid: i32| -> u64 {
-        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
-        let f: Vec<&str> = st
-            .rsplit(')')
-            .next()
-            .expect("stat")
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-    };
-    let before_cpu = cpu(pid1);
+    let before_cpu = cpu_ticks(pid1);
     std::thread::sleep(Duration::from_secs(2));
-    let ticks = cpu(pid1) - before_cpu;
+    let ticks = cpu_ticks(pid1) - before_cpu;
     assert!(
         ticks < 40,
         "the agent spun on the deleted TUN device: {ticks} ticks in 2 s"
@@ -1064,19 +1066,9 @@ fn an_agent_out_of_file_descriptors_does_not_spin() {
         .spawn()
         .expect("holder");
     std::thread::sleep(Duration::from_millis(1000));
-    let cpu = |pid: i32| -> u64 {
-        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
-        let f: Vec<&str> = st
-            .rsplit(')')
-            .next()
-            .expect("stat")
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-    };
-    let before = cpu(pid);
+    let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
-    let ticks = cpu(pid) - before;
+    let ticks = cpu_ticks(pid) - before;
     let mut holder = holder;
     let _ = holder.wait();
     let _ = Command::new("prlimit")

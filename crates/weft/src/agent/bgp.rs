@@ -223,12 +223,7 @@ impl Bgp {
                     Ended::Lost
                 };
                 let outs = self.rib.down(peer, how, now);
-                if let Some(v) = self
-                    .rib
-                    .peers()
-                    .into_iter()
-                    .find(|v| v.addr == peer && v.stale)
-                {
+                if let Some(v) = self.rib.peer(peer).filter(|v| v.stale) {
                     tracing::info!(%peer, routes = v.received, "peer restarting: its routes stay (graceful restart) until its End-of-RIB or its restart time");
                 }
                 self.send(outs).await;
