@@ -134,11 +134,13 @@ fn a_hostile_peer_cannot_break_the_reflector() {
     let conf = d.path().join("net-conf.json");
     std::fs::write(
         &conf,
-        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
+        r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.200.0", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
             "ImportFromPeers": ["10.244.0.0/16", "11.0.0.0/8"],
             "Peers": [{"Address": "10.0.1.50", "ASNumber": 64512}, {"Address": "10.0.1.51", "ASNumber": 64512}]}}"#,
     )
     .expect("conf");
+    // SubnetMax: no node may lease H's prefix (10.244.250.0/24); a node's own route for it
+    // would reach O first, without H's attributes.
     let conf = conf.to_str().expect("path").to_string();
     // The underlay namespace exists once a lab is up; H and O take their addresses there.
     lab_up(1, &conf);
