@@ -6,7 +6,7 @@
 //! external peers are connected to and accepted from.
 
 use crate::codec::Update;
-use crate::fsm::{Config, Fsm, Input, Negotiated, Output, Timer};
+use crate::fsm::{Config, Fsm, Input, Negotiated, Output, State, Timer};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,13 @@ pub enum Event {
     /// The peer asked for our routes again (ROUTE-REFRESH, RFC 2918).
     RouteRefresh {
         peer: IpAddr,
+    },
+    /// The session's FSM moved (RFC 4271 section 8.2.2), with the error that moved it, if
+    /// any: a peer that never connects shows as Connect / Active with why.
+    State {
+        peer: IpAddr,
+        state: State,
+        error: Option<String>,
     },
     /// A connection from an address that is no peer, closed unread.
     Refused {
@@ -354,6 +361,9 @@ async fn run_peer(p: PeerConfig, mut cmds: Queue, events: mpsc::Sender<Event>, l
     // A write the peer does not take within its hold time ends the session: a peer that
     // stops reading must not hold this task (and its queue) for ever.
     let write_limit = Duration::from_secs(u64::from(p.fsm.hold_time.max(3)));
+    // What the agent last heard of this session's state, and the error since then.
+    let mut reported: Option<State> = None;
+    let mut error: Option<String> = None;
     loop {
         if cmds
             .overrun
@@ -402,7 +412,10 @@ async fn run_peer(p: PeerConfig, mut cmds: Queue, events: mpsc::Sender<Event>, l
                                 sock = Some(s);
                                 next.extend(fsm.process(Input::TcpConnected));
                             }
-                            Err(_) => next.extend(fsm.process(Input::TcpFailed)),
+                            Err(e) => {
+                                error = Some(format!("connect to {target}: {e}"));
+                                next.extend(fsm.process(Input::TcpFailed));
+                            }
                         }
                     }
                     Output::Connect => {} // passive: wait for the peer's connection
@@ -450,6 +463,7 @@ async fn run_peer(p: PeerConfig, mut cmds: Queue, events: mpsc::Sender<Event>, l
                         reason,
                         notification,
                     } => {
+                        error = Some(reason.clone());
                         let _ = events
                             .send(Event::Down {
                                 peer: p.address,
@@ -461,6 +475,21 @@ async fn run_peer(p: PeerConfig, mut cmds: Queue, events: mpsc::Sender<Event>, l
                 }
             }
             pending = next;
+        }
+        // A passive session waiting for its peer's connection is Active (RFC 4271 8.2.2).
+        let state = match fsm.state() {
+            State::Connect if !p.active => State::Active,
+            s => s,
+        };
+        if Some(state) != reported || error.is_some() {
+            reported = Some(state);
+            let _ = events
+                .send(Event::State {
+                    peer: p.address,
+                    state,
+                    error: error.take(),
+                })
+                .await;
         }
         let (timer, at) = timers
             .iter()

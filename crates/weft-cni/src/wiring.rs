@@ -397,9 +397,10 @@ pub async fn check(
             .iter()
             .any(|x| x.dst == r.dst && (r.gw.is_none() || x.gateway == r.gw))
         {
+            let via = r.gw.map(|g| format!(" via {g}")).unwrap_or_default();
             return Err(mismatch(format!(
-                "route to {} via {:?} is missing in the pod",
-                r.dst, r.gw
+                "route to {}{via} is missing in the pod",
+                r.dst
             )));
         }
     }

@@ -51,17 +51,18 @@ impl BgpCmd {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
                     println!(
-                        "{:<18} {:<12} {:<22} {:>9} {:>5}",
+                        "{:<18} {:<12} {:<22} {:>9} {:>5}  LAST ERROR",
                         "PEER", "STATE", "SINCE", "RECEIVED", "SENT"
                     );
                     for p in v.as_array().into_iter().flatten() {
                         println!(
-                            "{:<18} {:<12} {:<22} {:>9} {:>5}",
+                            "{:<18} {:<12} {:<22} {:>9} {:>5}  {}",
                             p["peer"].as_str().unwrap_or("?"),
                             p["state"].as_str().unwrap_or("?"),
                             p["since"].as_str().unwrap_or("-"),
                             p["prefixes_received"].as_u64().unwrap_or(0),
-                            p["prefixes_sent"].as_u64().unwrap_or(0)
+                            p["prefixes_sent"].as_u64().unwrap_or(0),
+                            p["last_error"].as_str().unwrap_or("-")
                         );
                     }
                 }

@@ -1242,3 +1242,78 @@ fn bgp_mesh_sessions_use_the_mesh_key_from_a_file() {
     assert!(n4.contains("chmod 600"), "{n4}");
     drop(lab);
 }
+
+#[test]
+fn bgp_peers_that_never_connect_show_their_state_and_why() {
+    // 10.0.1.60 answers with a reset (nothing listens), 10.0.1.61 does not exist at all.
+    let d = tempfile::tempdir().expect("tmp");
+    let conf = d.path().join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp",
+            "Peers": [{"Address": "10.0.1.60", "ASNumber": 64600}, {"Address": "10.0.1.61", "ASNumber": 64601}]}}"#,
+    )
+    .expect("conf");
+    let conf = conf.to_str().expect("path").to_string();
+    let lab = Lab::up(&[
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "0",
+        "--backend",
+        "bgp",
+        "--config",
+        &conf,
+    ]);
+    let add = Command::new("ip")
+        .args(["-n", "weft-underlay", "addr", "add", "10.0.1.60/24", "dev", "br1"])
+        .output()
+        .expect("ip");
+    assert!(add.status.success());
+    let weft = env!("CARGO_BIN_EXE_weft");
+    let peer = |v: &serde_json::Value, a: &str| -> serde_json::Value {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["peer"] == a)
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_until("the refused peer's error", 15, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&run_in("n1", &[weft, "bgp", "peers", "--json"])).expect("json");
+        peer(&v, "10.0.1.60")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused"))
+    });
+    let v: serde_json::Value =
+        serde_json::from_str(&run_in("n1", &[weft, "bgp", "peers", "--json"])).expect("json");
+    for a in ["10.0.1.60", "10.0.1.61"] {
+        let p = peer(&v, a);
+        let state = p["state"].as_str().unwrap_or("missing");
+        assert!(["Idle", "Connect", "Active"].contains(&state), "{a}: {p}");
+    }
+    assert_eq!(peer(&v, "10.0.1.12")["state"], "Established", "{v}");
+    // The table, and the metric (bgpPeerState numbering: established 6, connect/active 2/3).
+    let table = run_in("n1", &[weft, "bgp", "peers"]);
+    assert!(table.contains("10.0.1.61") && table.contains("LAST ERROR"), "{table}");
+    let metrics = run_in(
+        "n1",
+        &[
+            "python3",
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9965/metrics').read().decode())",
+        ],
+    );
+    let state_of = |a: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("weft_bgp_peer_state{") && l.contains(a))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("missing")
+            .to_string()
+    };
+    assert_eq!(state_of("10.0.1.12"), "6", "{metrics}");
+    assert!(["1", "2", "3"].contains(&state_of("10.0.1.60").as_str()), "{metrics}");
+    drop(lab);
+}

@@ -17,6 +17,8 @@ pub(super) struct Bgp {
     /// Peer -> when its session last changed state, and why it last went down.
     since: HashMap<IpAddr, std::time::SystemTime>,
     last_error: HashMap<IpAddr, String>,
+    /// Peer -> its session's FSM state, as the driver last reported it.
+    state: HashMap<IpAddr, weft_bgp::fsm::State>,
     port: u16,
     started: Instant,
     last_up: Option<Instant>,
@@ -66,6 +68,7 @@ impl Bgp {
             configured: HashMap::new(),
             since: HashMap::new(),
             last_error: HashMap::new(),
+            state: HashMap::new(),
             port,
             started: Instant::now(),
             last_up: None,
@@ -171,6 +174,7 @@ impl Bgp {
             self.configured.remove(&addr);
             self.since.remove(&addr);
             self.last_error.remove(&addr);
+            self.state.remove(&addr);
             self.gone.push(addr);
             tracing::info!(peer = %addr, "BGP peer removed (its lease is gone)");
         }
@@ -232,6 +236,14 @@ impl Bgp {
                 let outs = self.rib.refresh(peer);
                 self.send(outs).await;
             }
+            Event::State { peer, state, error } => {
+                if self.state.insert(peer, state) != Some(state) {
+                    self.since.insert(peer, std::time::SystemTime::now());
+                }
+                if let Some(e) = error {
+                    self.last_error.insert(peer, e);
+                }
+            }
             Event::Refused { from } => {
                 if let Some(unlogged) = self.refused_conns.note() {
                     tracing::warn!(%from, unlogged, "BGP connection from a stranger refused (logged at most once a minute)")
@@ -262,6 +274,7 @@ impl Bgp {
             let label = vec![("peer".to_string(), addr.to_string())];
             m.bgp_peer_up.remove(&label);
             m.bgp_prefixes_received.remove(&label);
+            m.bgp_peer_state.remove(&label);
         }
         let mut rows = Vec::new();
         for p in self.rib.peers() {
@@ -274,10 +287,21 @@ impl Bgp {
             m.bgp_prefixes_received
                 .get_or_create(&label)
                 .set(p.received as i64);
-            // A configured peer that never connected shows as Active with its last error.
+            // A configured peer that never connected shows as Idle / Connect / Active with its
+            // last error (bgpPeerState numbering, RFC 4273: idle 1 .. established 6).
+            let state = match (p.up, self.state.get(&p.addr)) {
+                (true, _) => weft_bgp::fsm::State::Established,
+                (false, Some(weft_bgp::fsm::State::Established)) | (false, None) => {
+                    weft_bgp::fsm::State::Idle
+                }
+                (false, Some(s)) => *s,
+            };
+            m.bgp_peer_state
+                .get_or_create(&label)
+                .set(state as i64 + 1);
             rows.push(serde_json::json!({
                 "peer": p.addr.to_string(), "peer_as": p.asn,
-                "state": if p.up { "Established" } else { "Active" }, "since": since,
+                "state": format!("{state:?}"), "since": since,
                 "last_error": self.last_error.get(&p.addr),
                 "prefixes_received": p.received, "prefixes_sent": p.sent, "prefixes_refused": p.refused,
                 "route_reflector_client": self.reflector, "stale": p.stale,

@@ -17,6 +17,8 @@ pub(super) struct Metrics {
         prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
     pub(super) bgp_prefixes_received:
         prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
+    pub(super) bgp_peer_state:
+        prometheus_client::metrics::family::Family<Vec<(String, String)>, Gauge>,
     /// `weft bgp peers` and `weft bgp routes` read these (JSON).
     pub(super) bgp_peers: std::sync::Mutex<serde_json::Value>,
     /// `/bgp/routes` asks the agent loop, which answers with the table as it is then.
@@ -42,6 +44,7 @@ impl Metrics {
             registry: Registry::default(),
             bgp_peer_up: Default::default(),
             bgp_prefixes_received: Default::default(),
+            bgp_peer_state: Default::default(),
             bgp_peers: std::sync::Mutex::new(serde_json::json!([])),
             bgp_routes,
             udp: Default::default(),
@@ -81,6 +84,11 @@ impl Metrics {
             "bgp_peer_up",
             "BGP session established (1) or not (0), per peer",
             m.bgp_peer_up.clone(),
+        );
+        registry.register(
+            "bgp_peer_state",
+            "BGP session state per peer, numbered as bgpPeerState (RFC 4273): idle 1, connect 2, active 3, opensent 4, openconfirm 5, established 6",
+            m.bgp_peer_state.clone(),
         );
         registry.register(
             "bgp_prefixes_received",
