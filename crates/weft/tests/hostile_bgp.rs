@@ -8,9 +8,11 @@
 //! - 50,000 routes, then H closes: O gets them all and then every one withdrawn, each message
 //!   at most 4,096 bytes; n2 (a weft client) installs and removes them.
 
+mod common;
+use common::{ok, weft};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use weft_bgp::codec::{
@@ -21,23 +23,6 @@ use weft_bgp::codec::{
 const S: Session = Session {
     four_octet_as: true,
 };
-
-fn weft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(args)
-        .output()
-        .expect("run weft")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = weft(args);
-    assert!(
-        o.status.success(),
-        "weft {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// The lab of `nodes` nodes, n1 the route reflector, with the config at `conf`.
 fn lab_up(nodes: u8, conf: &str) {

@@ -1,30 +1,13 @@
 //! End to end on the lab: real agents in node namespaces, pods wired by weft-cni (needs root).
 //! The lab has fixed names (weft-*), so the scenarios run one at a time.
 
+mod common;
+use common::{ok, wait_until, weft};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static LAB: Mutex<()> = Mutex::new(());
-
-fn weft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run weft")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = weft(args);
-    assert!(
-        o.status.success(),
-        "weft {args:?}: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn exec(target: &str, cmd: &[&str]) -> Output {
     let mut a = vec!["lab", "exec", target, "--"];
@@ -172,17 +155,6 @@ fn cpu_ticks(pid: i32) -> u64 {
         .split_whitespace()
         .collect();
     f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "{what} did not happen within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
@@ -1266,7 +1238,15 @@ fn bgp_peers_that_never_connect_show_their_state_and_why() {
         &conf,
     ]);
     let add = Command::new("ip")
-        .args(["-n", "weft-underlay", "addr", "add", "10.0.1.60/24", "dev", "br1"])
+        .args([
+            "-n",
+            "weft-underlay",
+            "addr",
+            "add",
+            "10.0.1.60/24",
+            "dev",
+            "br1",
+        ])
         .output()
         .expect("ip");
     assert!(add.status.success());
@@ -1296,7 +1276,10 @@ fn bgp_peers_that_never_connect_show_their_state_and_why() {
     assert_eq!(peer(&v, "10.0.1.12")["state"], "Established", "{v}");
     // The table, and the metric (bgpPeerState numbering: established 6, connect/active 2/3).
     let table = run_in("n1", &[weft, "bgp", "peers"]);
-    assert!(table.contains("10.0.1.61") && table.contains("LAST ERROR"), "{table}");
+    assert!(
+        table.contains("10.0.1.61") && table.contains("LAST ERROR"),
+        "{table}"
+    );
     let metrics = run_in(
         "n1",
         &[
@@ -1314,6 +1297,9 @@ fn bgp_peers_that_never_connect_show_their_state_and_why() {
             .to_string()
     };
     assert_eq!(state_of("10.0.1.12"), "6", "{metrics}");
-    assert!(["1", "2", "3"].contains(&state_of("10.0.1.60").as_str()), "{metrics}");
+    assert!(
+        ["1", "2", "3"].contains(&state_of("10.0.1.60").as_str()),
+        "{metrics}"
+    );
     drop(lab);
 }

@@ -22,6 +22,7 @@ pub(super) struct Bgp {
     port: u16,
     started: Instant,
     last_up: Option<Instant>,
+    settled: bool,
     reflector: bool,
     /// Peers removed since the last publish: their metric series go too.
     pub(super) gone: Vec<IpAddr>,
@@ -72,6 +73,7 @@ impl Bgp {
             port,
             started: Instant::now(),
             last_up: None,
+            settled: false,
             reflector: cluster_id.is_some(),
             gone: Vec::new(),
             refused_conns: Default::default(),
@@ -296,9 +298,7 @@ impl Bgp {
                 }
                 (false, Some(s)) => *s,
             };
-            m.bgp_peer_state
-                .get_or_create(&label)
-                .set(state as i64 + 1);
+            m.bgp_peer_state.get_or_create(&label).set(state as i64 + 1);
             rows.push(serde_json::json!({
                 "peer": p.addr.to_string(), "peer_as": p.asn,
                 "state": format!("{state:?}"), "since": since,
@@ -325,6 +325,10 @@ impl Bgp {
             best: bool,
             originator_id: Option<Ipv4Addr>,
             cluster_list: &'a [Ipv4Addr],
+            med: Option<u32>,
+            local_pref: Option<u32>,
+            /// COMMUNITIES (RFC 1997) as ASN:value.
+            communities: Vec<String>,
         }
         let mut routes: Vec<Row> = self
             .rib
@@ -338,6 +342,20 @@ impl Bgp {
                 best: self.rib.best(prefix).is_some_and(|b| b.from == p.from),
                 originator_id: p.attrs.originator_id,
                 cluster_list: &p.attrs.cluster_list,
+                med: p.attrs.med,
+                local_pref: p.attrs.local_pref,
+                communities: p
+                    .attrs
+                    .other
+                    .iter()
+                    .filter(|a| a.code == 8)
+                    .flat_map(|a| a.value.chunks_exact(4))
+                    .map(|c| {
+                        let hi = u16::from_be_bytes([c[0], c[1]]);
+                        let lo = u16::from_be_bytes([c[2], c[3]]);
+                        format!("{hi}:{lo}")
+                    })
+                    .collect(),
             })
             .collect();
         routes.sort_by_key(|r| (r.prefix, r.from));
@@ -355,12 +373,18 @@ impl Bgp {
         self.send(outs).await;
     }
 
-    pub(super) fn settled(&self) -> bool {
-        let all_up = self.rib.peers().iter().all(|p| p.up);
-        let quiet = self
-            .last_up
-            .is_none_or(|t| t.elapsed() > Duration::from_millis(300));
-        (all_up && quiet) || self.started.elapsed() > Duration::from_secs(10)
+    /// The start-up wait is over: every peer came up and went quiet, or 10 s passed. Once
+    /// over it stays over: a peer that goes down later must take its routes with it at once,
+    /// not hold every change back until the 10 s are up.
+    pub(super) fn settled(&mut self) -> bool {
+        if !self.settled {
+            let all_up = self.rib.peers().iter().all(|p| p.up);
+            let quiet = self
+                .last_up
+                .is_none_or(|t| t.elapsed() > Duration::from_millis(300));
+            self.settled = (all_up && quiet) || self.started.elapsed() > Duration::from_secs(10);
+        }
+        self.settled
     }
 
     pub(super) fn learned(&self) -> Vec<weft_backend::Learned> {

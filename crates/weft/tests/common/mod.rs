@@ -1,0 +1,49 @@
+//! Helpers the root test binaries share: running `weft` and other commands, and waiting.
+#![allow(dead_code)] // each test binary uses its own share of these
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Runs the `weft` binary under test.
+pub fn weft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run weft")
+}
+
+/// Runs `weft`, which must succeed; its standard output.
+pub fn ok(args: &[&str]) -> String {
+    let o = weft(args);
+    assert!(
+        o.status.success(),
+        "weft {args:?}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command, which must succeed; its standard output.
+pub fn sh(cmd: &[&str]) -> String {
+    let o = Command::new(cmd[0]).args(&cmd[1..]).output().expect("run");
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Polls `f` every 200 ms until it holds; fails the test after `secs`.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{what} did not happen within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
