@@ -27,7 +27,7 @@ cleanup() {
     ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del $ns 2>/dev/null || true
   done
-  [ -n "$T" ] && rm -rf "$T"
+  [ -n "$T" ] && [ -z "${KEEP:-}" ] && rm -rf "$T"
   return 0
 }
 trap cleanup EXIT
@@ -83,7 +83,7 @@ print(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMe
 EOF
   $W config put "$d/net-conf.json" --store "sqlite:$d/leases.db" >/dev/null
   ip netns exec $RR "$W" agent --node-name rr --iface eth0 --subnet-file "$d/subnet.env" \
-    --store "sqlite:$d/leases.db" --bgp-route-reflector --log warn >"$d/agent.log" 2>&1 &
+    --store "sqlite:$d/leases.db" --bgp-route-reflector --log "${LOG:-warn}" >"$d/agent.log" 2>&1 &
   clients weft $! "$d"
 }
 

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use weft_bgp::codec::{
-    decode, encode, encode_update, frame, Attrs, Capability, Message, Open, Origin, Session,
-    Update,
+    decode, encode, encode_update, frame, Attrs, Capability, Message, Open, Origin, Session, Update,
 };
 
 const S: Session = Session {
@@ -32,12 +31,18 @@ struct Shared {
     epoch: Instant,
 }
 
-async fn client(
+/// One client: its index (0 announces), address, the reflector, the AS, the route count.
+#[derive(Clone, Copy)]
+struct Me {
     i: usize,
     me: Ipv4Addr,
     reflector: Ipv4Addr,
     asn: u32,
     routes: usize,
+}
+
+async fn client(
+    c: Me,
     shared: Arc<Shared>,
     go: watch::Receiver<u8>,
     done: mpsc::UnboundedSender<Done>,
@@ -45,7 +50,7 @@ async fn client(
     // Until the session is up, a refused or closed connection is retried: the reflector may
     // still be starting, or not know this client yet.
     loop {
-        let r = session(i, me, reflector, asn, routes, &shared, go.clone(), &done).await;
+        let r = session(c, &shared, go.clone(), &done).await;
         match r {
             Err(e) if e.up => return Err(e.why),
             Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
@@ -68,15 +73,18 @@ fn early(why: impl std::fmt::Display) -> Failed {
 }
 
 async fn session(
-    i: usize,
-    me: Ipv4Addr,
-    reflector: Ipv4Addr,
-    asn: u32,
-    routes: usize,
+    c: Me,
     shared: &Shared,
     mut go: watch::Receiver<u8>,
     done: &mpsc::UnboundedSender<Done>,
 ) -> Result<(), Failed> {
+    let Me {
+        i,
+        me,
+        reflector,
+        asn,
+        routes,
+    } = c;
     let s = tokio::net::TcpSocket::new_v4().map_err(early)?;
     s.bind(SocketAddr::new(me.into(), 0))
         .map_err(|e| early(format!("bind {me}: {e}")))?;
@@ -115,7 +123,9 @@ async fn session(
         let tx = tx.clone();
         tokio::spawn(async move {
             let prefixes: Vec<ipnet::Ipv4Net> = (0..routes as u32)
-                .filter_map(|k| ipnet::Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + (k << 8)), 24).ok())
+                .filter_map(|k| {
+                    ipnet::Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + (k << 8)), 24).ok()
+                })
                 .collect();
             while go.changed().await.is_ok() {
                 let step = *go.borrow();
@@ -148,9 +158,10 @@ async fn session(
     loop {
         while let Ok(Some(n)) = frame(&buf) {
             let m: Vec<u8> = buf.drain(..n).collect();
-            shared
-                .last_rx
-                .store(shared.epoch.elapsed().as_millis() as usize, Ordering::SeqCst);
+            shared.last_rx.store(
+                shared.epoch.elapsed().as_millis() as usize,
+                Ordering::SeqCst,
+            );
             match decode(&m, S) {
                 Ok(Message::Open(_)) => {
                     let _ = tx.send(encode(&Message::Keepalive, S));
@@ -207,10 +218,15 @@ async fn main() -> Result<(), String> {
         return Err("usage: rr_clients REFLECTOR FIRST_CLIENT_ADDR CLIENTS ROUTES [ASN]".into());
     }
     let reflector: Ipv4Addr = a[1].parse().map_err(|e| format!("REFLECTOR: {e}"))?;
-    let first: Ipv4Addr = a[2].parse().map_err(|e| format!("FIRST_CLIENT_ADDR: {e}"))?;
+    let first: Ipv4Addr = a[2]
+        .parse()
+        .map_err(|e| format!("FIRST_CLIENT_ADDR: {e}"))?;
     let clients: usize = a[3].parse().map_err(|e| format!("CLIENTS: {e}"))?;
     let routes: usize = a[4].parse().map_err(|e| format!("ROUTES: {e}"))?;
-    let asn: u32 = a.get(5).map_or(Ok(64512), |s| s.parse()).map_err(|e| format!("ASN: {e}"))?;
+    let asn: u32 = a
+        .get(5)
+        .map_or(Ok(64512), |s| s.parse())
+        .map_err(|e| format!("ASN: {e}"))?;
     let shared = Arc::new(Shared {
         up: AtomicUsize::new(0),
         last_rx: AtomicUsize::new(0),
@@ -221,9 +237,21 @@ async fn main() -> Result<(), String> {
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
     for i in 0..clients {
         let me = Ipv4Addr::from(u32::from(first) + i as u32);
-        let (s, g, d, e) = (shared.clone(), go_rx.clone(), done_tx.clone(), err_tx.clone());
+        let (s, g, d, e) = (
+            shared.clone(),
+            go_rx.clone(),
+            done_tx.clone(),
+            err_tx.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(why) = client(i, me, reflector, asn, routes, s, g, d).await {
+            let c = Me {
+                i,
+                me,
+                reflector,
+                asn,
+                routes,
+            };
+            if let Err(why) = client(c, s, g, d).await {
                 let _ = e.send(why);
             }
         });
@@ -244,7 +272,8 @@ async fn main() -> Result<(), String> {
     let t_up = t.elapsed();
     // Quiet: nothing received for a second (the reflector's own routes, End-of-RIBs).
     loop {
-        let since = shared.epoch.elapsed().as_millis() as usize - shared.last_rx.load(Ordering::SeqCst);
+        let since =
+            shared.epoch.elapsed().as_millis() as usize - shared.last_rx.load(Ordering::SeqCst);
         if since > 1000 {
             break;
         }

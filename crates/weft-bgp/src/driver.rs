@@ -306,6 +306,16 @@ impl Speaker {
         }
     }
 
+    /// Sends UPDATEs, each to its own peer (the RIB's output), taking one lock for all.
+    pub fn send_each(&self, updates: impl IntoIterator<Item = (IpAddr, Update)>) {
+        let Ok(g) = self.peers.lock() else { return };
+        for (to, u) in updates {
+            if let Some(t) = g.tasks.get(&to) {
+                t.offer(Cmd::Announce(u));
+            }
+        }
+    }
+
     /// Sends an UPDATE to every peer but `except` (route reflection: not back to its source).
     pub async fn announce_except(&self, u: Update, except: Option<IpAddr>) {
         let txs: Vec<_> = self

@@ -6,10 +6,14 @@
 
 use crate::codec::{Attrs, Origin, RawAttr, Segment, Update};
 use ipnet::Ipv4Net;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Maps keyed by prefix and peer: ahash (fast, randomly keyed against aimed collisions).
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+type Set<K> = std::collections::HashSet<K, ahash::RandomState>;
 
 /// Attribute flags (RFC 4271 §4.3).
 const OPTIONAL: u8 = 0x80;
@@ -112,9 +116,9 @@ struct Peer {
     /// Graceful restart under way: its stale routes go at this instant at the latest.
     stale_until: Option<Instant>,
     /// Prefixes it announced (their paths are in `Rib::paths`).
-    adj_in: HashSet<Ipv4Net>,
+    adj_in: Set<Ipv4Net>,
     /// What it was sent, prefix -> attributes.
-    adj_out: HashMap<Ipv4Net, Arc<Attrs>>,
+    adj_out: Map<Ipv4Net, Arc<Attrs>>,
     refused: u64,
 }
 
@@ -130,14 +134,31 @@ pub struct PeerView {
     pub stale: bool,
 }
 
+/// What one prefix offers to peers in a pass.
+enum Offer {
+    /// Our own subnet: to every peer.
+    Own,
+    /// The best path came over iBGP: to the other iBGP peers, as a reflector passes it on.
+    Reflected { from: IpAddr, attrs: Arc<Attrs> },
+    /// Nothing: withdrawn wherever it was sent.
+    Nothing,
+}
+
+/// The offers of one pass, with our own subnet's attributes for iBGP and eBGP peers.
+struct Offers {
+    own_ibgp: Arc<Attrs>,
+    own_ebgp: Arc<Attrs>,
+    items: Vec<(Ipv4Net, Offer)>,
+}
+
 pub struct Rib {
     cfg: Config,
     policy: Policy,
-    peers: HashMap<IpAddr, Peer>,
+    peers: Map<IpAddr, Peer>,
     /// prefix -> the paths peers offer for it.
-    paths: HashMap<Ipv4Net, Vec<Path>>,
+    paths: Map<Ipv4Net, Vec<Path>>,
     /// Identical attribute sets are stored once.
-    interned: HashSet<Arc<Attrs>>,
+    interned: Set<Arc<Attrs>>,
     /// Some attribute set may have lost its last user since the last collection (collecting
     /// walks every set: not on every pass of a full table coming in).
     garbage: bool,
@@ -148,9 +169,9 @@ impl Rib {
         Rib {
             cfg,
             policy,
-            peers: HashMap::new(),
-            paths: HashMap::new(),
-            interned: HashSet::new(),
+            peers: Map::default(),
+            paths: Map::default(),
+            interned: Set::default(),
             garbage: false,
         }
     }
@@ -178,8 +199,8 @@ impl Rib {
             id: None,
             restart_time: None,
             stale_until: None,
-            adj_in: HashSet::new(),
-            adj_out: HashMap::new(),
+            adj_in: Set::default(),
+            adj_out: Map::default(),
             refused: 0,
         });
     }
@@ -324,74 +345,131 @@ impl Rib {
             .flat_map(|(n, v)| v.iter().map(move |p| (n, p)))
     }
 
-    /// What `peer` should hold for `prefix` from us now.
-    fn wanted(&self, peer: IpAddr, prefix: Ipv4Net) -> Option<Attrs> {
-        let ibgp = self.ibgp(peer);
-        if Some(prefix) == self.policy.own {
-            return Some(Attrs {
-                origin: Some(Origin::Igp),
-                as_path: if ibgp {
-                    vec![]
-                } else {
-                    vec![Segment::Sequence(vec![self.cfg.local_as])]
-                },
-                next_hop: Some(self.cfg.router_id),
-                local_pref: ibgp.then_some(100),
-                ..Default::default()
-            });
+    /// What these prefixes offer to peers now, worked out once for all peers: our own subnet
+    /// (to everyone), and a best path that came over iBGP as a reflector passes it on (RFC 4456
+    /// §8: attributes as they came, plus ORIGINATOR_ID and CLUSTER_LIST), one shared set per
+    /// distinct best-path attribute set.
+    fn offers(&mut self, prefixes: &[Ipv4Net]) -> Offers {
+        let own = |ibgp: bool, cfg: &Config| Attrs {
+            origin: Some(Origin::Igp),
+            as_path: if ibgp {
+                vec![]
+            } else {
+                vec![Segment::Sequence(vec![cfg.local_as])]
+            },
+            next_hop: Some(cfg.router_id),
+            local_pref: ibgp.then_some(100),
+            ..Default::default()
+        };
+        let own_ibgp = self.intern(own(true, &self.cfg));
+        let own_ebgp = self.intern(own(false, &self.cfg));
+        // prefix -> its best path's (sender, sender's ID, attributes), if it is to be reflected.
+        type Picked = (Ipv4Net, Option<(IpAddr, Ipv4Addr, Arc<Attrs>)>);
+        let mut picked: Vec<Picked> = Vec::new();
+        for prefix in prefixes {
+            let best = match self.cfg.cluster_id {
+                Some(_) if Some(*prefix) != self.policy.own => self
+                    .best(prefix)
+                    .filter(|b| b.ibgp)
+                    .map(|b| (b.from, b.from_id, b.attrs.clone())),
+                _ => None,
+            };
+            picked.push((*prefix, best));
         }
-        let cluster = self.cfg.cluster_id?;
-        let best = self.best(&prefix)?;
-        // Reflection (RFC 4456 §8): iBGP routes to iBGP peers, never back to where they
-        // came from; attributes as they came, plus ORIGINATOR_ID and CLUSTER_LIST.
-        if !ibgp || !best.ibgp || best.from == peer {
-            return None;
+        let mut reflected: Map<(*const Attrs, Ipv4Addr), Arc<Attrs>> = Map::default();
+        let mut items = Vec::with_capacity(picked.len());
+        for (prefix, best) in picked {
+            let what = if Some(prefix) == self.policy.own {
+                Offer::Own
+            } else if let (Some((from, from_id, attrs)), Some(cluster)) =
+                (best, self.cfg.cluster_id)
+            {
+                let key = (Arc::as_ptr(&attrs), from_id);
+                let a = match reflected.get(&key) {
+                    Some(a) => a.clone(),
+                    None => {
+                        let mut a = (*attrs).clone();
+                        a.originator_id.get_or_insert(from_id);
+                        a.cluster_list.insert(0, cluster);
+                        a.other = reflected_others(&a.other);
+                        let a = self.intern(a);
+                        reflected.insert(key, a.clone());
+                        a
+                    }
+                };
+                Offer::Reflected { from, attrs: a }
+            } else {
+                Offer::Nothing
+            };
+            items.push((prefix, what));
         }
-        let mut a = (*best.attrs).clone();
-        a.originator_id.get_or_insert(best.from_id);
-        a.cluster_list.insert(0, cluster);
-        a.other = reflected_others(&a.other);
-        Some(a)
+        Offers {
+            own_ibgp,
+            own_ebgp,
+            items,
+        }
     }
 
     /// The UPDATEs that bring every up peer's Adj-RIB-Out in line for these prefixes, packed:
     /// one UPDATE per set of identical attributes, withdrawals together.
     fn propagate(&mut self, prefixes: &[Ipv4Net]) -> Vec<Out> {
+        if prefixes.is_empty() {
+            return Vec::new();
+        }
         let peers: Vec<IpAddr> = self
             .peers
             .iter()
             .filter(|(_, p)| p.up)
             .map(|(a, _)| *a)
             .collect();
+        let offers = self.offers(prefixes);
         let mut out = Vec::new();
         for peer in peers {
-            out.extend(self.sync_peer(peer, prefixes.iter().copied()));
+            out.extend(self.sync_peer(peer, &offers));
         }
         out
     }
 
-    fn sync_peer(&mut self, peer: IpAddr, prefixes: impl Iterator<Item = Ipv4Net>) -> Vec<Out> {
+    fn sync_peer(&mut self, peer: IpAddr, offers: &Offers) -> Vec<Out> {
+        let ibgp = self.ibgp(peer);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Vec::new();
+        };
+        let own = if ibgp {
+            &offers.own_ibgp
+        } else {
+            &offers.own_ebgp
+        };
         let mut withdraw = Vec::new();
-        let mut announce: HashMap<Arc<Attrs>, Vec<Ipv4Net>> = HashMap::new();
-        for prefix in prefixes {
-            let want = self.wanted(peer, prefix).map(|a| self.intern(a));
-            let Some(p) = self.peers.get_mut(&peer) else {
-                return Vec::new();
+        // Grouped by attribute set (interned: the pointer is the identity).
+        let mut announce: Map<*const Attrs, (Arc<Attrs>, Vec<Ipv4Net>)> = Map::default();
+        let mut garbage = false;
+        for (prefix, offer) in &offers.items {
+            let want = match offer {
+                Offer::Own => Some(own),
+                // Reflected to iBGP peers only, never back to where it came from.
+                Offer::Reflected { from, attrs } if ibgp && *from != peer => Some(attrs),
+                _ => None,
             };
-            match (want, p.adj_out.get(&prefix)) {
-                (Some(w), Some(h)) if *h == w => {}
+            match (want, p.adj_out.get(prefix)) {
+                (Some(w), Some(h)) if Arc::ptr_eq(h, w) || h == w => {}
                 (Some(w), _) => {
-                    self.garbage |= p.adj_out.insert(prefix, w.clone()).is_some();
-                    announce.entry(w).or_default().push(prefix);
+                    garbage |= p.adj_out.insert(*prefix, w.clone()).is_some();
+                    announce
+                        .entry(Arc::as_ptr(w))
+                        .or_insert_with(|| (w.clone(), Vec::new()))
+                        .1
+                        .push(*prefix);
                 }
                 (None, Some(_)) => {
-                    p.adj_out.remove(&prefix);
-                    self.garbage = true;
-                    withdraw.push(prefix);
+                    p.adj_out.remove(prefix);
+                    garbage = true;
+                    withdraw.push(*prefix);
                 }
                 (None, None) => {}
             }
         }
+        self.garbage |= garbage;
         let mut out = Vec::new();
         if !withdraw.is_empty() {
             withdraw.sort();
@@ -403,10 +481,12 @@ impl Rib {
                 },
             });
         }
-        let mut groups: Vec<(Arc<Attrs>, Vec<Ipv4Net>)> = announce.into_iter().collect();
+        let mut groups: Vec<(Arc<Attrs>, Vec<Ipv4Net>)> = announce.into_values().collect();
+        for g in &mut groups {
+            g.1.sort();
+        }
         groups.sort_by(|a, b| a.1.cmp(&b.1));
-        for (attrs, mut nlri) in groups {
-            nlri.sort();
+        for (attrs, nlri) in groups {
             out.push(Out {
                 to: peer,
                 update: Update {
@@ -459,7 +539,8 @@ impl Rib {
         all.extend(self.policy.own);
         all.sort();
         all.dedup();
-        out.extend(self.sync_peer(peer, all.into_iter()));
+        let offers = self.offers(&all);
+        out.extend(self.sync_peer(peer, &offers));
         out.push(Out {
             to: peer,
             update: Update::default(), // End-of-RIB (RFC 4724 §2)
@@ -656,7 +737,8 @@ impl Rib {
         all.extend(self.policy.own);
         all.sort();
         all.dedup();
-        self.sync_peer(peer, all.into_iter())
+        let offers = self.offers(&all);
+        self.sync_peer(peer, &offers)
     }
 }
 

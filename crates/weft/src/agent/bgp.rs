@@ -111,9 +111,8 @@ impl Bgp {
     }
 
     async fn send(&self, outs: Vec<Out>) {
-        for o in outs {
-            self.speaker.announce_to(o.update, &[o.to]).await;
-        }
+        self.speaker
+            .send_each(outs.into_iter().map(|o| (o.to, o.update)));
     }
 
     /// Node mesh: a session with every node holding a lease; the lower address connects. The

@@ -300,12 +300,28 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let mut tick = tokio::time::interval(Duration::from_secs(a.resync.max(1)));
     let mut refresh = tokio::time::interval(SUBNET_ENV_REFRESH);
     refresh.tick().await; // the first tick is now: subnet.env was just written
-    let mut reconciler = reconcile::Reconciler::new(
+    let reconciler = reconcile::Reconciler::new(
         nl.clone(),
         underlay.clone(),
         Duration::from_secs(a.full_resync.max(1)),
     );
-    let mut last_problems = String::new();
+    // The kernel is brought in line by a task of its own: a pass over 100,000 routes takes a
+    // second, and BGP sessions, the lease watch and SIGTERM must not wait for it.
+    let (pass_tx, pass_rx) = tokio::sync::watch::channel::<Option<Arc<Pass>>>(None);
+    // A thread with a runtime of its own: its work never takes a worker from the sessions.
+    let passes = {
+        let (m, every) = (metrics.clone(), Duration::from_secs(a.resync.max(1)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("the reconcile thread's runtime")?;
+        std::thread::Builder::new()
+            .name("reconcile".into())
+            .spawn(move || {
+                rt.block_on(apply_passes(reconciler, pass_rx, m, csum_workaround, every))
+            })
+            .context("starting the reconcile thread")?
+    };
     // Something the plan depends on changed since the last pass.
     let mut inputs_changed = true;
     let (mut own_open, mut leases_open) = (true, true);
@@ -354,12 +370,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             _ = tick.tick() => {}
             ev = async { match bgp.as_mut() { Some(b) => b.events.recv().await, None => std::future::pending().await } } => {
                 if let (Some(b), Some(ev)) = (bgp.as_mut(), ev) {
+                    let t = Instant::now();
                     b.on_event(ev).await;
                     // A full table arrives as thousands of UPDATEs: take every one already
                     // queued, then plan and reconcile once (per event it was quadratic).
+                    let mut events = 1;
                     while let Ok(ev) = b.events.try_recv() {
                         b.on_event(ev).await;
+                        events += 1;
                     }
+                    tracing::debug!(events, took = ?t.elapsed(), "BGP events handled");
                     b.publish(&metrics);
                     inputs_changed = true;
                 }
@@ -386,7 +406,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         if bgp.as_ref().is_some_and(|b| b.deadline_passed()) {
             inputs_changed = true;
         }
-        if !inputs_changed && !unsettled && !reconciler.due() {
+        if !inputs_changed && !unsettled {
             continue;
         }
         let Some(all) = leases_rx.borrow().clone() else {
@@ -425,42 +445,17 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             }
             _ => None,
         };
-        let start = Instant::now();
-        let Some(report) = reconciler.run(&desired).await else {
-            continue;
-        };
-        metrics
-            .reconcile_seconds
-            .observe(start.elapsed().as_secs_f64());
-        if report.added + report.removed > 0 {
-            tracing::info!(added = report.added, removed = report.removed, took = ?start.elapsed(), "reconciled");
-        }
-        if csum_workaround {
-            if let Some(v) = &desired.vxlan {
-                if let Err(e) = weft_dataplane::ioctl::disable_tx_csum(&v.name) {
-                    tracing::warn!(error = %e, "tx checksum workaround");
-                }
-            }
-        }
-        metrics.reconcile_errors.inc_by(report.errors.len() as u64);
-        let peers = leases.iter().filter(|l| l.key != own.key).count();
-        metrics
-            .peers_unreachable
-            .set(desired.unreachable.len() as i64);
-        metrics.rejected.set(desired.rejected.len() as i64);
-        metrics
-            .peers_programmed
-            .set((peers - desired.unreachable.len().min(peers)) as i64);
-        report_problems(&desired, &report, &leases, &mut last_problems);
-        // Ready: lease held, subnet.env written, every current peer programmed. Rejected
-        // leases and routes (bad data a peer sent) do not count: only that peer can fix them.
-        metrics.ready.store(
-            report.errors.is_empty() && desired.unreachable.is_empty(),
-            Ordering::Relaxed,
-        );
+        pass_tx.send_replace(Some(Arc::new(Pass {
+            desired,
+            leases,
+            own_key: own.key,
+        })));
     };
     // SIGTERM: stop renewing, leave every route, neighbour and device in place.
     let _ = stop_tx.send(true);
+    // The reconcile thread ends after the pass under way (it never removes anything on exit).
+    drop(pass_tx);
+    drop(passes);
     let Some(lost) = lost else {
         let _ = keeper.await;
         tracing::info!("stopped; the dataplane stays as it is");
@@ -481,6 +476,70 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     anyhow::bail!(
         "{lost}; this node stops using it and exits (its supervisor starts it on a fresh lease)"
     )
+}
+
+/// One pass's input: the plan, and the leases it came from (to name them in the log).
+struct Pass {
+    desired: DesiredState,
+    leases: Vec<Lease>,
+    own_key: weft_core::lease::LeaseKey,
+}
+
+/// Applies the latest plan to the kernel whenever it changes, and when a pass is due anyway
+/// (kernel changes under weft, a failed pass, the full resync); sets the metrics and
+/// readiness from what each pass did. Plans that arrive during a pass are coalesced.
+async fn apply_passes(
+    mut reconciler: reconcile::Reconciler,
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<Pass>>>,
+    metrics: Arc<Metrics>,
+    csum_workaround: bool,
+    resync: Duration,
+) {
+    let mut tick = tokio::time::interval(resync);
+    let mut last_problems = String::new();
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tick.tick() => if !reconciler.due() { continue },
+        }
+        let Some(pass) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let (desired, leases) = (&pass.desired, &pass.leases);
+        let start = Instant::now();
+        let Some(report) = reconciler.run(desired).await else {
+            continue;
+        };
+        metrics
+            .reconcile_seconds
+            .observe(start.elapsed().as_secs_f64());
+        if report.added + report.removed > 0 {
+            tracing::info!(added = report.added, removed = report.removed, took = ?start.elapsed(), "reconciled");
+        }
+        if csum_workaround {
+            if let Some(v) = &desired.vxlan {
+                if let Err(e) = weft_dataplane::ioctl::disable_tx_csum(&v.name) {
+                    tracing::warn!(error = %e, "tx checksum workaround");
+                }
+            }
+        }
+        metrics.reconcile_errors.inc_by(report.errors.len() as u64);
+        let peers = leases.iter().filter(|l| l.key != pass.own_key).count();
+        metrics
+            .peers_unreachable
+            .set(desired.unreachable.len() as i64);
+        metrics.rejected.set(desired.rejected.len() as i64);
+        metrics
+            .peers_programmed
+            .set((peers - desired.unreachable.len().min(peers)) as i64);
+        report_problems(desired, &report, leases, &mut last_problems);
+        // Ready: lease held, subnet.env written, every current peer programmed. Rejected
+        // leases and routes (bad data a peer sent) do not count: only that peer can fix them.
+        metrics.ready.store(
+            report.errors.is_empty() && desired.unreachable.is_empty(),
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// Logs what the plan rejected or could not reach and what a pass could not do, each named with
