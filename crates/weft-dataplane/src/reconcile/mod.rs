@@ -90,6 +90,23 @@ pub async fn reconcile(
     underlay: &Link,
     masq: &mut MasqTable,
 ) -> (Report, HashSet<u32>) {
+    let (report, devices, _) = full_pass(h, d, underlay, masq).await;
+    (report, devices)
+}
+
+/// weft's devices as a full pass left them: routes through them name their index.
+#[derive(Debug, Clone, Default)]
+struct Devices {
+    vxlan: Option<Link>,
+    tun: Option<Link>,
+}
+
+async fn full_pass(
+    h: &Nl,
+    d: &DesiredState,
+    underlay: &Link,
+    masq: &mut MasqTable,
+) -> (Report, HashSet<u32>, Devices) {
     let mut report = Report::default();
     let mut devices = HashSet::new();
     let vx = match &d.vxlan {
@@ -135,19 +152,21 @@ pub async fn reconcile(
         }
     }
 
-    let want: Vec<_> = d
+    let mut want: Vec<_> = d
         .routes
         .iter()
         .filter_map(|p| routes::route_of(p, vx.as_ref(), tun.as_ref(), underlay))
         .collect();
+    want.sort_by_key(|r| r.dst);
     routes::sync_routes(h, &want, &mut report).await;
+    drop(want);
 
     match masq.sync(d.masq.as_ref()) {
         Ok(true) => report.added += 1,
         Ok(false) => {}
         Err(e) => report.fail(Object::Table("nftables ip weft".into()), e),
     }
-    (report, devices)
+    (report, devices, Devices { vxlan: vx, tun })
 }
 
 /// Runs passes when they are due; an idle node costs one comparison per tick.
@@ -156,7 +175,9 @@ pub struct Reconciler {
     underlay: Link,
     masq: MasqTable,
     watch: Arc<monitor::Watch>,
-    last: Option<DesiredState>,
+    last: Option<Arc<DesiredState>>,
+    /// The devices of the last full pass (for passes that only change routes).
+    devices: Devices,
     last_failed: bool,
     last_full: Option<Instant>,
     /// A full pass at least this often, whatever the notifications say.
@@ -176,6 +197,7 @@ impl Reconciler {
             masq: MasqTable::default(),
             watch,
             last: None,
+            devices: Devices::default(),
             last_failed: false,
             last_full: None,
             full_every,
@@ -193,23 +215,55 @@ impl Reconciler {
     }
 
     /// Runs a pass if `d` differs from the last plan or one is [`due`](Self::due); None when
-    /// there was nothing to do.
-    pub async fn run(&mut self, d: &DesiredState) -> Option<Report> {
+    /// there was nothing to do. When only routes changed since a clean pass and nothing
+    /// changed under weft, only the difference is applied, without dumping the kernel's
+    /// tables (a BGP table arriving in batches would otherwise dump a growing table per batch).
+    pub async fn run(&mut self, d: &Arc<DesiredState>) -> Option<Report> {
         let dirty = self.watch.take_dirty();
-        let same = self.last.as_ref() == Some(d);
+        let same = self.last.as_deref() == Some(&**d);
         let full_due = self
             .last_full
             .is_none_or(|t| t.elapsed() >= self.full_every);
         if same && !dirty && !self.last_failed && !full_due {
             return None;
         }
-        let (report, devices) = reconcile(&self.nl, d, &self.underlay, &mut self.masq).await;
+        if let (false, false, false, Some(last)) = (dirty, self.last_failed, full_due, &self.last)
+        {
+            if only_routes_differ(last, d) {
+                let dev = &self.devices;
+                let r = routes::apply_difference(
+                    &self.nl,
+                    &last.routes,
+                    &d.routes,
+                    |p| routes::route_of(p, dev.vxlan.as_ref(), dev.tun.as_ref(), &self.underlay),
+                )
+                .await;
+                if let Some(report) = r {
+                    self.last_failed = !report.errors.is_empty();
+                    self.last = Some(d.clone());
+                    return Some(report);
+                }
+            }
+        }
+        let (report, devices, links) =
+            full_pass(&self.nl, d, &self.underlay, &mut self.masq).await;
         self.watch.set_devices(devices);
+        self.devices = links;
         self.last_failed = !report.errors.is_empty();
         self.last = Some(d.clone());
         self.last_full = Some(Instant::now());
         Some(report)
     }
+}
+
+/// Two plans that ask the same of the kernel but for their routes.
+fn only_routes_differ(a: &DesiredState, b: &DesiredState) -> bool {
+    a.vxlan == b.vxlan
+        && a.tun == b.tun
+        && a.neighbours == b.neighbours
+        && a.fdb == b.fdb
+        && a.masq == b.masq
+        && a.pod_mtu == b.pod_mtu
 }
 
 /// The interface and address of the default route, or of `name`: the agent's underlay.

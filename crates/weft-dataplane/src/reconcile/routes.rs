@@ -7,7 +7,6 @@ use super::{Object, Report};
 use crate::link::{is_exists, Link, Nl, Route, RTPROT_WEFT};
 use futures::StreamExt;
 use ipnet::IpNet;
-use std::collections::HashSet;
 use std::net::IpAddr;
 use weft_backend::{Dev, PlannedRoute};
 
@@ -117,47 +116,105 @@ pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
             }
         }
     }
-    let results: Vec<_> = futures::stream::iter(changes)
+    drop(all);
+    apply(h, changes.into_iter(), report).await;
+    // `want` is sorted by destination (the caller's promise): no set of 100,000 to build.
+    let wanted = |dst: &IpNet| want.binary_search_by_key(dst, |w| w.dst).is_ok();
+    let stale = have
+        .iter()
+        .filter(|r| r.protocol == RTPROT_WEFT && !wanted(&r.dst));
+    remove(h, stale, report).await;
+}
+
+/// Adds (or with `true`, replaces) routes, [`IN_FLIGHT`] at a time; folds the results into
+/// the report as they come (a table's worth of results is never held).
+async fn apply<'a>(h: &Nl, changes: impl Iterator<Item = (&'a Route, bool)>, report: &mut Report) {
+    futures::stream::iter(changes)
         .map(|(w, replace)| async move {
             let r = if replace {
                 h.replace_route(w).await
             } else {
                 h.add_route_strict(w).await
             };
-            (w, r)
+            (w.dst, r)
         })
         .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    for (w, r) in results {
-        match r {
-            Ok(()) => report.added += 1,
-            Err(e) if is_exists(&e) => report.note(
-                Object::Route(w.dst),
-                format!(
-                    "a route to {} appeared meanwhile and is not weft's; left alone",
-                    w.dst
+        .for_each(|(dst, r)| {
+            match r {
+                Ok(()) => report.added += 1,
+                Err(e) if is_exists(&e) => report.note(
+                    Object::Route(dst),
+                    format!("a route to {dst} appeared meanwhile and is not weft's; left alone"),
                 ),
-            ),
-            Err(e) => report.fail(Object::Route(w.dst), e),
-        }
-    }
-    let wanted: HashSet<IpNet> = want.iter().map(|w| w.dst).collect();
-    let stale = have
-        .iter()
-        .filter(|r| r.protocol == RTPROT_WEFT && !wanted.contains(&r.dst));
-    let results: Vec<_> = futures::stream::iter(stale)
+                Err(e) => report.fail(Object::Route(dst), e),
+            }
+            std::future::ready(())
+        })
+        .await;
+}
+
+async fn remove<'a>(h: &Nl, stale: impl Iterator<Item = &'a Route>, report: &mut Report) {
+    futures::stream::iter(stale)
         .map(|r| async move { (r.dst, h.del_route(r).await) })
         .buffer_unordered(IN_FLIGHT)
-        .collect()
+        .for_each(|(dst, r)| {
+            match r {
+                Ok(true) => report.removed += 1,
+                Ok(false) => {}
+                Err(e) => report.fail(Object::Route(dst), e),
+            }
+            std::future::ready(())
+        })
         .await;
-    for (dst, r) in results {
-        match r {
-            Ok(true) => report.removed += 1,
-            Ok(false) => {}
-            Err(e) => report.fail(Object::Route(dst), e),
+}
+
+/// The routes part of a pass from the last plan's routes to the next's (both sorted, as the
+/// planner leaves them), without looking at the kernel: new ones added, changed ones
+/// replaced, gone ones removed. A route someone else put where a new one goes fails its add
+/// (EEXIST) and is reported; the failed pass makes the next one full, which adopts or leaves
+/// it as [`sync_routes`] does. None when this cannot be done so (a destination twice in a
+/// plan, a device gone): the caller makes a full pass.
+pub(super) async fn apply_difference(
+    h: &Nl,
+    old: &[PlannedRoute],
+    new: &[PlannedRoute],
+    route_of: impl Fn(&PlannedRoute) -> Option<Route>,
+) -> Option<Report> {
+    let unique = |v: &[PlannedRoute]| v.windows(2).all(|w| w[0].dst < w[1].dst);
+    if !unique(old) || !unique(new) {
+        return None;
+    }
+    let (mut put, mut gone) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o.dst == n.dst => {
+                if o != n {
+                    put.push((route_of(n)?, true));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o.dst < n.dst => {
+                gone.push(route_of(o)?);
+                i += 1;
+            }
+            (Some(o), None) => {
+                gone.push(route_of(o)?);
+                i += 1;
+            }
+            (_, Some(n)) => {
+                put.push((route_of(n)?, false));
+                j += 1;
+            }
+            (None, None) => break,
         }
     }
+    let mut report = Report::default();
+    // New and changed first, then the removals: traffic keeps a route throughout.
+    apply(h, put.iter().map(|(r, replace)| (r, *replace)), &mut report).await;
+    remove(h, gone.iter(), &mut report).await;
+    Some(report)
 }
 
 #[cfg(test)]

@@ -446,7 +446,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             _ => None,
         };
         pass_tx.send_replace(Some(Arc::new(Pass {
-            desired,
+            desired: Arc::new(desired),
             leases,
             own_key: own.key,
         })));
@@ -480,7 +480,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
 
 /// One pass's input: the plan, and the leases it came from (to name them in the log).
 struct Pass {
-    desired: DesiredState,
+    desired: Arc<DesiredState>,
     leases: Vec<Lease>,
     own_key: weft_core::lease::LeaseKey,
 }
