@@ -22,7 +22,7 @@ cleanup() {
     ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del $ns 2>/dev/null || true
   done
-  rm -rf "$T"
+  [ -n "${KEEP:-}" ] || rm -rf "$T"
 }
 trap cleanup EXIT
 cleanup; T=$(mktemp -d)
@@ -107,7 +107,7 @@ run_weft() {
   mkdir -p "$d"
   echo '{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 64512, "Encapsulation": "Never", "ImportFromPeers": ["0.0.0.0/0"], "Peers": [{"Address": "10.98.0.1", "ASNumber": 65002}]}}' >"$d/net-conf.json"
   $W config put "$d/net-conf.json" --store "sqlite:$d/leases.db" >/dev/null
-  ip netns exec wbi-weft "$W" agent --node-name ingest --iface eth0 --subnet-file "$d/subnet.env" --store "sqlite:$d/leases.db" --log warn >"$d/agent.log" 2>&1 &
+  ip netns exec wbi-weft "$W" agent --node-name ingest --iface eth0 --subnet-file "$d/subnet.env" --store "sqlite:$d/leases.db" --log "${LOG:-warn}" >"$d/agent.log" 2>&1 &
   measure weft "$d" $! wbi-weft 87
 }
 

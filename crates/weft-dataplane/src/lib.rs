@@ -1,6 +1,7 @@
 //! The only weft code that touches the kernel: network namespaces, netlink (links, addresses,
 //! routes), sysctls. Everything above it plans; this crate carries plans out.
 
+pub mod batch;
 pub mod ioctl;
 pub mod link;
 pub mod netns;

@@ -392,7 +392,7 @@ impl Nl {
             .collect())
     }
 
-    fn route_msg(r: &Route) -> Result<RouteMessage, DataplaneError> {
+    pub(crate) fn route_msg(r: &Route) -> Result<RouteMessage, DataplaneError> {
         let mut msg = match r.dst {
             IpNet::V4(d) => {
                 let mut b = RouteMessageBuilder::<Ipv4Addr>::new()

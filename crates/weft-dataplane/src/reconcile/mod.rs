@@ -231,13 +231,9 @@ impl Reconciler {
         {
             if only_routes_differ(last, d) {
                 let dev = &self.devices;
-                let r = routes::apply_difference(
-                    &self.nl,
-                    &last.routes,
-                    &d.routes,
-                    |p| routes::route_of(p, dev.vxlan.as_ref(), dev.tun.as_ref(), &self.underlay),
-                )
-                .await;
+                let r = routes::apply_difference(&last.routes, &d.routes, |p| {
+                    routes::route_of(p, dev.vxlan.as_ref(), dev.tun.as_ref(), &self.underlay)
+                });
                 if let Some(report) = r {
                     self.last_failed = !report.errors.is_empty();
                     self.last = Some(d.clone());

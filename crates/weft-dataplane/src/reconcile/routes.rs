@@ -4,15 +4,11 @@
 //! an atomic swap. Any other route there is left alone and reported.
 
 use super::{Object, Report};
-use crate::link::{is_exists, Link, Nl, Route, RTPROT_WEFT};
-use futures::StreamExt;
+use crate::batch::{Op, RouteBatch};
+use crate::link::{is_exists, is_missing, Link, Nl, Route, RTPROT_WEFT};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_backend::{Dev, PlannedRoute};
-
-/// Route requests in flight at once (one netlink socket, acknowledged out of order): one at a
-/// time, a table of 100,000 took 3 s.
-const IN_FLIGHT: usize = 64;
 
 pub(super) fn route_of(
     p: &PlannedRoute,
@@ -117,55 +113,58 @@ pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
         }
     }
     drop(all);
-    apply(h, changes.into_iter(), report).await;
+    apply(changes.into_iter(), report);
     // `want` is sorted by destination (the caller's promise): no set of 100,000 to build.
     let wanted = |dst: &IpNet| want.binary_search_by_key(dst, |w| w.dst).is_ok();
     let stale = have
         .iter()
         .filter(|r| r.protocol == RTPROT_WEFT && !wanted(&r.dst));
-    remove(h, stale, report).await;
+    remove(stale, report);
 }
 
-/// Adds (or with `true`, replaces) routes, [`IN_FLIGHT`] at a time; folds the results into
-/// the report as they come (a table's worth of results is never held).
-async fn apply<'a>(h: &Nl, changes: impl Iterator<Item = (&'a Route, bool)>, report: &mut Report) {
-    futures::stream::iter(changes)
-        .map(|(w, replace)| async move {
-            let r = if replace {
-                h.replace_route(w).await
-            } else {
-                h.add_route_strict(w).await
-            };
-            (w.dst, r)
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|(dst, r)| {
-            match r {
-                Ok(()) => report.added += 1,
-                Err(e) if is_exists(&e) => report.note(
-                    Object::Route(dst),
-                    format!("a route to {dst} appeared meanwhile and is not weft's; left alone"),
-                ),
-                Err(e) => report.fail(Object::Route(dst), e),
-            }
-            std::future::ready(())
-        })
-        .await;
+/// Adds (or with `true`, replaces) routes in bulk ([`crate::batch`]); folds the failures into
+/// the report.
+fn apply<'a>(changes: impl Iterator<Item = (&'a Route, bool)>, report: &mut Report) {
+    let ops: Vec<(Op, &Route)> = changes
+        .map(|(w, replace)| (if replace { Op::Replace } else { Op::Add }, w))
+        .collect();
+    if ops.is_empty() {
+        return;
+    }
+    let failed = match RouteBatch::open().and_then(|mut b| b.apply(&ops)) {
+        Ok(f) => f,
+        Err(e) => return report.fail(Object::Table("main".into()), e),
+    };
+    report.added += ops.len() - failed.len();
+    for (i, e) in failed {
+        let dst = ops[i].1.dst;
+        if is_exists(&e) {
+            report.note(
+                Object::Route(dst),
+                format!("a route to {dst} appeared meanwhile and is not weft's; left alone"),
+            );
+        } else {
+            report.fail(Object::Route(dst), e);
+        }
+    }
 }
 
-async fn remove<'a>(h: &Nl, stale: impl Iterator<Item = &'a Route>, report: &mut Report) {
-    futures::stream::iter(stale)
-        .map(|r| async move { (r.dst, h.del_route(r).await) })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|(dst, r)| {
-            match r {
-                Ok(true) => report.removed += 1,
-                Ok(false) => {}
-                Err(e) => report.fail(Object::Route(dst), e),
-            }
-            std::future::ready(())
-        })
-        .await;
+fn remove<'a>(stale: impl Iterator<Item = &'a Route>, report: &mut Report) {
+    let ops: Vec<(Op, &Route)> = stale.map(|r| (Op::Delete, r)).collect();
+    if ops.is_empty() {
+        return;
+    }
+    let failed = match RouteBatch::open().and_then(|mut b| b.apply(&ops)) {
+        Ok(f) => f,
+        Err(e) => return report.fail(Object::Table("main".into()), e),
+    };
+    // Gone already (ENOENT) is fine, and not counted as removed.
+    report.removed += ops.len() - failed.len();
+    for (i, e) in failed {
+        if !is_missing(&e) {
+            report.fail(Object::Route(ops[i].1.dst), e);
+        }
+    }
 }
 
 /// The routes part of a pass from the last plan's routes to the next's (both sorted, as the
@@ -174,8 +173,7 @@ async fn remove<'a>(h: &Nl, stale: impl Iterator<Item = &'a Route>, report: &mut
 /// (EEXIST) and is reported; the failed pass makes the next one full, which adopts or leaves
 /// it as [`sync_routes`] does. None when this cannot be done so (a destination twice in a
 /// plan, a device gone): the caller makes a full pass.
-pub(super) async fn apply_difference(
-    h: &Nl,
+pub(super) fn apply_difference(
     old: &[PlannedRoute],
     new: &[PlannedRoute],
     route_of: impl Fn(&PlannedRoute) -> Option<Route>,
@@ -212,8 +210,8 @@ pub(super) async fn apply_difference(
     }
     let mut report = Report::default();
     // New and changed first, then the removals: traffic keeps a route throughout.
-    apply(h, put.iter().map(|(r, replace)| (r, *replace)), &mut report).await;
-    remove(h, gone.iter(), &mut report).await;
+    apply(put.iter().map(|(r, replace)| (r, *replace)), &mut report);
+    remove(gone.iter(), &mut report);
     Some(report)
 }
 

@@ -437,8 +437,10 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         if let Some(e) = &udp {
             e.set_peers(weft_backend::udp::PeerTable::new(public_ip, &leases));
         }
+        let t = Instant::now();
         let mut desired: DesiredState =
             weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
+        tracing::debug!(routes = desired.routes.len(), took = ?t.elapsed(), "planned");
         desired.masq = match (a.ip_masq, masq_network, own.key.v4) {
             (true, Some(network), Some(subnet)) => {
                 Some(weft_backend::masq::Masq { network, subnet })
