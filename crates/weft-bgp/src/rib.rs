@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 type Set<K> = std::collections::HashSet<K, ahash::RandomState>;
 
+/// The paths to one prefix: almost always one (kept inline).
+type Paths = smallvec::SmallVec<[Path; 1]>;
+
 /// Attribute flags (RFC 4271 §4.3).
 const OPTIONAL: u8 = 0x80;
 const TRANSITIVE: u8 = 0x40;
@@ -156,7 +159,7 @@ pub struct Rib {
     policy: Policy,
     peers: Map<IpAddr, Peer>,
     /// prefix -> the paths peers offer for it.
-    paths: Map<Ipv4Net, Vec<Path>>,
+    paths: Map<Ipv4Net, Paths>,
     /// Identical attribute sets are stored once.
     interned: Set<Arc<Attrs>>,
     /// Some attribute set may have lost its last user since the last collection (collecting

@@ -7,6 +7,7 @@
 
 use crate::link::{Nl, Route};
 use crate::DataplaneError;
+use ipnet::IpNet;
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
     NLM_F_REQUEST,
@@ -28,6 +29,13 @@ pub enum Op {
 /// Requests per send, in bytes (a route request is ~60-90 bytes; the socket's send buffer,
 /// 208 KiB by default, bounds a single send).
 const CHUNK: usize = 64 * 1024;
+
+/// A request the kernel refused.
+#[derive(Debug)]
+pub struct Failed {
+    pub dst: IpNet,
+    pub error: DataplaneError,
+}
 
 /// A netlink socket for route changes in bulk.
 pub struct RouteBatch {
@@ -52,17 +60,19 @@ impl RouteBatch {
         Ok(RouteBatch { sock, seq: 1 })
     }
 
-    /// Carries out `ops` in order; returns each that failed, by index, with its error.
+    /// Carries out `ops` in order, made as they are sent (a table's worth of requests is never
+    /// held); returns how many were sent and each that failed, with its error.
     pub fn apply(
         &mut self,
-        ops: &[(Op, &Route)],
-    ) -> Result<Vec<(usize, DataplaneError)>, DataplaneError> {
-        let base = self.seq;
-        self.seq = self.seq.wrapping_add(ops.len() as u32 + 1);
+        ops: impl Iterator<Item = (Op, Route)>,
+    ) -> Result<(usize, Vec<Failed>), DataplaneError> {
         let mut failed = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 1024);
-        for (i, (op, r)) in ops.iter().enumerate() {
-            let msg = Nl::route_msg(r)?;
+        // The requests in `buf`, to name the ones that fail.
+        let mut sent: Vec<(Op, IpNet)> = Vec::new();
+        let mut total = 0;
+        for (op, r) in ops {
+            let msg = Nl::route_msg(&r)?;
             let (inner, flags) = match op {
                 Op::Add => (
                     RouteNetlinkMessage::NewRoute(msg),
@@ -79,46 +89,34 @@ impl RouteBatch {
                 NetlinkPayload::InnerMessage(inner),
             );
             m.header.flags = NLM_F_REQUEST | flags;
-            m.header.sequence_number = base.wrapping_add(i as u32);
+            m.header.sequence_number = self.seq.wrapping_add(sent.len() as u32);
             m.finalize();
             let at = buf.len();
             buf.resize(at + m.buffer_len(), 0);
             m.serialize(&mut buf[at..]);
+            sent.push((op, r.dst));
+            total += 1;
             if buf.len() >= CHUNK {
-                self.send(&buf, base, &mut failed)?;
+                self.send(&buf, &sent, &mut failed)?;
                 buf.clear();
+                sent.clear();
             }
         }
         if !buf.is_empty() {
-            self.send(&buf, base, &mut failed)?;
+            self.send(&buf, &sent, &mut failed)?;
         }
-        Ok(failed
-            .into_iter()
-            .filter_map(|(i, errno)| {
-                let (op, r) = ops.get(i)?;
-                let what = match op {
-                    Op::Add => format!("adding route to {}", r.dst),
-                    Op::Replace => format!("replacing route to {}", r.dst),
-                    Op::Delete => format!("deleting route to {}", r.dst),
-                };
-                Some((
-                    i,
-                    DataplaneError::Sys {
-                        what,
-                        errno: nix::errno::Errno::from_raw(errno),
-                    },
-                ))
-            })
-            .collect())
+        Ok((total, failed))
     }
 
     /// Sends one buffer of requests, then reads the failures it caused (already queued).
     fn send(
-        &self,
+        &mut self,
         buf: &[u8],
-        base: u32,
-        failed: &mut Vec<(usize, i32)>,
+        sent: &[(Op, IpNet)],
+        failed: &mut Vec<Failed>,
     ) -> Result<(), DataplaneError> {
+        let base = self.seq;
+        self.seq = self.seq.wrapping_add(sent.len() as u32 + 1);
         let n = self.sock.send(buf, 0).map_err(io("sending route requests"))?;
         if n != buf.len() {
             return Err(DataplaneError::Other(format!(
@@ -149,10 +147,21 @@ impl RouteBatch {
                 }
                 if let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..off + len])
                 {
-                    if let NetlinkPayload::Error(e) = m.payload {
+                    let i = m.header.sequence_number.wrapping_sub(base) as usize;
+                    if let (NetlinkPayload::Error(e), Some((op, dst))) = (m.payload, sent.get(i)) {
                         if let Some(code) = e.code {
-                            let i = m.header.sequence_number.wrapping_sub(base) as usize;
-                            failed.push((i, -code.get()));
+                            let what = match op {
+                                Op::Add => format!("adding route to {dst}"),
+                                Op::Replace => format!("replacing route to {dst}"),
+                                Op::Delete => format!("deleting route to {dst}"),
+                            };
+                            failed.push(Failed {
+                                dst: *dst,
+                                error: DataplaneError::Sys {
+                                    what,
+                                    errno: nix::errno::Errno::from_raw(-code.get()),
+                                },
+                            });
                         }
                     }
                 }

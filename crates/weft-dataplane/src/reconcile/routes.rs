@@ -4,7 +4,7 @@
 //! an atomic swap. Any other route there is left alone and reported.
 
 use super::{Object, Report};
-use crate::batch::{Op, RouteBatch};
+use crate::batch::{Failed, Op, RouteBatch};
 use crate::link::{is_exists, is_missing, Link, Nl, Route, RTPROT_WEFT};
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -113,56 +113,62 @@ pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
         }
     }
     drop(all);
-    apply(changes.into_iter(), report);
+    put(
+        changes.into_iter().map(|(w, replace)| {
+            (if replace { Op::Replace } else { Op::Add }, w.clone())
+        }),
+        report,
+    );
     // `want` is sorted by destination (the caller's promise): no set of 100,000 to build.
     let wanted = |dst: &IpNet| want.binary_search_by_key(dst, |w| w.dst).is_ok();
     let stale = have
         .iter()
         .filter(|r| r.protocol == RTPROT_WEFT && !wanted(&r.dst));
-    remove(stale, report);
+    remove(stale.cloned(), report);
 }
 
-/// Adds (or with `true`, replaces) routes in bulk ([`crate::batch`]); folds the failures into
-/// the report.
-fn apply<'a>(changes: impl Iterator<Item = (&'a Route, bool)>, report: &mut Report) {
-    let ops: Vec<(Op, &Route)> = changes
-        .map(|(w, replace)| (if replace { Op::Replace } else { Op::Add }, w))
-        .collect();
-    if ops.is_empty() {
+/// Adds or replaces routes in bulk ([`crate::batch`]); folds the outcome into the report (an
+/// add that meets a route someone else made meanwhile is noted and left alone).
+fn put(ops: impl Iterator<Item = (Op, Route)>, report: &mut Report) {
+    let Some((sent, failed)) = batch(ops, report) else {
         return;
-    }
-    let failed = match RouteBatch::open().and_then(|mut b| b.apply(&ops)) {
-        Ok(f) => f,
-        Err(e) => return report.fail(Object::Table("main".into()), e),
     };
-    report.added += ops.len() - failed.len();
-    for (i, e) in failed {
-        let dst = ops[i].1.dst;
-        if is_exists(&e) {
+    report.added += sent - failed.len();
+    for f in failed {
+        let dst = f.dst;
+        if is_exists(&f.error) {
             report.note(
                 Object::Route(dst),
                 format!("a route to {dst} appeared meanwhile and is not weft's; left alone"),
             );
         } else {
-            report.fail(Object::Route(dst), e);
+            report.fail(Object::Route(dst), f.error);
         }
     }
 }
 
-fn remove<'a>(stale: impl Iterator<Item = &'a Route>, report: &mut Report) {
-    let ops: Vec<(Op, &Route)> = stale.map(|r| (Op::Delete, r)).collect();
-    if ops.is_empty() {
+/// Deletes routes in bulk; one gone already is fine (and not counted as removed).
+fn remove(stale: impl Iterator<Item = Route>, report: &mut Report) {
+    let Some((sent, failed)) = batch(stale.map(|r| (Op::Delete, r)), report) else {
         return;
-    }
-    let failed = match RouteBatch::open().and_then(|mut b| b.apply(&ops)) {
-        Ok(f) => f,
-        Err(e) => return report.fail(Object::Table("main".into()), e),
     };
-    // Gone already (ENOENT) is fine, and not counted as removed.
-    report.removed += ops.len() - failed.len();
-    for (i, e) in failed {
-        if !is_missing(&e) {
-            report.fail(Object::Route(ops[i].1.dst), e);
+    report.removed += sent - failed.len();
+    for f in failed {
+        if !is_missing(&f.error) {
+            report.fail(Object::Route(f.dst), f.error);
+        }
+    }
+}
+
+fn batch(
+    ops: impl Iterator<Item = (Op, Route)>,
+    report: &mut Report,
+) -> Option<(usize, Vec<Failed>)> {
+    match RouteBatch::open().and_then(|mut b| b.apply(ops)) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            report.fail(Object::Table("main".into()), e);
+            None
         }
     }
 }
@@ -182,27 +188,34 @@ pub(super) fn apply_difference(
     if !unique(old) || !unique(new) {
         return None;
     }
-    let (mut put, mut gone) = (Vec::new(), Vec::new());
+    // What changes, by reference into the plans (a Route each only as it is sent); every
+    // one checked to have its device first.
+    let (mut puts, mut gone): (Vec<(Op, &PlannedRoute)>, Vec<&PlannedRoute>) =
+        (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     loop {
         match (old.get(i), new.get(j)) {
             (Some(o), Some(n)) if o.dst == n.dst => {
                 if o != n {
-                    put.push((route_of(n)?, true));
+                    route_of(n)?;
+                    puts.push((Op::Replace, n));
                 }
                 i += 1;
                 j += 1;
             }
             (Some(o), Some(n)) if o.dst < n.dst => {
-                gone.push(route_of(o)?);
+                route_of(o)?;
+                gone.push(o);
                 i += 1;
             }
             (Some(o), None) => {
-                gone.push(route_of(o)?);
+                route_of(o)?;
+                gone.push(o);
                 i += 1;
             }
             (_, Some(n)) => {
-                put.push((route_of(n)?, false));
+                route_of(n)?;
+                puts.push((Op::Add, n));
                 j += 1;
             }
             (None, None) => break,
@@ -210,8 +223,12 @@ pub(super) fn apply_difference(
     }
     let mut report = Report::default();
     // New and changed first, then the removals: traffic keeps a route throughout.
-    apply(put.iter().map(|(r, replace)| (r, *replace)), &mut report);
-    remove(gone.iter(), &mut report);
+    put(
+        puts.into_iter()
+            .filter_map(|(op, p)| Some((op, route_of(p)?))),
+        &mut report,
+    );
+    remove(gone.into_iter().filter_map(&route_of), &mut report);
     Some(report)
 }
 
