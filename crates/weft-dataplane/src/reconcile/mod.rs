@@ -152,14 +152,14 @@ async fn full_pass(
         }
     }
 
-    let mut want: Vec<_> = d
-        .routes
-        .iter()
-        .filter_map(|p| routes::route_of(p, vx.as_ref(), tun.as_ref(), underlay))
-        .collect();
-    want.sort_by_key(|r| r.dst);
-    routes::sync_routes(h, &want, &mut report).await;
-    drop(want);
+    let route_of = |p: &_| routes::route_of(p, vx.as_ref(), tun.as_ref(), underlay);
+    if d.routes.windows(2).all(|w| w[0].dst <= w[1].dst) {
+        routes::sync_routes(h, &d.routes, route_of, &mut report).await;
+    } else {
+        let mut sorted = d.routes.clone();
+        sorted.sort();
+        routes::sync_routes(h, &sorted, route_of, &mut report).await;
+    }
 
     match masq.sync(d.masq.as_ref()) {
         Ok(true) => report.added += 1,

@@ -67,7 +67,15 @@ fn step(at_dst: &[&Route], w: &Route) -> Step {
     }
 }
 
-pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
+/// A full pass over routes: the kernel's main table dumped and compared with the plan (`want`,
+/// sorted by destination as the planner leaves it; `route_of` gives each its kernel form, None
+/// when its device is missing).
+pub(super) async fn sync_routes(
+    h: &Nl,
+    want: &[PlannedRoute],
+    route_of: impl Fn(&PlannedRoute) -> Option<Route>,
+    report: &mut Report,
+) {
     let have = match h.routes(false).await {
         Ok(h) => h,
         Err(e) => return report.fail(Object::Table("main".into()), e),
@@ -84,12 +92,14 @@ pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
         let to = all.partition_point(|r| r.dst <= dst);
         &all[from..to]
     };
-    let mut changes = Vec::new();
-    for w in want {
+    let mut changes: Vec<(Op, &PlannedRoute)> = Vec::new();
+    for p in want {
+        let Some(w) = route_of(p) else { continue };
+        let w = &w;
         match step(at(w.dst), w) {
             Step::Nothing => {}
-            Step::Add => changes.push((w, false)),
-            Step::Replace => changes.push((w, true)),
+            Step::Add => changes.push((Op::Add, p)),
+            Step::Replace => changes.push((Op::Replace, p)),
             Step::Foreign => {
                 let theirs = at(w.dst)
                     .iter()
@@ -114,13 +124,18 @@ pub(super) async fn sync_routes(h: &Nl, want: &[Route], report: &mut Report) {
     }
     drop(all);
     put(
-        changes.into_iter().map(|(w, replace)| {
-            (if replace { Op::Replace } else { Op::Add }, w.clone())
-        }),
+        changes
+            .into_iter()
+            .filter_map(|(op, p)| Some((op, route_of(p)?))),
         report,
     );
-    // `want` is sorted by destination (the caller's promise): no set of 100,000 to build.
-    let wanted = |dst: &IpNet| want.binary_search_by_key(dst, |w| w.dst).is_ok();
+    // `want` is sorted by destination: no set of 100,000 to build.
+    let wanted = |dst: &IpNet| match dst {
+        IpNet::V4(d) => want
+            .binary_search_by_key(d, |p| p.dst)
+            .is_ok_and(|i| route_of(&want[i]).is_some()),
+        IpNet::V6(_) => false,
+    };
     let stale = have
         .iter()
         .filter(|r| r.protocol == RTPROT_WEFT && !wanted(&r.dst));
