@@ -117,7 +117,10 @@ impl RouteBatch {
     ) -> Result<(), DataplaneError> {
         let base = self.seq;
         self.seq = self.seq.wrapping_add(sent.len() as u32 + 1);
-        let n = self.sock.send(buf, 0).map_err(io("sending route requests"))?;
+        let n = self
+            .sock
+            .send(buf, 0)
+            .map_err(io("sending route requests"))?;
         if n != buf.len() {
             return Err(DataplaneError::Other(format!(
                 "netlink took {n} of {} bytes of route requests",
@@ -132,20 +135,20 @@ impl RouteBatch {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     return Err(DataplaneError::Other(
-                        "more route requests failed than the socket could report (ENOBUFS)"
-                            .into(),
+                        "more route requests failed than the socket could report (ENOBUFS)".into(),
                     ))
                 }
                 Err(e) => return Err(io("reading route request failures")(e)),
             }
             let mut off = 0;
             while off + 16 <= rx.len() {
-                let len = u32::from_ne_bytes([rx[off], rx[off + 1], rx[off + 2], rx[off + 3]])
-                    as usize;
+                let len =
+                    u32::from_ne_bytes([rx[off], rx[off + 1], rx[off + 2], rx[off + 3]]) as usize;
                 if len < 16 || off + len > rx.len() {
                     break;
                 }
-                if let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..off + len])
+                if let Ok(m) =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..off + len])
                 {
                     let i = m.header.sequence_number.wrapping_sub(base) as usize;
                     if let (NetlinkPayload::Error(e), Some((op, dst))) = (m.payload, sent.get(i)) {

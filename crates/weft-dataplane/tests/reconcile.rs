@@ -243,16 +243,21 @@ fn between_clean_passes_only_the_route_difference_is_applied() {
         block_on(async {
             let nl = Nl::here().expect("netlink");
             let eth0 = nl.link("eth0").await.expect("link").expect("eth0");
-            let mut r = reconcile::Reconciler::new(
-                nl.clone(),
-                eth0,
-                std::time::Duration::from_secs(3600),
-            );
+            let mut r =
+                reconcile::Reconciler::new(nl.clone(), eth0, std::time::Duration::from_secs(3600));
             let ra = r.run(&a).await.expect("first pass");
             // A route of weft's protocol made behind weft's back, which the monitor does not
             // count (weft's own writes look the same): only a full pass would remove it.
             let o = Command::new("ip")
-                .args(["route", "add", "10.244.9.0/24", "via", "10.0.1.9", "proto", "87"])
+                .args([
+                    "route",
+                    "add",
+                    "10.244.9.0/24",
+                    "via",
+                    "10.0.1.9",
+                    "proto",
+                    "87",
+                ])
                 .output()
                 .expect("ip");
             assert!(o.status.success());

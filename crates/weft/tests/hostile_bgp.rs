@@ -6,14 +6,17 @@
 //!   as H sent them, plus ORIGINATOR_ID and CLUSTER_LIST;
 //! - a malformed UPDATE (RFC 7606 treat-as-withdraw) withdraws the route at O too;
 //! - 50,000 routes, then H closes: O gets them all and then every one withdrawn, each message
-//!   at most 4,096 bytes; n2 (a weft client) installs and removes them.
+//!   at most 4,096 bytes; n2 (a weft client) installs and removes them;
+//! - H stops reading while O announces 60,000 routes: n2 still gets them all, and n1's agent
+//!   keeps answering.
 
 mod common;
 use common::{ok, weft};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_bgp::codec::{
     decode, encode, encode_update, frame, Attrs, Capability, Message, Open, Origin, RawAttr,
@@ -47,6 +50,21 @@ struct Lab;
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = weft(&["lab", "down"]);
+    }
+}
+
+/// SO_RCVBUF on a listener (accepted connections inherit it).
+fn set_rcvbuf(l: &TcpListener, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and an int option of the size given.
+    unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -120,7 +138,7 @@ fn a_hostile_peer_cannot_break_the_reflector() {
     std::fs::write(
         &conf,
         r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.200.0", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
-            "ImportFromPeers": ["10.244.0.0/16", "11.0.0.0/8"],
+            "ImportFromPeers": ["10.244.0.0/16", "11.0.0.0/8", "12.0.0.0/8"],
             "Peers": [{"Address": "10.0.1.50", "ASNumber": 64512}, {"Address": "10.0.1.51", "ASNumber": 64512}]}}"#,
     )
     .expect("conf");
@@ -141,11 +159,18 @@ fn a_hostile_peer_cannot_break_the_reflector() {
     let (go_tx, go_rx) = mpsc::channel::<u8>();
     // O: records what n1 (10.0.1.11) sends; handshakes with everyone else and stays quiet.
     let o_ns = weft_dataplane::Netns::open("/run/netns/weft-underlay").expect("underlay");
+    // O's session with n1, for O to announce through.
+    let o_to_n1: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    let o_slot = o_to_n1.clone();
+    // H stops reading when this is set.
+    let h_deaf = Arc::new(AtomicBool::new(false));
+    let h_deaf2 = h_deaf.clone();
     std::thread::spawn(move || {
         let _ = o_ns.run(move || {
             let l = TcpListener::bind("10.0.1.51:179").expect("O listens");
             for c in l.incoming().flatten() {
                 let tx = seen_tx.clone();
+                let o_slot = o_slot.clone();
                 std::thread::spawn(move || {
                     let mut c = c;
                     let mut buf = Vec::new();
@@ -154,6 +179,11 @@ fn a_hostile_peer_cannot_break_the_reflector() {
                         return;
                     };
                     keep_alive(&c);
+                    if peer == IpAddr::V4(Ipv4Addr::new(10, 0, 1, 11)) {
+                        if let (Ok(w), Ok(mut slot)) = (c.try_clone(), o_slot.lock()) {
+                            *slot = Some(w);
+                        }
+                    }
                     while let Some(m) = read_msg(&mut c, &mut buf) {
                         if let (Ok(Message::Update(u)), true) = (
                             decode(&m, S),
@@ -172,6 +202,9 @@ fn a_hostile_peer_cannot_break_the_reflector() {
     std::thread::spawn(move || {
         let _ = ns.run(move || {
             let l = TcpListener::bind("10.0.1.50:179").expect("H listens");
+            // A small receive buffer (inherited by accepted connections): once H stops
+            // reading, n1's writes to it block soon.
+            set_rcvbuf(&l, 4096);
             let mut go = Some(go_rx);
             for c in l.incoming().flatten() {
                 let mut c = c;
@@ -186,7 +219,14 @@ fn a_hostile_peer_cannot_break_the_reflector() {
                 }
                 let Some(go) = go.take() else { continue };
                 let mut reader = c.try_clone().expect("clone");
-                std::thread::spawn(move || while read_msg(&mut reader, &mut buf).is_some() {});
+                let deaf = h_deaf2.clone();
+                std::thread::spawn(move || {
+                    while !deaf.load(Ordering::SeqCst) && read_msg(&mut reader, &mut buf).is_some()
+                    {
+                    }
+                    // Deaf: the connection stays open, nothing is read from it any more.
+                    std::thread::sleep(Duration::from_secs(3600));
+                });
                 loop {
                     // KEEPALIVEs from this thread too, between steps: one writer per socket.
                     let step = match go.recv_timeout(Duration::from_secs(5)) {
@@ -335,6 +375,49 @@ fn a_hostile_peer_cannot_break_the_reflector() {
             t.elapsed() < Duration::from_secs(60),
             "n2 installed {} of 50,000",
             routes_n2()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // H stops reading; O announces 60,000 routes, which n1 reflects to H (stuck), n2 and n3.
+    // Neither the agent nor the other peers may wait for H.
+    h_deaf.store(true, Ordering::SeqCst);
+    let flood: Vec<ipnet::Ipv4Net> = (0..60_000u32)
+        .map(|i| ipnet::Ipv4Net::new(Ipv4Addr::from(0x0c00_0000 + (i << 8)), 24).expect("net"))
+        .collect();
+    let mut from_o = route(flood, vec![]);
+    from_o.attrs.next_hop = Some(Ipv4Addr::new(10, 0, 1, 51));
+    {
+        let mut slot = o_to_n1.lock().expect("lock");
+        let w = slot.as_mut().expect("O's session with n1");
+        for m in encode_update(&from_o, S) {
+            w.write_all(&m).expect("O writes");
+        }
+    }
+    let routes_12 = || {
+        Command::new("ip")
+            .args(["-n", "weft-n2", "route", "show", "proto", "87"])
+            .output()
+            .map(|o| {
+                o.stdout
+                    .split(|b| *b == b'\n')
+                    .filter(|l| l.starts_with(b"12."))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let t = Instant::now();
+    while routes_12() < 60_000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "with H deaf, n2 installed {} of O's 60,000",
+            routes_12()
+        );
+        // n1's agent answers meanwhile.
+        let w = env!("CARGO_BIN_EXE_weft");
+        let o = weft(&["lab", "exec", "n1", "--", w, "bgp", "peers", "--json"]);
+        assert!(
+            o.status.success(),
+            "n1's agent does not answer while H is deaf"
         );
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -227,8 +227,7 @@ impl Reconciler {
         if same && !dirty && !self.last_failed && !full_due {
             return None;
         }
-        if let (false, false, false, Some(last)) = (dirty, self.last_failed, full_due, &self.last)
-        {
+        if let (false, false, false, Some(last)) = (dirty, self.last_failed, full_due, &self.last) {
             if only_routes_differ(last, d) {
                 let dev = &self.devices;
                 let r = routes::apply_difference(&last.routes, &d.routes, |p| {
@@ -241,8 +240,7 @@ impl Reconciler {
                 }
             }
         }
-        let (report, devices, links) =
-            full_pass(&self.nl, d, &self.underlay, &mut self.masq).await;
+        let (report, devices, links) = full_pass(&self.nl, d, &self.underlay, &mut self.masq).await;
         self.watch.set_devices(devices);
         self.devices = links;
         self.last_failed = !report.errors.is_empty();

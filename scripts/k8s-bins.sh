@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Kubernetes binaries of one release, built from the Go module proxy and cached; prints the
+# directory that holds them. K8S_BIN_DIR names a directory of prebuilt release binaries
+# instead (nothing is built then). K8S_VERSION picks the release (default below).
+#
+# k8s.io/kubernetes requires its staging modules (k8s.io/api, apimachinery, ...) at v0.0.0 with
+# replace directives to ./staging, which `go install pkg@version` refuses. So a small main
+# module requires k8s.io/kubernetes and replaces each staging module by its published release
+# (v0.Y.Z for v1.Y.Z), the list read from that release's own go.mod.
+set -euo pipefail
+VER=${K8S_VERSION:-v1.36.3}
+BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+if [ -n "${K8S_BIN_DIR:-}" ]; then
+  for b in "${BINS[@]}"; do
+    [ -x "$K8S_BIN_DIR/$b" ] || { echo "K8S_BIN_DIR=$K8S_BIN_DIR has no $b" >&2; exit 1; }
+  done
+  echo "$K8S_BIN_DIR"
+  exit 0
+fi
+command -v go >/dev/null || { echo "no Go toolchain: Kubernetes $VER cannot be built (set K8S_BIN_DIR to prebuilt binaries)" >&2; exit 2; }
+CACHE=${WEFT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/weft}/k8s/$VER
+done_all=true
+for b in "${BINS[@]}"; do [ -x "$CACHE/$b" ] || done_all=false; done
+if $done_all; then echo "$CACHE"; exit 0; fi
+
+STAGING=v0.${VER#v1.}
+SRC=$CACHE/src
+mkdir -p "$SRC"
+cd "$SRC"
+gomod=$(go mod download -json "k8s.io/kubernetes@$VER" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+need=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$gomod")
+echo "building Kubernetes $VER (its go.mod asks Go $need; here: $(go env GOVERSION)) into $CACHE" >&2
+{
+  echo "module weft.local/k8s-bins"
+  echo
+  echo "go $need"
+  echo
+  echo "require k8s.io/kubernetes $VER"
+  echo
+  echo "replace ("
+  sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/k8s.io/[a-z0-9-]*$#\t\1 => \1 '"$STAGING"'#p' "$gomod"
+  echo ")"
+} >go.mod
+# One file importing nothing; the commands are built straight from the required module.
+printf 'package main\n\nfunc main() {}\n' >main.go
+for b in "${BINS[@]}"; do
+  go get "k8s.io/kubernetes/cmd/$b@$VER" >&2
+done
+ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$VER -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$VER" | cut -d. -f2)"
+for b in "${BINS[@]}"; do
+  CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$CACHE/$b.tmp" "k8s.io/kubernetes/cmd/$b" >&2
+  mv "$CACHE/$b.tmp" "$CACHE/$b"
+done
+echo "$CACHE"
