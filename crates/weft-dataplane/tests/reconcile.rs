@@ -41,12 +41,7 @@ impl Ns {
     /// eth0 (10.0.1.1/24, a veth with its peer up) and a route of weft's (protocol 87) to
     /// 10.244.9.0/24 via 10.0.1.9.
     fn underlay_with_a_route_of_weft(&self) {
-        self.sh(&[
-            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-        ]);
-        self.sh(&["ip", "addr", "add", "10.0.1.1/24", "dev", "eth0"]);
-        self.sh(&["ip", "link", "set", "eth0", "up"]);
-        self.sh(&["ip", "link", "set", "eth1", "up"]);
+        self.underlay();
         self.sh(&[
             "ip",
             "route",
@@ -57,6 +52,18 @@ impl Ns {
             "proto",
             "87",
         ]);
+    }
+}
+
+impl Ns {
+    /// eth0 (10.0.1.1/24, a veth with its peer up).
+    fn underlay(&self) {
+        self.sh(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        self.sh(&["ip", "addr", "add", "10.0.1.1/24", "dev", "eth0"]);
+        self.sh(&["ip", "link", "set", "eth0", "up"]);
+        self.sh(&["ip", "link", "set", "eth1", "up"]);
     }
 }
 
@@ -211,12 +218,7 @@ fn the_monitor_sees_weft_state_changed_behind_its_back() {
 #[test]
 fn between_clean_passes_only_the_route_difference_is_applied() {
     let ns = Ns::new("d");
-    ns.sh(&[
-        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.sh(&["ip", "addr", "add", "10.0.1.1/24", "dev", "eth0"]);
-    ns.sh(&["ip", "link", "set", "eth0", "up"]);
-    ns.sh(&["ip", "link", "set", "eth1", "up"]);
+    ns.underlay();
     let route = |dst: &str, via: &str| PlannedRoute {
         dst: dst.parse().unwrap(),
         via: via.parse().unwrap(),

@@ -53,6 +53,20 @@ impl Drop for Lab {
     }
 }
 
+/// n2's routes of weft's (protocol 87) whose destination starts with `prefix`.
+fn routes_on_n2(prefix: &[u8]) -> usize {
+    Command::new("ip")
+        .args(["-n", "weft-n2", "route", "show", "proto", "87"])
+        .output()
+        .map(|o| {
+            o.stdout
+                .split(|b| *b == b'\n')
+                .filter(|l| l.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// SO_RCVBUF on a listener (accepted connections inherit it).
 fn set_rcvbuf(l: &TcpListener, bytes: libc::c_int) {
     use std::os::fd::AsRawFd;
@@ -357,18 +371,7 @@ fn a_hostile_peer_cannot_break_the_reflector() {
         n += u.nlri.iter().filter(|p| p.addr().octets()[0] == 11).count();
         n >= 50_000
     });
-    let routes_n2 = || {
-        Command::new("ip")
-            .args(["-n", "weft-n2", "route", "show", "proto", "87"])
-            .output()
-            .map(|o| {
-                o.stdout
-                    .split(|b| *b == b'\n')
-                    .filter(|l| l.starts_with(b"11."))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
+    let routes_n2 = || routes_on_n2(b"11.");
     let t = Instant::now();
     while routes_n2() < 50_000 {
         assert!(
@@ -393,18 +396,7 @@ fn a_hostile_peer_cannot_break_the_reflector() {
             w.write_all(&m).expect("O writes");
         }
     }
-    let routes_12 = || {
-        Command::new("ip")
-            .args(["-n", "weft-n2", "route", "show", "proto", "87"])
-            .output()
-            .map(|o| {
-                o.stdout
-                    .split(|b| *b == b'\n')
-                    .filter(|l| l.starts_with(b"12."))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
+    let routes_12 = || routes_on_n2(b"12.");
     let t = Instant::now();
     while routes_12() < 60_000 {
         assert!(
