@@ -42,6 +42,11 @@ impl Ns {
     /// 10.244.9.0/24 via 10.0.1.9.
     fn underlay_with_a_route_of_weft(&self) {
         self.underlay();
+        self.route_of_weft_by_hand();
+    }
+
+    /// A route of weft's protocol to 10.244.9.0/24 via 10.0.1.9, made with `ip`.
+    fn route_of_weft_by_hand(&self) {
         self.sh(&[
             "ip",
             "route",
@@ -250,19 +255,7 @@ fn between_clean_passes_only_the_route_difference_is_applied() {
             let ra = r.run(&a).await.expect("first pass");
             // A route of weft's protocol made behind weft's back, which the monitor does not
             // count (weft's own writes look the same): only a full pass would remove it.
-            let o = Command::new("ip")
-                .args([
-                    "route",
-                    "add",
-                    "10.244.9.0/24",
-                    "via",
-                    "10.0.1.9",
-                    "proto",
-                    "87",
-                ])
-                .output()
-                .expect("ip");
-            assert!(o.status.success());
+            ns.route_of_weft_by_hand();
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             let rb = r.run(&b).await.expect("second pass");
             (ra, rb)
