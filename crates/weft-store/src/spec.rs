@@ -93,6 +93,84 @@ impl Default for EtcdSettings {
 pub enum AnyStore {
     Sqlite(SqliteStore),
     Etcd(EtcdStore),
+    /// A store from another crate (the Kubernetes API: weft-kube), behind [`DynStore`].
+    Dyn(std::sync::Arc<dyn DynStore>),
+}
+
+type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// [`Store`] as a trait object: what `AnyStore::Dyn` holds. Every `Store` is one.
+pub trait DynStore: Send + Sync + 'static {
+    fn get_config(&self) -> Boxed<'_, Option<String>>;
+    fn put_config<'a>(&'a self, text: &'a str) -> Boxed<'a, ()>;
+    fn list_raw(&self) -> Boxed<'_, RawListing>;
+    fn create<'a>(&'a self, lease: &'a Lease, ttl: Option<Duration>) -> Boxed<'a, Lease>;
+    fn update<'a>(&'a self, lease: &'a Lease, ttl: Option<Duration>) -> Boxed<'a, Lease>;
+    fn find_node(&self, ip: std::net::IpAddr) -> Boxed<'_, Option<Lease>>;
+    fn delete<'a>(&'a self, key: &'a LeaseKey) -> Boxed<'a, bool>;
+    fn changes(&self, from: u64) -> Boxed<'_, ChangeStream>;
+    fn resolve_expiry<'a>(&'a self, leases: &'a mut [Lease]) -> Boxed<'a, ()>;
+}
+
+// The other way round, so `AnyStore` delegates to every variant alike.
+impl Store for dyn DynStore {
+    async fn get_config(&self) -> Result<Option<String>, StoreError> {
+        DynStore::get_config(self).await
+    }
+    async fn put_config(&self, text: &str) -> Result<(), StoreError> {
+        DynStore::put_config(self, text).await
+    }
+    async fn list_raw(&self) -> Result<RawListing, StoreError> {
+        DynStore::list_raw(self).await
+    }
+    async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
+        DynStore::create(self, lease, ttl).await
+    }
+    async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
+        DynStore::update(self, lease, ttl).await
+    }
+    async fn find_node(&self, ip: std::net::IpAddr) -> Result<Option<Lease>, StoreError> {
+        DynStore::find_node(self, ip).await
+    }
+    async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {
+        DynStore::delete(self, key).await
+    }
+    async fn changes(&self, from: u64) -> Result<ChangeStream, StoreError> {
+        DynStore::changes(self, from).await
+    }
+    async fn resolve_expiry(&self, leases: &mut [Lease]) -> Result<(), StoreError> {
+        DynStore::resolve_expiry(self, leases).await
+    }
+}
+
+impl<S: Store> DynStore for S {
+    fn get_config(&self) -> Boxed<'_, Option<String>> {
+        Box::pin(Store::get_config(self))
+    }
+    fn put_config<'a>(&'a self, text: &'a str) -> Boxed<'a, ()> {
+        Box::pin(Store::put_config(self, text))
+    }
+    fn list_raw(&self) -> Boxed<'_, RawListing> {
+        Box::pin(Store::list_raw(self))
+    }
+    fn create<'a>(&'a self, lease: &'a Lease, ttl: Option<Duration>) -> Boxed<'a, Lease> {
+        Box::pin(Store::create(self, lease, ttl))
+    }
+    fn update<'a>(&'a self, lease: &'a Lease, ttl: Option<Duration>) -> Boxed<'a, Lease> {
+        Box::pin(Store::update(self, lease, ttl))
+    }
+    fn find_node(&self, ip: std::net::IpAddr) -> Boxed<'_, Option<Lease>> {
+        Box::pin(Store::find_node(self, ip))
+    }
+    fn delete<'a>(&'a self, key: &'a LeaseKey) -> Boxed<'a, bool> {
+        Box::pin(Store::delete(self, key))
+    }
+    fn changes(&self, from: u64) -> Boxed<'_, ChangeStream> {
+        Box::pin(Store::changes(self, from))
+    }
+    fn resolve_expiry<'a>(&'a self, leases: &'a mut [Lease]) -> Boxed<'a, ()> {
+        Box::pin(Store::resolve_expiry(self, leases))
+    }
 }
 
 impl AnyStore {
@@ -111,37 +189,41 @@ macro_rules! delegate {
         match $self {
             AnyStore::Sqlite($s) => $e,
             AnyStore::Etcd($s) => $e,
+            AnyStore::Dyn(d) => {
+                let $s = &**d;
+                $e
+            }
         }
     };
 }
 
 impl Store for AnyStore {
     async fn get_config(&self) -> Result<Option<String>, StoreError> {
-        delegate!(self, s => s.get_config().await)
+        delegate!(self, s => Store::get_config(s).await)
     }
     async fn put_config(&self, text: &str) -> Result<(), StoreError> {
-        delegate!(self, s => s.put_config(text).await)
+        delegate!(self, s => Store::put_config(s, text).await)
     }
     async fn list_raw(&self) -> Result<RawListing, StoreError> {
-        delegate!(self, s => s.list_raw().await)
+        delegate!(self, s => Store::list_raw(s).await)
     }
     async fn create(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
-        delegate!(self, s => s.create(lease, ttl).await)
+        delegate!(self, s => Store::create(s, lease, ttl).await)
     }
     async fn update(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease, StoreError> {
-        delegate!(self, s => s.update(lease, ttl).await)
+        delegate!(self, s => Store::update(s, lease, ttl).await)
     }
     async fn find_node(&self, ip: std::net::IpAddr) -> Result<Option<Lease>, StoreError> {
-        delegate!(self, s => s.find_node(ip).await)
+        delegate!(self, s => Store::find_node(s, ip).await)
     }
     async fn delete(&self, key: &LeaseKey) -> Result<bool, StoreError> {
-        delegate!(self, s => s.delete(key).await)
+        delegate!(self, s => Store::delete(s, key).await)
     }
     async fn changes(&self, from: u64) -> Result<ChangeStream, StoreError> {
-        delegate!(self, s => s.changes(from).await)
+        delegate!(self, s => Store::changes(s, from).await)
     }
     async fn resolve_expiry(&self, leases: &mut [Lease]) -> Result<(), StoreError> {
-        delegate!(self, s => s.resolve_expiry(leases).await)
+        delegate!(self, s => Store::resolve_expiry(s, leases).await)
     }
 }
 

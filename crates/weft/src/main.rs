@@ -107,11 +107,24 @@ impl StoreArgs {
 #[derive(Args, Clone, Debug)]
 pub struct ConfigArgs {
     /// flannel's net-conf.json; without it the config kept in the store is used.
-    #[arg(long)]
+    #[arg(long, alias = "net-config-path")]
     pub config: Option<PathBuf>,
 }
 
 impl ConfigArgs {
+    /// net-conf.json from the file `--config` names (no store).
+    pub fn load_file(&self) -> Result<weft_core::NetConfig> {
+        let path = self.config.as_ref().context("no --config file")?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --config {}", path.display()))?;
+        let origin = path.display().to_string();
+        let parsed = weft_core::NetConfig::parse(&text).with_context(|| format!("in {origin}"))?;
+        for w in &parsed.warnings {
+            tracing::warn!("{origin}: {w}");
+        }
+        Ok(parsed.config)
+    }
+
     pub async fn load(&self, store: &AnyStore) -> Result<weft_core::NetConfig> {
         let (text, origin) = match &self.config {
             Some(path) => (

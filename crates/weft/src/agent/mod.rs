@@ -27,9 +27,25 @@ use weft_store::manager::{self, LeaseTiming};
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// This node's name (published in its lease).
+    /// This node's name (published in its lease). With --kube-subnet-mgr: its Node's name
+    /// (without it: the node of pod POD_NAME in POD_NAMESPACE).
     #[arg(long, env = "NODE_NAME")]
-    pub node_name: String,
+    pub node_name: Option<String>,
+    /// flannel's --kube-subnet-mgr: the Kubernetes API is the datastore. The node's subnet is
+    /// its Node's spec.podCIDR (kube-controller-manager --allocate-node-cidrs hands them out),
+    /// its lease attributes Node annotations; net-conf.json comes from --config (default
+    /// /etc/kube-flannel/net-conf.json); no --store.
+    #[arg(long)]
+    pub kube_subnet_mgr: bool,
+    /// A kubeconfig for the API server (default: the in-cluster config).
+    #[arg(long)]
+    pub kubeconfig_file: Option<PathBuf>,
+    /// The API server's URL, without a kubeconfig.
+    #[arg(long)]
+    pub kube_api_url: Option<String>,
+    /// The Node annotations' prefix (flannel's, so flanneld and weft read each other's).
+    #[arg(long, default_value = weft_kube::DEFAULT_PREFIX)]
+    pub kube_annotation_prefix: String,
     /// The underlay interface (default: the default route's).
     #[arg(long)]
     pub iface: Option<String>,
@@ -96,8 +112,41 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         a.lease_ttl,
         manager::MIN_TTL.as_secs()
     );
-    let store = a.store.open_required().await?;
-    let cfg = a.config.load(&store).await?;
+    // The datastore: the Kubernetes API (net-conf.json from a file), or a lease store.
+    let (store, cfg, kube, node_name) = if a.kube_subnet_mgr {
+        let path = a
+            .config
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/kube-flannel/net-conf.json"));
+        let cfg = crate::ConfigArgs { config: Some(path) }
+            .load_file()
+            .context("--kube-subnet-mgr reads net-conf.json from --config (the ConfigMap's file)")?;
+        let settings = weft_kube::KubeSettings {
+            kubeconfig: a.kubeconfig_file.clone(),
+            api_url: a.kube_api_url.clone(),
+            node_name: a.node_name.clone(),
+            annotation_prefix: a.kube_annotation_prefix.clone(),
+            network: cfg.v4.as_ref().and_then(|p| weft_core::subnet::v4(p.network)),
+            ipv6_network: cfg.v6.as_ref().and_then(|p| weft_core::subnet::v6(p.network)),
+        };
+        let ks = Arc::new(
+            weft_kube::KubeStore::connect(&settings)
+                .await
+                .context("connecting to the Kubernetes API (--kube-subnet-mgr)")?,
+        );
+        let name = ks.node_name().to_string();
+        let store = weft_store::AnyStore::Dyn(ks.clone());
+        (store, cfg, Some(ks), name)
+    } else {
+        let store = a.store.open_required().await?;
+        let cfg = a.config.load(&store).await?;
+        let name = a
+            .node_name
+            .clone()
+            .context("--node-name (or NODE_NAME) is required")?;
+        (store, cfg, None, name)
+    };
     anyhow::ensure!(
         cfg.v4.is_some(),
         "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet"
@@ -170,9 +219,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             .filter(|m| m != &[0; 6] && m[0] & 1 == 0),
         _ => None,
     }
-    .unwrap_or_else(|| weft_backend::vtep_mac(&a.node_name, public_ip));
+    .unwrap_or_else(|| weft_backend::vtep_mac(&node_name, public_ip));
     let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
-    tracing::info!(node = %a.node_name, iface = %underlay.name, %public_ip, backend = cfg.backend.type_name(), pod_mtu, "starting");
+    tracing::info!(node = %node_name, iface = %underlay.name, %public_ip, backend = cfg.backend.type_name(), pod_mtu, "starting");
 
     // The bgp backend's listener exists before our lease does: peers connect as soon as they
     // see the lease.
@@ -184,8 +233,35 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         ),
         _ => None,
     };
+    // /healthz answers from here on (/readyz once the node is programmed): a node waiting for
+    // its podCIDR is alive, not a crash loop. A port in use stops the agent at once.
+    let (routes_tx, routes_rx) = tokio::sync::mpsc::channel(4);
+    let metrics = Arc::new(Metrics::new(routes_tx));
+    // Bound here, so a port in use stops the agent at once with a clear error.
+    let http = http::listen(a.metrics_addr).await?;
+    tokio::spawn(http::serve(http, metrics.clone()));
+
+    // On Kubernetes: the Node's NetworkUnavailable condition goes False once the node is
+    // programmed (ready), as flanneld sets it.
+    if let Some(ks) = kube.clone() {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                if m.ready.load(Ordering::Relaxed) {
+                    match ks.set_network_available().await {
+                        Ok(()) => {
+                            tracing::info!("node condition NetworkUnavailable set to False");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "setting the node condition NetworkUnavailable; retrying"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     // The lease: ours from before (same public IP, or the subnet in subnet.env), else a new one.
-    let mut attrs = LeaseAttrs::new(&a.node_name, public_ip, cfg.backend.type_name());
+    let mut attrs = LeaseAttrs::new(&node_name, public_ip, cfg.backend.type_name());
     attrs.backend_data = weft_backend::backend_data(&cfg, Some(mac));
     if a.bgp_route_reflector {
         if let serde_json::Value::Object(m) = &mut attrs.backend_data {
@@ -210,11 +286,6 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_))
         && weft_dataplane::ioctl::kernel_needs_csum_workaround();
 
-    let (routes_tx, routes_rx) = tokio::sync::mpsc::channel(4);
-    let metrics = Arc::new(Metrics::new(routes_tx));
-    // Bound here, so a port in use stops the agent at once with a clear error.
-    let http = http::listen(a.metrics_addr).await?;
-    tokio::spawn(http::serve(http, metrics.clone()));
 
     // The udp backend: the TUN device and the threads that carry it over UDP.
     let udp = match &cfg.backend {

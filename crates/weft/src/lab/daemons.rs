@@ -21,6 +21,22 @@ pub(super) fn store_arg(st: &State) -> String {
     }
 }
 
+/// How an agent reaches its datastore: a store, or the lab's API server with the token of
+/// deploy/weft.yaml's ServiceAccount and net-conf.json from a file.
+fn store_args(st: &State) -> Vec<std::ffi::OsString> {
+    if st.store == "kubernetes" {
+        vec![
+            "--kube-subnet-mgr".into(),
+            "--kubeconfig-file".into(),
+            super::kube::agent_kubeconfig().into(),
+            "--config".into(),
+            Path::new(DIR).join("net-conf.json").into(),
+        ]
+    } else {
+        vec!["--store".into(), store_arg(st).into()]
+    }
+}
+
 /// A daemon of the lab's, in the underlay namespace: its own process group (it outlives the
 /// lab command; `down` stops it), stderr to `log`.
 pub(super) fn spawn_daemon(
@@ -155,7 +171,8 @@ pub(super) fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         ])
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))
-        .args(["--store", &store_arg(st), "--log", "info"])
+        .args(store_args(st))
+        .args(["--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))
         .args([
             "--lease-ttl".to_string(),
@@ -197,7 +214,7 @@ pub(super) fn alive(pid: u32) -> bool {
     }
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmd = String::from_utf8_lossy(&cmd);
-    ["weft", "etcd", "bird", "gobgpd"]
+    ["weft", "etcd", "bird", "gobgpd", "kube-"]
         .iter()
         .any(|n| cmd.contains(n))
 }

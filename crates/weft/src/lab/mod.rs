@@ -35,6 +35,11 @@ pub enum LabCmd {
     },
     /// A node leaves: its agent stops, its lease is released, its namespaces go.
     Leave { node: String },
+    /// kubectl against the lab's control plane (--store kubernetes), as its admin.
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Stop every agent, remove every namespace and file the lab made (safe to run twice).
     Down,
     /// up, check, a summary, down.
@@ -56,7 +61,9 @@ pub struct UpArgs {
     /// 2 puts the nodes on two L2 segments joined by a router.
     #[arg(long, default_value_t = 1)]
     pub segments: u8,
-    /// sqlite (embedded) or etcd (a real etcd in the underlay namespace).
+    /// sqlite (embedded), etcd (a real etcd in the underlay namespace) or kubernetes (a real
+    /// control plane there: etcd, kube-apiserver, kube-controller-manager handing out podCIDRs;
+    /// agents with --kube-subnet-mgr; binaries from scripts/k8s-bins.sh or K8S_BIN_DIR).
     #[arg(long, default_value = "sqlite")]
     pub store: String,
     /// Pod wiring: bridge (flannel) or routed (Calico).
@@ -99,6 +106,9 @@ struct State {
     /// BIRD or gobgpd in the router namespace.
     #[serde(default)]
     router_pid: Option<u32>,
+    /// kube-apiserver and kube-controller-manager (with --store kubernetes).
+    #[serde(default)]
+    kube_pids: Vec<u32>,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
 }
@@ -135,6 +145,7 @@ fn save(s: &State) -> Result<()> {
 }
 
 mod daemons;
+mod kube;
 mod ops;
 mod topology;
 use daemons::*;
@@ -225,7 +236,14 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
                 &Path::new(DIR).join(&name).join("subnet.env"),
             )?
             .and_then(|e| e.subnet);
-            if let Some(sub) = subnet {
+            if st.store == "kubernetes" {
+                // The Node goes: kube-controller-manager frees its podCIDR.
+                let ok = kube::kubectl(&un)?
+                    .args(["delete", "node", &name])
+                    .status()?
+                    .success();
+                anyhow::ensure!(ok, "deleting Node {name} failed");
+            } else if let Some(sub) = subnet {
                 let ok = weft_in(&un)?
                     .args([
                         "leases",
@@ -246,6 +264,16 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
             st.nodes.retain(|x| x.name != name);
             save(&st)?;
             Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Kubectl { args } => {
+            let st = load().context("no lab is up (weft lab up --store kubernetes)")?;
+            anyhow::ensure!(
+                st.store == "kubernetes",
+                "this lab has no Kubernetes control plane (weft lab up --store kubernetes)"
+            );
+            let un = Netns::open(ns_path(UNDERLAY))?;
+            let status = kube::kubectl(&un)?.args(&args).status()?;
+            Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
         }
         LabCmd::Down => {
             down()?;

@@ -6,8 +6,8 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     anyhow::ensure!((1..=2).contains(&a.segments), "--segments is 1 or 2");
     anyhow::ensure!(a.nodes >= 1 && a.nodes <= 200, "--nodes is 1 to 200");
     anyhow::ensure!(
-        matches!(a.store.as_str(), "sqlite" | "etcd"),
-        "--store is sqlite or etcd"
+        matches!(a.store.as_str(), "sqlite" | "etcd" | "kubernetes"),
+        "--store is sqlite, etcd or kubernetes"
     );
     anyhow::ensure!(
         matches!(a.mode.as_str(), "bridge" | "routed"),
@@ -19,7 +19,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         }
         None => net_conf(&a.backend)?,
     };
-    weft_core::NetConfig::parse(&conf).context("the lab's net-conf.json")?;
+    let parsed = weft_core::NetConfig::parse(&conf).context("the lab's net-conf.json")?;
     let mut st = load().unwrap_or_else(|| State {
         backend: a.backend.clone(),
         mode: a.mode.clone(),
@@ -51,15 +51,42 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         st.router_pid = Some(start_gobgpd(&un)?);
         eprintln!("  gobgpd     the route reflector, AS 64512, in {UNDERLAY}");
     }
-    if st.store == "etcd" && !st.etcd_pid.is_some_and(alive) {
+    if matches!(st.store.as_str(), "etcd" | "kubernetes") && !st.etcd_pid.is_some_and(alive) {
         st.etcd_pid = Some(start_etcd(&un)?);
         eprintln!("  etcd       started in {UNDERLAY} on {}:2379", gateway(1));
     }
     save(&st)?;
-    // The network config goes into the store (as flanneld reads it from etcd). Store traffic
-    // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
     let conf_path = Path::new(DIR).join("net-conf.json");
     std::fs::write(&conf_path, &conf)?;
+    if st.store == "kubernetes" {
+        if !st.kube_pids.iter().all(|p| alive(*p)) || st.kube_pids.is_empty() {
+            wait_for("etcd", Duration::from_secs(20), || {
+                std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(gateway(1).into(), 2379),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+                    || un
+                        .run(|| {
+                            std::net::TcpStream::connect_timeout(
+                                &std::net::SocketAddr::new(gateway(1).into(), 2379),
+                                Duration::from_millis(200),
+                            )
+                            .is_ok()
+                        })
+                        .unwrap_or(false)
+            })?;
+            st.kube_pids = kube::start(&un, &parsed.config)?;
+            eprintln!(
+                "  kubernetes kube-apiserver https://{}:{} and kube-controller-manager in {UNDERLAY} (weft lab kubectl ...)",
+                gateway(1),
+                kube::API_PORT
+            );
+            save(&st)?;
+        }
+    } else {
+    // The network config goes into the store (as flanneld reads it from etcd). Store traffic
+    // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
     wait_for(
         "the store to take the network config",
         Duration::from_secs(20),
@@ -77,6 +104,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
                 .unwrap_or(false)
         },
     )?;
+    }
     if st.direct {
         add_direct_pair().await?;
     }
@@ -91,6 +119,9 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         } else {
             add_node(&unl, &name, seg, ip).await?
         };
+        if st.store == "kubernetes" {
+            kube::register_node(&un, &name, ip)?;
+        }
         match existing {
             Some(k) if alive(st.nodes[k].agent_pid) => {}
             _ => {
@@ -211,6 +242,7 @@ pub(super) fn down() -> Result<()> {
             .map(|n| n.agent_pid)
             .chain(st.etcd_pid)
             .chain(st.router_pid)
+            .chain(st.kube_pids.iter().copied())
         {
             if alive(pid) {
                 // SAFETY: signalling a process the lab started.

@@ -1,0 +1,293 @@
+//! A real Kubernetes control plane in the lab's underlay namespace (`weft lab up --store
+//! kubernetes`): etcd, kube-apiserver (TLS, RBAC) and kube-controller-manager handing out
+//! podCIDRs (--allocate-node-cidrs). Every lab node is registered as a Node (as a kubelet
+//! would: its name and InternalIP), and the agents run with --kube-subnet-mgr and a token of
+//! the ServiceAccount deploy/weft.yaml defines, so its ClusterRole is what they can do.
+
+use super::*;
+
+/// The API server's address (the underlay namespace's first gateway) and port.
+pub(super) const API_PORT: u16 = 6443;
+/// The version scripts/k8s-bins.sh builds by default (its cache directory).
+const K8S_VERSION: &str = "v1.36.3";
+/// Services' range (the API server needs one; nothing in the lab uses it).
+const SERVICE_RANGE: &str = "10.96.0.0/16";
+
+pub(super) fn kube_dir() -> PathBuf {
+    Path::new(DIR).join("kube")
+}
+
+/// Where the Kubernetes binaries are: K8S_BIN_DIR, else scripts/k8s-bins.sh's cache.
+pub(super) fn bin(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("K8S_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from("/root/.cache"));
+            cache.join("weft/k8s").join(K8S_VERSION)
+        }
+    };
+    let p = dir.join(name);
+    anyhow::ensure!(
+        p.exists(),
+        "{} not found: build the Kubernetes binaries with scripts/k8s-bins.sh (or set K8S_BIN_DIR to prebuilt ones)",
+        p.display()
+    );
+    Ok(p)
+}
+
+fn openssl(args: &[&str]) -> Result<()> {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(kube_dir())
+        .output()
+        .context("running openssl (apt-get install openssl)")?;
+    anyhow::ensure!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+/// A CA, the API server's serving certificate, client certificates for the lab's admin and
+/// the controller-manager, and the service-account signing key pair (all P-256).
+fn certificates() -> Result<()> {
+    let d = kube_dir();
+    std::fs::create_dir_all(&d)?;
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=weft-lab-ca",
+    ]);
+    openssl(&ca)?;
+    let san = format!(
+        "subjectAltName=IP:{},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc",
+        gateway(1)
+    );
+    std::fs::write(d.join("san.ext"), san)?;
+    for (name, subj, ext) in [
+        ("apiserver", "/CN=kube-apiserver", true),
+        ("admin", "/O=system:masters/CN=weft-lab-admin", false),
+        (
+            "controller-manager",
+            "/CN=system:kube-controller-manager",
+            false,
+        ),
+    ] {
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
+        openssl(&req)?;
+        let mut sign = vec![
+            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", &crt, "-days", "3650",
+        ];
+        if ext {
+            sign.extend(["-extfile", "san.ext"]);
+        }
+        openssl(&sign)?;
+    }
+    openssl(&[
+        "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key",
+    ])?;
+    openssl(&["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    Ok(())
+}
+
+/// A kubeconfig for the lab's API server: a client certificate or a bearer token.
+fn kubeconfig(path: &Path, user: &str, cert: Option<&str>, token: Option<&str>) -> Result<()> {
+    let d = kube_dir();
+    let mut auth = String::new();
+    if let Some(c) = cert {
+        auth.push_str(&format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            d.join(format!("{c}.crt")).display(),
+            d.join(format!("{c}.key")).display()
+        ));
+    }
+    if let Some(t) = token {
+        auth.push_str(&format!("    token: {t}\n"));
+    }
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{}:{API_PORT}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n{auth}contexts:\n- name: lab\n  context:\n    cluster: lab\n    user: {user}\ncurrent-context: lab\n",
+        gateway(1),
+        d.join("ca.crt").display()
+    );
+    std::fs::write(path, text)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+pub(super) fn admin_kubeconfig() -> PathBuf {
+    kube_dir().join("admin.kubeconfig")
+}
+
+pub(super) fn agent_kubeconfig() -> PathBuf {
+    kube_dir().join("agent.kubeconfig")
+}
+
+/// kubectl as the lab's admin, inside the underlay namespace (where the API server is).
+pub(super) fn kubectl(un: &Netns) -> Result<Command> {
+    let mut c = in_ns(un, bin("kubectl")?);
+    c.arg("--kubeconfig").arg(admin_kubeconfig());
+    Ok(c)
+}
+
+fn kubectl_ok(un: &Netns, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut c = kubectl(un)?;
+    c.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().context("running kubectl")?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        w.write_all(text.as_bytes())?;
+    }
+    let o = child.wait_with_output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The control plane, started once per lab: etcd (already up), the API server, the
+/// controller-manager; deploy/weft.yaml applied; the agents' kubeconfig. Returns the pids.
+pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig) -> Result<Vec<u32>> {
+    let network = conf
+        .v4
+        .as_ref()
+        .and_then(|p| weft_core::subnet::v4(p.network))
+        .context("the lab's Kubernetes control plane needs an IPv4 Network")?;
+    let subnet_len = conf.v4.as_ref().map(|p| p.subnet_len).unwrap_or(24);
+    certificates()?;
+    let d = kube_dir();
+    kubeconfig(&admin_kubeconfig(), "admin", Some("admin"), None)?;
+    let kcm_kc = d.join("controller-manager.kubeconfig");
+    kubeconfig(&kcm_kc, "controller-manager", Some("controller-manager"), None)?;
+    let p = |f: &str| d.join(f).display().to_string();
+    let gw = gateway(1).to_string();
+    let api_args = [
+        format!("--etcd-servers=http://{gw}:2379"),
+        format!("--advertise-address={gw}"),
+        format!("--bind-address={gw}"),
+        format!("--secure-port={API_PORT}"),
+        format!("--tls-cert-file={}", p("apiserver.crt")),
+        format!("--tls-private-key-file={}", p("apiserver.key")),
+        format!("--client-ca-file={}", p("ca.crt")),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", p("sa.pub")),
+        format!("--service-account-signing-key-file={}", p("sa.key")),
+        format!("--service-cluster-ip-range={SERVICE_RANGE}"),
+        "--authorization-mode=Node,RBAC".into(),
+        "--allow-privileged=true".into(),
+        "--v=1".into(),
+    ];
+    let api_os: Vec<&std::ffi::OsStr> = api_args.iter().map(std::ffi::OsStr::new).collect();
+    let api_bin = bin("kube-apiserver")?;
+    let api = spawn_daemon(
+        un,
+        api_bin.to_str().unwrap_or("kube-apiserver"),
+        &api_os,
+        &d.join("kube-apiserver.log"),
+        "scripts/k8s-bins.sh",
+    )?;
+    wait_for("the API server", Duration::from_secs(60), || {
+        kubectl(un)
+            .map(|mut c| {
+                c.args(["get", "--raw", "/readyz"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .unwrap_or(false)
+    })
+    .with_context(|| format!("see {}", d.join("kube-apiserver.log").display()))?;
+    let kcm_args = [
+        format!("--kubeconfig={}", kcm_kc.display()),
+        format!("--authentication-kubeconfig={}", kcm_kc.display()),
+        format!("--authorization-kubeconfig={}", kcm_kc.display()),
+        "--controllers=nodeipam".into(),
+        "--allocate-node-cidrs=true".into(),
+        format!("--cluster-cidr={network}"),
+        format!("--node-cidr-mask-size={subnet_len}"),
+        format!("--service-cluster-ip-range={SERVICE_RANGE}"),
+        "--leader-elect=false".into(),
+        // Each controller under its own ServiceAccount (kubeadm's way): the node IPAM one
+        // may patch Nodes.
+        "--use-service-account-credentials=true".into(),
+        "--bind-address=127.0.0.1".into(),
+        "--v=1".into(),
+    ];
+    let kcm_os: Vec<&std::ffi::OsStr> = kcm_args.iter().map(std::ffi::OsStr::new).collect();
+    let kcm_bin = bin("kube-controller-manager")?;
+    let kcm = spawn_daemon(
+        un,
+        kcm_bin.to_str().unwrap_or("kube-controller-manager"),
+        &kcm_os,
+        &d.join("kube-controller-manager.log"),
+        "scripts/k8s-bins.sh",
+    )?;
+    // weft's own manifest: its namespace, ServiceAccount, ClusterRole and binding are what
+    // the agents run as (the DaemonSet stays unscheduled: the lab has no kubelets yet).
+    kubectl_ok(un, &["apply", "-f", "-"], Some(include_str!("../../../../deploy/weft.yaml")))?;
+    let token = kubectl_ok(
+        un,
+        &["-n", "kube-weft", "create", "token", "weft", "--duration=24h"],
+        None,
+    )?;
+    kubeconfig(&agent_kubeconfig(), "weft", None, Some(token.trim()))?;
+    Ok(vec![api, kcm])
+}
+
+/// Registers a lab node as a Node, as its kubelet would: name, hostname label, InternalIP.
+pub(super) fn register_node(un: &Netns, name: &str, ip: Ipv4Addr) -> Result<()> {
+    let exists = kubectl(un)?
+        .args(["get", "node", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !exists {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        });
+        kubectl_ok(un, &["create", "-f", "-"], Some(&node.to_string()))?;
+    }
+    let status = serde_json::json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": ip.to_string()},
+        {"type": "Hostname", "address": name},
+    ]}});
+    kubectl_ok(
+        un,
+        &[
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+        None,
+    )?;
+    Ok(())
+}
