@@ -167,20 +167,25 @@ fn kubectl_ok(un: &Netns, args: &[&str], stdin: Option<&str>) -> Result<String> 
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// The control plane, started once per lab: etcd (already up), the API server, the
-/// controller-manager; deploy/weft.yaml applied; the agents' kubeconfig. Returns the pids.
-pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig) -> Result<Vec<u32>> {
+/// The control plane: the API server and the controller-manager (etcd is up already), each
+/// started when not running (`pids`: [apiserver, controller-manager] as last started);
+/// certificates, deploy/weft.yaml and the agents' kubeconfig made once per lab, so a restarted
+/// API server serves the same credentials the agents hold. Returns the pids.
+pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Result<Vec<u32>> {
+    let running = |i: usize| pids.get(i).copied().filter(|p| alive(*p));
     let network = conf
         .v4
         .as_ref()
         .and_then(|p| weft_core::subnet::v4(p.network))
         .context("the lab's Kubernetes control plane needs an IPv4 Network")?;
     let subnet_len = conf.v4.as_ref().map(|p| p.subnet_len).unwrap_or(24);
-    certificates()?;
     let d = kube_dir();
-    kubeconfig(&admin_kubeconfig(), "admin", Some("admin"), None)?;
     let kcm_kc = d.join("controller-manager.kubeconfig");
-    kubeconfig(&kcm_kc, "controller-manager", Some("controller-manager"), None)?;
+    if !d.join("sa.pub").exists() {
+        certificates()?;
+        kubeconfig(&admin_kubeconfig(), "admin", Some("admin"), None)?;
+        kubeconfig(&kcm_kc, "controller-manager", Some("controller-manager"), None)?;
+    }
     let p = |f: &str| d.join(f).display().to_string();
     let gw = gateway(1).to_string();
     let api_args = [
@@ -200,14 +205,19 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig) -> Result<Vec<u32>>
         "--v=1".into(),
     ];
     let api_os: Vec<&std::ffi::OsStr> = api_args.iter().map(std::ffi::OsStr::new).collect();
-    let api_bin = bin("kube-apiserver")?;
-    let api = spawn_daemon(
-        un,
-        api_bin.to_str().unwrap_or("kube-apiserver"),
-        &api_os,
-        &d.join("kube-apiserver.log"),
-        "scripts/k8s-bins.sh",
-    )?;
+    let api = match running(0) {
+        Some(p) => p,
+        None => {
+            let api_bin = bin("kube-apiserver")?;
+            spawn_daemon(
+                un,
+                api_bin.to_str().unwrap_or("kube-apiserver"),
+                &api_os,
+                &d.join("kube-apiserver.log"),
+                "scripts/k8s-bins.sh",
+            )?
+        }
+    };
     wait_for("the API server", Duration::from_secs(60), || {
         kubectl(un)
             .map(|mut c| {
@@ -237,23 +247,30 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig) -> Result<Vec<u32>>
         "--v=1".into(),
     ];
     let kcm_os: Vec<&std::ffi::OsStr> = kcm_args.iter().map(std::ffi::OsStr::new).collect();
-    let kcm_bin = bin("kube-controller-manager")?;
-    let kcm = spawn_daemon(
-        un,
-        kcm_bin.to_str().unwrap_or("kube-controller-manager"),
-        &kcm_os,
-        &d.join("kube-controller-manager.log"),
-        "scripts/k8s-bins.sh",
-    )?;
-    // weft's own manifest: its namespace, ServiceAccount, ClusterRole and binding are what
-    // the agents run as (the DaemonSet stays unscheduled: the lab has no kubelets yet).
-    kubectl_ok(un, &["apply", "-f", "-"], Some(include_str!("../../../../deploy/weft.yaml")))?;
-    let token = kubectl_ok(
-        un,
-        &["-n", "kube-weft", "create", "token", "weft", "--duration=24h"],
-        None,
-    )?;
-    kubeconfig(&agent_kubeconfig(), "weft", None, Some(token.trim()))?;
+    let kcm = match running(1) {
+        Some(p) => p,
+        None => {
+            let kcm_bin = bin("kube-controller-manager")?;
+            spawn_daemon(
+                un,
+                kcm_bin.to_str().unwrap_or("kube-controller-manager"),
+                &kcm_os,
+                &d.join("kube-controller-manager.log"),
+                "scripts/k8s-bins.sh",
+            )?
+        }
+    };
+    if !agent_kubeconfig().exists() {
+        // weft's own manifest: its namespace, ServiceAccount, ClusterRole and binding are what
+        // the agents run as (the DaemonSet stays unscheduled: the lab has no kubelets yet).
+        kubectl_ok(un, &["apply", "-f", "-"], Some(include_str!("../../../../deploy/weft.yaml")))?;
+        let token = kubectl_ok(
+            un,
+            &["-n", "kube-weft", "create", "token", "weft", "--duration=24h"],
+            None,
+        )?;
+        kubeconfig(&agent_kubeconfig(), "weft", None, Some(token.trim()))?;
+    }
     Ok(vec![api, kcm])
 }
 

@@ -59,24 +59,16 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     let conf_path = Path::new(DIR).join("net-conf.json");
     std::fs::write(&conf_path, &conf)?;
     if st.store == "kubernetes" {
-        if !st.kube_pids.iter().all(|p| alive(*p)) || st.kube_pids.is_empty() {
+        if st.kube_pids.len() != 2 || !st.kube_pids.iter().all(|p| alive(*p)) {
+            let etcd = std::net::SocketAddr::new(gateway(1).into(), 2379);
             wait_for("etcd", Duration::from_secs(20), || {
-                std::net::TcpStream::connect_timeout(
-                    &std::net::SocketAddr::new(gateway(1).into(), 2379),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-                    || un
-                        .run(|| {
-                            std::net::TcpStream::connect_timeout(
-                                &std::net::SocketAddr::new(gateway(1).into(), 2379),
-                                Duration::from_millis(200),
-                            )
-                            .is_ok()
-                        })
-                        .unwrap_or(false)
+                un.run(|| {
+                    std::net::TcpStream::connect_timeout(&etcd, Duration::from_millis(200))
+                        .is_ok()
+                })
+                .unwrap_or(false)
             })?;
-            st.kube_pids = kube::start(&un, &parsed.config)?;
+            st.kube_pids = kube::start(&un, &parsed.config, &st.kube_pids)?;
             eprintln!(
                 "  kubernetes kube-apiserver https://{}:{} and kube-controller-manager in {UNDERLAY} (weft lab kubectl ...)",
                 gateway(1),

@@ -1,0 +1,283 @@
+//! The Kubernetes datastore against a real control plane in the lab (needs root and the
+//! Kubernetes binaries of scripts/k8s-bins.sh; without them these tests say so and pass,
+//! except under CI=true, where they must run): kube-apiserver and kube-controller-manager
+//! (--allocate-node-cidrs) in the underlay namespace, agents with --kube-subnet-mgr and the
+//! token of deploy/weft.yaml's ServiceAccount.
+
+mod common;
+use common::{ok, wait_until, weft};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static LAB: Mutex<()> = Mutex::new(());
+const P: &str = "flannel.alpha.coreos.com/";
+
+/// The lab with a control plane, torn down when the scenario ends (also on failure); None when
+/// the Kubernetes binaries are missing outside CI.
+struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Lab {
+    fn up(args: &[&str]) -> Option<Lab> {
+        let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = weft(&["lab", "down"]);
+        let mut a = vec!["lab", "up", "--store", "kubernetes"];
+        a.extend_from_slice(args);
+        let o = weft(&a);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        if !o.status.success() && err.contains("k8s-bins.sh") && std::env::var("CI").as_deref() != Ok("true") {
+            eprintln!("skipped: no Kubernetes binaries (scripts/k8s-bins.sh builds them): {err}");
+            let _ = weft(&["lab", "down"]);
+            return None;
+        }
+        let lab = Lab(g);
+        assert!(o.status.success(), "lab up {args:?}: {err}");
+        lab.converge();
+        Some(lab)
+    }
+
+    fn converge(&self) {
+        wait_until("every pod reaching every pod", 40, || {
+            weft(&["lab", "check"]).status.success()
+        });
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let mut a = vec!["lab", "kubectl"];
+        a.extend_from_slice(args);
+        ok(&a)
+    }
+
+    fn node(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.kubectl(&["get", "node", name, "-o", "json"])).expect("json")
+    }
+
+    fn subnet_env(&self, node: &str) -> String {
+        let env = std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env"))
+            .expect("subnet.env");
+        let s = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+            .expect("FLANNEL_SUBNET")
+            .to_string();
+        let net: ipnet::Ipv4Net = s.parse().expect("cidr");
+        net.trunc().to_string()
+    }
+
+    fn routes(&self, node: &str) -> String {
+        let o = Command::new("ip")
+            .args(["-n", node, "route"])
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state"))
+            .expect("json")
+    }
+
+    fn agent_pid(&self, node: &str) -> i32 {
+        self.state()["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == node)
+            .expect("node")["agent_pid"]
+            .as_i64()
+            .expect("pid") as i32
+    }
+
+    /// kubectl with the agents' own credentials, in the underlay namespace.
+    fn as_agent(&self, args: &[&str]) -> std::process::Output {
+        let bins = std::env::var("K8S_BIN_DIR").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/weft/k8s/v1.36.3",
+                std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+            )
+        });
+        let mut a = vec![
+            "netns".to_string(),
+            "exec".into(),
+            "weft-underlay".into(),
+            format!("{bins}/kubectl"),
+            "--kubeconfig".into(),
+            "/run/weft/lab/kube/agent.kubeconfig".into(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        Command::new("ip").args(&a).output().expect("kubectl")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = weft(&["lab", "down"]);
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: signalling a process the lab started.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+#[test]
+fn every_backend_runs_on_the_kubernetes_datastore() {
+    for backend in ["vxlan", "host-gw", "udp", "bgp"] {
+        let Some(lab) = Lab::up(&["--backend", backend, "--nodes", "3", "--pods-per-node", "1"])
+        else {
+            return;
+        };
+        // Each node's subnet is the podCIDR kube-controller-manager gave its Node.
+        for n in ["weft-n1", "weft-n2", "weft-n3"] {
+            let node = lab.node(n);
+            assert_eq!(
+                node["spec"]["podCIDR"].as_str(),
+                Some(lab.subnet_env(n).as_str()),
+                "{backend}: {n}"
+            );
+            assert_eq!(node["metadata"]["annotations"][format!("{P}backend-type")], backend);
+        }
+        drop(lab);
+    }
+}
+
+#[test]
+fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
+    let Some(lab) = Lab::up(&["--nodes", "3", "--pods-per-node", "1"]) else {
+        return;
+    };
+    // Annotations exactly flannel's, and the NetworkUnavailable condition.
+    let n1 = lab.node("weft-n1");
+    let ann = n1["metadata"]["annotations"].as_object().expect("annotations");
+    let ours: Vec<&String> = ann.keys().filter(|k| k.starts_with(P)).collect();
+    assert_eq!(ours.len(), 4, "{ann:?}");
+    assert_eq!(ann[&format!("{P}kube-subnet-manager")], "true");
+    assert_eq!(ann[&format!("{P}backend-type")], "vxlan");
+    assert_eq!(ann[&format!("{P}public-ip")], "10.0.1.11");
+    let bd: serde_json::Value =
+        serde_json::from_str(ann[&format!("{P}backend-data")].as_str().expect("str")).expect("json");
+    assert_eq!(bd["VNI"], 1);
+    assert!(bd["VtepMAC"].as_str().is_some_and(|m| m.len() == 17), "{bd}");
+    let condition = || {
+        lab.node("weft-n1")["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "NetworkUnavailable").cloned())
+    };
+    wait_until("NetworkUnavailable on n1", 15, || condition().is_some());
+    let cond = condition().expect("NetworkUnavailable");
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("WeftIsUp")));
+
+    // A Node annotated as flanneld annotates it (flanneld's own node) is programmed as a peer.
+    let flannel = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "flannel-node", "annotations": {
+            format!("{P}kube-subnet-manager"): "true",
+            format!("{P}backend-type"): "vxlan",
+            format!("{P}backend-data"): "{\"VNI\":1,\"VtepMAC\":\"2a:5c:1e:00:00:99\"}",
+            format!("{P}public-ip"): "10.0.1.99",
+        }},
+        "spec": {"podCIDR": "10.244.200.0/24", "podCIDRs": ["10.244.200.0/24"]},
+    });
+    let f = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(f.path(), flannel.to_string()).expect("write");
+    lab.kubectl(&["create", "-f", f.path().to_str().expect("path")]);
+    wait_until("n1 programming flanneld's node", 15, || {
+        lab.routes("weft-n1")
+            .contains("10.244.200.0/24 via 10.244.200.0 dev weft.1 proto 87 onlink")
+    });
+    let fdb = Command::new("bridge")
+        .args(["-n", "weft-n1", "fdb", "show", "dev", "weft.1"])
+        .output()
+        .expect("bridge");
+    assert!(
+        String::from_utf8_lossy(&fdb.stdout).contains("2a:5c:1e:00:00:99 dst 10.0.1.99"),
+        "{}",
+        String::from_utf8_lossy(&fdb.stdout)
+    );
+    lab.kubectl(&["delete", "node", "flannel-node"]);
+    wait_until("flanneld's node swept from n1", 15, || {
+        !lab.routes("weft-n1").contains("10.244.200.0/24")
+    });
+
+    // The agents' credentials: their Nodes' status and reading Nodes, nothing else.
+    for (args, allowed) in [
+        (vec!["auth", "can-i", "patch", "nodes", "--subresource=status"], true),
+        (vec!["auth", "can-i", "list", "nodes"], true),
+        (vec!["auth", "can-i", "patch", "nodes"], false),
+        (vec!["auth", "can-i", "delete", "nodes"], false),
+        (vec!["auth", "can-i", "create", "namespaces"], false),
+        (vec!["auth", "can-i", "list", "secrets", "-A"], false),
+    ] {
+        let o = lab.as_agent(&args);
+        let said = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(said == "yes", allowed, "{args:?}: {said} {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = lab.as_agent(&["create", "namespace", "nope"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("forbidden"));
+
+    // An agent restart keeps its subnet and writes no annotation (nothing differs).
+    let s2 = lab.subnet_env("weft-n2");
+    let pid = lab.agent_pid("weft-n2");
+    signal(pid, libc::SIGTERM);
+    wait_until("n2's agent stopping", 10, || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z"))
+    });
+    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "3", "--pods-per-node", "1"]);
+    lab.converge();
+    assert_eq!(lab.subnet_env("weft-n2"), s2);
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
+    assert!(!log.contains("node annotations written"), "{log}");
+
+    // A Node deleted while its agent runs: swept from every other node.
+    let s3 = lab.subnet_env("weft-n3");
+    lab.kubectl(&["delete", "node", "weft-n3"]);
+    wait_until("n3's subnet swept from n1", 15, || !lab.routes("weft-n1").contains(&s3));
+
+    // A Node deleted while an agent is down: swept once that agent is back.
+    let pid = lab.agent_pid("weft-n1");
+    signal(pid, libc::SIGTERM);
+    wait_until("n1's agent stopping", 10, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+    });
+    assert!(lab.routes("weft-n1").contains(&s2), "the dataplane stays while the agent is down");
+    lab.kubectl(&["delete", "node", "weft-n2"]);
+    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "1", "--pods-per-node", "1"]);
+    wait_until("n2's subnet swept from n1 after its restart", 20, || {
+        !lab.routes("weft-n1").contains(&s2)
+    });
+}
+
+#[test]
+fn the_api_server_restarts_under_running_agents() {
+    let Some(lab) = Lab::up(&["--nodes", "3", "--pods-per-node", "1"]) else {
+        return;
+    };
+    let pids: Vec<i32> = ["weft-n1", "weft-n2", "weft-n3"]
+        .iter()
+        .map(|n| lab.agent_pid(n))
+        .collect();
+    let api = lab.state()["kube_pids"][0].as_i64().expect("apiserver pid") as i32;
+    let before = lab.routes("weft-n1");
+    signal(api, libc::SIGKILL);
+    // Five seconds without an API server: no route goes, no agent stops.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        assert_eq!(lab.routes("weft-n1"), before, "a route changed while the API server was down");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Back (the lab starts what is not running, with the same certificates and tokens).
+    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "3", "--pods-per-node", "1"]);
+    for (n, pid) in ["weft-n1", "weft-n2", "weft-n3"].iter().zip(&pids) {
+        assert_eq!(lab.agent_pid(n), *pid, "{n}'s agent was restarted");
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "{n}'s agent exited");
+    }
+    // The watches resumed: a new node is programmed everywhere.
+    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "4", "--pods-per-node", "1"]);
+    lab.converge();
+    let s4 = lab.subnet_env("weft-n4");
+    assert!(lab.routes("weft-n1").contains(&s4), "{}", lab.routes("weft-n1"));
+}
