@@ -25,7 +25,7 @@ mkdir -p "$ROOT"/usr/bin "$ROOT"/usr/sbin "$ROOT"/bin "$ROOT"/etc "$ROOT"/run "$
 install -m 0755 "$BIN_DIR/weft" "$BIN_DIR/weft-cni" "$ROOT/usr/bin/"
 install -m 0755 "$(command -v nft)" "$ROOT/usr/sbin/nft"
 install -m 0755 /bin/busybox "$ROOT/bin/busybox"
-for a in sh cp mv cat ls mkdir rm; do ln -s busybox "$ROOT/bin/$a"; done
+for a in sh cp mv cat ls mkdir rm grep; do ln -s busybox "$ROOT/bin/$a"; done
 # Every library the binaries load, at the path the loader looks for it.
 for b in "$ROOT/usr/bin/weft" "$ROOT/usr/bin/weft-cni" "$ROOT/usr/sbin/nft"; do
   ldd "$b" | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}'

@@ -80,7 +80,7 @@ fn the_image_is_a_valid_oci_layout_that_runs_on_its_own() {
     std::fs::create_dir_all(root.join("opt/cni/bin")).expect("dir");
     for cmd in [
         "/usr/bin/weft --version",
-        "CNI_COMMAND=VERSION /usr/bin/weft-cni </dev/null | grep -q supportedVersions",
+        "echo {} | CNI_COMMAND=VERSION /usr/bin/weft-cni | grep -q supportedVersions",
         "/usr/sbin/nft --version",
         "cp /usr/bin/weft-cni /opt/cni/bin/.weft-cni.tmp && mv /opt/cni/bin/.weft-cni.tmp /opt/cni/bin/weft-cni",
     ] {
