@@ -99,6 +99,9 @@ impl KubeStore {
 
     /// This node's Node object (None: there is none).
     pub async fn own(&self) -> Result<Option<Node>, StoreError> {
+        if self.node.is_empty() {
+            return Err(StoreError::Invalid(KubeError::NoNodeName.to_string()));
+        }
         match self.nodes.get(&self.node).await {
             Ok(n) => Ok(Some(n)),
             Err(e) if not_found(&e) => Ok(None),
@@ -121,7 +124,11 @@ impl KubeStore {
             "lastHeartbeatTime": now,
         }]}});
         self.nodes
-            .patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
+            .patch_status(
+                &self.node,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
             .await
             .map_err(api_err("setting NetworkUnavailable"))?;
         Ok(())
@@ -192,7 +199,11 @@ impl KubeStore {
         if !todo.is_empty() {
             let patch = serde_json::json!({"metadata": {"annotations": todo}});
             self.nodes
-                .patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch_status(
+                    &self.node,
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await
                 .map_err(api_err("writing this node's annotations"))?;
             tracing::info!(node = %self.node, written = todo.len(), "node annotations written");
@@ -295,21 +306,22 @@ impl Store for KubeStore {
             let mut stream = watcher(me.nodes.clone(), watcher::Config::default()).boxed();
             while let Some(ev) = stream.next().await {
                 let mut batch = Vec::new();
-                let put = |n: &Node, keys: &mut HashMap<String, LeaseKey>, batch: &mut Vec<Change>| {
-                    let name = n.metadata.name.clone().unwrap_or_default();
-                    let lease = me.entry(n).and_then(|e| e.decode().ok());
-                    let old = keys.remove(&name);
-                    match lease {
-                        Some(l) => {
-                            if let Some(o) = old.filter(|o| *o != l.key) {
-                                batch.push(Change::Delete { key: o, rev });
+                let put =
+                    |n: &Node, keys: &mut HashMap<String, LeaseKey>, batch: &mut Vec<Change>| {
+                        let name = n.metadata.name.clone().unwrap_or_default();
+                        let lease = me.entry(n).and_then(|e| e.decode().ok());
+                        let old = keys.remove(&name);
+                        match lease {
+                            Some(l) => {
+                                if let Some(o) = old.filter(|o| *o != l.key) {
+                                    batch.push(Change::Delete { key: o, rev });
+                                }
+                                keys.insert(name, l.key);
+                                batch.push(Change::Put { lease: l, rev });
                             }
-                            keys.insert(name, l.key);
-                            batch.push(Change::Put { lease: l, rev });
+                            None => batch.extend(old.map(|key| Change::Delete { key, rev })),
                         }
-                        None => batch.extend(old.map(|key| Change::Delete { key, rev })),
-                    }
-                };
+                    };
                 match ev {
                     Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
                         if let Some(seen) = relist.as_mut() {

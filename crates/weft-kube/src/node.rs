@@ -80,7 +80,8 @@ impl Annotations {
 
 impl Default for Annotations {
     fn default() -> Self {
-        Annotations::new(DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!("the default prefix is valid"))
+        Annotations::new(DEFAULT_PREFIX)
+            .unwrap_or_else(|_| unreachable!("the default prefix is valid"))
     }
 }
 
@@ -104,9 +105,7 @@ pub enum NodeProblem {
 pub fn pod_cidrs(node: &Node) -> Result<LeaseKey, NodeProblem> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let spec = node.spec.as_ref();
-    let mut list: Vec<String> = spec
-        .and_then(|s| s.pod_cidrs.clone())
-        .unwrap_or_default();
+    let mut list: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if list.is_empty() {
         list.extend(spec.and_then(|s| s.pod_cidr.clone()));
     }
@@ -242,13 +241,7 @@ pub fn annotations_to_write(
 ) -> BTreeMap<String, String> {
     wanted
         .iter()
-        .filter(|(k, v)| {
-            node.metadata
-                .annotations
-                .as_ref()
-                .and_then(|m| m.get(*k))
-                != Some(*v)
-        })
+        .filter(|(k, v)| node.metadata.annotations.as_ref().and_then(|m| m.get(*k)) != Some(*v))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

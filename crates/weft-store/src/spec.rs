@@ -97,7 +97,8 @@ pub enum AnyStore {
     Dyn(std::sync::Arc<dyn DynStore>),
 }
 
-type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+type Boxed<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// [`Store`] as a trait object: what `AnyStore::Dyn` holds. Every `Store` is one.
 pub trait DynStore: Send + Sync + 'static {

@@ -52,8 +52,9 @@ enum Cmd {
 /// Where leases live, for every command that needs the store.
 #[derive(Args, Clone, Debug)]
 pub struct StoreArgs {
-    /// `sqlite:/path/to/store.db` (embedded, one machine) or `etcd://h1:2379,h2:2379`. The CLI
-    /// defaults to the embedded store; the agent needs it given.
+    /// `sqlite:/path/to/store.db` (embedded, one machine) or `etcd://h1:2379,h2:2379`; for the
+    /// CLI also `kubernetes[:KUBECONFIG]` (the Nodes' leases). The CLI defaults to the embedded
+    /// store; the agent needs it given (or --kube-subnet-mgr).
     #[arg(long, env = "WEFT_STORE")]
     pub store: Option<String>,
     /// Key prefix in etcd (flannel's default, so flanneld and weft can share an etcd).
@@ -87,6 +88,21 @@ impl StoreArgs {
     }
 
     pub async fn open(&self) -> Result<AnyStore> {
+        // `kubernetes` (in-cluster or ~/.kube/config) or `kubernetes:/path/to/kubeconfig`: the
+        // Nodes' leases, read-only for the CLI (`weft leases list`).
+        if let Some(rest) = self.name().strip_prefix("kubernetes") {
+            let kubeconfig = rest.strip_prefix(':').map(PathBuf::from);
+            let settings = weft_kube::KubeSettings {
+                kubeconfig,
+                annotation_prefix: weft_kube::DEFAULT_PREFIX.to_string(),
+                node_name: Some(String::new()),
+                ..Default::default()
+            };
+            let ks = weft_kube::KubeStore::connect(&settings)
+                .await
+                .with_context(|| format!("opening the store {}", self.name()))?;
+            return Ok(AnyStore::Dyn(std::sync::Arc::new(ks)));
+        }
         let spec: StoreSpec = self.name().parse()?;
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
         let settings = EtcdSettings {

@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::Command;
 
 fn sha256_file(p: &Path) -> String {
-    let o = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+    let o = Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
     String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
         .next()
@@ -54,17 +57,30 @@ fn the_image_is_a_valid_oci_layout_that_runs_on_its_own() {
     assert_eq!(json(&x.join("oci-layout"))["imageLayoutVersion"], "1.0.0");
     let index = json(&x.join("index.json"));
     let m = &index["manifests"][0];
-    assert_eq!(m["annotations"]["io.containerd.image.name"], "docker.io/library/weft:test");
+    assert_eq!(
+        m["annotations"]["io.containerd.image.name"],
+        "docker.io/library/weft:test"
+    );
     let blob = |digest: &serde_json::Value| {
-        let hex = digest.as_str().expect("digest").trim_start_matches("sha256:");
+        let hex = digest
+            .as_str()
+            .expect("digest")
+            .trim_start_matches("sha256:");
         let p = x.join("blobs/sha256").join(hex);
-        assert_eq!(sha256_file(&p), hex, "blob {hex} is not what its digest says");
+        assert_eq!(
+            sha256_file(&p),
+            hex,
+            "blob {hex} is not what its digest says"
+        );
         p
     };
     let manifest = json(&blob(&m["digest"]));
     let config = json(&blob(&manifest["config"]["digest"]));
     let layer = blob(&manifest["layers"][0]["digest"]);
-    assert_eq!(config["rootfs"]["diff_ids"][0], manifest["layers"][0]["digest"]);
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0],
+        manifest["layers"][0]["digest"]
+    );
     assert_eq!(config["config"]["Entrypoint"][0], "/usr/bin/weft");
     // The root filesystem runs everything the DaemonSet asks of it.
     let root = d.path().join("root");

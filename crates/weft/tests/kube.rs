@@ -25,7 +25,10 @@ impl Lab {
         a.extend_from_slice(args);
         let o = weft(&a);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if !o.status.success() && err.contains("k8s-bins.sh") && std::env::var("CI").as_deref() != Ok("true") {
+        if !o.status.success()
+            && err.contains("k8s-bins.sh")
+            && std::env::var("CI").as_deref() != Ok("true")
+        {
             eprintln!("skipped: no Kubernetes binaries (scripts/k8s-bins.sh builds them): {err}");
             let _ = weft(&["lab", "down"]);
             return None;
@@ -137,7 +140,10 @@ fn every_backend_runs_on_the_kubernetes_datastore() {
                 Some(lab.subnet_env(n).as_str()),
                 "{backend}: {n}"
             );
-            assert_eq!(node["metadata"]["annotations"][format!("{P}backend-type")], backend);
+            assert_eq!(
+                node["metadata"]["annotations"][format!("{P}backend-type")],
+                backend
+            );
         }
         drop(lab);
     }
@@ -148,26 +154,58 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     let Some(lab) = Lab::up(&["--nodes", "3", "--pods-per-node", "1"]) else {
         return;
     };
+    // The CLI reads the leases from the API too.
+    let w = env!("CARGO_BIN_EXE_weft");
+    let list = ok(&[
+        "lab",
+        "exec",
+        "underlay",
+        "--",
+        w,
+        "leases",
+        "list",
+        "--store",
+        "kubernetes:/run/weft/lab/kube/admin.kubeconfig",
+    ]);
+    for n in ["weft-n1", "weft-n2", "weft-n3"] {
+        assert!(
+            list.contains(n) && list.contains(&lab.subnet_env(n)),
+            "{list}"
+        );
+    }
     // Annotations exactly flannel's, and the NetworkUnavailable condition.
     let n1 = lab.node("weft-n1");
-    let ann = n1["metadata"]["annotations"].as_object().expect("annotations");
+    let ann = n1["metadata"]["annotations"]
+        .as_object()
+        .expect("annotations");
     let ours: Vec<&String> = ann.keys().filter(|k| k.starts_with(P)).collect();
     assert_eq!(ours.len(), 4, "{ann:?}");
     assert_eq!(ann[&format!("{P}kube-subnet-manager")], "true");
     assert_eq!(ann[&format!("{P}backend-type")], "vxlan");
     assert_eq!(ann[&format!("{P}public-ip")], "10.0.1.11");
     let bd: serde_json::Value =
-        serde_json::from_str(ann[&format!("{P}backend-data")].as_str().expect("str")).expect("json");
+        serde_json::from_str(ann[&format!("{P}backend-data")].as_str().expect("str"))
+            .expect("json");
     assert_eq!(bd["VNI"], 1);
-    assert!(bd["VtepMAC"].as_str().is_some_and(|m| m.len() == 17), "{bd}");
+    assert!(
+        bd["VtepMAC"].as_str().is_some_and(|m| m.len() == 17),
+        "{bd}"
+    );
     let condition = || {
         lab.node("weft-n1")["status"]["conditions"]
             .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == "NetworkUnavailable").cloned())
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c["type"] == "NetworkUnavailable")
+                    .cloned()
+            })
     };
     wait_until("NetworkUnavailable on n1", 15, || condition().is_some());
     let cond = condition().expect("NetworkUnavailable");
-    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("WeftIsUp")));
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("False"), Some("WeftIsUp"))
+    );
 
     // A Node annotated as flanneld annotates it (flanneld's own node) is programmed as a peer.
     let flannel = serde_json::json!({
@@ -203,7 +241,10 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
 
     // The agents' credentials: their Nodes' status and reading Nodes, nothing else.
     for (args, allowed) in [
-        (vec!["auth", "can-i", "patch", "nodes", "--subresource=status"], true),
+        (
+            vec!["auth", "can-i", "patch", "nodes", "--subresource=status"],
+            true,
+        ),
         (vec!["auth", "can-i", "list", "nodes"], true),
         (vec!["auth", "can-i", "patch", "nodes"], false),
         (vec!["auth", "can-i", "delete", "nodes"], false),
@@ -212,7 +253,12 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     ] {
         let o = lab.as_agent(&args);
         let said = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        assert_eq!(said == "yes", allowed, "{args:?}: {said} {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            said == "yes",
+            allowed,
+            "{args:?}: {said} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let o = lab.as_agent(&["create", "namespace", "nope"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("forbidden"));
@@ -223,10 +269,18 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     signal(pid, libc::SIGTERM);
     wait_until("n2's agent stopping", 10, || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z"))
+            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
     });
-    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "3", "--pods-per-node", "1"]);
+    ok(&[
+        "lab",
+        "up",
+        "--store",
+        "kubernetes",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+    ]);
     lab.converge();
     assert_eq!(lab.subnet_env("weft-n2"), s2);
     let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
@@ -235,7 +289,9 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     // A Node deleted while its agent runs: swept from every other node.
     let s3 = lab.subnet_env("weft-n3");
     lab.kubectl(&["delete", "node", "weft-n3"]);
-    wait_until("n3's subnet swept from n1", 15, || !lab.routes("weft-n1").contains(&s3));
+    wait_until("n3's subnet swept from n1", 15, || {
+        !lab.routes("weft-n1").contains(&s3)
+    });
 
     // A Node deleted while an agent is down: swept once that agent is back.
     let pid = lab.agent_pid("weft-n1");
@@ -243,9 +299,21 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     wait_until("n1's agent stopping", 10, || {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
     });
-    assert!(lab.routes("weft-n1").contains(&s2), "the dataplane stays while the agent is down");
+    assert!(
+        lab.routes("weft-n1").contains(&s2),
+        "the dataplane stays while the agent is down"
+    );
     lab.kubectl(&["delete", "node", "weft-n2"]);
-    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "1", "--pods-per-node", "1"]);
+    ok(&[
+        "lab",
+        "up",
+        "--store",
+        "kubernetes",
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "1",
+    ]);
     wait_until("n2's subnet swept from n1 after its restart", 20, || {
         !lab.routes("weft-n1").contains(&s2)
     });
@@ -266,18 +334,47 @@ fn the_api_server_restarts_under_running_agents() {
     // Five seconds without an API server: no route goes, no agent stops.
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        assert_eq!(lab.routes("weft-n1"), before, "a route changed while the API server was down");
+        assert_eq!(
+            lab.routes("weft-n1"),
+            before,
+            "a route changed while the API server was down"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     // Back (the lab starts what is not running, with the same certificates and tokens).
-    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "3", "--pods-per-node", "1"]);
+    ok(&[
+        "lab",
+        "up",
+        "--store",
+        "kubernetes",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+    ]);
     for (n, pid) in ["weft-n1", "weft-n2", "weft-n3"].iter().zip(&pids) {
         assert_eq!(lab.agent_pid(n), *pid, "{n}'s agent was restarted");
-        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "{n}'s agent exited");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{n}'s agent exited"
+        );
     }
     // The watches resumed: a new node is programmed everywhere.
-    ok(&["lab", "up", "--store", "kubernetes", "--nodes", "4", "--pods-per-node", "1"]);
+    ok(&[
+        "lab",
+        "up",
+        "--store",
+        "kubernetes",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "1",
+    ]);
     lab.converge();
     let s4 = lab.subnet_env("weft-n4");
-    assert!(lab.routes("weft-n1").contains(&s4), "{}", lab.routes("weft-n1"));
+    assert!(
+        lab.routes("weft-n1").contains(&s4),
+        "{}",
+        lab.routes("weft-n1")
+    );
 }

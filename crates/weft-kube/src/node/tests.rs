@@ -125,7 +125,10 @@ fn only_differing_annotations_are_written_and_pins_win() {
     attrs.backend_data = serde_json::json!({"VNI": 1});
     let w = wanted_annotations(&attrs, &a);
     let todo = annotations_to_write(&n, &w);
-    assert!(!todo.contains_key(&a.backend_type), "same value: not written");
+    assert!(
+        !todo.contains_key(&a.backend_type),
+        "same value: not written"
+    );
     assert_eq!(
         todo.get(&a.kube_subnet_manager).map(|s| s.as_str()),
         Some("true")

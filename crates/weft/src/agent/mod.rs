@@ -121,14 +121,22 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             .unwrap_or_else(|| PathBuf::from("/etc/kube-flannel/net-conf.json"));
         let cfg = crate::ConfigArgs { config: Some(path) }
             .load_file()
-            .context("--kube-subnet-mgr reads net-conf.json from --config (the ConfigMap's file)")?;
+            .context(
+                "--kube-subnet-mgr reads net-conf.json from --config (the ConfigMap's file)",
+            )?;
         let settings = weft_kube::KubeSettings {
             kubeconfig: a.kubeconfig_file.clone(),
             api_url: a.kube_api_url.clone(),
             node_name: a.node_name.clone(),
             annotation_prefix: a.kube_annotation_prefix.clone(),
-            network: cfg.v4.as_ref().and_then(|p| weft_core::subnet::v4(p.network)),
-            ipv6_network: cfg.v6.as_ref().and_then(|p| weft_core::subnet::v6(p.network)),
+            network: cfg
+                .v4
+                .as_ref()
+                .and_then(|p| weft_core::subnet::v4(p.network)),
+            ipv6_network: cfg
+                .v6
+                .as_ref()
+                .and_then(|p| weft_core::subnet::v6(p.network)),
         };
         let ks = Arc::new(
             weft_kube::KubeStore::connect(&settings)
@@ -253,7 +261,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                             tracing::info!("node condition NetworkUnavailable set to False");
                             return;
                         }
-                        Err(e) => tracing::warn!(error = %e, "setting the node condition NetworkUnavailable; retrying"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "setting the node condition NetworkUnavailable; retrying")
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -285,7 +295,6 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         .and_then(|p| weft_core::subnet::v4(p.network));
     let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_))
         && weft_dataplane::ioctl::kernel_needs_csum_workaround();
-
 
     // The udp backend: the TUN device and the threads that carry it over UDP.
     let udp = match &cfg.backend {

@@ -57,11 +57,24 @@ fn openssl(args: &[&str]) -> Result<()> {
 fn certificates() -> Result<()> {
     let d = kube_dir();
     std::fs::create_dir_all(&d)?;
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509"];
     ca.extend(ec);
     ca.extend([
-        "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=weft-lab-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=weft-lab-ca",
     ]);
     openssl(&ca)?;
     let san = format!(
@@ -69,6 +82,11 @@ fn certificates() -> Result<()> {
         gateway(1)
     );
     std::fs::write(d.join("san.ext"), san)?;
+    // X.509 v3 for the client certificates too (rustls refuses v1 ones).
+    std::fs::write(
+        d.join("client.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )?;
     for (name, subj, ext) in [
         ("apiserver", "/CN=kube-apiserver", true),
         ("admin", "/O=system:masters/CN=weft-lab-admin", false),
@@ -88,16 +106,31 @@ fn certificates() -> Result<()> {
         req.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
         openssl(&req)?;
         let mut sign = vec![
-            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", &crt, "-days", "3650",
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "3650",
         ];
-        if ext {
-            sign.extend(["-extfile", "san.ext"]);
-        }
+        sign.extend(["-extfile", if ext { "san.ext" } else { "client.ext" }]);
         openssl(&sign)?;
     }
     openssl(&[
-        "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key",
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "sa.key",
     ])?;
     openssl(&["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
     Ok(())
@@ -184,7 +217,12 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
     if !d.join("sa.pub").exists() {
         certificates()?;
         kubeconfig(&admin_kubeconfig(), "admin", Some("admin"), None)?;
-        kubeconfig(&kcm_kc, "controller-manager", Some("controller-manager"), None)?;
+        kubeconfig(
+            &kcm_kc,
+            "controller-manager",
+            Some("controller-manager"),
+            None,
+        )?;
     }
     let p = |f: &str| d.join(f).display().to_string();
     let gw = gateway(1).to_string();
@@ -263,10 +301,21 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
     if !agent_kubeconfig().exists() {
         // weft's own manifest: its namespace, ServiceAccount, ClusterRole and binding are what
         // the agents run as (the DaemonSet stays unscheduled: the lab has no kubelets yet).
-        kubectl_ok(un, &["apply", "-f", "-"], Some(include_str!("../../../../deploy/weft.yaml")))?;
+        kubectl_ok(
+            un,
+            &["apply", "-f", "-"],
+            Some(include_str!("../../../../deploy/weft.yaml")),
+        )?;
         let token = kubectl_ok(
             un,
-            &["-n", "kube-weft", "create", "token", "weft", "--duration=24h"],
+            &[
+                "-n",
+                "kube-weft",
+                "create",
+                "token",
+                "weft",
+                "--duration=24h",
+            ],
             None,
         )?;
         kubeconfig(&agent_kubeconfig(), "weft", None, Some(token.trim()))?;

@@ -63,8 +63,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
             let etcd = std::net::SocketAddr::new(gateway(1).into(), 2379);
             wait_for("etcd", Duration::from_secs(20), || {
                 un.run(|| {
-                    std::net::TcpStream::connect_timeout(&etcd, Duration::from_millis(200))
-                        .is_ok()
+                    std::net::TcpStream::connect_timeout(&etcd, Duration::from_millis(200)).is_ok()
                 })
                 .unwrap_or(false)
             })?;
@@ -77,25 +76,25 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
             save(&st)?;
         }
     } else {
-    // The network config goes into the store (as flanneld reads it from etcd). Store traffic
-    // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
-    wait_for(
-        "the store to take the network config",
-        Duration::from_secs(20),
-        || {
-            weft_in(&un)
-                .map(|mut c| {
-                    c.args(["config", "put"])
-                        .arg(&conf_path)
-                        .args(["--store", &store_arg(&st)])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
-                })
-                .unwrap_or(false)
-        },
-    )?;
+        // The network config goes into the store (as flanneld reads it from etcd). Store traffic
+        // runs inside the underlay namespace, where the lab's etcd is: never from the host's.
+        wait_for(
+            "the store to take the network config",
+            Duration::from_secs(20),
+            || {
+                weft_in(&un)
+                    .map(|mut c| {
+                        c.args(["config", "put"])
+                            .arg(&conf_path)
+                            .args(["--store", &store_arg(&st)])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .is_ok_and(|s| s.success())
+                    })
+                    .unwrap_or(false)
+            },
+        )?;
     }
     if st.direct {
         add_direct_pair().await?;
