@@ -39,6 +39,29 @@ impl Lab {
         Some(lab)
     }
 
+    /// `weft lab up` again with `nodes` nodes: starts what is not running, adds nodes.
+    fn again(&self, nodes: &str) {
+        ok(&[
+            "lab",
+            "up",
+            "--store",
+            "kubernetes",
+            "--nodes",
+            nodes,
+            "--pods-per-node",
+            "1",
+        ]);
+    }
+
+    /// Stops a node's agent (SIGTERM: its dataplane stays) and waits until it is gone.
+    fn stop_agent(&self, node: &str) {
+        let pid = self.agent_pid(node);
+        signal(pid, libc::SIGTERM);
+        wait_until(&format!("{node}'s agent stopping"), 10, || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+        });
+    }
+
     fn converge(&self) {
         wait_until("every pod reaching every pod", 40, || {
             weft(&["lab", "check"]).status.success()
@@ -265,22 +288,8 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
 
     // An agent restart keeps its subnet and writes no annotation (nothing differs).
     let s2 = lab.subnet_env("weft-n2");
-    let pid = lab.agent_pid("weft-n2");
-    signal(pid, libc::SIGTERM);
-    wait_until("n2's agent stopping", 10, || {
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
-    });
-    ok(&[
-        "lab",
-        "up",
-        "--store",
-        "kubernetes",
-        "--nodes",
-        "3",
-        "--pods-per-node",
-        "1",
-    ]);
+    lab.stop_agent("weft-n2");
+    lab.again("3");
     lab.converge();
     assert_eq!(lab.subnet_env("weft-n2"), s2);
     let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
@@ -294,26 +303,13 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     });
 
     // A Node deleted while an agent is down: swept once that agent is back.
-    let pid = lab.agent_pid("weft-n1");
-    signal(pid, libc::SIGTERM);
-    wait_until("n1's agent stopping", 10, || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
-    });
+    lab.stop_agent("weft-n1");
     assert!(
         lab.routes("weft-n1").contains(&s2),
         "the dataplane stays while the agent is down"
     );
     lab.kubectl(&["delete", "node", "weft-n2"]);
-    ok(&[
-        "lab",
-        "up",
-        "--store",
-        "kubernetes",
-        "--nodes",
-        "1",
-        "--pods-per-node",
-        "1",
-    ]);
+    lab.again("1");
     wait_until("n2's subnet swept from n1 after its restart", 20, || {
         !lab.routes("weft-n1").contains(&s2)
     });
@@ -342,16 +338,7 @@ fn the_api_server_restarts_under_running_agents() {
         std::thread::sleep(Duration::from_millis(250));
     }
     // Back (the lab starts what is not running, with the same certificates and tokens).
-    ok(&[
-        "lab",
-        "up",
-        "--store",
-        "kubernetes",
-        "--nodes",
-        "3",
-        "--pods-per-node",
-        "1",
-    ]);
+    lab.again("3");
     for (n, pid) in ["weft-n1", "weft-n2", "weft-n3"].iter().zip(&pids) {
         assert_eq!(lab.agent_pid(n), *pid, "{n}'s agent was restarted");
         assert!(
@@ -360,16 +347,7 @@ fn the_api_server_restarts_under_running_agents() {
         );
     }
     // The watches resumed: a new node is programmed everywhere.
-    ok(&[
-        "lab",
-        "up",
-        "--store",
-        "kubernetes",
-        "--nodes",
-        "4",
-        "--pods-per-node",
-        "1",
-    ]);
+    lab.again("4");
     lab.converge();
     let s4 = lab.subnet_env("weft-n4");
     assert!(
