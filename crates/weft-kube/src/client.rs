@@ -109,6 +109,15 @@ impl KubeStore {
         }
     }
 
+    /// The backend data this node's annotations hold from before (a restart: its VTEP MAC is
+    /// what the other nodes already have).
+    pub async fn own_backend_data(&self) -> Option<serde_json::Value> {
+        let n = self.own().await.ok()??;
+        node::node_lease(&n, &self.ann)
+            .ok()?
+            .map(|l| l.attrs.backend_data)
+    }
+
     /// Sets the Node's `NetworkUnavailable` condition to False (reason `WeftIsUp`), merged by
     /// type into the conditions (a strategic merge patch: the kubelet's stay as they are).
     pub async fn set_network_available(&self) -> Result<(), StoreError> {

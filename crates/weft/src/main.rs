@@ -5,7 +5,6 @@ mod agent;
 mod cmd_bgp;
 mod cmd_config;
 mod cmd_leases;
-mod lab;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -46,7 +45,7 @@ enum Cmd {
     Bgp(cmd_bgp::BgpCmd),
     /// A whole cluster on this machine, in network namespaces.
     #[command(subcommand)]
-    Lab(lab::LabCmd),
+    Lab(weft_lab::LabCmd),
 }
 
 /// Where leases live, for every command that needs the store.
@@ -200,7 +199,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Config(c) => c.run().await,
             Cmd::Leases(c) => c.run().await,
             Cmd::Agent(a) => agent::run(a).await,
-            Cmd::Lab(c) => lab::run(c).await,
+            Cmd::Lab(c) => weft_lab::run(c).await,
             Cmd::Bgp(c) => c.run().await,
         }
     });

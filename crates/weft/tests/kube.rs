@@ -295,6 +295,33 @@ fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     let log = std::fs::read_to_string("/run/weft/lab/weft-n2/agent.log").expect("log");
     assert!(!log.contains("node annotations written"), "{log}");
 
+    // The VTEP device gone as well (a reboot): the MAC comes back from the Node's backend-data
+    // (here one flanneld chose), so the other nodes' neighbour entries stay right.
+    lab.stop_agent("weft-n2");
+    let o = Command::new("ip")
+        .args(["-n", "weft-n2", "link", "del", "weft.1"])
+        .output()
+        .expect("ip");
+    assert!(o.status.success());
+    lab.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "node",
+        "weft-n2",
+        &format!("{P}backend-data={{\"VNI\":1,\"VtepMAC\":\"2a:5c:1e:00:00:42\"}}"),
+    ]);
+    lab.again("3");
+    lab.converge();
+    let link = Command::new("ip")
+        .args(["-n", "weft-n2", "link", "show", "weft.1"])
+        .output()
+        .expect("ip");
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("2a:5c:1e:00:00:42"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+
     // A Node deleted while its agent runs: swept from every other node.
     let s3 = lab.subnet_env("weft-n3");
     lab.kubectl(&["delete", "node", "weft-n3"]);

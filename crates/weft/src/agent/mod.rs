@@ -144,6 +144,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 .context("connecting to the Kubernetes API (--kube-subnet-mgr)")?,
         );
         let name = ks.node_name().to_string();
+        anyhow::ensure!(!name.is_empty(), "{}", weft_kube::KubeError::NoNodeName);
         let store = weft_store::AnyStore::Dyn(ks.clone());
         (store, cfg, Some(ks), name)
     } else {
@@ -220,13 +221,22 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         _ => String::new(),
     };
     // The VTEP MAC: the device's own when it exists already (a restart, or flanneld's
-    // flannel.1 taken over: peers still hold its MAC), else one derived from the node.
+    // flannel.1 taken over: peers still hold its MAC), else the one the Node's backend-data
+    // annotation holds (on Kubernetes, from before), else one derived from the node.
+    let unicast = |m: [u8; 6]| (m != [0; 6] && m[0] & 1 == 0).then_some(m);
+    let annotated = match &kube {
+        Some(ks) if !vx_name.is_empty() => ks
+            .own_backend_data()
+            .await
+            .and_then(|d| weft_backend::parse_mac(d.get("VtepMAC")?.as_str()?))
+            .and_then(unicast),
+        _ => None,
+    };
     let mac = match (vx_name.is_empty(), nl.link(&vx_name).await) {
-        (false, Ok(Some(l))) => <[u8; 6]>::try_from(l.mac.as_slice())
-            .ok()
-            .filter(|m| m != &[0; 6] && m[0] & 1 == 0),
+        (false, Ok(Some(l))) => <[u8; 6]>::try_from(l.mac.as_slice()).ok().and_then(unicast),
         _ => None,
     }
+    .or(annotated)
     .unwrap_or_else(|| weft_backend::vtep_mac(&node_name, public_ip));
     let pod_mtu = weft_backend::pod_mtu(&cfg, underlay.mtu);
     tracing::info!(node = %node_name, iface = %underlay.name, %public_ip, backend = cfg.backend.type_name(), pod_mtu, "starting");

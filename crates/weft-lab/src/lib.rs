@@ -3,7 +3,6 @@
 //! runtime calls it. Everything is named `weft-*` and `down` removes it all, also after a crash.
 //! Namespaces, veths, bridges and addresses are made through netlink by weft itself.
 
-use crate::ConfigArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ipnet::{IpNet, Ipv4Net};
@@ -84,8 +83,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 24 * 3600)]
     pub lease_ttl: u64,
     /// A net-conf.json to use instead of the one --backend implies.
-    #[command(flatten)]
-    pub config: ConfigArgs,
+    #[arg(long, alias = "net-config-path")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone)]

@@ -13,7 +13,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         matches!(a.mode.as_str(), "bridge" | "routed"),
         "--mode is bridge or routed"
     );
-    let conf = match &a.config.config {
+    let conf = match &a.config {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }

@@ -304,7 +304,7 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
         kubectl_ok(
             un,
             &["apply", "-f", "-"],
-            Some(include_str!("../../../../deploy/weft.yaml")),
+            Some(include_str!("../../../deploy/weft.yaml")),
         )?;
         let token = kubectl_ok(
             un,
