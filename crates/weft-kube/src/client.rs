@@ -4,17 +4,16 @@
 //! subnets (kube-controller-manager), so `create` only ever succeeds for this node's podCIDR.
 
 use crate::node::{self, Annotations, NodeProblem};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use weft_core::{Expiry, Lease, LeaseKey};
-use weft_store::{Change, ChangeStream, RawEntry, RawListing, Store, StoreError};
+use weft_store::{ChangeStream, RawEntry, RawListing, Store, StoreError};
 
 /// How to reach the API server and who this node is.
 #[derive(Debug, Clone, Default)]
@@ -307,61 +306,33 @@ impl Store for KubeStore {
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
         tokio::spawn(async move {
-            let mut rev = from.max(1);
-            // Node -> the lease key it stood for: a node that changes subnet, loses its
-            // annotations or goes, withdraws the old one.
-            let mut keys: HashMap<String, LeaseKey> = HashMap::new();
-            let mut relist: Option<HashMap<String, LeaseKey>> = None;
+            let mut changes = crate::changes::NodeChanges::new(me.ann.clone(), from);
             let mut stream = watcher(me.nodes.clone(), watcher::Config::default()).boxed();
-            while let Some(ev) = stream.next().await {
-                let mut batch = Vec::new();
-                let put =
-                    |n: &Node, keys: &mut HashMap<String, LeaseKey>, batch: &mut Vec<Change>| {
-                        let name = n.metadata.name.clone().unwrap_or_default();
-                        let lease = me.entry(n).and_then(|e| e.decode().ok());
-                        let old = keys.remove(&name);
-                        match lease {
-                            Some(l) => {
-                                if let Some(o) = old.filter(|o| *o != l.key) {
-                                    batch.push(Change::Delete { key: o, rev });
-                                }
-                                keys.insert(name, l.key);
-                                batch.push(Change::Put { lease: l, rev });
-                            }
-                            None => batch.extend(old.map(|key| Change::Delete { key, rev })),
-                        }
-                    };
-                match ev {
-                    Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
-                        if let Some(seen) = relist.as_mut() {
-                            if let Some(name) = &n.metadata.name {
-                                seen.remove(name);
-                            }
-                        }
-                        put(&n, &mut keys, &mut batch);
-                    }
-                    Ok(watcher::Event::Delete(n)) => {
-                        let name = n.metadata.name.clone().unwrap_or_default();
-                        batch.extend(keys.remove(&name).map(|key| Change::Delete { key, rev }));
-                    }
-                    Ok(watcher::Event::Init) => relist = Some(keys.clone()),
-                    Ok(watcher::Event::InitDone) => {
-                        // Nodes gone while the watch was away (or the agent was down).
-                        for (name, key) in relist.take().unwrap_or_default() {
-                            keys.remove(&name);
-                            batch.push(Change::Delete { key, rev });
-                        }
-                    }
-                    Err(e) => {
-                        // The watcher retries by itself; say so, keep going.
-                        tracing::warn!(error = %e, "node watch interrupted; resuming");
-                        continue;
+            while let Some(first) = stream.next().await {
+                // Every event already here goes into one batch: 5,000 Nodes arriving at once
+                // are one change for the agent, not 5,000.
+                let mut ready = vec![first];
+                while let Some(Some(ev)) = stream.next().now_or_never() {
+                    ready.push(ev);
+                    if ready.len() >= 10_000 {
+                        break;
                     }
                 }
+                let events: Vec<watcher::Event<Node>> = ready
+                    .into_iter()
+                    .filter_map(|ev| match ev {
+                        Ok(ev) => Some(ev),
+                        Err(e) => {
+                            // The watcher retries by itself; say so, keep going.
+                            tracing::warn!(error = %e, "node watch interrupted; resuming");
+                            None
+                        }
+                    })
+                    .collect();
+                let batch = changes.absorb(events);
                 if batch.is_empty() {
                     continue;
                 }
-                rev += 1;
                 if tx.send(Ok(batch)).await.is_err() {
                     return;
                 }

@@ -3,6 +3,7 @@
 //! annotations, and the set of leases a watch of Nodes. The pure part ([`node`]) reads and
 //! writes Nodes; [`client`] talks to the API server.
 
+pub mod changes;
 pub mod client;
 pub mod node;
 

@@ -104,6 +104,9 @@ use http::Metrics;
 /// STATUS takes a subnet.env untouched for 25 h for a dead agent).
 const SUBNET_ENV_REFRESH: Duration = Duration::from_secs(3600);
 
+/// How long lease changes gather before the agent plans for them.
+const LEASE_SETTLE: Duration = Duration::from_millis(50);
+
 pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let ttl = Duration::from_secs(a.lease_ttl);
     anyhow::ensure!(
@@ -449,6 +452,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             }
             r = leases_rx.changed(), if leases_open => {
                 if r.is_err() { leases_open = false; continue; }
+                // Nodes joining in a burst (5,000 Nodes created at once arrive over seconds):
+                // one plan for what arrives within 50 ms, not one per lease.
+                tokio::time::sleep(LEASE_SETTLE).await;
                 inputs_changed = true;
             }
             _ = refresh.tick() => {
