@@ -104,7 +104,7 @@ use http::Metrics;
 /// STATUS takes a subnet.env untouched for 25 h for a dead agent).
 const SUBNET_ENV_REFRESH: Duration = Duration::from_secs(3600);
 
-/// How long lease changes gather before the agent plans for them.
+/// Lease changes are taken in at most this often (a burst is planned in a few passes).
 const LEASE_SETTLE: Duration = Duration::from_millis(50);
 
 pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
@@ -418,6 +418,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // Something the plan depends on changed since the last pass.
     let mut inputs_changed = true;
     let (mut own_open, mut leases_open) = (true, true);
+    // When lease changes were last taken in (they are taken at most every LEASE_SETTLE).
+    let mut last_lease_plan = Instant::now() - LEASE_SETTLE;
     // The bgp backend is waiting for its peers before reconciling: look again soon.
     let mut unsettled = false;
     // Only the bgp backend answers /bgp/routes; otherwise the channel closes at once.
@@ -453,8 +455,13 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             r = leases_rx.changed(), if leases_open => {
                 if r.is_err() { leases_open = false; continue; }
                 // Nodes joining in a burst (5,000 Nodes created at once arrive over seconds):
-                // one plan for what arrives within 50 ms, not one per lease.
-                tokio::time::sleep(LEASE_SETTLE).await;
+                // at most one plan per 50 ms for them, not one per lease. A lone change is
+                // planned at once.
+                let since = last_lease_plan.elapsed();
+                if since < LEASE_SETTLE {
+                    tokio::time::sleep(LEASE_SETTLE - since).await;
+                }
+                last_lease_plan = Instant::now();
                 inputs_changed = true;
             }
             _ = refresh.tick() => {
