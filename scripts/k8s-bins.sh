@@ -17,11 +17,18 @@ if [ -n "${K8S_BIN_DIR:-}" ]; then
   echo "$K8S_BIN_DIR"
   exit 0
 fi
-command -v go >/dev/null || { echo "no Go toolchain: Kubernetes $VER cannot be built (set K8S_BIN_DIR to prebuilt binaries)" >&2; exit 2; }
 CACHE=${WEFT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/weft}/k8s/$VER
 done_all=true
 for b in "${BINS[@]}"; do [ -x "$CACHE/$b" ] || done_all=false; done
 if $done_all; then echo "$CACHE"; exit 0; fi
+command -v go >/dev/null || { echo "no Go toolchain: Kubernetes $VER cannot be built (set K8S_BIN_DIR to prebuilt binaries)" >&2; exit 2; }
+# Kubernetes 1.34 needs Go 1.24; each release since one more minor (1.36: Go 1.26).
+minor=$(echo "$VER" | cut -d. -f2)
+have=$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+if [ "${have:-0}" -lt $((minor - 10)) ]; then
+  echo "Go $(go env GOVERSION) is too old for Kubernetes $VER (it needs Go 1.$((minor - 10)); K8S_VERSION=v1.34.4 needs 1.24, or set K8S_BIN_DIR)" >&2
+  exit 2
+fi
 
 STAGING=v0.${VER#v1.}
 SRC=$CACHE/src

@@ -150,7 +150,7 @@ fn signal(pid: i32, sig: i32) {
 
 #[test]
 fn every_backend_runs_on_the_kubernetes_datastore() {
-    for backend in ["vxlan", "host-gw", "udp", "bgp"] {
+    for backend in ["vxlan", "vxlan-dr", "host-gw", "udp", "bgp"] {
         let Some(lab) = Lab::up(&["--backend", backend, "--nodes", "3", "--pods-per-node", "1"])
         else {
             return;
@@ -165,7 +165,7 @@ fn every_backend_runs_on_the_kubernetes_datastore() {
             );
             assert_eq!(
                 node["metadata"]["annotations"][format!("{P}backend-type")],
-                backend
+                backend.trim_end_matches("-dr")
             );
         }
         drop(lab);
@@ -436,4 +436,117 @@ fn a_burst_of_nodes_is_programmed_completely_in_few_passes() {
     assert_eq!(routes(), n);
     let passes = log().matches("reconciled").count() - passes_before;
     assert!(passes < n / 2, "{passes} reconcile passes for {n} Nodes");
+}
+
+#[test]
+fn a_node_without_a_pod_cidr_waits_alive_and_not_ready_then_starts() {
+    // Room for four /24s only: the fifth node gets no podCIDR until one is freed.
+    let d = tempfile::tempdir().expect("tmp");
+    let conf = d.path().join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"Network": "10.244.0.0/22", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#,
+    )
+    .expect("conf");
+    let conf = conf.to_str().expect("path").to_string();
+    let Some(lab) = Lab::up(&["--nodes", "4", "--pods-per-node", "0", "--config", &conf]) else {
+        return;
+    };
+    // n5: the lab gives up waiting for its subnet.env; its agent must not.
+    let o = weft(&[
+        "lab",
+        "up",
+        "--store",
+        "kubernetes",
+        "--nodes",
+        "5",
+        "--pods-per-node",
+        "0",
+        "--config",
+        &conf,
+    ]);
+    assert!(!o.status.success(), "n5 got a subnet from a full range?");
+    let pid = lab.agent_pid("weft-n5");
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")),
+        "n5's agent exited while waiting for its podCIDR"
+    );
+    let log = std::fs::read_to_string("/run/weft/lab/weft-n5/agent.log").expect("log");
+    assert!(
+        log.contains("no spec.podCIDR yet") && log.contains("--allocate-node-cidrs"),
+        "{log}"
+    );
+    let probe = |path: &str| {
+        let url = format!("http://127.0.0.1:9965{path}");
+        let code = format!(
+            "import urllib.request,urllib.error\ntry:\n print(urllib.request.urlopen('{url}').status)\nexcept urllib.error.HTTPError as e:\n print(e.code)"
+        );
+        ok(&["lab", "exec", "n5", "--", "python3", "-c", &code])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(probe("/healthz"), "200", "alive");
+    assert_eq!(probe("/readyz"), "503", "not ready without a subnet");
+    // n2 leaves the cluster: its podCIDR is freed, n5 gets it and starts.
+    lab.kubectl(&["delete", "node", "weft-n2"]);
+    wait_until("n5's subnet.env", 60, || {
+        std::path::Path::new("/run/weft/lab/weft-n5/subnet.env").exists()
+    });
+    wait_until("n5 ready", 30, || probe("/readyz") == "200");
+}
+
+#[test]
+fn without_node_name_the_agent_finds_its_node_through_its_pod() {
+    let Some(lab) = Lab::up(&["--nodes", "1", "--pods-per-node", "0"]) else {
+        return;
+    };
+    // A Pod bound to weft-n1 (as the DaemonSet's pod would be), and an agent in n1 that is told
+    // only POD_NAME and POD_NAMESPACE.
+    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "weft-probe", "namespace": "kube-weft"},
+        "spec": {"nodeName": "weft-n1", "serviceAccountName": "weft", "automountServiceAccountToken": false,
+                 "containers": [{"name": "c", "image": "weft:dev"}]}});
+    let d = tempfile::tempdir().expect("tmp");
+    let f = d.path().join("pod.json");
+    std::fs::write(&f, pod.to_string()).expect("write");
+    lab.kubectl(&["create", "-f", f.to_str().expect("path")]);
+    let log = d.path().join("agent.log");
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "weft-n1",
+            env!("CARGO_BIN_EXE_weft"),
+            "agent",
+            "--kube-subnet-mgr",
+        ])
+        .args(["--kubeconfig-file", "/run/weft/lab/kube/agent.kubeconfig"])
+        .args(["--config", "/run/weft/lab/net-conf.json", "--iface", "eth0"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:9966",
+            "--log",
+            "info",
+            "--subnet-file",
+        ])
+        .arg(d.path().join("subnet.env"))
+        .env_remove("NODE_NAME")
+        .env("POD_NAME", "weft-probe")
+        .env("POD_NAMESPACE", "kube-weft")
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("agent");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t = Instant::now();
+    while !read().contains("lease held") && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = read();
+    assert!(
+        text.contains("node=weft-n1") && text.contains("lease held"),
+        "{text}"
+    );
 }
