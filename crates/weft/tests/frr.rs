@@ -8,7 +8,7 @@
 //!   its attributes as sent, plus ORIGINATOR_ID and weft's CLUSTER_LIST.
 
 mod common;
-use common::{ok, sh, wait_until, weft};
+use common::{conf_file, ok, sh, wait_until, weft};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -232,15 +232,6 @@ fn bgpd_conf(n: u8, extra_router: &str, extra_af: &str, announce: bool) -> Strin
          set community 64512:100 64512:200\n",
         id = 69 + n
     )
-}
-
-/// net-conf.json in a directory of its own (kept while the TempDir lives); its path.
-fn conf_file(json: &str) -> (tempfile::TempDir, String) {
-    let d = tempfile::tempdir().expect("tmp");
-    let p = d.path().join("net-conf.json");
-    std::fs::write(&p, json).expect("conf");
-    let p = p.to_str().expect("path").to_string();
-    (d, p)
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! token of deploy/weft.yaml's ServiceAccount.
 
 mod common;
-use common::{ok, wait_until, weft};
+use common::{conf_file, ok, wait_until, weft};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -386,21 +386,8 @@ fn the_api_server_restarts_under_running_agents() {
 
 #[test]
 fn a_burst_of_nodes_is_programmed_completely_in_few_passes() {
-    let d = tempfile::tempdir().expect("tmp");
-    let conf = d.path().join("net-conf.json");
-    std::fs::write(
-        &conf,
-        r#"{"Network": "10.128.0.0/9", "Backend": {"Type": "vxlan"}}"#,
-    )
-    .expect("conf");
-    let Some(lab) = Lab::up(&[
-        "--nodes",
-        "1",
-        "--pods-per-node",
-        "0",
-        "--config",
-        conf.to_str().expect("path"),
-    ]) else {
+    let (d, conf) = conf_file(r#"{"Network": "10.128.0.0/9", "Backend": {"Type": "vxlan"}}"#);
+    let Some(lab) = Lab::up(&["--nodes", "1", "--pods-per-node", "0", "--config", &conf]) else {
         return;
     };
     // 500 Nodes in one List, annotated as flanneld annotates them, podCIDRs set at creation.
@@ -441,14 +428,8 @@ fn a_burst_of_nodes_is_programmed_completely_in_few_passes() {
 #[test]
 fn a_node_without_a_pod_cidr_waits_alive_and_not_ready_then_starts() {
     // Room for four /24s only: the fifth node gets no podCIDR until one is freed.
-    let d = tempfile::tempdir().expect("tmp");
-    let conf = d.path().join("net-conf.json");
-    std::fs::write(
-        &conf,
-        r#"{"Network": "10.244.0.0/22", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#,
-    )
-    .expect("conf");
-    let conf = conf.to_str().expect("path").to_string();
+    let (_d, conf) =
+        conf_file(r#"{"Network": "10.244.0.0/22", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#);
     let Some(lab) = Lab::up(&["--nodes", "4", "--pods-per-node", "0", "--config", &conf]) else {
         return;
     };

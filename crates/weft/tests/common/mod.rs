@@ -47,3 +47,12 @@ pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// net-conf.json in a directory of its own (kept while the TempDir lives); its path.
+pub fn conf_file(json: &str) -> (tempfile::TempDir, String) {
+    let d = tempfile::tempdir().expect("tmp");
+    let p = d.path().join("net-conf.json");
+    std::fs::write(&p, json).expect("conf");
+    let p = p.to_str().expect("path").to_string();
+    (d, p)
+}
