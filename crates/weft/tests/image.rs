@@ -114,3 +114,58 @@ fn the_image_is_a_valid_oci_layout_that_runs_on_its_own() {
     }
     assert!(root.join("opt/cni/bin/weft-cni").exists());
 }
+
+/// The conflist deploy/weft.yaml installs speaks a CNI version every plugin in it supports
+/// (Debian's portmap and containerd 1.6's libcni stop at 1.0.0: a 1.1.0 conflist fails every
+/// pod sandbox on such a node).
+#[test]
+fn the_deployed_conflist_speaks_a_version_its_plugins_support() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let yaml = std::fs::read_to_string(repo.join("deploy/weft.yaml")).expect("deploy/weft.yaml");
+    let start = yaml
+        .find("cni-conf.json: |")
+        .expect("cni-conf.json in the ConfigMap");
+    let block: String = yaml[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let conf: serde_json::Value = serde_json::from_str(&block).expect("the conflist is JSON");
+    let version = conf["cniVersion"].as_str().expect("cniVersion").to_string();
+    let bins = Path::new(env!("CARGO_BIN_EXE_weft"))
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    for p in conf["plugins"].as_array().expect("plugins") {
+        let ty = p["type"].as_str().expect("type");
+        let bin = if ty == "weft-cni" {
+            bins.join("weft-cni")
+        } else {
+            Path::new("/usr/lib/cni").join(ty)
+        };
+        if !bin.exists() {
+            continue; // weft-cni not built in this run, or the reference plugins not installed
+        }
+        let mut child = Command::new(&bin)
+            .env("CNI_COMMAND", "VERSION")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("plugin");
+        use std::io::Write;
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{{\"cniVersion\":\"{version}\"}}").as_bytes());
+        let out = child.wait_with_output().expect("plugin");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("VERSION JSON");
+        assert!(
+            v["supportedVersions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == version.as_str())),
+            "{ty} does not speak cniVersion {version}: {v}"
+        );
+    }
+}
