@@ -131,14 +131,21 @@ impl KubeStore {
             "lastTransitionTime": now,
             "lastHeartbeatTime": now,
         }]}});
+        self.patch_status(&patch, "setting NetworkUnavailable")
+            .await
+    }
+
+    /// A strategic merge patch of this Node's status (annotations ride along in its metadata;
+    /// conditions merge by type).
+    async fn patch_status(&self, patch: &serde_json::Value, what: &str) -> Result<(), StoreError> {
         self.nodes
             .patch_status(
                 &self.node,
                 &PatchParams::default(),
-                &Patch::Strategic(&patch),
+                &Patch::Strategic(patch),
             )
             .await
-            .map_err(api_err("setting NetworkUnavailable"))?;
+            .map_err(api_err(what))?;
         Ok(())
     }
 
@@ -206,14 +213,8 @@ impl KubeStore {
         let todo = node::annotations_to_write(&n, &node::wanted_annotations(&attrs, &self.ann));
         if !todo.is_empty() {
             let patch = serde_json::json!({"metadata": {"annotations": todo}});
-            self.nodes
-                .patch_status(
-                    &self.node,
-                    &PatchParams::default(),
-                    &Patch::Strategic(&patch),
-                )
-                .await
-                .map_err(api_err("writing this node's annotations"))?;
+            self.patch_status(&patch, "writing this node's annotations")
+                .await?;
             tracing::info!(node = %self.node, written = todo.len(), "node annotations written");
         }
         Ok(Lease {

@@ -56,14 +56,7 @@ impl Lab {
     }
 
     fn subnet(&self, node: &str) -> String {
-        let env = std::fs::read_to_string(format!("/run/weft/lab/weft-{node}/subnet.env"))
-            .expect("subnet.env");
-        let s = env
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-            .expect("FLANNEL_SUBNET");
-        let net: ipnet::Ipv4Net = s.parse().expect("cidr");
-        net.trunc().to_string()
+        common::lab_subnet(&format!("weft-{node}"))
     }
 }
 

@@ -79,15 +79,7 @@ impl Lab {
     }
 
     fn subnet_env(&self, node: &str) -> String {
-        let env = std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env"))
-            .expect("subnet.env");
-        let s = env
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-            .expect("FLANNEL_SUBNET")
-            .to_string();
-        let net: ipnet::Ipv4Net = s.parse().expect("cidr");
-        net.trunc().to_string()
+        common::lab_subnet(node)
     }
 
     fn routes(&self, node: &str) -> String {

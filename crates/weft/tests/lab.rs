@@ -67,18 +67,7 @@ impl Lab {
     }
 
     fn subnet(&self, node: &str) -> String {
-        let env = std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env"))
-            .expect("subnet.env");
-        let s = env
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-            .expect("FLANNEL_SUBNET")
-            .to_string();
-        // 10.244.7.1/24 -> 10.244.7.0/24
-        let (a, p) = s.split_once('/').expect("cidr");
-        let mut o: Vec<&str> = a.split('.').collect();
-        o[3] = "0";
-        format!("{}/{p}", o.join("."))
+        common::lab_subnet(node)
     }
 
     fn agent_pid(&self, node: &str) -> i32 {

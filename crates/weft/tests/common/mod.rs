@@ -56,3 +56,16 @@ pub fn conf_file(json: &str) -> (tempfile::TempDir, String) {
     let p = p.to_str().expect("path").to_string();
     (d, p)
 }
+
+/// A lab node's subnet as its subnet.env says (10.244.7.1/24 -> "10.244.7.0/24").
+pub fn lab_subnet(node: &str) -> String {
+    let env =
+        std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env")).expect("subnet.env");
+    let s = env
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .expect("FLANNEL_SUBNET")
+        .to_string();
+    let net: ipnet::Ipv4Net = s.parse().expect("cidr");
+    net.trunc().to_string()
+}
