@@ -96,14 +96,7 @@ impl Lab {
     }
 
     fn agent_pid(&self, node: &str) -> i32 {
-        self.state()["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .find(|n| n["name"] == node)
-            .expect("node")["agent_pid"]
-            .as_i64()
-            .expect("pid") as i32
+        common::lab_agent_pid(node)
     }
 
     /// kubectl with the agents' own credentials, in the underlay namespace.

@@ -2,7 +2,7 @@
 //! The lab has fixed names (weft-*), so the scenarios run one at a time.
 
 mod common;
-use common::{ok, wait_until, weft};
+use common::{conf_file, ok, wait_until, weft};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -71,17 +71,7 @@ impl Lab {
     }
 
     fn agent_pid(&self, node: &str) -> i32 {
-        let st: serde_json::Value =
-            serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state"))
-                .expect("json");
-        st["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .find(|n| n["name"] == node)
-            .expect("node")["agent_pid"]
-            .as_i64()
-            .expect("pid") as i32
+        common::lab_agent_pid(node)
     }
 }
 
@@ -1207,15 +1197,10 @@ fn bgp_mesh_sessions_use_the_mesh_key_from_a_file() {
 #[test]
 fn bgp_peers_that_never_connect_show_their_state_and_why() {
     // 10.0.1.60 answers with a reset (nothing listens), 10.0.1.61 does not exist at all.
-    let d = tempfile::tempdir().expect("tmp");
-    let conf = d.path().join("net-conf.json");
-    std::fs::write(
-        &conf,
+    let (_d, conf) = conf_file(
         r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp",
             "Peers": [{"Address": "10.0.1.60", "ASNumber": 64600}, {"Address": "10.0.1.61", "ASNumber": 64601}]}}"#,
-    )
-    .expect("conf");
-    let conf = conf.to_str().expect("path").to_string();
+    );
     let lab = Lab::up(&[
         "--nodes",
         "2",

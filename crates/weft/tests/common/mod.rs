@@ -69,3 +69,18 @@ pub fn lab_subnet(node: &str) -> String {
     let net: ipnet::Ipv4Net = s.parse().expect("cidr");
     net.trunc().to_string()
 }
+
+/// The pid of a lab node's agent, from the lab's state file.
+pub fn lab_agent_pid(node: &str) -> i32 {
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state"))
+            .expect("json");
+    st["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == node)
+        .expect("node")["agent_pid"]
+        .as_i64()
+        .expect("pid") as i32
+}
