@@ -10,6 +10,9 @@
 set -euo pipefail
 VER=${K8S_VERSION:-v1.36.3}
 BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+# Built too (a cluster with kubelets needs them): agnhost, Kubernetes' test server, for the
+# image e2e.test runs its pods from; e2e.test, the upstream end-to-end tests.
+TEST_BINS=(agnhost e2e.test)
 if [ -n "${K8S_BIN_DIR:-}" ]; then
   for b in "${BINS[@]}"; do
     [ -x "$K8S_BIN_DIR/$b" ] || { echo "K8S_BIN_DIR=$K8S_BIN_DIR has no $b" >&2; exit 1; }
@@ -18,9 +21,9 @@ if [ -n "${K8S_BIN_DIR:-}" ]; then
   exit 0
 fi
 CACHE=${WEFT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/weft}/k8s/$VER
-done_all=true
-for b in "${BINS[@]}"; do [ -x "$CACHE/$b" ] || done_all=false; done
-if $done_all; then echo "$CACHE"; exit 0; fi
+missing=()
+for b in "${BINS[@]}" "${TEST_BINS[@]}"; do [ -x "$CACHE/$b" ] || missing+=("$b"); done
+if [ ${#missing[@]} -eq 0 ]; then echo "$CACHE"; exit 0; fi
 command -v go >/dev/null || { echo "no Go toolchain: Kubernetes $VER cannot be built (set K8S_BIN_DIR to prebuilt binaries)" >&2; exit 2; }
 # Kubernetes 1.34 needs Go 1.24; each release since one more minor (1.36: Go 1.26).
 minor=$(echo "$VER" | cut -d. -f2)
@@ -50,12 +53,25 @@ echo "building Kubernetes $VER (its go.mod asks Go $need; here: $(go env GOVERSI
 } >go.mod
 # One file importing nothing; the commands are built straight from the required module.
 printf 'package main\n\nfunc main() {}\n' >main.go
-for b in "${BINS[@]}"; do
-  go get "k8s.io/kubernetes/cmd/$b@$VER" >&2
+pkg() {
+  case $1 in
+    agnhost) echo k8s.io/kubernetes/test/images/agnhost ;;
+    e2e.test) echo k8s.io/kubernetes/test/e2e ;;
+    *) echo "k8s.io/kubernetes/cmd/$1" ;;
+  esac
+}
+for b in "${missing[@]}"; do
+  go get "$(pkg "$b")@$VER" >&2
 done
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$VER -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$VER" | cut -d. -f2)"
-for b in "${BINS[@]}"; do
-  CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$CACHE/$b.tmp" "k8s.io/kubernetes/cmd/$b" >&2
+# -mod=mod: the e2e tests import staging modules (sample-apiserver, ...) whose sums the
+# commands' builds never needed.
+for b in "${missing[@]}"; do
+  if [ "$b" = e2e.test ]; then
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go test -c -trimpath -ldflags "$ldflags" -o "$CACHE/$b.tmp" "$(pkg "$b")" >&2
+  else
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$CACHE/$b.tmp" "$(pkg "$b")" >&2
+  fi
   mv "$CACHE/$b.tmp" "$CACHE/$b"
 done
 echo "$CACHE"

@@ -2,8 +2,10 @@
 //! routes), sysctls. Everything above it plans; this crate carries plans out.
 
 pub mod batch;
+pub mod cgroup;
 pub mod ioctl;
 pub mod link;
+pub mod mountns;
 pub mod netns;
 pub mod nft;
 pub mod probe;
@@ -12,6 +14,7 @@ pub mod sysctl;
 pub mod udp;
 
 pub use link::{Link, Nl, Route, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
+pub use mountns::MountNs;
 pub use netns::Netns;
 
 #[derive(Debug, thiserror::Error)]

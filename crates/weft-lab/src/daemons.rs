@@ -214,9 +214,17 @@ pub(super) fn alive(pid: u32) -> bool {
     }
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmd = String::from_utf8_lossy(&cmd);
-    ["weft", "etcd", "bird", "gobgpd", "kube-"]
-        .iter()
-        .any(|n| cmd.contains(n))
+    [
+        "weft",
+        "etcd",
+        "bird",
+        "gobgpd",
+        "kube-",
+        "kubelet",
+        "containerd",
+    ]
+    .iter()
+    .any(|n| cmd.contains(n))
 }
 
 pub(super) fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {

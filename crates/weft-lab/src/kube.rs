@@ -57,15 +57,8 @@ fn openssl(args: &[&str]) -> Result<()> {
 fn certificates() -> Result<()> {
     let d = kube_dir();
     std::fs::create_dir_all(&d)?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
+    ca.extend(EC);
     ca.extend([
         "-keyout",
         "ca.key",
@@ -87,41 +80,18 @@ fn certificates() -> Result<()> {
         d.join("client.ext"),
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
     )?;
-    for (name, subj, ext) in [
-        ("apiserver", "/CN=kube-apiserver", true),
-        ("admin", "/O=system:masters/CN=weft-lab-admin", false),
+    sign_cert("apiserver", "/CN=kube-apiserver", "san.ext")?;
+    for (name, subj) in [
+        ("admin", "/O=system:masters/CN=weft-lab-admin"),
+        ("controller-manager", "/CN=system:kube-controller-manager"),
+        ("scheduler", "/CN=system:kube-scheduler"),
+        // What the API server shows kubelets (exec, logs, port-forward).
         (
-            "controller-manager",
-            "/CN=system:kube-controller-manager",
-            false,
+            "apiserver-kubelet-client",
+            "/CN=kube-apiserver-kubelet-client",
         ),
     ] {
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-        );
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
-        openssl(&req)?;
-        let mut sign = vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &crt,
-            "-days",
-            "3650",
-        ];
-        sign.extend(["-extfile", if ext { "san.ext" } else { "client.ext" }]);
-        openssl(&sign)?;
+        sign_cert(name, subj, "client.ext")?;
     }
     openssl(&[
         "ecparam",
@@ -136,24 +106,75 @@ fn certificates() -> Result<()> {
     Ok(())
 }
 
-/// A kubeconfig for the lab's API server: a client certificate or a bearer token.
-fn kubeconfig(path: &Path, user: &str, cert: Option<&str>, token: Option<&str>) -> Result<()> {
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// `NAME.key` and `NAME.crt` (subject `subj`, extensions from the file `ext`) signed by the
+/// lab's CA.
+pub(super) fn sign_cert(name: &str, subj: &str, ext: &str) -> Result<()> {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    let mut req = vec!["req"];
+    req.extend(EC);
+    req.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
+    openssl(&req)?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        &crt,
+        "-days",
+        "3650",
+        "-extfile",
+        ext,
+    ])
+}
+
+/// A kubeconfig for the lab's API server: a client certificate or a bearer token, every
+/// credential inline (a node's kubelet, in a mount namespace of its own, sees none of the
+/// lab's files).
+pub(super) fn kubeconfig(
+    path: &Path,
+    user: &str,
+    cert: Option<&str>,
+    token: Option<&str>,
+) -> Result<()> {
+    use base64::Engine;
     let d = kube_dir();
+    let b64 = |f: PathBuf| -> Result<String> {
+        let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    };
     let mut auth = String::new();
     if let Some(c) = cert {
         auth.push_str(&format!(
-            "    client-certificate: {}\n    client-key: {}\n",
-            d.join(format!("{c}.crt")).display(),
-            d.join(format!("{c}.key")).display()
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64(d.join(format!("{c}.crt")))?,
+            b64(d.join(format!("{c}.key")))?
         ));
     }
     if let Some(t) = token {
         auth.push_str(&format!("    token: {t}\n"));
     }
     let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{}:{API_PORT}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n{auth}contexts:\n- name: lab\n  context:\n    cluster: lab\n    user: {user}\ncurrent-context: lab\n",
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{}:{API_PORT}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n{auth}contexts:\n- name: lab\n  context:\n    cluster: lab\n    user: {user}\ncurrent-context: lab\n",
         gateway(1),
-        d.join("ca.crt").display()
+        b64(d.join("ca.crt"))?
     );
     std::fs::write(path, text)?;
     use std::os::unix::fs::PermissionsExt;
@@ -176,7 +197,7 @@ pub(super) fn kubectl(un: &Netns) -> Result<Command> {
     Ok(c)
 }
 
-fn kubectl_ok(un: &Netns, args: &[&str], stdin: Option<&str>) -> Result<String> {
+pub(super) fn kubectl_ok(un: &Netns, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let mut c = kubectl(un)?;
     c.args(args)
         .stdin(if stdin.is_some() {
@@ -200,11 +221,18 @@ fn kubectl_ok(un: &Netns, args: &[&str], stdin: Option<&str>) -> Result<String> 
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// The control plane: the API server and the controller-manager (etcd is up already), each
-/// started when not running (`pids`: [apiserver, controller-manager] as last started);
-/// certificates, deploy/weft.yaml and the agents' kubeconfig made once per lab, so a restarted
-/// API server serves the same credentials the agents hold. Returns the pids.
-pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Result<Vec<u32>> {
+/// The control plane: the API server and the controller-manager (etcd is up already), and
+/// with kubelets the scheduler, each started when not running (`pids`: as last started);
+/// certificates, the weft manifest (`manifest`: deploy/weft.yaml as the lab sets it up) and
+/// the agents' kubeconfig made once per lab, so a restarted API server serves the same
+/// credentials the agents hold. Returns the pids.
+pub(super) fn start(
+    un: &Netns,
+    conf: &weft_core::NetConfig,
+    pids: &[u32],
+    kubelets: bool,
+    manifest: &str,
+) -> Result<Vec<u32>> {
     let running = |i: usize| pids.get(i).copied().filter(|p| alive(*p));
     let network = conf
         .v4
@@ -240,6 +268,12 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
         format!("--service-cluster-ip-range={SERVICE_RANGE}"),
         "--authorization-mode=Node,RBAC".into(),
         "--allow-privileged=true".into(),
+        format!(
+            "--kubelet-client-certificate={}",
+            p("apiserver-kubelet-client.crt")
+        ),
+        format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+        "--kubelet-preferred-address-types=InternalIP".into(),
         "--v=1".into(),
     ];
     let api_os: Vec<&std::ffi::OsStr> = api_args.iter().map(std::ffi::OsStr::new).collect();
@@ -268,11 +302,10 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
             .unwrap_or(false)
     })
     .with_context(|| format!("see {}", d.join("kube-apiserver.log").display()))?;
-    let kcm_args = [
+    let mut kcm_args = vec![
         format!("--kubeconfig={}", kcm_kc.display()),
         format!("--authentication-kubeconfig={}", kcm_kc.display()),
         format!("--authorization-kubeconfig={}", kcm_kc.display()),
-        "--controllers=nodeipam".into(),
         "--allocate-node-cidrs=true".into(),
         format!("--cluster-cidr={network}"),
         format!("--node-cidr-mask-size={subnet_len}"),
@@ -284,6 +317,19 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
         "--bind-address=127.0.0.1".into(),
         "--v=1".into(),
     ];
+    if kubelets {
+        // A whole cluster's: workloads (DaemonSet, Deployment), ServiceAccounts and their
+        // tokens, kube-root-ca.crt in every namespace, node lifecycle, pod and namespace GC.
+        kcm_args.extend([
+            "--controllers=*".into(),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+        ]);
+    } else {
+        // Agents without kubelets: only podCIDRs are handed out (no node lifecycle marking
+        // kubelet-less Nodes unreachable).
+        kcm_args.push("--controllers=nodeipam".into());
+    }
     let kcm_os: Vec<&std::ffi::OsStr> = kcm_args.iter().map(std::ffi::OsStr::new).collect();
     let kcm = match running(1) {
         Some(p) => p,
@@ -298,14 +344,40 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
             )?
         }
     };
+    let mut out = vec![api, kcm];
+    if kubelets {
+        let sched_kc = d.join("scheduler.kubeconfig");
+        if !sched_kc.exists() {
+            kubeconfig(&sched_kc, "scheduler", Some("scheduler"), None)?;
+        }
+        let args = [
+            format!("--kubeconfig={}", sched_kc.display()),
+            format!("--authentication-kubeconfig={}", sched_kc.display()),
+            format!("--authorization-kubeconfig={}", sched_kc.display()),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--v=1".into(),
+        ];
+        let os: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        out.push(match running(2) {
+            Some(p) => p,
+            None => {
+                let b = bin("kube-scheduler")?;
+                spawn_daemon(
+                    un,
+                    b.to_str().unwrap_or("kube-scheduler"),
+                    &os,
+                    &d.join("kube-scheduler.log"),
+                    "scripts/k8s-bins.sh",
+                )?
+            }
+        });
+    }
     if !agent_kubeconfig().exists() {
         // weft's own manifest: its namespace, ServiceAccount, ClusterRole and binding are what
-        // the agents run as (the DaemonSet stays unscheduled: the lab has no kubelets yet).
-        kubectl_ok(
-            un,
-            &["apply", "-f", "-"],
-            Some(include_str!("../../../deploy/weft.yaml")),
-        )?;
+        // the agents run as (without kubelets the DaemonSet stays unscheduled; with them it
+        // is how weft gets onto the nodes).
+        kubectl_ok(un, &["apply", "-f", "-"], Some(manifest))?;
         let token = kubectl_ok(
             un,
             &[
@@ -320,7 +392,7 @@ pub(super) fn start(un: &Netns, conf: &weft_core::NetConfig, pids: &[u32]) -> Re
         )?;
         kubeconfig(&agent_kubeconfig(), "weft", None, Some(token.trim()))?;
     }
-    Ok(vec![api, kcm])
+    Ok(out)
 }
 
 /// Registers a lab node as a Node, as its kubelet would: name, hostname label, InternalIP.

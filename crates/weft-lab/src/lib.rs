@@ -85,6 +85,16 @@ pub struct UpArgs {
     /// A net-conf.json to use instead of the one --backend implies.
     #[arg(long, alias = "net-config-path")]
     pub config: Option<PathBuf>,
+    /// With --store kubernetes: every node runs a real kubelet and containerd (a mount
+    /// namespace and cgroup of its own); weft is installed as users do, `kubectl apply` of
+    /// deploy/weft.yaml (its DaemonSet); the pods are a Deployment spread over the nodes.
+    /// Images: scripts/lab-images.sh and scripts/image.sh.
+    #[arg(long)]
+    pub kubelet: bool,
+    /// The weft image archive every kubelet node imports (default: target/weft-image.tar,
+    /// what scripts/image.sh writes).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone)]
@@ -105,9 +115,13 @@ struct State {
     /// BIRD or gobgpd in the router namespace.
     #[serde(default)]
     router_pid: Option<u32>,
-    /// kube-apiserver and kube-controller-manager (with --store kubernetes).
+    /// kube-apiserver and kube-controller-manager (with --store kubernetes), kube-scheduler
+    /// (with kubelets).
     #[serde(default)]
     kube_pids: Vec<u32>,
+    /// Nodes run kubelets; weft is their DaemonSet.
+    #[serde(default)]
+    kubelet: bool,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
 }
@@ -117,7 +131,11 @@ struct NodeState {
     name: String,
     ip: Ipv4Addr,
     segment: u8,
+    /// The lab-started agent (0 on kubelet nodes: there the DaemonSet runs it).
     agent_pid: u32,
+    /// containerd and kubelet, on kubelet nodes.
+    #[serde(default)]
+    runtime_pids: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -143,8 +161,10 @@ fn save(s: &State) -> Result<()> {
     Ok(())
 }
 
+mod cluster;
 mod daemons;
 mod kube;
+mod kubelet;
 mod ops;
 mod topology;
 use daemons::*;
@@ -208,7 +228,13 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
             let name = resolve(&target);
             let ns = Netns::open(ns_path(&name))
                 .with_context(|| format!("{target}: no such lab node or pod"))?;
-            let status = in_ns(&ns, &cmd[0])
+            // A kubelet node's commands see its files too (crictl, ctr, its CNI config).
+            let mut c = if kubelet::is_kubelet_node(&name) {
+                kubelet::node_command(&name, &cmd[0])?
+            } else {
+                in_ns(&ns, &cmd[0])
+            };
+            let status = c
                 .args(&cmd[1..])
                 .status()
                 .with_context(|| format!("running {}", cmd[0]))?;
@@ -223,37 +249,54 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
                 .find(|n| n.name == name)
                 .cloned()
                 .with_context(|| format!("{node}: no such lab node"))?;
-            // SAFETY: signalling the agent the lab started.
-            unsafe {
-                libc::kill(n.agent_pid as i32, libc::SIGTERM);
-            }
-            let _ = wait_for("the agent to stop", Duration::from_secs(10), || {
-                !alive(n.agent_pid)
-            });
             let un = Netns::open(ns_path(UNDERLAY))?;
-            let subnet = weft_core::subnet_env::SubnetEnv::read(
-                &Path::new(DIR).join(&name).join("subnet.env"),
-            )?
-            .and_then(|e| e.subnet);
-            if st.store == "kubernetes" {
-                // The Node goes: kube-controller-manager frees its podCIDR.
-                let ok = kube::kubectl(&un)?
-                    .args(["delete", "node", &name])
-                    .status()?
-                    .success();
-                anyhow::ensure!(ok, "deleting Node {name} failed");
-            } else if let Some(sub) = subnet {
-                let ok = weft_in(&un)?
-                    .args([
-                        "leases",
-                        "release",
-                        &sub.to_string(),
-                        "--store",
-                        &store_arg(&st),
-                    ])
-                    .status()?
-                    .success();
-                anyhow::ensure!(ok, "releasing {sub} of {name} failed");
+            if st.kubelet {
+                // As an administrator takes a node out: drain it, stop its kubelet and
+                // runtime, delete the Node (its podCIDR is freed; weft sweeps it elsewhere).
+                kube::kubectl_ok(
+                    &un,
+                    &[
+                        "drain",
+                        &name,
+                        "--ignore-daemonsets",
+                        "--delete-emptydir-data",
+                        "--force",
+                        "--timeout=60s",
+                    ],
+                    None,
+                )?;
+                kubelet::stop_node(&name)?;
+                kube::kubectl_ok(&un, &["delete", "node", &name], None)?;
+            } else {
+                // SAFETY: signalling the agent the lab started.
+                unsafe {
+                    libc::kill(n.agent_pid as i32, libc::SIGTERM);
+                }
+                let _ = wait_for("the agent to stop", Duration::from_secs(10), || {
+                    !alive(n.agent_pid)
+                });
+                let subnet = weft_core::subnet_env::SubnetEnv::read(&subnet_env_path(&st, &name))?
+                    .and_then(|e| e.subnet);
+                if st.store == "kubernetes" {
+                    // The Node goes: kube-controller-manager frees its podCIDR.
+                    let ok = kube::kubectl(&un)?
+                        .args(["delete", "node", &name])
+                        .status()?
+                        .success();
+                    anyhow::ensure!(ok, "deleting Node {name} failed");
+                } else if let Some(sub) = subnet {
+                    let ok = weft_in(&un)?
+                        .args([
+                            "leases",
+                            "release",
+                            &sub.to_string(),
+                            "--store",
+                            &store_arg(&st),
+                        ])
+                        .status()?
+                        .success();
+                    anyhow::ensure!(ok, "releasing {sub} of {name} failed");
+                }
             }
             for p in st.pods.iter().filter(|p| p.node == name) {
                 Netns::delete_named(&p.name)?;

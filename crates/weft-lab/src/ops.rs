@@ -20,7 +20,12 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         None => net_conf(&a.backend)?,
     };
     let parsed = weft_core::NetConfig::parse(&conf).context("the lab's net-conf.json")?;
+    anyhow::ensure!(
+        !a.kubelet || a.store == "kubernetes",
+        "--kubelet runs kubelets against the lab's Kubernetes control plane: use it with --store kubernetes"
+    );
     let mut st = load().unwrap_or_else(|| State {
+        kubelet: a.kubelet,
         backend: a.backend.clone(),
         mode: a.mode.clone(),
         store: a.store.clone(),
@@ -58,8 +63,23 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     save(&st)?;
     let conf_path = Path::new(DIR).join("net-conf.json");
     std::fs::write(&conf_path, &conf)?;
+    // Checked before anything starts: a kubelet lab without its images stops here.
+    let images = if st.kubelet {
+        let weft_image = match &a.image {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .and_then(Path::parent)
+                .map(|t| t.join("weft-image.tar"))
+                .context("no target directory next to this binary: give --image")?,
+        };
+        kubelet::images(&weft_image)?
+    } else {
+        Vec::new()
+    };
     if st.store == "kubernetes" {
-        if st.kube_pids.len() != 2 || !st.kube_pids.iter().all(|p| alive(*p)) {
+        let want = if st.kubelet { 3 } else { 2 };
+        if st.kube_pids.len() != want || !st.kube_pids.iter().all(|p| alive(*p)) {
             let etcd = std::net::SocketAddr::new(gateway(1).into(), 2379);
             wait_for("etcd", Duration::from_secs(20), || {
                 un.run(|| {
@@ -67,7 +87,12 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
                 })
                 .unwrap_or(false)
             })?;
-            st.kube_pids = kube::start(&un, &parsed.config, &st.kube_pids)?;
+            let manifest = if st.kubelet {
+                kubelet::manifest(&conf, &st.mode)?
+            } else {
+                include_str!("../../../deploy/weft.yaml").to_string()
+            };
+            st.kube_pids = kube::start(&un, &parsed.config, &st.kube_pids, st.kubelet, &manifest)?;
             eprintln!(
                 "  kubernetes kube-apiserver https://{}:{} and kube-controller-manager in {UNDERLAY} (weft lab kubectl ...)",
                 gateway(1),
@@ -110,6 +135,28 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         } else {
             add_node(&unl, &name, seg, ip).await?
         };
+        if st.kubelet {
+            let old = existing
+                .map(|k| st.nodes[k].runtime_pids.clone())
+                .unwrap_or_default();
+            let pids = kubelet::start_node(&name, ip, &images, &old)?;
+            if pids != old {
+                eprintln!(
+                    "  node       {name}  {ip} (segment {seg})  containerd pid {}, kubelet pid {}",
+                    pids[0], pids[1]
+                );
+            }
+            st.nodes.retain(|n| n.name != name);
+            st.nodes.push(NodeState {
+                name: name.clone(),
+                ip,
+                segment: seg,
+                agent_pid: 0,
+                runtime_pids: pids,
+            });
+            save(&st)?;
+            continue;
+        }
         if st.store == "kubernetes" {
             kube::register_node(&un, &name, ip)?;
         }
@@ -123,16 +170,29 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
                     ip,
                     segment: seg,
                     agent_pid: pid,
+                    runtime_pids: Vec::new(),
                 });
                 eprintln!("  node       {name}  {ip} (segment {seg})  agent pid {pid}");
             }
         }
         save(&st)?;
     }
+    if st.kubelet {
+        let names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
+        cluster::wait_ready(&un, &names, Duration::from_secs(180))?;
+        eprintln!("  ready      every node (weft's DaemonSet pod on each)");
+        cluster::deploy_workload(&un, st.nodes.len() * a.pods_per_node)?;
+        st.pods = cluster::pods(&un)?;
+        for p in &st.pods {
+            eprintln!("  pod        {}  {} on {}", p.name, p.ip, p.node);
+        }
+        save(&st)?;
+        return Ok(st);
+    }
     for i in 1..=a.nodes {
         let name = format!("weft-n{i}");
         let ns = Netns::open(ns_path(&name))?;
-        let env = Path::new(DIR).join(&name).join("subnet.env");
+        let env = subnet_env_path(&st, &name);
         wait_for(
             &format!("{name}'s agent to write {}", env.display()),
             Duration::from_secs(30),
@@ -157,8 +217,25 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     Ok(st)
 }
 
+/// Where a node's agent writes subnet.env, as the host sees it.
+pub(super) fn subnet_env_path(st: &State, node: &str) -> PathBuf {
+    if st.kubelet {
+        // The DaemonSet's hostPath /run/weft, in the node's private /run.
+        kubelet::fs(node, "run").join("weft/subnet.env")
+    } else {
+        Path::new(DIR).join(node).join("subnet.env")
+    }
+}
+
 /// Pings every pod from every pod; returns the failures.
 pub(super) fn check(st: &State, quiet: bool) -> Result<usize> {
+    if st.kubelet {
+        // The pods are Kubernetes': found and probed through the API.
+        let un = Netns::open(ns_path(UNDERLAY))?;
+        let pods = cluster::pods(&un)?;
+        let results = cluster::probe_all(&un, &pods)?;
+        return Ok(matrix(&pods, &results, quiet));
+    }
     let pods = &st.pods;
     let nss: Vec<Netns> = pods
         .iter()
@@ -191,7 +268,27 @@ pub(super) fn check(st: &State, quiet: bool) -> Result<usize> {
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    let fails: usize = results.iter().flatten().filter(|ok| !**ok).count();
+    Ok(matrix(pods, &results, quiet))
+}
+
+/// Prints the reachability matrix (unless `quiet`); returns the failures.
+fn matrix(pods: &[PodState], results: &[Vec<bool>], quiet: bool) -> usize {
+    let fails: usize = pods
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            (0..pods.len())
+                .filter(|j| {
+                    *j != i
+                        && !results
+                            .get(i)
+                            .and_then(|r| r.get(*j))
+                            .copied()
+                            .unwrap_or(false)
+                })
+                .count()
+        })
+        .sum();
     if !quiet {
         let w = pods.iter().map(|p| p.name.len()).max().unwrap_or(4);
         print!("{:w$} ", "from \\ to");
@@ -222,10 +319,13 @@ pub(super) fn check(st: &State, quiet: bool) -> Result<usize> {
             if fails > 0 { " — FAILURES" } else { "" }
         );
     }
-    Ok(fails)
+    fails
 }
 
 pub(super) fn down() -> Result<()> {
+    // Kubelet nodes first: their daemons, shims and containers (whole cgroups), then their
+    // mount namespaces.
+    kubelet::stop_all()?;
     if let Some(st) = load() {
         for pid in st
             .nodes
@@ -268,27 +368,33 @@ pub(super) fn status(st: &State) {
         st.segments
     );
     for n in &st.nodes {
-        let env = weft_core::subnet_env::SubnetEnv::read(
-            &Path::new(DIR).join(&n.name).join("subnet.env"),
-        )
-        .ok()
-        .flatten();
+        let env = weft_core::subnet_env::SubnetEnv::read(&subnet_env_path(st, &n.name))
+            .ok()
+            .flatten();
         let subnet = env
             .as_ref()
             .and_then(|e| e.subnet)
             .map_or("-".to_string(), |s| s.to_string());
+        let runs = if st.kubelet {
+            let state = |i: usize| match n.runtime_pids.get(i) {
+                Some(p) if alive(*p) => format!("{p}"),
+                _ => "stopped".to_string(),
+            };
+            format!("containerd {}  kubelet {}", state(0), state(1))
+        } else {
+            format!(
+                "agent {} ({})",
+                n.agent_pid,
+                if alive(n.agent_pid) {
+                    "running"
+                } else {
+                    "stopped"
+                }
+            )
+        };
         println!(
-            "node {:<10} {:<12} segment {}  subnet {:<16} agent {} ({})",
-            n.name,
-            n.ip,
-            n.segment,
-            subnet,
-            n.agent_pid,
-            if alive(n.agent_pid) {
-                "running"
-            } else {
-                "stopped"
-            }
+            "node {:<10} {:<12} segment {}  subnet {:<16} {runs}",
+            n.name, n.ip, n.segment, subnet,
         );
     }
     for p in &st.pods {
