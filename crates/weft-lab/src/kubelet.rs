@@ -418,3 +418,32 @@ pub(super) fn stop_all() -> Result<()> {
     MountNs::release_dir(&mnt_dir())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lab_manifest_is_deploy_yaml_with_the_labs_settings() {
+        let m = manifest(
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
+            "routed",
+        )
+        .expect("manifest");
+        let base = include_str!("../../../deploy/weft.yaml");
+        // The DaemonSet, RBAC and image as shipped.
+        for part in ["kind: DaemonSet", "kind: ClusterRole", "image: weft:dev"] {
+            assert!(m.contains(part), "{part}");
+        }
+        assert!(m.contains(r#""Type": "host-gw""#), "{m}");
+        assert!(!m.contains(r#""Type": "vxlan""#), "{m}");
+        assert!(m.contains(r#""mode": "routed""#) && !m.contains(r#""mode": "bridge""#));
+        assert!(m.contains("KUBERNETES_SERVICE_HOST: \"10.0.1.254\""));
+        // Only the ConfigMap's two entries changed and one object added.
+        assert_eq!(
+            m.matches("\n---\n").count(),
+            base.matches("\n---\n").count() + 1
+        );
+        assert!(manifest("not json", "bridge").is_err());
+    }
+}

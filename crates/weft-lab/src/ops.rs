@@ -364,7 +364,16 @@ pub(super) fn status(st: &State) {
         "backend {}  pods {}  store {}  segments {}",
         st.backend,
         st.mode,
-        store_arg(st),
+        if st.store == "kubernetes" {
+            format!(
+                "kubernetes (https://{}:{}{})",
+                gateway(1),
+                kube::API_PORT,
+                if st.kubelet { ", kubelets" } else { "" }
+            )
+        } else {
+            store_arg(st)
+        },
         st.segments
     );
     for n in &st.nodes {

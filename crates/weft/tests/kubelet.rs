@@ -212,7 +212,9 @@ impl Lab {
             String::from_utf8_lossy(&o.stdout).into_owned()
         });
         std::thread::sleep(Duration::from_secs(2));
+        let t1 = Instant::now();
         during();
+        eprintln!("  (the upgrade took {:.1?})", t1.elapsed());
         let done = t.elapsed();
         let out = pinger.join().expect("pinger");
         assert!(
@@ -240,6 +242,14 @@ impl Lab {
             "daemonset/weft",
             "--timeout=150s",
         ]);
+    }
+
+    /// The names of weft's DaemonSet pods.
+    fn agent_pods(&self) -> Vec<String> {
+        self.pods("kube-weft", "weft")
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
     }
 
     /// A pod on the first node and a pod on another one.
@@ -481,10 +491,16 @@ fn rolling_upgrades_drop_no_packet_on_the_kernel_backends() {
             return;
         };
         let (a, b) = lab.cross_pair();
-        let (sent, got) = lab.ping_through(&a.name, &b.ip, 60, || {
+        let before = lab.agent_pods();
+        let (sent, got) = lab.ping_through(&a.name, &b.ip, 40, || {
             lab.kubectl(&["-n", "kube-weft", "rollout", "restart", "daemonset/weft"]);
             lab.rollout();
         });
+        let after = lab.agent_pods();
+        assert!(
+            after.iter().all(|p| !before.contains(p)),
+            "{backend}: agents not replaced: {before:?} -> {after:?}"
+        );
         eprintln!("{backend}: rollout restart: {got} of {sent} pings answered");
         assert_eq!(
             got, sent,
@@ -504,7 +520,7 @@ fn rolling_upgrades_drop_no_packet_on_the_kernel_backends() {
                 .expect("ctr");
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
-        let (sent, got) = lab.ping_through(&a.name, &b.ip, 60, || {
+        let (sent, got) = lab.ping_through(&a.name, &b.ip, 40, || {
             lab.kubectl(&[
                 "-n",
                 "kube-weft",
@@ -548,7 +564,7 @@ fn the_udp_backends_pause_during_a_rollout_is_measured() {
         return;
     };
     let (a, b) = lab.cross_pair();
-    let (sent, got) = lab.ping_through(&a.name, &b.ip, 60, || {
+    let (sent, got) = lab.ping_through(&a.name, &b.ip, 40, || {
         lab.kubectl(&["-n", "kube-weft", "rollout", "restart", "daemonset/weft"]);
         lab.rollout();
     });
