@@ -3,6 +3,7 @@
 //! JSON) goes to stdout.
 
 mod delegate;
+mod hostrouting;
 mod ipam;
 mod spec;
 mod wiring;
@@ -260,6 +261,15 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
             return Err(e);
         }
     };
+    if conf.mode == Mode::Routed {
+        if let (IpAddr::V4(v4), Some(dir)) = (
+            ip,
+            hostrouting::dir(read_subnet_env(conf).ok().and_then(|e| e.bpf_dir)),
+        ) {
+            // Best effort: the pod is routed by the kernel until the agent's sync has it.
+            let _ = hostrouting::add(&dir, &made.interfaces, v4).await;
+        }
+    }
     // Chained after another plugin: keep what it reported.
     let mut result = match &conf.prev_result {
         Some(p) => CniResult::from_json(p)?,
@@ -278,6 +288,10 @@ async fn cmd_del(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError> 
     let (cid, ifname) = (env.cid()?, env.ifname()?);
     // The netns may be gone already: then its veth went with it.
     let netns = env.netns.as_deref().and_then(|p| Netns::open(p).ok());
+    if let Some(dir) = hostrouting::dir(read_subnet_env(conf).ok().and_then(|e| e.bpf_dir)) {
+        // Best effort: the agent's sync removes what is left of a gone pod.
+        let _ = hostrouting::del(&dir, &wiring::host_veth(cid, ifname)).await;
+    }
     wiring::del(netns.as_ref(), cid, ifname).await?;
     match conf.ipam_type() {
         None => {

@@ -251,6 +251,26 @@ impl Backend {
     }
 }
 
+/// How routed pods' packets cross the node (weft's key `HostRouting`; flannel has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostRouting {
+    /// The kernel's IP stack routes them (netfilter and all).
+    #[default]
+    Kernel,
+    /// tc eBPF programs redirect them past the stack (bpf_redirect_peer/neigh), as
+    /// Cilium's eBPF host routing does.
+    Ebpf,
+}
+
+impl HostRouting {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostRouting::Kernel => "kernel",
+            HostRouting::Ebpf => "ebpf",
+        }
+    }
+}
+
 /// The effective network config: every default filled in, every rule checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
@@ -259,6 +279,7 @@ pub struct NetConfig {
     pub backend: Backend,
     /// Set when the file had no `Backend` and vxlan was assumed.
     pub backend_defaulted: bool,
+    pub host_routing: HostRouting,
 }
 
 /// A parsed config and what was ignored in it.
@@ -919,6 +940,28 @@ impl NetConfig {
             );
         }
         let (backend, backend_defaulted) = parse_backend(&mut ctx, &mut o, &mut warnings);
+        let host_routing = match ctx.string(&mut o, "HostRouting", "\"HostRouting\": \"ebpf\"") {
+            None => HostRouting::Kernel,
+            Some(v) if v.eq_ignore_ascii_case("kernel") => HostRouting::Kernel,
+            Some(v) if v.eq_ignore_ascii_case("ebpf") => HostRouting::Ebpf,
+            Some(_) => {
+                ctx.problem(
+                    "HostRouting",
+                    o_raw(&o, "HostRouting").as_ref(),
+                    "must be \"kernel\" (the default) or \"ebpf\"",
+                    "\"HostRouting\": \"ebpf\"",
+                );
+                HostRouting::Kernel
+            }
+        };
+        if host_routing == HostRouting::Ebpf && matches!(backend, Backend::Udp(_)) {
+            ctx.problem(
+                "HostRouting",
+                o_raw(&o, "HostRouting").as_ref(),
+                "\"ebpf\" needs a backend that routes in the kernel (host-gw, bgp or vxlan); udp forwards in userspace",
+                "\"Backend\": {\"Type\": \"host-gw\"}, \"HostRouting\": \"ebpf\"",
+            );
+        }
         // Keys of a disabled family are known to flannel; they are not typos.
         for r in [&V4_RULES, &V6_RULES] {
             for k in [r.net_key, r.len_key, r.min_key, r.max_key] {
@@ -943,6 +986,7 @@ impl NetConfig {
                 v6,
                 backend,
                 backend_defaulted,
+                host_routing,
             },
             warnings: unknown,
         })
@@ -953,6 +997,10 @@ impl NetConfig {
         let mut m = Map::new();
         m.insert("EnableIPv4".into(), Value::Bool(self.v4.is_some()));
         m.insert("EnableIPv6".into(), Value::Bool(self.v6.is_some()));
+        m.insert(
+            "HostRouting".into(),
+            Value::String(self.host_routing.name().into()),
+        );
         for (pool, r) in [(&self.v4, &V4_RULES), (&self.v6, &V6_RULES)] {
             if let Some(p) = pool {
                 m.insert(r.net_key.into(), Value::String(p.network.to_string()));

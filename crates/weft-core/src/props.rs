@@ -48,11 +48,13 @@ const CONFIGS: &[&str] = &[
     r#"{"Network": "10.244.0.0/16", "SubnetLen": 26, "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.200.0", "Backend": {"Type": "host-gw"}}"#,
     r#"{"EnableIPv6": true, "IPv6Network": "fd00::/48", "IPv6SubnetLen": 64, "Network": "10.1.0.0/16", "Backend": {"Type": "udp", "Port": 8285}}"#,
     r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "ASNumber": 64512, "NodeMesh": false, "Encapsulation": "CrossSubnet", "Peers": [{"Address": "10.0.0.1", "ASNumber": 65000, "Password": "s"}]}}"#,
+    r#"{"Network": "10.244.0.0/16", "HostRouting": "ebpf", "Backend": {"Type": "host-gw"}}"#,
 ];
 
 const ENVS: &[&str] = &[
     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
     "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:7::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n",
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPMASQ=false\nWEFT_BPF_DIR=/sys/fs/bpf/weft\n",
 ];
 
 const KEYS: &[&str] = &[

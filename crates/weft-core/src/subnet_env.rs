@@ -15,6 +15,9 @@ pub struct SubnetEnv {
     pub ipv6_subnet: Option<Ipv6Net>,
     pub mtu: Option<u32>,
     pub ipmasq: bool,
+    /// weft's own key (flannel's readers skip it): with eBPF host routing on, the bpffs
+    /// directory of the node's pinned programs and endpoint map, for weft-cni.
+    pub bpf_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,9 @@ impl SubnetEnv {
             s += &format!("FLANNEL_MTU={m}\n");
         }
         s += &format!("FLANNEL_IPMASQ={}\n", self.ipmasq);
+        if let Some(d) = &self.bpf_dir {
+            s += &format!("WEFT_BPF_DIR={}\n", d.display());
+        }
         s
     }
 
@@ -109,6 +115,12 @@ impl SubnetEnv {
                 }
                 "FLANNEL_IPMASQ" => {
                     env.ipmasq = value.parse().map_err(|_| bad("expected true or false"))?
+                }
+                "WEFT_BPF_DIR" => {
+                    if !value.starts_with('/') {
+                        return Err(bad("expected an absolute path"));
+                    }
+                    env.bpf_dir = Some(value.into())
                 }
                 _ => {}
             }
@@ -176,6 +188,16 @@ mod tests {
         env.write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap().unwrap(), env);
         assert!(SubnetEnv::read(&dir.path().join("none")).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_bpf_dir_rides_along_and_must_be_absolute() {
+        let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPMASQ=false\nWEFT_BPF_DIR=/sys/fs/bpf/weft\n";
+        let env = SubnetEnv::parse(text, "x").unwrap();
+        assert_eq!(env.bpf_dir.as_deref(), Some(Path::new("/sys/fs/bpf/weft")));
+        assert_eq!(env.render(), text);
+        let e = SubnetEnv::parse("WEFT_BPF_DIR=weft\n", "s.env").unwrap_err();
+        assert!(e.to_string().contains("WEFT_BPF_DIR=weft"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! routes), sysctls. Everything above it plans; this crate carries plans out.
 
 pub mod batch;
+pub mod bpf;
 pub mod cgroup;
 pub mod ioctl;
 pub mod link;

@@ -171,6 +171,8 @@ pub(super) fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         ])
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))
+        .arg("--bpf-dir")
+        .arg(Path::new(BPF_DIR).join(node))
         .args(store_args(st))
         .args(["--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))

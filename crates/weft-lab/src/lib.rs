@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use weft_dataplane::{sysctl, Netns, Nl, Route, VethSpec};
 
 const DIR: &str = "/run/weft/lab";
+/// The lab's nodes share the host's bpffs: each pins its host routing objects in a
+/// directory of its own under this one.
+const BPF_DIR: &str = "/sys/fs/bpf/weft-lab";
 const UNDERLAY: &str = "weft-underlay";
 
 #[derive(Subcommand)]
@@ -85,6 +88,11 @@ pub struct UpArgs {
     /// A net-conf.json to use instead of the one --backend implies.
     #[arg(long, alias = "net-config-path")]
     pub config: Option<PathBuf>,
+    /// kernel (the IP stack routes pods) or ebpf: Cilium-style eBPF host routing for routed
+    /// pods (bpf_redirect_peer/neigh past the stack; with --mode routed and a routing
+    /// backend: host-gw, bgp*, vxlan*). Sets net-conf.json's HostRouting.
+    #[arg(long, default_value = "kernel", value_parser = ["kernel", "ebpf"])]
+    pub host_routing: String,
     /// With --store kubernetes: every node runs a real kubelet and containerd (a mount
     /// namespace and cgroup of its own); weft is installed as users do, `kubectl apply` of
     /// deploy/weft.yaml (its DaemonSet); the pods are a Deployment spread over the nodes.

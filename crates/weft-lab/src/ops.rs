@@ -19,6 +19,18 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         }
         None => net_conf(&a.backend)?,
     };
+    let conf = if a.host_routing == "ebpf" {
+        anyhow::ensure!(
+            a.mode == "routed",
+            "--host-routing ebpf routes routed pods: use it with --mode routed"
+        );
+        let mut v: serde_json::Value =
+            serde_json::from_str(&conf).context("the lab's net-conf.json")?;
+        v["HostRouting"] = "ebpf".into();
+        v.to_string()
+    } else {
+        conf
+    };
     let parsed = weft_core::NetConfig::parse(&conf).context("the lab's net-conf.json")?;
     anyhow::ensure!(
         !a.kubelet || a.store == "kubernetes",
@@ -351,6 +363,13 @@ pub(super) fn down() -> Result<()> {
                 Netns::delete_named(&name)?;
             }
         }
+    }
+    // Host routing's pinned programs, links and maps of every lab node.
+    if let Ok(rd) = std::fs::read_dir(BPF_DIR) {
+        for e in rd.flatten() {
+            weft_dataplane::bpf::remove_all(&e.path())?;
+        }
+        let _ = std::fs::remove_dir(BPF_DIR);
     }
     match std::fs::remove_dir_all(DIR) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),

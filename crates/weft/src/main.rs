@@ -3,6 +3,7 @@
 
 mod agent;
 mod cmd_bgp;
+mod cmd_bpf;
 mod cmd_config;
 mod cmd_leases;
 
@@ -46,6 +47,11 @@ enum Cmd {
     /// A whole cluster on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(weft_lab::LabCmd),
+    /// eBPF host routing's maps on this node: endpoints, counters.
+    #[command(subcommand)]
+    Bpf(cmd_bpf::BpfCmd),
+    /// eBPF host routing's decisions, packet by packet, as they happen.
+    Monitor(cmd_bpf::MonitorArgs),
 }
 
 /// Where leases live, for every command that needs the store.
@@ -201,6 +207,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Agent(a) => agent::run(a).await,
             Cmd::Lab(c) => weft_lab::run(c).await,
             Cmd::Bgp(c) => c.run().await,
+            Cmd::Bpf(c) => c.run(),
+            Cmd::Monitor(a) => cmd_bpf::monitor(a).await,
         }
     });
     match result {

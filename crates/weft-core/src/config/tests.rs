@@ -290,3 +290,29 @@ fn effective_json_round_trips() {
     assert_eq!(c.v4, again.v4);
     assert_eq!(c.backend, again.backend);
 }
+
+#[test]
+fn host_routing_is_kernel_unless_asked_and_ebpf_needs_a_routing_backend() {
+    let p = ok(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+    assert_eq!(p.config.host_routing, HostRouting::Kernel);
+    for b in ["vxlan", "host-gw", "bgp"] {
+        let p = ok(&format!(
+            r#"{{"Network": "10.244.0.0/16", "HostRouting": "eBPF", "Backend": {{"Type": "{b}"}}}}"#
+        ));
+        assert_eq!(p.config.host_routing, HostRouting::Ebpf, "{b}");
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.to_json()["HostRouting"], "ebpf");
+    }
+    let pr = problems(r#"{"Network": "10.244.0.0/16", "HostRouting": "xdp"}"#);
+    assert_eq!(pr[0].key, "HostRouting");
+    assert!(pr[0].rule.contains("\"ebpf\""), "{}", pr[0].rule);
+    let pr = problems(
+        r#"{"Network": "10.244.0.0/16", "HostRouting": "ebpf", "Backend": {"Type": "udp"}}"#,
+    );
+    assert_eq!(pr[0].key, "HostRouting");
+    assert!(
+        pr[0].rule.contains("host-gw, bgp or vxlan"),
+        "{}",
+        pr[0].rule
+    );
+}

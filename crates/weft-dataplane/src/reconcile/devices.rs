@@ -91,7 +91,7 @@ impl Nl {
             })
     }
 
-    pub(super) async fn neighbour_msgs(
+    pub(crate) async fn neighbour_msgs(
         &self,
         family: AddressFamily,
     ) -> Result<Vec<NeighbourMessage>, DataplaneError> {

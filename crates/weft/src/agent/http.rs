@@ -25,6 +25,9 @@ pub(super) struct Metrics {
     pub(super) bgp_routes: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>,
     /// The udp backend's engine counters (zero with other backends).
     pub(super) udp: weft_dataplane::udp::Stats,
+    /// eBPF host routing's packets by decision (empty with it off).
+    pub(super) host_routing:
+        prometheus_client::metrics::family::Family<Vec<(String, String)>, Counter>,
 }
 
 impl Metrics {
@@ -48,7 +51,13 @@ impl Metrics {
             bgp_peers: std::sync::Mutex::new(serde_json::json!([])),
             bgp_routes,
             udp: Default::default(),
+            host_routing: Default::default(),
         };
+        registry.register(
+            "host_routing_packets",
+            "Packets eBPF host routing decided on, by decision (redirect-peer, redirect-neigh, or to the stack and why)",
+            m.host_routing.clone(),
+        );
         registry.register("leases", "Leases seen in the store", m.leases.clone());
         registry.register(
             "peers_programmed",

@@ -14,29 +14,35 @@ use weft_store::manager::LeaseLost;
 use weft_store::watch::{LeaseWatcher, WatchEvent};
 use weft_store::{AnyStore, StoreError};
 
-pub(super) fn write_subnet_env(
-    path: &std::path::Path,
-    cfg: &NetConfig,
-    lease: &Lease,
-    mtu: u32,
-    ipmasq: bool,
-) -> Result<()> {
-    let env = SubnetEnv {
-        network: cfg
-            .v4
-            .as_ref()
-            .and_then(|p| weft_core::subnet::v4(p.network)),
-        subnet: lease.key.v4,
-        ipv6_network: cfg
-            .v6
-            .as_ref()
-            .and_then(|p| weft_core::subnet::v6(p.network)),
-        ipv6_subnet: lease.key.v6,
-        mtu: Some(mtu),
-        ipmasq,
-    };
-    env.write(path)
-        .with_context(|| format!("writing {}", path.display()))
+/// What subnet.env holds besides the lease.
+pub(super) struct SubnetEnvSpec {
+    pub(super) path: std::path::PathBuf,
+    pub(super) mtu: u32,
+    pub(super) ipmasq: bool,
+    /// With eBPF host routing on: its bpffs directory (weft-cni attaches pods there).
+    pub(super) bpf_dir: Option<std::path::PathBuf>,
+}
+
+impl SubnetEnvSpec {
+    pub(super) fn write(&self, cfg: &NetConfig, lease: &Lease) -> Result<()> {
+        let env = SubnetEnv {
+            network: cfg
+                .v4
+                .as_ref()
+                .and_then(|p| weft_core::subnet::v4(p.network)),
+            subnet: lease.key.v4,
+            ipv6_network: cfg
+                .v6
+                .as_ref()
+                .and_then(|p| weft_core::subnet::v6(p.network)),
+            ipv6_subnet: lease.key.v6,
+            mtu: Some(self.mtu),
+            ipmasq: self.ipmasq,
+            bpf_dir: self.bpf_dir.clone(),
+        };
+        env.write(&self.path)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
 }
 
 pub(super) type LeaseSet = Option<HashMap<LeaseKey, Lease>>;

@@ -88,6 +88,10 @@ pub struct AgentArgs {
     /// The reflector's cluster ID (default: its public IP).
     #[arg(long)]
     pub bgp_cluster_id: Option<Ipv4Addr>,
+    /// The bpffs directory of eBPF host routing's pinned programs, links and maps (with
+    /// net-conf.json's "HostRouting": "ebpf").
+    #[arg(long, default_value = weft_dataplane::bpf::DEFAULT_DIR)]
+    pub bpf_dir: PathBuf,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -95,12 +99,30 @@ pub struct AgentArgs {
 }
 
 mod bgp;
+mod hostrouting;
 mod http;
 mod lease;
 mod passes;
 use bgp::Bgp;
 use http::Metrics;
 use passes::{apply_passes, Pass};
+
+/// Runs `work` on a thread of its own with a runtime of its own: it never takes a worker
+/// from the agent's loop (BGP sessions, the lease watch, SIGTERM), nor they from it.
+fn thread_with_runtime<F>(name: &str, work: F) -> Result<std::thread::JoinHandle<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| format!("the {name} thread's runtime"))?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || rt.block_on(work))
+        .with_context(|| format!("starting the {name} thread"))
+}
 
 /// How often subnet.env is rewritten while the lease is held, whatever the lease's TTL (CNI's
 /// STATUS takes a subnet.env untouched for 25 h for a dead agent).
@@ -303,13 +325,30 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         .await
         .context("acquiring this node's lease")?;
     tracing::info!(lease = %lease.key, "lease held");
-    lease::write_subnet_env(&a.subnet_file, &cfg, &lease, pod_mtu, a.ip_masq)?;
     let masq_network = cfg
         .v4
         .as_ref()
         .and_then(|p| weft_core::subnet::v4(p.network));
     let csum_workaround = matches!(cfg.backend, Backend::Vxlan(_))
         && weft_dataplane::ioctl::kernel_needs_csum_workaround();
+    // Before subnet.env: weft-cni reads from it whether host routing is on.
+    let bpf_dir = hostrouting::start(
+        &a,
+        &cfg,
+        [underlay.name.clone(), vx_name.clone()]
+            .into_iter()
+            .filter(|d| !d.is_empty())
+            .collect(),
+        metrics.clone(),
+        nl.clone(),
+    )?;
+    let subnet_env = lease::SubnetEnvSpec {
+        path: a.subnet_file.clone(),
+        mtu: pod_mtu,
+        ipmasq: a.ip_masq,
+        bpf_dir,
+    };
+    subnet_env.write(&cfg, &lease)?;
 
     // The udp backend: the TUN device and the threads that carry it over UDP.
     let udp = match &cfg.backend {
@@ -406,16 +445,10 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // A thread with a runtime of its own: its work never takes a worker from the sessions.
     let passes = {
         let (m, every) = (metrics.clone(), Duration::from_secs(a.resync.max(1)));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("the reconcile thread's runtime")?;
-        std::thread::Builder::new()
-            .name("reconcile".into())
-            .spawn(move || {
-                rt.block_on(apply_passes(reconciler, pass_rx, m, csum_workaround, every))
-            })
-            .context("starting the reconcile thread")?
+        thread_with_runtime(
+            "reconcile",
+            apply_passes(reconciler, pass_rx, m, csum_workaround, every),
+        )?
     };
     // Something the plan depends on changed since the last pass.
     let mut inputs_changed = true;
@@ -451,7 +484,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 if r.is_err() { own_open = false; continue; }
                 let l = own_rx.borrow().clone();
                 own = l;
-                lease::write_subnet_env(&a.subnet_file, &cfg, &own, pod_mtu, a.ip_masq)?;
+                subnet_env.write(&cfg, &own)?;
                 inputs_changed = true;
             }
             r = leases_rx.changed(), if leases_open => {
@@ -469,7 +502,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             _ = refresh.tick() => {
                 // Also with reservations and TTLs over a day: subnet.env never looks stale
                 // while this agent holds the lease.
-                lease::write_subnet_env(&a.subnet_file, &cfg, &own, pod_mtu, a.ip_masq)?;
+                subnet_env.write(&cfg, &own)?;
                 continue;
             }
             _ = tick.tick() => {}

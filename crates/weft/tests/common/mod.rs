@@ -70,17 +70,29 @@ pub fn lab_subnet(node: &str) -> String {
     net.trunc().to_string()
 }
 
-/// The pid of a lab node's agent, from the lab's state file.
-pub fn lab_agent_pid(node: &str) -> i32 {
+/// A field of one entry of the lab's state file: `list` ("nodes" or "pods") entry `name`.
+fn lab_state(list: &str, name: &str, field: &str) -> serde_json::Value {
     let st: serde_json::Value =
         serde_json::from_slice(&std::fs::read("/run/weft/lab/state.json").expect("state"))
             .expect("json");
-    st["nodes"]
+    st[list]
         .as_array()
-        .expect("nodes")
+        .expect("list")
         .iter()
-        .find(|n| n["name"] == node)
-        .expect("node")["agent_pid"]
-        .as_i64()
-        .expect("pid") as i32
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in the lab's {list}"))[field]
+        .clone()
+}
+
+/// The pid of a lab node's agent, from the lab's state file.
+pub fn lab_agent_pid(node: &str) -> i32 {
+    lab_state("nodes", node, "agent_pid").as_i64().expect("pid") as i32
+}
+
+/// A lab pod's address, from the lab's state file.
+pub fn lab_pod_ip(pod: &str) -> String {
+    lab_state("pods", pod, "ip")
+        .as_str()
+        .expect("ip")
+        .to_string()
 }

@@ -1,0 +1,255 @@
+// SPDX-License-Identifier: GPL-2.0
+/* eBPF host routing (Cilium's "host-routing: BPF"): routed pods' packets skip the host's
+ * IP stack and netfilter. Two tc programs:
+ *
+ *   weft_from_pod  ingress of each pod's host-side veth (what the pod sends):
+ *                  a local pod -> bpf_redirect_peer() straight into its namespace;
+ *                  a remote pod -> bpf_fib_lookup(), then bpf_redirect_neigh() out of the
+ *                  FIB's device to the FIB's next hop (underlay, or the VTEP);
+ *                  anything else -> the stack (TC_ACT_OK), never dropped here.
+ *   weft_to_pod    ingress of the underlay device and the VTEP (what other nodes send):
+ *                  a local pod -> bpf_redirect_peer(); anything else -> the stack.
+ *
+ * Maps (pinned by name under the agent's bpffs directory, so a restarted or upgraded agent
+ * finds them and traffic never stops): weft_endpoints (pod IPv4 -> host-side ifindex, pod
+ * MAC, host-side MAC; written by weft-cni, reconciled by the agent), weft_config (the
+ * cluster network, the monitor switch), weft_counters (per decision, per CPU), weft_events
+ * (trace events for `weft monitor`, written only while it runs).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+struct endpoint {
+	__u32 ifindex;     /* host-side veth */
+	__u8 mac[6];       /* the pod's eth0 */
+	__u8 node_mac[6];  /* the host-side veth's */
+};
+
+struct config {
+	__u32 network;  /* cluster network, network byte order */
+	__u32 mask;     /* its netmask, network byte order */
+	__u32 monitor;  /* non-zero while `weft monitor` reads weft_events */
+	__u32 pad;
+};
+
+/* Why a packet went where it went; the index of weft_counters, the `decision` of an event.
+ * Keep in step with weft_dataplane::bpf::Decision. */
+enum decision {
+	D_PEER_LOCAL = 0,  /* pod -> pod on this node: redirect_peer */
+	D_NEIGH = 1,       /* pod -> pod on another node: redirect_neigh */
+	D_PEER_WIRE = 2,   /* wire/VTEP -> pod on this node: redirect_peer */
+	D_NOT_IPV4 = 3,    /* ARP, IPv6, short frames: the stack */
+	D_OUTSIDE = 4,     /* destination outside the cluster network (ip-masq applies) */
+	D_HOST = 5,        /* for this node itself (FIB: not forwarded) */
+	D_FIB_FAIL = 6,    /* no route, unreachable, blackhole, ...: the stack answers */
+	D_FRAG_NEEDED = 7, /* larger than the route's MTU: the stack sends ICMP frag-needed */
+	D_TTL = 8,         /* TTL would expire: the stack sends ICMP time-exceeded */
+	D_OPTIONS = 9,     /* IPv4 options: the stack handles them */
+	D_NOT_LOCAL = 10,  /* wire/VTEP: not for a local pod */
+	D_MAX = 11,
+};
+
+struct event {
+	__u32 ifindex;  /* where the program ran */
+	__u32 saddr;
+	__u32 daddr;
+	__u32 target;   /* the ifindex redirected to (0: the stack) */
+	__u16 len;
+	__u8 decision;
+	__u8 hook;      /* 0: from a pod, 1: from the wire or VTEP */
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, D_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 18);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_events SEC(".maps");
+
+static __always_inline int account(struct __sk_buff *skb, const struct config *cfg,
+				   struct iphdr *ip, __u32 decision, __u32 target, __u8 hook,
+				   int verdict)
+{
+	__u32 k = decision;
+	__u64 *n = bpf_map_lookup_elem(&weft_counters, &k);
+
+	if (n)
+		*n += 1;
+	/* Tracing costs one load and a branch while nobody watches. */
+	if (cfg && cfg->monitor) {
+		struct event e = {
+			.ifindex = skb->ifindex,
+			.saddr = ip ? ip->saddr : 0,
+			.daddr = ip ? ip->daddr : 0,
+			.target = target,
+			.len = skb->len,
+			.decision = decision,
+			.hook = hook,
+			.protocol = ip ? ip->protocol : 0,
+		};
+		bpf_ringbuf_output(&weft_events, &e, sizeof(e), 0);
+	}
+	return verdict;
+}
+
+/* RFC 1624 incremental update of the header checksum for TTL - 1 (the kernel's
+ * ip_decrease_ttl). */
+static __always_inline void dec_ttl(struct iphdr *ip)
+{
+	__u32 check = (__u32)ip->check;
+
+	check += (__u32)bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	ip->ttl--;
+}
+
+/* Into a local pod's namespace: Ethernet addresses as the pod expects them from its
+ * gateway, TTL as a router leaves it. */
+static __always_inline int to_local(struct __sk_buff *skb, const struct config *cfg,
+				    struct ethhdr *eth, struct iphdr *ip,
+				    const struct endpoint *ep, __u32 decision, __u8 hook)
+{
+	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, ep->node_mac, ETH_ALEN);
+	dec_ttl(ip);
+	account(skb, cfg, ip, decision, ep->ifindex, hook, 0);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+/* The Ethernet and IPv4 headers, or NULL for anything else (not IPv4, or too short to
+ * tell: the stack's business). */
+static __always_inline struct iphdr *ipv4(struct __sk_buff *skb, struct ethhdr **eth)
+{
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip;
+
+	*eth = (void *)(long)skb->data;
+	ip = (void *)(*eth + 1);
+	if ((void *)(ip + 1) > end || (*eth)->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	return ip;
+}
+
+static __always_inline struct config *config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&weft_config, &zero);
+}
+
+SEC("classifier")
+int weft_from_pod(struct __sk_buff *skb)
+{
+	struct ethhdr *eth;
+	struct iphdr *ip = ipv4(skb, &eth);
+	struct config *cfg = config();
+	struct endpoint *ep;
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	int rc;
+
+	if (!ip)
+		return account(skb, cfg, 0, D_NOT_IPV4, 0, 0, TC_ACT_OK);
+	if (!cfg)
+		return account(skb, cfg, ip, D_FIB_FAIL, 0, 0, TC_ACT_OK);
+	/* Outside the cluster network: the stack routes it, and ip-masq's rule applies. */
+	if ((ip->daddr & cfg->mask) != cfg->network)
+		return account(skb, cfg, ip, D_OUTSIDE, 0, 0, TC_ACT_OK);
+	/* Options would need the stack's processing; TTL 1 needs its ICMP. */
+	if (ip->ihl != 5)
+		return account(skb, cfg, ip, D_OPTIONS, 0, 0, TC_ACT_OK);
+	if (ip->ttl <= 1)
+		return account(skb, cfg, ip, D_TTL, 0, 0, TC_ACT_OK);
+	/* A pod on this node: straight into its namespace. */
+	ep = bpf_map_lookup_elem(&weft_endpoints, &ip->daddr);
+	if (ep)
+		return to_local(skb, cfg, eth, ip, ep, D_PEER_LOCAL, 0);
+
+	/* Another node's pod: the FIB picks the device and next hop (underlay for host-gw and
+	 * bgp, the VTEP for vxlan), with the packet's length so an MTU too small shows. */
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		/* The kernel resolves (or reuses) the neighbour of the next hop and fills in the
+		 * Ethernet header: no stale MAC of ours. */
+		nh.nh_family = AF_INET;
+		nh.ipv4_nh = fib.ipv4_dst;
+		dec_ttl(ip);
+		account(skb, cfg, ip, D_NEIGH, fib.ifindex, 0, 0);
+		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		/* The stack sends the pod ICMP frag-needed (path MTU discovery keeps working). */
+		return account(skb, cfg, ip, D_FRAG_NEEDED, 0, 0, TC_ACT_OK);
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+		/* For this node: local delivery is the stack's. */
+		return account(skb, cfg, ip, D_HOST, 0, 0, TC_ACT_OK);
+	default:
+		/* No route, blackhole, unreachable, prohibited: the stack answers the pod. */
+		return account(skb, cfg, ip, D_FIB_FAIL, 0, 0, TC_ACT_OK);
+	}
+}
+
+SEC("classifier")
+int weft_to_pod(struct __sk_buff *skb)
+{
+	struct ethhdr *eth;
+	struct iphdr *ip = ipv4(skb, &eth);
+	struct config *cfg = config();
+	struct endpoint *ep;
+
+	if (!ip)
+		return account(skb, cfg, 0, D_NOT_IPV4, 0, 1, TC_ACT_OK);
+	ep = bpf_map_lookup_elem(&weft_endpoints, &ip->daddr);
+	/* Not a pod of this node (the node itself, encapsulated traffic, ...): the stack. */
+	if (!ep)
+		return account(skb, cfg, ip, D_NOT_LOCAL, 0, 1, TC_ACT_OK);
+	if (ip->ihl != 5)
+		return account(skb, cfg, ip, D_OPTIONS, 0, 1, TC_ACT_OK);
+	if (ip->ttl <= 1)
+		return account(skb, cfg, ip, D_TTL, 0, 1, TC_ACT_OK);
+	return to_local(skb, cfg, eth, ip, ep, D_PEER_WIRE, 1);
+}
+
+char _license[] SEC("license") = "GPL";

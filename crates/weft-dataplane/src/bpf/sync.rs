@@ -1,0 +1,181 @@
+//! Keeping the pinned state in line with the node (the agent runs this after each reconcile
+//! pass): the wire-side program on the underlay device and the VTEP, the pod-side program on
+//! every routed pod's host veth, an endpoint entry per routed pod; entries and links of
+//! devices that are gone removed. Idempotent: a pass with nothing to do changes nothing.
+
+use super::{detach, linked_devices, Endpoint, Endpoints, Hook, HostRouting};
+use crate::link::{Link, Nl, RTPROT_WEFT_POD};
+use crate::DataplaneError;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::AddressFamily;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// weft-cni's host-side veth names: `weft` and eight hex digits.
+pub fn is_pod_veth(name: &str) -> bool {
+    name.len() == 12 && name.starts_with("weft") && name[4..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Routed pods on the node.
+    pub pods: usize,
+    pub added: usize,
+    pub removed: usize,
+    /// Pods whose MAC the host does not know yet (no neighbour entry): they are routed by
+    /// the FIB path (redirect_neigh to their veth) until it is known.
+    pub without_mac: usize,
+    pub attached: usize,
+}
+
+/// Host routing as the agent runs it.
+pub struct HostRoutingSync {
+    hr: HostRouting,
+    /// Devices that get the wire-side program: the underlay device, the VTEP.
+    wire: Vec<String>,
+    /// What this process has attached: device -> ifindex (a recreated device gets it again).
+    attached: HashMap<String, u32>,
+}
+
+impl HostRoutingSync {
+    pub fn new(hr: HostRouting, wire: Vec<String>) -> HostRoutingSync {
+        HostRoutingSync {
+            hr,
+            wire,
+            attached: HashMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.hr.dir()
+    }
+
+    fn ensure(
+        &mut self,
+        l: &Link,
+        hook: Hook,
+        report: &mut SyncReport,
+    ) -> Result<(), DataplaneError> {
+        if self.attached.get(&l.name) != Some(&l.index) {
+            self.hr.attach(&l.name, hook)?;
+            self.attached.insert(l.name.clone(), l.index);
+            report.attached += 1;
+        }
+        Ok(())
+    }
+
+    pub async fn run(&mut self, nl: &Nl) -> Result<SyncReport, DataplaneError> {
+        let mut report = SyncReport::default();
+        let links = nl.links().await?;
+        let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
+        for dev in self.wire.clone() {
+            if let Some(l) = links.iter().find(|l| l.name == dev) {
+                self.ensure(l, Hook::ToPod, &mut report)?;
+            }
+        }
+        // Routed pods: weft-cni's /32 routes (its protocol) through its veths.
+        let mut pods: Vec<(Ipv4Addr, &Link)> = Vec::new();
+        for r in nl.routes(false).await? {
+            let (IpAddr::V4(ip), 32, Some(oif)) = (r.dst.addr(), r.dst.prefix_len(), r.oif) else {
+                continue;
+            };
+            if r.protocol != RTPROT_WEFT_POD {
+                continue;
+            }
+            if let Some(l) = by_index.get(&oif).filter(|l| is_pod_veth(&l.name)) {
+                pods.push((ip, l));
+            }
+        }
+        report.pods = pods.len();
+        let macs = pod_macs(nl).await?;
+        let mut eps = Endpoints::open(self.hr.dir())?;
+        for (ip, l) in &pods {
+            self.ensure(l, Hook::FromPod, &mut report)?;
+            let Ok(node_mac) = <[u8; 6]>::try_from(l.mac.as_slice()) else {
+                continue;
+            };
+            let have = eps.get(*ip);
+            if have.is_some_and(|e| e.ifindex == l.index && e.node_mac == node_mac) {
+                continue;
+            }
+            match macs.get(&(l.index, *ip)) {
+                Some(mac) => {
+                    eps.insert(
+                        *ip,
+                        Endpoint {
+                            ifindex: l.index,
+                            mac: *mac,
+                            node_mac,
+                        },
+                    )?;
+                    report.added += 1;
+                }
+                None => {
+                    report.without_mac += 1;
+                    // A stale entry (another veth) must not send packets astray.
+                    if have.is_some() && eps.remove(*ip)? {
+                        report.removed += 1;
+                    }
+                }
+            }
+        }
+        for (ip, e) in eps.list() {
+            if !pods.iter().any(|(p, l)| *p == ip && l.index == e.ifindex) && eps.remove(ip)? {
+                report.removed += 1;
+            }
+        }
+        // Links pinned for devices that are gone (a pod deleted while nobody unpinned).
+        for dev in linked_devices(self.hr.dir()) {
+            if !links.iter().any(|l| l.name == dev) {
+                detach(self.hr.dir(), &dev)?;
+                self.attached.remove(&dev);
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// (ifindex, IPv4) -> MAC of the host's usable neighbour entries.
+async fn pod_macs(nl: &Nl) -> Result<HashMap<(u32, Ipv4Addr), [u8; 6]>, DataplaneError> {
+    let mut out = HashMap::new();
+    for m in nl.neighbour_msgs(AddressFamily::Inet).await? {
+        if matches!(
+            m.header.state,
+            NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+        ) {
+            continue;
+        }
+        let mut ip = None;
+        let mut mac = None;
+        for a in &m.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                NeighbourAttribute::LinkLayerAddress(l) => {
+                    mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        if let (Some(ip), Some(mac)) = (ip, mac) {
+            out.insert((m.header.ifindex, ip), mac);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pod_veths_are_weft_cnis_names() {
+        assert!(super::is_pod_veth("weft0a1b2c3d"));
+        for n in [
+            "weft0",
+            "flannel.1",
+            "weft0a1b2c3g",
+            "eth0",
+            "weft0a1b2c3d4",
+        ] {
+            assert!(!super::is_pod_veth(n), "{n}");
+        }
+    }
+}

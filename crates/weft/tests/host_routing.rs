@@ -1,0 +1,298 @@
+//! eBPF host routing in the lab (needs root, clang-built programs, a 5.10+ kernel): routed
+//! pods on host-gw, bgp and vxlan with `--host-routing ebpf`, every pair on one node and
+//! across nodes, the node and the outside (masquerade), path MTU discovery, an agent restart
+//! under continuous ping, CNI DEL, and proof that the packets skip the host's stack.
+
+mod common;
+use common::{lab_pod_ip as pod_ip, ok, wait_until, weft};
+use std::process::Command;
+use std::sync::Mutex;
+
+static LAB: Mutex<()> = Mutex::new(());
+
+struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Lab {
+    fn up(backend: &str, host_routing: &str, extra: &[&str]) -> Lab {
+        let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = weft(&["lab", "down"]);
+        let lab = Lab(g);
+        let mut a = vec![
+            "lab",
+            "up",
+            "--backend",
+            backend,
+            "--mode",
+            "routed",
+            "--host-routing",
+            host_routing,
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        ok(&a);
+        wait_until(&format!("{backend}/{host_routing}: all pairs"), 30, || {
+            weft(&["lab", "check"]).status.success()
+        });
+        lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = weft(&["lab", "down"]);
+    }
+}
+
+fn bpf_dir(node: &str) -> String {
+    format!("/sys/fs/bpf/weft-lab/{node}")
+}
+
+fn counters(node: &str) -> std::collections::HashMap<String, u64> {
+    ok(&["bpf", "counters", "--bpf-dir", &bpf_dir(node)])
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `ping` in namespace `ns`; its output and success.
+fn ping(ns: &str, args: &[&str]) -> (bool, String) {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, "ping"])
+        .args(args)
+        .output()
+        .expect("ping");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn nft(ns: &str, script: &str) {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(script.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("nft");
+    assert!(o.status.success(), "nft {script}");
+}
+
+#[test]
+fn ebpf_host_routing_routes_every_pair_on_every_routing_backend() {
+    for backend in ["host-gw", "bgp", "vxlan"] {
+        let lab = Lab::up(backend, "ebpf", &["--ip-masq"]);
+        // The endpoint map holds each node's own pods, as `cilium bpf endpoint list` shows them.
+        for n in ["weft-n1", "weft-n2"] {
+            let eps = ok(&["bpf", "endpoints", "--bpf-dir", &bpf_dir(n)]);
+            for p in 0..2 {
+                let ip = pod_ip(&format!("{n}-p{p}"));
+                assert!(
+                    eps.contains(&format!("{ip}:0 ifindex=")),
+                    "{backend} {n}: {eps}"
+                );
+            }
+            assert_eq!(eps.lines().count(), 2, "{backend} {n}: {eps}");
+        }
+        // Every kind of redirect happens (the VTEP's program is attached once the device
+        // exists: within a sync).
+        wait_until(&format!("{backend}: redirects counted"), 15, || {
+            let _ = weft(&["lab", "check"]);
+            let c = counters("weft-n1");
+            c["redirect-peer"] > 0 && c["redirect-neigh"] > 0 && c["redirect-peer-from-wire"] > 0
+        });
+        // The node and the outside: host -> pod, pod -> host, pod -> the underlay's router
+        // (outside the cluster network: masqueraded by the stack).
+        let p0 = pod_ip("weft-n1-p0");
+        assert!(
+            ping("weft-n1", &["-c", "2", "-W", "1", &p0]).0,
+            "{backend}: node -> pod"
+        );
+        assert!(
+            ping("weft-n2", &["-c", "2", "-W", "1", &p0]).0,
+            "{backend}: other node -> pod"
+        );
+        assert!(
+            ping("weft-n1-p0", &["-c", "2", "-W", "1", "10.0.1.11"]).0,
+            "{backend}: pod -> node"
+        );
+        assert!(
+            ping("weft-n1-p0", &["-c", "2", "-W", "1", "10.0.1.254"]).0,
+            "{backend}: pod -> outside"
+        );
+        assert!(counters("weft-n1")["stack-outside-cluster"] > 0);
+        // Full-size DF packets cross.
+        let env = std::fs::read_to_string("/run/weft/lab/weft-n1/subnet.env").expect("env");
+        let pod_mtu: usize = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+            .and_then(|v| v.parse().ok())
+            .expect("mtu");
+        let p2 = pod_ip("weft-n2-p0");
+        let size = (pod_mtu - 28).to_string();
+        let (okay, out) = ping(
+            "weft-n1-p0",
+            &["-M", "do", "-s", &size, "-c", "2", "-W", "1", &p2],
+        );
+        assert!(okay, "{backend}: DF ping of {pod_mtu} bytes: {out}");
+        drop(lab);
+    }
+}
+
+#[test]
+fn the_bypass_is_real_a_forward_drop_stops_kernel_routing_only() {
+    // nftables drops everything forwarded between pods on node 1.
+    let drop_rule = "table inet weft_test {\n chain pods_apart {\n  type filter hook forward priority 0;\n  ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 drop\n }\n}\n";
+    let lab = Lab::up("host-gw", "ebpf", &[]);
+    let (a, b, c) = (
+        pod_ip("weft-n1-p0"),
+        pod_ip("weft-n1-p1"),
+        pod_ip("weft-n2-p0"),
+    );
+    nft("weft-n1", drop_rule);
+    let before = counters("weft-n1");
+    for dst in [&b, &c] {
+        let (okay, out) = ping("weft-n1-p0", &["-c", "3", "-i", "0.2", "-W", "1", dst]);
+        assert!(
+            okay,
+            "eBPF-routed {a} -> {dst} stopped by the forward hook: {out}"
+        );
+    }
+    let after = counters("weft-n1");
+    assert!(after["redirect-peer"] > before["redirect-peer"]);
+    assert!(after["redirect-neigh"] > before["redirect-neigh"]);
+    drop(lab);
+    // The same rule with the kernel routing the same pods: nothing gets through.
+    let lab = Lab::up("host-gw", "kernel", &[]);
+    nft("weft-n1", drop_rule);
+    let (b, c) = (pod_ip("weft-n1-p1"), pod_ip("weft-n2-p0"));
+    for dst in [&b, &c] {
+        let (okay, _) = ping("weft-n1-p0", &["-c", "2", "-W", "1", dst]);
+        assert!(
+            !okay,
+            "kernel-routed traffic to {dst} passed a forward drop"
+        );
+    }
+    drop(lab);
+}
+
+#[test]
+fn path_mtu_discovery_and_agent_restarts_and_cni_del() {
+    let lab = Lab::up("host-gw", "ebpf", &[]);
+    let p2 = pod_ip("weft-n2-p0");
+    // A smaller MTU on node 1's uplink: a pod's full-size DF packet is handed to the stack,
+    // which tells the pod (ICMP frag-needed), and smaller ones still pass by eBPF.
+    let o = Command::new("ip")
+        .args(["-n", "weft-n1", "link", "set", "eth0", "mtu", "1400"])
+        .status()
+        .expect("ip");
+    assert!(o.success());
+    let (okay, out) = ping(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1472", "-c", "2", "-W", "1", &p2],
+    );
+    assert!(
+        !okay && out.contains("1400"),
+        "expected frag-needed with mtu 1400: {out}"
+    );
+    assert!(counters("weft-n1")["stack-frag-needed"] > 0);
+    let (okay, out) = ping(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1372", "-c", "2", "-W", "1", &p2],
+    );
+    assert!(okay, "{out}");
+    let _ = Command::new("ip")
+        .args(["-n", "weft-n1", "link", "set", "eth0", "mtu", "1500"])
+        .status();
+
+    // The agent restarted under 100 pings a second: none lost (programs, links and maps
+    // are pinned; the new agent swaps its programs in).
+    let pid = common::lab_agent_pid("weft-n1");
+    let pinger = std::thread::spawn({
+        let p2 = p2.clone();
+        move || {
+            ping(
+                "weft-n1-p0",
+                &["-q", "-i", "0.01", "-c", "500", "-W", "1", &p2],
+            )
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signalling the lab's agent.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    wait_until("the agent to stop", 10, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+    });
+    ok(&[
+        "lab",
+        "up",
+        "--backend",
+        "host-gw",
+        "--mode",
+        "routed",
+        "--host-routing",
+        "ebpf",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "2",
+    ]);
+    let (_, out) = pinger.join().expect("pinger");
+    assert!(
+        out.contains("500 received"),
+        "pings lost across the agent restart: {out}"
+    );
+
+    // CNI DEL takes the pod out of the endpoint map and detaches its program.
+    let ip = pod_ip("weft-n1-p1");
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "weft-lab", "type": "weft-cni", "mode": "routed",
+        "subnetFile": "/run/weft/lab/weft-n1/subnet.env",
+        "dataDir": "/run/weft/lab/weft-n1/ipam",
+    });
+    // nsenter, not `ip netns exec`: that one mounts a fresh /sys, hiding /sys/fs/bpf.
+    let mut c = Command::new("nsenter")
+        .args(["--net=/run/netns/weft-n1", "--"])
+        .arg(std::path::Path::new(env!("CARGO_BIN_EXE_weft")).with_file_name("weft-cni"))
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", "weft-n1-p1")
+        .env("CNI_NETNS", "/run/netns/weft-n1-p1")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("weft-cni");
+    {
+        use std::io::Write;
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.to_string().as_bytes())
+            .expect("write");
+    }
+    let o = c.wait_with_output().expect("weft-cni");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let eps = ok(&["bpf", "endpoints", "--bpf-dir", &bpf_dir("weft-n1")]);
+    assert!(!eps.contains(&format!("{ip}:0")), "{eps}");
+    assert_eq!(eps.lines().count(), 1, "{eps}");
+    drop(lab);
+}
