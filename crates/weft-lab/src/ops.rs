@@ -53,8 +53,8 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         ..Default::default()
     });
     anyhow::ensure!(
-        !st.direct || (a.nodes == 2 && a.segments == 1 && st.store == "sqlite" && st.mode == "bridge"),
-        "--underlay direct joins exactly two nodes back to back: use it with --nodes 2 --segments 1 --store sqlite --mode bridge"
+        !st.direct || (a.nodes == 2 && a.segments == 1 && st.store == "sqlite"),
+        "--underlay direct joins exactly two nodes back to back: use it with --nodes 2 --segments 1 --store sqlite"
     );
     std::fs::create_dir_all(DIR)?;
     let (un, unl) = underlay(st.segments.max(a.segments)).await?;

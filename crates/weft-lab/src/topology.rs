@@ -62,6 +62,17 @@ pub(super) async fn add_direct_pair() -> Result<()> {
         l.add_addr(eth0.index, IpNet::V4(Ipv4Net::new(node_ip(1, i), 24)?))
             .await?;
         l.set_up(eth0.index).await?;
+        // Every node has a default route (here: the other node); routed pods need one, their
+        // gateway 169.254.1.1 is answered by proxy ARP only when it routes elsewhere.
+        l.add_route(&Route {
+            dst: "0.0.0.0/0".parse()?,
+            gateway: Some(node_ip(1, 3 - i).into()),
+            oif: Some(eth0.index),
+            scope_link: false,
+            protocol: 4,
+            onlink: false,
+        })
+        .await?;
     }
     Ok(())
 }

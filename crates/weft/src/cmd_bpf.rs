@@ -89,11 +89,15 @@ pub async fn monitor(a: MonitorArgs) -> Result<ExitCode> {
                 for e in m.drain() {
                     let what = e.decision.map_or("unknown", |d| d.name());
                     let to = if e.target != 0 { format!(" -> ifindex {}", e.target) } else { String::new() };
-                    println!(
-                        "{} ifindex {} {} -> {} proto {} len {}: {what}{to}",
-                        if e.from_wire { "from-wire" } else { "from-pod " },
-                        e.ifindex, e.saddr, e.daddr, e.protocol, e.len
-                    );
+                    let hook = if e.from_wire { "from-wire" } else { "from-pod " };
+                    if e.decision == Some(bpf::Decision::NotIpv4) {
+                        println!("{hook} ifindex {} (not IPv4) len {}: {what}", e.ifindex, e.len);
+                    } else {
+                        println!(
+                            "{hook} ifindex {} {} -> {} proto {} len {}: {what}{to}",
+                            e.ifindex, e.saddr, e.daddr, e.protocol, e.len
+                        );
+                    }
                     seen += 1;
                     if a.count.is_some_and(|c| seen >= c) {
                         return Ok(ExitCode::SUCCESS);

@@ -10,6 +10,24 @@ use std::sync::Mutex;
 
 static LAB: Mutex<()> = Mutex::new(());
 
+/// `weft lab up` of two nodes with two routed pods each.
+fn up_args<'a>(backend: &'a str, host_routing: &'a str) -> Vec<&'a str> {
+    vec![
+        "lab",
+        "up",
+        "--backend",
+        backend,
+        "--mode",
+        "routed",
+        "--host-routing",
+        host_routing,
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "2",
+    ]
+}
+
 struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 impl Lab {
@@ -17,20 +35,7 @@ impl Lab {
         let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
         let _ = weft(&["lab", "down"]);
         let lab = Lab(g);
-        let mut a = vec![
-            "lab",
-            "up",
-            "--backend",
-            backend,
-            "--mode",
-            "routed",
-            "--host-routing",
-            host_routing,
-            "--nodes",
-            "2",
-            "--pods-per-node",
-            "2",
-        ];
+        let mut a = up_args(backend, host_routing);
         a.extend_from_slice(extra);
         ok(&a);
         wait_until(&format!("{backend}/{host_routing}: all pairs"), 30, || {
@@ -223,7 +228,6 @@ fn path_mtu_discovery_and_agent_restarts_and_cni_del() {
 
     // The agent restarted under 100 pings a second: none lost (programs, links and maps
     // are pinned; the new agent swaps its programs in).
-    let pid = common::lab_agent_pid("weft-n1");
     let pinger = std::thread::spawn({
         let p2 = p2.clone();
         move || {
@@ -234,27 +238,7 @@ fn path_mtu_discovery_and_agent_restarts_and_cni_del() {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: signalling the lab's agent.
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-    }
-    wait_until("the agent to stop", 10, || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
-    });
-    ok(&[
-        "lab",
-        "up",
-        "--backend",
-        "host-gw",
-        "--mode",
-        "routed",
-        "--host-routing",
-        "ebpf",
-        "--nodes",
-        "2",
-        "--pods-per-node",
-        "2",
-    ]);
+    restart_agents(&["weft-n1"], "ebpf");
     let (_, out) = pinger.join().expect("pinger");
     assert!(
         out.contains("500 received"),
@@ -294,5 +278,86 @@ fn path_mtu_discovery_and_agent_restarts_and_cni_del() {
     let eps = ok(&["bpf", "endpoints", "--bpf-dir", &bpf_dir("weft-n1")]);
     assert!(!eps.contains(&format!("{ip}:0")), "{eps}");
     assert_eq!(eps.lines().count(), 1, "{eps}");
+    drop(lab);
+}
+
+/// Stops every agent of the lab (SIGTERM: the dataplane stays) and starts them again with
+/// `host_routing`: pods are never touched.
+fn restart_agents(nodes: &[&str], host_routing: &str) {
+    let pids: Vec<i32> = nodes.iter().map(|n| common::lab_agent_pid(n)).collect();
+    for pid in &pids {
+        // SAFETY: signalling the lab's agents.
+        unsafe {
+            libc::kill(*pid, libc::SIGTERM);
+        }
+    }
+    for pid in pids {
+        wait_until("an agent stopping", 10, || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+        });
+    }
+    ok(&up_args("host-gw", host_routing));
+}
+
+#[test]
+fn host_routing_turns_on_and_off_under_running_pods_and_is_observable() {
+    let lab = Lab::up("host-gw", "kernel", &[]);
+    assert!(!std::path::Path::new(&bpf_dir("weft-n1")).exists());
+    let pods_before = std::fs::read_to_string("/run/weft/lab/state.json").expect("state");
+    // On: the pods from before are taken in (their MACs from the host's neighbours).
+    restart_agents(&["weft-n1", "weft-n2"], "ebpf");
+    wait_until("n1's pods in its endpoint map", 15, || {
+        let _ = weft(&["lab", "check"]);
+        weft(&["bpf", "endpoints", "--bpf-dir", &bpf_dir("weft-n1")])
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count()
+            == 2
+    });
+    wait_until("pod traffic redirected", 15, || {
+        let _ = weft(&["lab", "check"]);
+        counters("weft-n1")["redirect-peer"] > 0
+    });
+    // `weft monitor` shows the decisions as packets pass.
+    let monitor =
+        std::thread::spawn(|| ok(&["monitor", "--bpf-dir", &bpf_dir("weft-n1"), "--count", "4"]));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let p1 = pod_ip("weft-n1-p1");
+    let _ = ping("weft-n1-p0", &["-c", "5", "-i", "0.2", "-W", "1", &p1]);
+    let events = monitor.join().expect("monitor");
+    assert!(
+        events.contains(&format!("-> {p1}")) && events.contains("redirect-peer"),
+        "{events}"
+    );
+    // /metrics counts them by decision.
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "weft-n1",
+            "curl",
+            "-s",
+            "http://127.0.0.1:9965/metrics",
+        ])
+        .output()
+        .expect("curl");
+    let metrics = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        metrics.contains("weft_host_routing_packets_total{decision=\"redirect-peer\"}"),
+        "{metrics}"
+    );
+    // Off again: everything pinned goes, the pods (the same ones) are routed by the kernel.
+    restart_agents(&["weft-n1", "weft-n2"], "kernel");
+    wait_until("n1's host routing objects removed", 15, || {
+        !std::path::Path::new(&bpf_dir("weft-n1")).exists()
+    });
+    wait_until("all pairs, kernel-routed", 30, || {
+        weft(&["lab", "check"]).status.success()
+    });
+    let pods_after = std::fs::read_to_string("/run/weft/lab/state.json").expect("state");
+    let pods =
+        |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json")["pods"].clone();
+    assert_eq!(pods(&pods_before), pods(&pods_after));
     drop(lab);
 }
