@@ -320,11 +320,12 @@ fn host_routing_turns_on_and_off_under_running_pods_and_is_observable() {
         counters("weft-n1")["redirect-peer"] > 0
     });
     // `weft monitor` shows the decisions as packets pass.
+    // (Other traffic shows too: neighbour discovery, IGMP; 30 pings each way outnumber it.)
     let monitor =
-        std::thread::spawn(|| ok(&["monitor", "--bpf-dir", &bpf_dir("weft-n1"), "--count", "4"]));
+        std::thread::spawn(|| ok(&["monitor", "--bpf-dir", &bpf_dir("weft-n1"), "--count", "20"]));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let p1 = pod_ip("weft-n1-p1");
-    let _ = ping("weft-n1-p0", &["-c", "5", "-i", "0.2", "-W", "1", &p1]);
+    let _ = ping("weft-n1-p0", &["-c", "30", "-i", "0.05", "-W", "1", &p1]);
     let events = monitor.join().expect("monitor");
     assert!(
         events.contains(&format!("-> {p1}")) && events.contains("redirect-peer"),
