@@ -105,24 +105,7 @@ mod lease;
 mod passes;
 use bgp::Bgp;
 use http::Metrics;
-use passes::{apply_passes, Pass};
-
-/// Runs `work` on a thread of its own with a runtime of its own: it never takes a worker
-/// from the agent's loop (BGP sessions, the lease watch, SIGTERM), nor they from it.
-fn thread_with_runtime<F>(name: &str, work: F) -> Result<std::thread::JoinHandle<F::Output>>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .with_context(|| format!("the {name} thread's runtime"))?;
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || rt.block_on(work))
-        .with_context(|| format!("starting the {name} thread"))
-}
+use passes::{apply_passes, thread_with_runtime, Pass};
 
 /// How often subnet.env is rewritten while the lease is held, whatever the lease's TTL (CNI's
 /// STATUS takes a subnet.env untouched for 25 h for a dead agent).

@@ -109,3 +109,23 @@ fn report_problems(
         *last = now;
     }
 }
+
+/// Runs `work` on a thread of its own with a runtime of its own: it never takes a worker
+/// from the agent's loop (BGP sessions, the lease watch, SIGTERM), nor they from it.
+pub(super) fn thread_with_runtime<F>(
+    name: &str,
+    work: F,
+) -> Result<std::thread::JoinHandle<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| format!("the {name} thread's runtime"))?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || rt.block_on(work))
+        .with_context(|| format!("starting the {name} thread"))
+}
