@@ -15,15 +15,6 @@ pub fn dir(bpf_dir: Option<PathBuf>) -> Option<PathBuf> {
     bpf_dir.filter(|d| bpf::enabled(d))
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    v.try_into().ok()
-}
-
 /// After ADD wired the pod: its host veth (interfaces[0]) and eth0 (the one in a sandbox).
 pub async fn add(dir: &Path, interfaces: &[Interface], ip: Ipv4Addr) -> Result<(), String> {
     let host = interfaces
@@ -42,7 +33,7 @@ pub async fn add(dir: &Path, interfaces: &[Interface], ip: Ipv4Addr) -> Result<(
         .ok_or_else(|| format!("{} vanished", host.name))?;
     let ep = Endpoint {
         ifindex: link.index,
-        mac: parse_mac(&pod.mac).ok_or_else(|| format!("pod MAC {}", pod.mac))?,
+        mac: weft_backend::parse_mac(&pod.mac).ok_or_else(|| format!("pod MAC {}", pod.mac))?,
         node_mac: <[u8; 6]>::try_from(link.mac.as_slice())
             .map_err(|_| format!("{} has no MAC", host.name))?,
     };

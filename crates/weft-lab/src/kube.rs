@@ -17,17 +17,24 @@ pub(super) fn kube_dir() -> PathBuf {
     Path::new(DIR).join("kube")
 }
 
+/// The scripts' cache (scripts/k8s-bins.sh, scripts/lab-images.sh): $WEFT_CACHE, else
+/// $XDG_CACHE_HOME/weft or ~/.cache/weft.
+pub(super) fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("WEFT_CACHE") {
+        return PathBuf::from(d);
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+        .join("weft")
+}
+
 /// Where the Kubernetes binaries are: K8S_BIN_DIR, else scripts/k8s-bins.sh's cache.
 pub(super) fn bin(name: &str) -> Result<PathBuf> {
     let dir = match std::env::var_os("K8S_BIN_DIR") {
         Some(d) => PathBuf::from(d),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("/root/.cache"));
-            cache.join("weft/k8s").join(K8S_VERSION)
-        }
+        None => cache_dir().join("k8s").join(K8S_VERSION),
     };
     let p = dir.join(name);
     anyhow::ensure!(
@@ -276,20 +283,7 @@ pub(super) fn start(
         "--kubelet-preferred-address-types=InternalIP".into(),
         "--v=1".into(),
     ];
-    let api_os: Vec<&std::ffi::OsStr> = api_args.iter().map(std::ffi::OsStr::new).collect();
-    let api = match running(0) {
-        Some(p) => p,
-        None => {
-            let api_bin = bin("kube-apiserver")?;
-            spawn_daemon(
-                un,
-                api_bin.to_str().unwrap_or("kube-apiserver"),
-                &api_os,
-                &d.join("kube-apiserver.log"),
-                "scripts/k8s-bins.sh",
-            )?
-        }
-    };
+    let api = control_daemon(un, running(0), "kube-apiserver", &api_args)?;
     wait_for("the API server", Duration::from_secs(60), || {
         kubectl(un)
             .map(|mut c| {
@@ -330,20 +324,7 @@ pub(super) fn start(
         // kubelet-less Nodes unreachable).
         kcm_args.push("--controllers=nodeipam".into());
     }
-    let kcm_os: Vec<&std::ffi::OsStr> = kcm_args.iter().map(std::ffi::OsStr::new).collect();
-    let kcm = match running(1) {
-        Some(p) => p,
-        None => {
-            let kcm_bin = bin("kube-controller-manager")?;
-            spawn_daemon(
-                un,
-                kcm_bin.to_str().unwrap_or("kube-controller-manager"),
-                &kcm_os,
-                &d.join("kube-controller-manager.log"),
-                "scripts/k8s-bins.sh",
-            )?
-        }
-    };
+    let kcm = control_daemon(un, running(1), "kube-controller-manager", &kcm_args)?;
     let mut out = vec![api, kcm];
     if kubelets {
         let sched_kc = d.join("scheduler.kubeconfig");
@@ -358,20 +339,7 @@ pub(super) fn start(
             "--bind-address=127.0.0.1".into(),
             "--v=1".into(),
         ];
-        let os: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        out.push(match running(2) {
-            Some(p) => p,
-            None => {
-                let b = bin("kube-scheduler")?;
-                spawn_daemon(
-                    un,
-                    b.to_str().unwrap_or("kube-scheduler"),
-                    &os,
-                    &d.join("kube-scheduler.log"),
-                    "scripts/k8s-bins.sh",
-                )?
-            }
-        });
+        out.push(control_daemon(un, running(2), "kube-scheduler", &args)?);
     }
     if !agent_kubeconfig().exists() {
         // weft's own manifest: its namespace, ServiceAccount, ClusterRole and binding are what
@@ -393,6 +361,23 @@ pub(super) fn start(
         kubeconfig(&agent_kubeconfig(), "weft", None, Some(token.trim()))?;
     }
     Ok(out)
+}
+
+/// A control-plane daemon in the underlay namespace: `pid` when it still runs, else started
+/// from scripts/k8s-bins.sh's binary `name` with `args`, its stderr to `<name>.log`.
+fn control_daemon(un: &Netns, pid: Option<u32>, name: &str, args: &[String]) -> Result<u32> {
+    if let Some(p) = pid {
+        return Ok(p);
+    }
+    let b = bin(name)?;
+    let os: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    spawn_daemon(
+        un,
+        b.to_str().unwrap_or(name),
+        &os,
+        &kube_dir().join(format!("{name}.log")),
+        "scripts/k8s-bins.sh",
+    )
 }
 
 /// Registers a lab node as a Node, as its kubelet would: name, hostname label, InternalIP.

@@ -84,13 +84,7 @@ pub(super) fn is_kubelet_node(node: &str) -> bool {
 pub(super) fn images(weft_image: &Path) -> Result<Vec<PathBuf>> {
     let dir = std::env::var_os("WEFT_LAB_IMAGES")
         .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            Some(cache.join("weft/images"))
-        })
-        .unwrap_or_else(|| PathBuf::from("/root/.cache/weft/images"));
+        .unwrap_or_else(|| kube::cache_dir().join("images"));
     let mut out = Vec::new();
     for i in ["pause", "busybox", "agnhost"] {
         let p = dir.join(format!("{i}.tar"));

@@ -56,6 +56,20 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         !st.direct || (a.nodes == 2 && a.segments == 1 && st.store == "sqlite"),
         "--underlay direct joins exactly two nodes back to back: use it with --nodes 2 --segments 1 --store sqlite"
     );
+    // Checked before anything starts: a kubelet lab without its images stops here.
+    let images = if st.kubelet {
+        let weft_image = match &a.image {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .and_then(Path::parent)
+                .map(|t| t.join("weft-image.tar"))
+                .context("no target directory next to this binary: give --image")?,
+        };
+        kubelet::images(&weft_image)?
+    } else {
+        Vec::new()
+    };
     std::fs::create_dir_all(DIR)?;
     let (un, unl) = underlay(st.segments.max(a.segments)).await?;
     st.segments = st.segments.max(a.segments);
@@ -75,20 +89,6 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     save(&st)?;
     let conf_path = Path::new(DIR).join("net-conf.json");
     std::fs::write(&conf_path, &conf)?;
-    // Checked before anything starts: a kubelet lab without its images stops here.
-    let images = if st.kubelet {
-        let weft_image = match &a.image {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .and_then(Path::parent)
-                .map(|t| t.join("weft-image.tar"))
-                .context("no target directory next to this binary: give --image")?,
-        };
-        kubelet::images(&weft_image)?
-    } else {
-        Vec::new()
-    };
     if st.store == "kubernetes" {
         let want = if st.kubelet { 3 } else { 2 };
         if st.kube_pids.len() != want || !st.kube_pids.iter().all(|p| alive(*p)) {

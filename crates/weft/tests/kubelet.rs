@@ -244,6 +244,19 @@ impl Lab {
         ]);
     }
 
+    /// The workload Deployment rolled out again and every pod reaching every pod.
+    fn workload_settles(&self, what: &str) {
+        self.kubectl(&[
+            "-n",
+            "default",
+            "rollout",
+            "status",
+            "deployment/weft-lab",
+            "--timeout=60s",
+        ]);
+        wait_until(what, 60, || weft(&["lab", "check"]).status.success());
+    }
+
     /// The names of weft's DaemonSet pods.
     fn agent_pods(&self) -> Vec<String> {
         self.pods("kube-weft", "weft")
@@ -378,17 +391,7 @@ fn a_cluster_of_kubelets_runs_weft_from_its_daemonset() {
     wait_until(&format!("{} freed on {}", gone.ip, gone.node), 30, || {
         !lease.exists()
     });
-    lab.kubectl(&[
-        "-n",
-        "default",
-        "rollout",
-        "status",
-        "deployment/weft-lab",
-        "--timeout=60s",
-    ]);
-    wait_until("every pod reaching every pod again", 60, || {
-        weft(&["lab", "check"]).status.success()
-    });
+    lab.workload_settles("every pod reaching every pod again");
 
     // A drained and deleted node is swept from the others: its route and VTEP neighbour go.
     let n3 = lab.json(&["get", "node", "weft-n3"]);
@@ -400,31 +403,26 @@ fn a_cluster_of_kubelets_runs_weft_from_its_daemonset() {
     )
     .expect("json");
     let mac = bd["VtepMAC"].as_str().expect("mac").to_string();
+    // The DaemonSet's agents name the VTEP weft.<VNI>.
     for n in ["weft-n1", "weft-n2"] {
         assert!(
             ip_out(&["-n", n, "route"]).contains(&cidr),
             "{n} has no route to {cidr}"
+        );
+        assert!(
+            ip_out(&["-n", n, "neigh", "show", "dev", "weft.1"]).contains(&mac),
+            "{n} has no neighbour {mac} for weft-n3"
         );
     }
     ok(&["lab", "leave", "weft-n3"]);
     for n in ["weft-n1", "weft-n2"] {
         wait_until(&format!("{n} sweeping weft-n3"), 30, || {
             !ip_out(&["-n", n, "route"]).contains(&cidr)
-                && !ip_out(&["-n", n, "neigh", "show", "dev", "flannel.1"]).contains(&mac)
+                && !ip_out(&["-n", n, "neigh", "show", "dev", "weft.1"]).contains(&mac)
         });
     }
     assert!(!std::path::Path::new("/run/weft/lab/mnt/weft-n3").exists());
-    lab.kubectl(&[
-        "-n",
-        "default",
-        "rollout",
-        "status",
-        "deployment/weft-lab",
-        "--timeout=60s",
-    ]);
-    wait_until("the two nodes' pods reaching each other", 60, || {
-        weft(&["lab", "check"]).status.success()
-    });
+    lab.workload_settles("the two nodes' pods reaching each other");
 }
 
 /// The four sig-network "Granular Checks: Pods" conformance tests, by e2e.test itself.

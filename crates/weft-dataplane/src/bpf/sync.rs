@@ -28,6 +28,10 @@ pub struct SyncReport {
     pub attached: usize,
 }
 
+/// The devices (index, name) a complete pass saw, when it ran, and whether it left nothing
+/// to retry.
+type LastPass = (Vec<(u32, String)>, std::time::Instant, bool);
+
 /// Host routing as the agent runs it.
 pub struct HostRoutingSync {
     hr: HostRouting,
@@ -35,14 +39,25 @@ pub struct HostRoutingSync {
     wire: Vec<String>,
     /// What this process has attached: device -> ifindex (a recreated device gets it again).
     attached: HashMap<String, u32>,
+    /// The devices (index, name) at the last complete pass, and when it ran: the route table
+    /// (100,000 BGP routes, maybe) is read again only when a device came or went, a pod's MAC
+    /// was still unknown, or `full_every` passed.
+    last: Option<LastPass>,
+    full_every: std::time::Duration,
 }
 
 impl HostRoutingSync {
-    pub fn new(hr: HostRouting, wire: Vec<String>) -> HostRoutingSync {
+    pub fn new(
+        hr: HostRouting,
+        wire: Vec<String>,
+        full_every: std::time::Duration,
+    ) -> HostRoutingSync {
         HostRoutingSync {
             hr,
             wire,
             attached: HashMap::new(),
+            last: None,
+            full_every,
         }
     }
 
@@ -67,6 +82,12 @@ impl HostRoutingSync {
     pub async fn run(&mut self, nl: &Nl) -> Result<SyncReport, DataplaneError> {
         let mut report = SyncReport::default();
         let links = nl.links().await?;
+        let devices: Vec<(u32, String)> = links.iter().map(|l| (l.index, l.name.clone())).collect();
+        if let Some((d, at, settled)) = &self.last {
+            if *d == devices && *settled && at.elapsed() < self.full_every {
+                return Ok(report);
+            }
+        }
         let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
         for dev in self.wire.clone() {
             if let Some(l) = links.iter().find(|l| l.name == dev) {
@@ -131,6 +152,7 @@ impl HostRoutingSync {
                 self.attached.remove(&dev);
             }
         }
+        self.last = Some((devices, std::time::Instant::now(), report.without_mac == 0));
         Ok(report)
     }
 }

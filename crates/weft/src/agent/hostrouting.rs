@@ -41,7 +41,7 @@ pub(super) fn start(
         }
     };
     tracing::info!(dir = %dir.display(), "eBPF host routing on");
-    let mut sync = HostRoutingSync::new(hr, devices);
+    let mut sync = HostRoutingSync::new(hr, devices, Duration::from_secs(a.full_resync.max(1)));
     let every = Duration::from_secs(a.resync.max(1));
     thread_with_runtime("host-routing", async move {
         let mut last = String::new();
