@@ -386,6 +386,12 @@ pub(super) fn stop_node(node: &str) -> Result<()> {
     Ok(())
 }
 
+/// A lab node's name (`weft-n<number>`): the only cgroups `down` may empty and remove.
+fn is_lab_node(name: &str) -> bool {
+    name.strip_prefix("weft-n")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Every kubelet node's runtime, whether the state file knows it or not (a crashed `up`):
 /// the pinned mount namespaces and the `weft-*` cgroups.
 pub(super) fn stop_all() -> Result<()> {
@@ -400,7 +406,7 @@ pub(super) fn stop_all() -> Result<()> {
         if let Ok(rd) = std::fs::read_dir(h) {
             nodes.extend(rd.flatten().filter_map(|e| {
                 let n = e.file_name().to_string_lossy().into_owned();
-                (n.starts_with("weft-") && e.path().is_dir()).then_some(n)
+                (is_lab_node(&n) && e.path().is_dir()).then_some(n)
             }));
         }
     }
@@ -416,6 +422,21 @@ pub(super) fn stop_all() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn down_touches_only_lab_node_cgroups() {
+        assert!(is_lab_node("weft-n1") && is_lab_node("weft-n12"));
+        for n in [
+            "weft-",
+            "weft-n",
+            "weft-dp-test-7",
+            "weft-n1x",
+            "weft",
+            "system.slice",
+        ] {
+            assert!(!is_lab_node(n), "{n}");
+        }
+    }
 
     #[test]
     fn the_lab_manifest_is_deploy_yaml_with_the_labs_settings() {
