@@ -8,7 +8,7 @@ use crate::spec::Interface;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use weft_dataplane::bpf::{self, Endpoint, Endpoints, Hook};
-use weft_dataplane::Nl;
+use weft_dataplane::{Nl, PairKind};
 
 /// The directory when host routing is on for this node.
 pub fn dir(bpf_dir: Option<PathBuf>) -> Option<PathBuf> {
@@ -16,7 +16,12 @@ pub fn dir(bpf_dir: Option<PathBuf>) -> Option<PathBuf> {
 }
 
 /// After ADD wired the pod: its host veth (interfaces[0]) and eth0 (the one in a sandbox).
-pub async fn add(dir: &Path, interfaces: &[Interface], ip: Ipv4Addr) -> Result<(), String> {
+pub async fn add(
+    dir: &Path,
+    interfaces: &[Interface],
+    ip: Ipv4Addr,
+    device: PairKind,
+) -> Result<(), String> {
     let host = interfaces
         .iter()
         .find(|i| i.sandbox.is_none())
@@ -41,7 +46,8 @@ pub async fn add(dir: &Path, interfaces: &[Interface], ip: Ipv4Addr) -> Result<(
     Endpoints::open(dir)
         .and_then(|mut m| m.insert(ip, ep))
         .map_err(|e| e.to_string())?;
-    bpf::attach_pinned(dir, &host.name, Hook::FromPod).map_err(|e| e.to_string())
+    let hook = Hook::from_pod(device == PairKind::Netkit);
+    bpf::attach_pinned(dir, &host.name, hook).map_err(|e| e.to_string())
 }
 
 /// Before DEL unwires the pod: its entries (by its host veth) and its link.

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 use weft_core::subnet_env::{SubnetEnv, DEFAULT_PATH};
-use weft_dataplane::Netns;
+use weft_dataplane::{Netns, PairKind};
 
 /// A subnet.env older than this was not refreshed by a running agent (it rewrites the file at
 /// every lease renewal, once a day): STATUS reports the plugin not ready.
@@ -93,6 +93,24 @@ fn subnet_file(conf: &NetConf) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
 
+/// The pod's device pair: net-conf's PodDevice as the agent wrote it to subnet.env (veth
+/// when there is none: a config with "ranges" runs without an agent). netkit carries routed
+/// pods only; refused before anything is allocated.
+fn pod_device(conf: &NetConf) -> Result<PairKind, CniError> {
+    let netkit = SubnetEnv::read(&subnet_file(conf))
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.pod_device == weft_core::PodDevice::Netkit);
+    match (netkit, conf.mode) {
+        (false, _) => Ok(PairKind::Veth),
+        (true, Mode::Routed) => Ok(PairKind::Netkit),
+        (true, Mode::Bridge) => Err(CniError::new(
+            code::INVALID_CONFIG,
+            "net-conf.json has \"PodDevice\": \"netkit\", which carries routed pods only, and this CNI config has \"mode\": \"bridge\": set \"mode\": \"routed\" here, or \"PodDevice\": \"veth\" in net-conf.json",
+        )),
+    }
+}
+
 fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
     let path = subnet_file(conf);
     match SubnetEnv::read(&path) {
@@ -160,6 +178,7 @@ fn open_ipam(conf: &NetConf) -> Result<ipam::Ipam, CniError> {
 async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Value, CniError> {
     let (cid, ifname) = (env.cid()?, env.ifname()?);
     let netns = env.netns()?;
+    let device = pod_device(conf)?;
     // Address: our own IPAM, or the plugin the config names. `release` undoes it.
     type Release = Box<dyn Fn()>;
     let (ip, prefix, gateway, extra_routes, mtu, dns, release): (
@@ -239,6 +258,7 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
         ),
     };
     let plan = wiring::Plan {
+        device,
         mode: conf.mode,
         bridge: conf.bridge.clone(),
         hairpin: conf.hairpin_mode,
@@ -267,7 +287,7 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
             hostrouting::dir(read_subnet_env(conf).ok().and_then(|e| e.bpf_dir)),
         ) {
             // Best effort: the pod is routed by the kernel until the agent's sync has it.
-            let _ = hostrouting::add(&dir, &made.interfaces, v4).await;
+            let _ = hostrouting::add(&dir, &made.interfaces, v4, device).await;
         }
     }
     // Chained after another plugin: keep what it reported.

@@ -4,7 +4,9 @@
 use crate::spec::{code, CniError, Interface, IpConfig, Mode, RouteConf};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr};
-use weft_dataplane::{link, sysctl, DataplaneError, Netns, Nl, Route, VethSpec, RTPROT_WEFT_POD};
+use weft_dataplane::{
+    link, sysctl, DataplaneError, Netns, Nl, PairKind, Route, VethSpec, RTPROT_WEFT_POD,
+};
 
 /// The on-link next hop every routed pod uses (Calico's convention).
 pub const ROUTED_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -29,6 +31,8 @@ fn mac_text(mac: &[u8]) -> String {
 }
 
 pub struct Plan {
+    /// veth, or netkit (routed pods only).
+    pub device: PairKind,
     pub mode: Mode,
     pub bridge: String,
     pub hairpin: bool,
@@ -59,6 +63,7 @@ pub async fn add(plan: &Plan, netns: &Netns, cid: &str, ifname: &str) -> Result<
     // One request makes the pair: host side named, addressed by MAC, in the bridge, up; the
     // pod side created in the pod's namespace as CNI_IFNAME.
     let spec = VethSpec {
+        kind: plan.device,
         name: &hname,
         peer_name: ifname,
         peer_netns: Some(netns),

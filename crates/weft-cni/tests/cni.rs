@@ -566,3 +566,57 @@ fn chained_portmap_reaches_the_pod_through_a_host_port() {
         String::from_utf8_lossy(&got.stderr)
     );
 }
+
+/// net-conf's `"PodDevice": "netkit"` (subnet.env WEFT_POD_DEVICE): routed pods get netkit
+/// pairs where the kernel has netkit; where it has not (this machine's kernel is built
+/// without CONFIG_NETKIT), ADD says so and what to do, and leaves nothing behind. Bridge mode
+/// is refused before anything is allocated.
+#[test]
+fn netkit_pod_devices_or_a_clear_refusal() {
+    let node = Node::new("10.244.13.1/24");
+    let env = node.dir.path().join("subnet.env");
+    let text = std::fs::read_to_string(&env).expect("subnet.env") + "WEFT_POD_DEVICE=netkit\n";
+    std::fs::write(&env, text).expect("subnet.env");
+    let (p1, p2) = (Ns::new("p"), Ns::new("p"));
+    let before = node.links();
+
+    let bridge = node.conf("1.0.0", "bridge");
+    let r = node.cni("ADD", &bridge, Some("k0"), Some(&p1.path()), Some("eth0"));
+    assert!(!r.ok && r.code() == 7, "{}", r.out);
+    assert!(
+        r.msg().contains("PodDevice") && r.msg().contains("\"mode\": \"routed\""),
+        "{}",
+        r.msg()
+    );
+    assert_eq!(node.links(), before);
+    assert!(node.ipam_files("testnet").is_empty());
+
+    let routed = node.conf("1.0.0", "routed");
+    let r1 = node.cni("ADD", &routed, Some("k1"), Some(&p1.path()), Some("eth0"));
+    if !r1.ok {
+        // No netkit in this kernel: the error names it and the way out; nothing is left.
+        assert!(
+            r1.msg().contains("CONFIG_NETKIT") && r1.msg().contains("\"veth\""),
+            "{}",
+            r1.msg()
+        );
+        assert_eq!(node.links(), before);
+        assert!(node.ipam_files("testnet").is_empty());
+        assert!(!p1.run(&["ip", "-br", "link"]).contains("eth0"));
+        return;
+    }
+    let r2 = node.add(&routed, "k2", &p2);
+    let host = r1.out["interfaces"][0]["name"].as_str().expect("host side");
+    let d = node.ns.run(&["ip", "-d", "link", "show", host]);
+    assert!(d.contains("netkit"), "{d}");
+    assert!(p1.ping("192.0.2.1"), "netkit pod cannot reach the host");
+    assert!(p1.ping(&r2.ip()), "netkit pod cannot reach the other pod");
+    for (cid, p) in [("k1", &p1), ("k2", &p2)] {
+        assert!(
+            node.cni("DEL", &routed, Some(cid), Some(&p.path()), Some("eth0"))
+                .ok
+        );
+    }
+    assert_eq!(node.links(), before);
+    assert!(node.ipam_files("testnet").is_empty());
+}

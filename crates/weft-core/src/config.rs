@@ -271,6 +271,32 @@ impl HostRouting {
     }
 }
 
+/// The device pair weft-cni gives a pod (net-conf `PodDevice`, Cilium's datapath-mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodDevice {
+    /// A veth pair: what the pod sends crosses the host veth's backlog queue.
+    #[default]
+    Veth,
+    /// A netkit pair (Linux 6.7+; routed pods only): eBPF host routing runs in the pod's own
+    /// transmit path, with no queue between the pod and the wire.
+    Netkit,
+}
+
+impl PodDevice {
+    pub fn name(self) -> &'static str {
+        match self {
+            PodDevice::Veth => "veth",
+            PodDevice::Netkit => "netkit",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PodDevice> {
+        [PodDevice::Veth, PodDevice::Netkit]
+            .into_iter()
+            .find(|d| s.eq_ignore_ascii_case(d.name()))
+    }
+}
+
 /// The effective network config: every default filled in, every rule checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
@@ -280,6 +306,7 @@ pub struct NetConfig {
     /// Set when the file had no `Backend` and vxlan was assumed.
     pub backend_defaulted: bool,
     pub host_routing: HostRouting,
+    pub pod_device: PodDevice,
 }
 
 /// A parsed config and what was ignored in it.
@@ -962,6 +989,18 @@ impl NetConfig {
                 "\"Backend\": {\"Type\": \"host-gw\"}, \"HostRouting\": \"ebpf\"",
             );
         }
+        let pod_device = match ctx.string(&mut o, "PodDevice", "\"PodDevice\": \"netkit\"") {
+            None => PodDevice::Veth,
+            Some(v) => PodDevice::parse(v).unwrap_or_else(|| {
+                ctx.problem(
+                    "PodDevice",
+                    o_raw(&o, "PodDevice").as_ref(),
+                    "must be \"veth\" (the default) or \"netkit\"",
+                    "\"PodDevice\": \"netkit\"",
+                );
+                PodDevice::Veth
+            }),
+        };
         // Keys of a disabled family are known to flannel; they are not typos.
         for r in [&V4_RULES, &V6_RULES] {
             for k in [r.net_key, r.len_key, r.min_key, r.max_key] {
@@ -987,6 +1026,7 @@ impl NetConfig {
                 backend,
                 backend_defaulted,
                 host_routing,
+                pod_device,
             },
             warnings: unknown,
         })
@@ -1000,6 +1040,10 @@ impl NetConfig {
         m.insert(
             "HostRouting".into(),
             Value::String(self.host_routing.name().into()),
+        );
+        m.insert(
+            "PodDevice".into(),
+            Value::String(self.pod_device.name().into()),
         );
         for (pool, r) in [(&self.v4, &V4_RULES), (&self.v6, &V6_RULES)] {
             if let Some(p) = pool {

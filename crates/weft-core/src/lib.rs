@@ -11,7 +11,7 @@ pub mod subnet_env;
 #[cfg(test)]
 mod props;
 
-pub use config::{Backend, ConfigError, ConfigProblem, HostRouting, NetConfig};
+pub use config::{Backend, ConfigError, ConfigProblem, HostRouting, NetConfig, PodDevice};
 pub use lease::{Expiry, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 
 /// FNV-1a over `parts` joined by a zero byte: a hash that is the same on every platform and in

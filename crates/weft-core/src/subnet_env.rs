@@ -18,6 +18,8 @@ pub struct SubnetEnv {
     /// weft's own key (flannel's readers skip it): with eBPF host routing on, the bpffs
     /// directory of the node's pinned programs and endpoint map, for weft-cni.
     pub bpf_dir: Option<std::path::PathBuf>,
+    /// weft's own key: net-conf's `PodDevice` (written only when not veth).
+    pub pod_device: crate::PodDevice,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,9 @@ impl SubnetEnv {
         s += &format!("FLANNEL_IPMASQ={}\n", self.ipmasq);
         if let Some(d) = &self.bpf_dir {
             s += &format!("WEFT_BPF_DIR={}\n", d.display());
+        }
+        if self.pod_device != crate::PodDevice::Veth {
+            s += &format!("WEFT_POD_DEVICE={}\n", self.pod_device.name());
         }
         s
     }
@@ -121,6 +126,10 @@ impl SubnetEnv {
                         return Err(bad("expected an absolute path"));
                     }
                     env.bpf_dir = Some(value.into())
+                }
+                "WEFT_POD_DEVICE" => {
+                    env.pod_device = crate::PodDevice::parse(value)
+                        .ok_or_else(|| bad("expected veth or netkit"))?
                 }
                 _ => {}
             }
@@ -198,6 +207,17 @@ mod tests {
         assert_eq!(env.render(), text);
         let e = SubnetEnv::parse("WEFT_BPF_DIR=weft\n", "s.env").unwrap_err();
         assert!(e.to_string().contains("WEFT_BPF_DIR=weft"), "{e}");
+    }
+
+    #[test]
+    fn the_pod_device_rides_along_when_not_veth() {
+        let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPMASQ=false\nWEFT_POD_DEVICE=netkit\n";
+        let env = SubnetEnv::parse(text, "x").unwrap();
+        assert_eq!(env.pod_device, crate::PodDevice::Netkit);
+        assert_eq!(env.render(), text);
+        let e = SubnetEnv::parse("WEFT_POD_DEVICE=tap\n", "s.env").unwrap_err();
+        assert!(e.to_string().contains("WEFT_POD_DEVICE=tap"), "{e}");
+        assert!(e.to_string().contains("veth or netkit"), "{e}");
     }
 
     #[test]

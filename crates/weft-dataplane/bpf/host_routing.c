@@ -4,6 +4,10 @@
  *
  *   weft_from_pod  ingress of each pod's host-side veth (what the pod sends):
  *                  a local pod -> bpf_redirect_peer() straight into its namespace;
+ *   weft_from_netkit  the same for a netkit pod, attached as BPF_NETKIT_PEER: it runs in
+ *                  the pod's own transmit path (no backlog queue between pod and wire);
+ *                  a local pod -> bpf_redirect() to its device's egress (redirect_peer
+ *                  works at tc ingress only);
  *                  a remote pod -> bpf_fib_lookup(), then bpf_redirect_neigh() out of the
  *                  FIB's device to the FIB's next hop (underlay, or the VTEP);
  *                  anything else -> the stack (TC_ACT_OK), never dropped here.
@@ -21,6 +25,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
+#include <stdbool.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -38,7 +43,7 @@ struct config {
 	__u32 network;  /* cluster network, network byte order */
 	__u32 mask;     /* its netmask, network byte order */
 	__u32 monitor;  /* non-zero while `weft monitor` reads weft_events */
-	__u32 pad;
+	__u32 attach;   /* for weft-cni: 0 TCX links, 1 tc clsact filters (programs ignore it) */
 };
 
 /* Why a packet went where it went; the index of weft_counters, the `decision` of an event.
@@ -138,15 +143,20 @@ static __always_inline void dec_ttl(struct iphdr *ip)
 }
 
 /* Into a local pod's namespace: Ethernet addresses as the pod expects them from its
- * gateway, TTL as a router leaves it. */
+ * gateway, TTL as a router leaves it. From tc ingress straight to the pod's side
+ * (redirect_peer); from a netkit pod's transmit path to the egress of the other pod's
+ * host-side device, which hands it over (redirect_peer is refused outside tc ingress). */
 static __always_inline int to_local(struct __sk_buff *skb, const struct config *cfg,
 				    struct ethhdr *eth, struct iphdr *ip,
-				    const struct endpoint *ep, __u32 decision, __u8 hook)
+				    const struct endpoint *ep, __u32 decision, __u8 hook,
+				    const bool netkit)
 {
 	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, ep->node_mac, ETH_ALEN);
 	dec_ttl(ip);
 	account(skb, cfg, ip, decision, ep->ifindex, hook, 0);
+	if (netkit)
+		return bpf_redirect(ep->ifindex, 0);
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
@@ -171,8 +181,9 @@ static __always_inline struct config *config(void)
 	return bpf_map_lookup_elem(&weft_config, &zero);
 }
 
-SEC("classifier")
-int weft_from_pod(struct __sk_buff *skb)
+/* What a pod sends. skb->ifindex is the host-side device in both hooks (tc ingress of a
+ * veth; netkit runs its peer programs with skb->dev already the primary). */
+static __always_inline int from_pod(struct __sk_buff *skb, const bool netkit)
 {
 	struct ethhdr *eth;
 	struct iphdr *ip = ipv4(skb, &eth);
@@ -197,7 +208,7 @@ int weft_from_pod(struct __sk_buff *skb)
 	/* A pod on this node: straight into its namespace. */
 	ep = bpf_map_lookup_elem(&weft_endpoints, &ip->daddr);
 	if (ep)
-		return to_local(skb, cfg, eth, ip, ep, D_PEER_LOCAL, 0);
+		return to_local(skb, cfg, eth, ip, ep, D_PEER_LOCAL, 0, netkit);
 
 	/* Another node's pod: the FIB picks the device and next hop (underlay for host-gw and
 	 * bgp, the VTEP for vxlan), with the packet's length so an MTU too small shows. */
@@ -207,7 +218,7 @@ int weft_from_pod(struct __sk_buff *skb)
 	fib.tot_len = bpf_ntohs(ip->tot_len);
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = skb->ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	switch (rc) {
 	case BPF_FIB_LKUP_RET_SUCCESS:
@@ -232,6 +243,18 @@ int weft_from_pod(struct __sk_buff *skb)
 }
 
 SEC("classifier")
+int weft_from_pod(struct __sk_buff *skb)
+{
+	return from_pod(skb, false);
+}
+
+SEC("classifier")
+int weft_from_netkit(struct __sk_buff *skb)
+{
+	return from_pod(skb, true);
+}
+
+SEC("classifier")
 int weft_to_pod(struct __sk_buff *skb)
 {
 	struct ethhdr *eth;
@@ -249,7 +272,7 @@ int weft_to_pod(struct __sk_buff *skb)
 		return account(skb, cfg, ip, D_OPTIONS, 0, 1, TC_ACT_OK);
 	if (ip->ttl <= 1)
 		return account(skb, cfg, ip, D_TTL, 0, 1, TC_ACT_OK);
-	return to_local(skb, cfg, eth, ip, ep, D_PEER_WIRE, 1);
+	return to_local(skb, cfg, eth, ip, ep, D_PEER_WIRE, 1, false);
 }
 
 char _license[] SEC("license") = "GPL";

@@ -14,7 +14,7 @@ pub mod reconcile;
 pub mod sysctl;
 pub mod udp;
 
-pub use link::{Link, Nl, Route, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
+pub use link::{Link, Nl, PairKind, Route, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
 pub use mountns::MountNs;
 pub use netns::Netns;
 

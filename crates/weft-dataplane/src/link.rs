@@ -5,12 +5,17 @@ use crate::DataplaneError;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoNetkit, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    NetkitMode, NetkitPolicy,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
+};
 use std::net::{IpAddr, Ipv4Addr};
 
 /// weft's route protocol number: every route weft installs carries it, so weft can tell its
@@ -31,6 +36,8 @@ pub struct Link {
     /// The bridge it is a port of.
     pub master: Option<u32>,
     pub up: bool,
+    /// A netkit device (not a veth, bridge, ...).
+    pub netkit: bool,
 }
 
 fn link_of(msg: &LinkMessage) -> Link {
@@ -41,6 +48,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         mtu: 0,
         master: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        netkit: false,
     };
     for a in &msg.attributes {
         match a {
@@ -48,15 +56,31 @@ fn link_of(msg: &LinkMessage) -> Link {
             LinkAttribute::Address(m) => l.mac = m.clone(),
             LinkAttribute::Mtu(m) => l.mtu = *m,
             LinkAttribute::Controller(c) => l.master = Some(*c),
+            LinkAttribute::LinkInfo(infos) => {
+                l.netkit = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Netkit)));
+            }
             _ => {}
         }
     }
     l
 }
 
-/// A veth pair to create: this side, and its peer (possibly in another namespace).
+/// What a pod's device pair is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum PairKind {
+    #[default]
+    Veth,
+    /// netkit in L2 mode, both sides forwarding when no program is attached (Linux 6.7+).
+    Netkit,
+}
+
+/// A veth (or netkit) pair to create: this side, and its peer (possibly in another
+/// namespace).
 #[derive(Debug, Default)]
 pub struct VethSpec<'a> {
+    pub kind: PairKind,
     pub name: &'a str,
     pub peer_name: &'a str,
     pub peer_netns: Option<&'a Netns>,
@@ -181,8 +205,24 @@ impl Nl {
         }
         // The peer cannot be brought up in this request: the kernel configures it before the
         // pair is joined, and a veth without its peer refuses to open (ENOTCONN).
-        let mut b = LinkVeth::new(spec.name, spec.peer_name)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
+        let mut b = match spec.kind {
+            PairKind::Veth => LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+                .name(spec.name.to_string())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build()))),
+            // L2: the pod keeps its Ethernet header and ARP (proxy ARP answers for its
+            // gateway as with a veth); forward when no program is attached, so a netkit pod
+            // is routed by the kernel while eBPF host routing is off.
+            PairKind::Netkit => {
+                LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Netkit)
+                    .name(spec.name.to_string())
+                    .set_info_data(InfoData::Netkit(vec![
+                        InfoNetkit::Mode(NetkitMode::L2),
+                        InfoNetkit::Policy(NetkitPolicy::Pass),
+                        InfoNetkit::PeerPolicy(NetkitPolicy::Pass),
+                        InfoNetkit::Peer(peer.build()),
+                    ]))
+            }
+        };
         if let Some(m) = spec.mtu {
             b = b.mtu(m);
         }
@@ -201,8 +241,18 @@ impl Nl {
             .execute()
             .await
             .map_err(nl_err(format!(
-                "creating veth {}/{}",
-                spec.name, spec.peer_name
+                "creating {} {}/{}{}",
+                match spec.kind {
+                    PairKind::Veth => "veth",
+                    PairKind::Netkit => "netkit pair",
+                },
+                spec.name,
+                spec.peer_name,
+                if spec.kind == PairKind::Netkit {
+                    " (netkit needs Linux 6.7+ built with CONFIG_NETKIT; PodDevice \"veth\" works everywhere)"
+                } else {
+                    ""
+                }
             )))
     }
 

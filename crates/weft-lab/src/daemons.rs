@@ -173,6 +173,7 @@ pub(super) fn start_agent(ns: &Netns, node: &str, st: &State) -> Result<u32> {
         .arg(dir.join("subnet.env"))
         .arg("--bpf-dir")
         .arg(Path::new(BPF_DIR).join(node))
+        .args(["--bpf-attach", st.bpf_attach.as_deref().unwrap_or("auto")])
         .args(store_args(st))
         .args(["--log", "info"])
         .args(st.ip_masq.then_some("--ip-masq"))

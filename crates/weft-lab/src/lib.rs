@@ -93,6 +93,14 @@ pub struct UpArgs {
     /// backend: host-gw, bgp*, vxlan*). Sets net-conf.json's HostRouting.
     #[arg(long, default_value = "kernel", value_parser = ["kernel", "ebpf"])]
     pub host_routing: String,
+    /// veth or netkit (Linux 6.7+, with --mode routed): the pods' device pairs. Sets
+    /// net-conf.json's PodDevice.
+    #[arg(long, default_value = "veth", value_parser = ["veth", "netkit"])]
+    pub pod_device: String,
+    /// How the agents attach the eBPF programs: auto (TCX on Linux 6.6+, tc clsact filters
+    /// before), tcx or tc (the agent's --bpf-attach).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
+    pub bpf_attach: String,
     /// With --store kubernetes: every node runs a real kubelet and containerd (a mount
     /// namespace and cgroup of its own); weft is installed as users do, `kubectl apply` of
     /// deploy/weft.yaml (its DaemonSet); the pods are a Deployment spread over the nodes.
@@ -119,6 +127,9 @@ struct State {
     route_reflectors: usize,
     #[serde(default)]
     lease_ttl: Option<u64>,
+    /// The agents' --bpf-attach.
+    #[serde(default)]
+    bpf_attach: Option<String>,
     etcd_pid: Option<u32>,
     /// BIRD or gobgpd in the router namespace.
     #[serde(default)]

@@ -19,14 +19,19 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         }
         None => net_conf(&a.backend)?,
     };
-    let conf = if a.host_routing == "ebpf" {
+    let conf = if a.host_routing == "ebpf" || a.pod_device == "netkit" {
         anyhow::ensure!(
             a.mode == "routed",
-            "--host-routing ebpf routes routed pods: use it with --mode routed"
+            "--host-routing ebpf and --pod-device netkit are for routed pods: use them with --mode routed"
         );
         let mut v: serde_json::Value =
             serde_json::from_str(&conf).context("the lab's net-conf.json")?;
-        v["HostRouting"] = "ebpf".into();
+        if a.host_routing == "ebpf" {
+            v["HostRouting"] = "ebpf".into();
+        }
+        if a.pod_device == "netkit" {
+            v["PodDevice"] = "netkit".into();
+        }
         v.to_string()
     } else {
         conf
@@ -45,6 +50,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         ip_masq: a.ip_masq,
         direct: a.underlay == "direct",
         lease_ttl: Some(a.lease_ttl),
+        bpf_attach: Some(a.bpf_attach.clone()),
         route_reflectors: if a.backend == "bgp-rr" {
             a.route_reflectors
         } else {

@@ -362,3 +362,95 @@ fn host_routing_turns_on_and_off_under_running_pods_and_is_observable() {
     assert_eq!(pods(&pods_before), pods(&pods_after));
     drop(lab);
 }
+
+/// The ingress filters of `dev` in `ns`, as `tc filter show` prints them.
+fn tc_filters(ns: &str, dev: &str) -> String {
+    let o = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress",
+        ])
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The program id of weft's one filter (priority 0x5746 = 22342, handle 1) in `filters`.
+fn tc_prog_id(filters: &str, prog: &str) -> String {
+    let ours: Vec<&str> = filters
+        .lines()
+        .filter(|l| l.contains("pref 22342") && l.contains("handle 0x1"))
+        .collect();
+    assert_eq!(ours.len(), 1, "one filter of weft's: {filters}");
+    assert!(
+        ours[0].contains(prog) && ours[0].contains("direct-action"),
+        "{filters}"
+    );
+    ours[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .expect("id")
+        .to_string()
+}
+
+/// Where TCX is missing (Linux < 6.6) the programs are cls_bpf filters in a clsact qdisc
+/// (`--bpf-attach tc` makes this kernel do the same): every pair routed by them, a restarted
+/// agent swaps its programs into the same filters with no packet lost, CNI DEL and turning
+/// host routing off take the filters away.
+#[test]
+fn tc_clsact_filters_where_tcx_is_missing() {
+    let lab = Lab::up("host-gw", "ebpf", &["--bpf-attach", "tc"]);
+    let veths: Vec<String> = (0..2)
+        .map(|p| {
+            let o = ok(&["lab", "exec", "weft-n1", "--", "ip", "-br", "link"]);
+            let ip = pod_ip(&format!("weft-n1-p{p}"));
+            let routes = ok(&["lab", "exec", "weft-n1", "--", "ip", "route", "show", &ip]);
+            let dev = routes
+                .split_whitespace()
+                .skip_while(|w| *w != "dev")
+                .nth(1)
+                .expect("pod route")
+                .to_string();
+            assert!(o.contains(&dev), "{o}");
+            dev
+        })
+        .collect();
+    let wire_id = tc_prog_id(&tc_filters("weft-n1", "eth0"), "weft_to_pod");
+    for v in &veths {
+        tc_prog_id(&tc_filters("weft-n1", v), "weft_from_pod");
+    }
+    wait_until("tc: redirects counted", 15, || {
+        let _ = weft(&["lab", "check"]);
+        let c = counters("weft-n1");
+        c["redirect-peer"] > 0 && c["redirect-neigh"] > 0 && c["redirect-peer-from-wire"] > 0
+    });
+    // Restart under 100 pings/s: the new agent's programs replace the old ones in place.
+    let p2 = pod_ip("weft-n2-p0");
+    let pinger = std::thread::spawn(move || {
+        ping(
+            "weft-n1-p0",
+            &["-q", "-i", "0.01", "-c", "400", "-W", "1", &p2],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    restart_agents(&["weft-n1"], "ebpf");
+    let (_, out) = pinger.join().expect("pinger");
+    assert!(out.contains("400 received"), "pings lost: {out}");
+    let new_id = tc_prog_id(&tc_filters("weft-n1", "eth0"), "weft_to_pod");
+    assert_ne!(
+        new_id, wire_id,
+        "the restarted agent's program is in the filter"
+    );
+    // Off: weft's filters go (the device stays), the pods are routed by the kernel.
+    restart_agents(&["weft-n1", "weft-n2"], "kernel");
+    wait_until("filters removed", 15, || {
+        !tc_filters("weft-n1", "eth0").contains("pref 22342")
+    });
+    for v in &veths {
+        assert!(!tc_filters("weft-n1", v).contains("pref 22342"), "{v}");
+    }
+    wait_until("all pairs, kernel-routed", 30, || {
+        weft(&["lab", "check"]).status.success()
+    });
+    drop(lab);
+}

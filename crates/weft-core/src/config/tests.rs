@@ -316,3 +316,21 @@ fn host_routing_is_kernel_unless_asked_and_ebpf_needs_a_routing_backend() {
         pr[0].rule
     );
 }
+
+#[test]
+fn pod_device_is_veth_unless_netkit_is_asked_for() {
+    let p = ok(r#"{"Network": "10.244.0.0/16"}"#);
+    assert_eq!(p.config.pod_device, PodDevice::Veth);
+    assert_eq!(p.config.to_json()["PodDevice"], "veth");
+    let p = ok(r#"{"Network": "10.244.0.0/16", "PodDevice": "Netkit"}"#);
+    assert_eq!(p.config.pod_device, PodDevice::Netkit);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    assert_eq!(
+        ok(&p.config.to_json().to_string()).config.pod_device,
+        PodDevice::Netkit
+    );
+    let pr = problems(r#"{"Network": "10.244.0.0/16", "PodDevice": "tap"}"#);
+    assert_eq!(pr[0].key, "PodDevice");
+    assert!(pr[0].rule.contains("\"netkit\""), "{}", pr[0].rule);
+    assert!(pr[0].example.contains("PodDevice"), "{}", pr[0].example);
+}

@@ -27,7 +27,8 @@ pub(super) struct Config {
     pub(super) network: u32,
     pub(super) mask: u32,
     pub(super) monitor: u32,
-    pub(super) pad: u32,
+    /// How programs are attached on this node (`Attach` as u32): weft-cni reads it here.
+    pub(super) attach: u32,
 }
 // SAFETY: plain old data.
 unsafe impl aya::Pod for Config {}
@@ -125,6 +126,12 @@ impl Event {
 fn map(dir: &Path, name: &str) -> Result<MapData, DataplaneError> {
     let p = dir.join(name);
     MapData::from_pin(&p).map_err(|e| err(format!("opening {}", p.display()), e))
+}
+
+pub(super) fn read_config(dir: &Path) -> Result<Config, DataplaneError> {
+    let a: Array<MapData, Config> =
+        Array::try_from(Map::Array(map(dir, "weft_config")?)).map_err(|e| err("weft_config", e))?;
+    Ok(a.get(&0, 0).unwrap_or_default())
 }
 
 pub(super) fn update_config(dir: &Path, f: impl FnOnce(&mut Config)) -> Result<(), DataplaneError> {

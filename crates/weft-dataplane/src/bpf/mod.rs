@@ -4,7 +4,9 @@
 //! weft-cni writes, the per-decision counters and the trace events of `weft monitor`.
 //!
 //! Everything lives in one bpffs directory (`/sys/fs/bpf/weft` on a node; the lab gives each
-//! of its nodes its own): maps by name, `prog_from_pod`/`prog_to_pod`, and `links/<dev>`.
+//! of its nodes its own): maps by name, `prog_from_pod`/`prog_from_netkit`/`prog_to_pod`,
+//! `links/<dev>` (TCX and netkit links) and `filters/<dev>` (tc clsact attachment, where TCX
+//! is missing: the program pinned as the record of weft's filter on the device).
 
 use crate::DataplaneError;
 use aya::programs::links::{FdLink, PinnedLink};
@@ -22,6 +24,7 @@ fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> DataplaneErro
 }
 
 mod maps;
+mod netkit;
 mod sync;
 pub use maps::*;
 pub use sync::HostRoutingSync;
@@ -31,6 +34,8 @@ pub use sync::HostRoutingSync;
 pub enum Hook {
     /// A pod's host-side veth: what the pod sends.
     FromPod,
+    /// A netkit pod's host-side (primary) device: what the pod sends, in its transmit path.
+    FromNetkit,
     /// The underlay device or the VTEP: what other nodes send.
     ToPod,
 }
@@ -39,17 +44,73 @@ impl Hook {
     fn pin_name(self) -> &'static str {
         match self {
             Hook::FromPod => "prog_from_pod",
+            Hook::FromNetkit => "prog_from_netkit",
             Hook::ToPod => "prog_to_pod",
+        }
+    }
+
+    /// The pod-side hook of a pod's host-side device.
+    pub fn from_pod(netkit: bool) -> Hook {
+        if netkit {
+            Hook::FromNetkit
+        } else {
+            Hook::FromPod
         }
     }
 
     fn section(self) -> &'static str {
         match self {
             Hook::FromPod => "weft_from_pod",
+            Hook::FromNetkit => "weft_from_netkit",
             Hook::ToPod => "weft_to_pod",
         }
     }
 }
+
+/// How the tc programs are attached: TCX links (Linux 6.6+), or, where TCX is missing,
+/// cls_bpf filters in a clsact qdisc over netlink (what `tc filter add ... bpf da` makes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Tcx,
+    Tc,
+}
+
+impl Attach {
+    /// TCX where the kernel has it (6.6+), tc filters elsewhere.
+    pub fn for_this_kernel() -> Attach {
+        match aya::util::KernelVersion::current() {
+            Ok(v) if v < aya::util::KernelVersion::new(6, 6, 0) => Attach::Tc,
+            _ => Attach::Tcx,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Attach::Tcx => "tcx",
+            Attach::Tc => "tc",
+        }
+    }
+
+    fn code(self) -> u32 {
+        match self {
+            Attach::Tcx => 0,
+            Attach::Tc => 1,
+        }
+    }
+
+    fn of_code(c: u32) -> Attach {
+        if c == 1 {
+            Attach::Tc
+        } else {
+            Attach::Tcx
+        }
+    }
+}
+
+/// The cls_bpf filters weft adds (tc attachment): this priority and handle, on ingress. A
+/// filter there is weft's; a new program replaces it in place.
+pub const TC_PRIORITY: u16 = 0x5746;
+pub const TC_HANDLE: u32 = 1;
 
 /// Mounts bpffs on /sys/fs/bpf unless it is there (as systemd and Cilium do).
 pub fn ensure_bpffs() -> Result<(), DataplaneError> {
@@ -79,21 +140,28 @@ pub fn ensure_bpffs() -> Result<(), DataplaneError> {
 pub struct HostRouting {
     dir: PathBuf,
     ebpf: aya::Ebpf,
+    attach: Attach,
 }
 
 impl HostRouting {
     /// Loads the programs (the kernel's verifier checks them here; a kernel without
     /// bpf_redirect_peer/neigh refuses them) and pins them and the maps in `dir`; sets the
     /// cluster network the programs route within.
-    pub fn load(dir: &Path, network: ipnet::Ipv4Net) -> Result<HostRouting, DataplaneError> {
+    pub fn load(
+        dir: &Path,
+        network: ipnet::Ipv4Net,
+        attach: Attach,
+    ) -> Result<HostRouting, DataplaneError> {
         ensure_bpffs()?;
-        std::fs::create_dir_all(dir.join("links"))
-            .map_err(|e| err(format!("creating {}", dir.display()), e))?;
+        for sub in ["links", "filters"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| err(format!("creating {}", dir.display()), e))?;
+        }
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(dir)
             .load(PROGRAM)
             .map_err(|e| err("loading the host routing programs", e))?;
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in [Hook::FromPod, Hook::FromNetkit, Hook::ToPod] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(hook.section())
                 .ok_or_else(|| err(hook.section(), "missing from the object"))?
@@ -110,13 +178,21 @@ impl HostRouting {
             p.pin(&pin)
                 .map_err(|e| err(format!("pinning {}", pin.display()), e))?;
         }
+        // Switching between TCX and tc: what the other way attached goes first.
+        if attach_of(dir) != attach {
+            for dev in linked_devices(dir) {
+                detach(dir, &dev)?;
+            }
+        }
         let hr = HostRouting {
             dir: dir.to_path_buf(),
             ebpf,
+            attach,
         };
         hr.set_config(|c| {
             c.network = u32::from_ne_bytes(network.network().octets());
             c.mask = u32::from_ne_bytes(network.netmask().octets());
+            c.attach = attach.code();
         })?;
         Ok(hr)
     }
@@ -125,8 +201,9 @@ impl HostRouting {
         update_config(&self.dir, f)
     }
 
-    /// Attaches `hook`'s program at ingress of `dev`, through a link pinned as
-    /// `links/<dev>`: an existing link gets this program swapped in atomically.
+    /// Attaches `hook`'s program to `dev` (TCX ingress; netkit's peer hook for FromNetkit),
+    /// through a link pinned as `links/<dev>`: an existing link gets this program swapped in
+    /// atomically.
     pub fn attach(&mut self, dev: &str, hook: Hook) -> Result<(), DataplaneError> {
         let p: &mut SchedClassifier = self
             .ebpf
@@ -134,7 +211,11 @@ impl HostRouting {
             .ok_or_else(|| err(hook.section(), "missing"))?
             .try_into()
             .map_err(|e| err(hook.section(), e))?;
-        attach_program(p, &self.dir, dev)
+        attach_hook(p, &self.dir, dev, hook, self.attach)
+    }
+
+    pub fn attach_mode(&self) -> Attach {
+        self.attach
     }
 
     pub fn dir(&self) -> &Path {
@@ -146,6 +227,101 @@ impl HostRouting {
 /// a character device names cannot hold (the kernel reads it as a name template).
 fn link_pin(dir: &Path, dev: &str) -> PathBuf {
     dir.join("links").join(dev.replace('.', "%"))
+}
+
+/// With tc attachment: the program pinned once more per device, the record that weft's
+/// filter is there.
+fn filter_pin(dir: &Path, dev: &str) -> PathBuf {
+    dir.join("filters").join(dev.replace('.', "%"))
+}
+
+/// How the programs in `dir` are attached (as the agent set it at load).
+pub fn attach_of(dir: &Path) -> Attach {
+    maps::read_config(dir)
+        .map(|c| Attach::of_code(c.attach))
+        .unwrap_or(Attach::Tcx)
+}
+
+fn attach_hook(
+    p: &mut SchedClassifier,
+    dir: &Path,
+    dev: &str,
+    hook: Hook,
+    attach: Attach,
+) -> Result<(), DataplaneError> {
+    match (hook, attach) {
+        (Hook::FromNetkit, _) => attach_netkit(p, dir, dev),
+        (_, Attach::Tcx) => attach_program(p, dir, dev),
+        (_, Attach::Tc) => attach_tc(p, dir, dev),
+    }
+}
+
+/// A cls_bpf filter (direct action) at weft's priority and handle on `dev`'s clsact
+/// ingress, replaced in place when there is one (no moment without a program). The
+/// program is pinned as `links/<dev>` too: the record that weft attached there.
+fn attach_tc(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), DataplaneError> {
+    use aya::programs::tc::{NlOptions, TcHandle};
+    match aya::programs::tc::qdisc_add_clsact(dev) {
+        Ok(()) => {}
+        Err(aya::programs::tc::TcError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(err(format!("adding a clsact qdisc to {dev}"), e)),
+    }
+    let handle = TcHandle::from(TC_HANDLE);
+    let existing =
+        SchedClassifierLink::attached(dev, TcAttachType::Ingress, TC_PRIORITY, handle, None)
+            .map_err(|e| err(format!("finding {dev}"), e))?;
+    let id = match p.attach_to_link(existing) {
+        Ok(id) => id,
+        // None there yet.
+        Err(_) => p
+            .attach_with_options(
+                dev,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    handle,
+                    ..Default::default()
+                }),
+            )
+            .map_err(|e| err(format!("attaching to {dev} (tc clsact)"), e))?,
+    };
+    // The filter stays when this process ends: forget the link rather than drop it (its
+    // drop would take the filter away).
+    let link = p
+        .take_link(id)
+        .map_err(|e| err(format!("taking the filter of {dev}"), e))?;
+    std::mem::forget(link);
+    let pin = filter_pin(dir, dev);
+    let _ = std::fs::remove_file(&pin);
+    p.pin(&pin)
+        .map_err(|e| err(format!("pinning {}", pin.display()), e))
+}
+
+/// The netkit peer hook of `dev`, pinned like the TCX links: an existing link gets the
+/// program swapped in; one whose device went (defunct) is replaced.
+fn attach_netkit(p: &SchedClassifier, dir: &Path, dev: &str) -> Result<(), DataplaneError> {
+    use std::os::fd::AsFd;
+    let pin = link_pin(dir, dev);
+    let prog = p.fd().map_err(|e| err("weft_from_netkit", e))?;
+    let prog = prog.as_fd();
+    if let Ok(link) = netkit::obj_get(&pin) {
+        if netkit::link_update(link.as_fd(), prog).is_ok() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&pin);
+    }
+    let ifindex = nix::net::if_::if_nametoindex(dev).map_err(|errno| DataplaneError::Sys {
+        what: format!("finding netkit device {dev}"),
+        errno,
+    })?;
+    let link = netkit::link_create_peer(prog, ifindex).map_err(|e| {
+        err(
+            format!("attaching to netkit device {dev} (BPF_NETKIT_PEER)"),
+            e,
+        )
+    })?;
+    netkit::obj_pin(link.as_fd(), &pin).map_err(|e| err(format!("pinning {}", pin.display()), e))
 }
 
 fn attach_program(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), DataplaneError> {
@@ -195,12 +371,30 @@ pub fn attach_pinned(dir: &Path, dev: &str, hook: Hook) -> Result<(), DataplaneE
     let path = dir.join(hook.pin_name());
     let mut p = SchedClassifier::from_pin(&path)
         .map_err(|e| err(format!("opening {}", path.display()), e))?;
-    attach_program(&mut p, dir, dev)
+    attach_hook(&mut p, dir, dev, hook, attach_of(dir))
 }
 
-/// Detaches whatever `dev` has from us (its pinned link); Ok(false) when it had none.
+/// Detaches whatever `dev` has from us (its pinned link, or its tc filter); Ok(false) when
+/// it had none.
 pub fn detach(dir: &Path, dev: &str) -> Result<bool, DataplaneError> {
     let pin = link_pin(dir, dev);
+    let filter = filter_pin(dir, dev);
+    let mut had = false;
+    if filter.exists() {
+        // weft's priority and handle, if the device is still there.
+        if let Ok(l) = SchedClassifierLink::attached(
+            dev,
+            TcAttachType::Ingress,
+            TC_PRIORITY,
+            aya::programs::tc::TcHandle::from(TC_HANDLE),
+            None,
+        ) {
+            use aya::programs::links::Link;
+            let _ = l.detach();
+        }
+        let _ = std::fs::remove_file(&filter);
+        had = true;
+    }
     match PinnedLink::from_pin(&pin) {
         Ok(l) => {
             // Unpinned and dropped: the last reference goes, the link detaches.
@@ -208,22 +402,30 @@ pub fn detach(dir: &Path, dev: &str) -> Result<bool, DataplaneError> {
             Ok(true)
         }
         Err(_) => {
-            let had = pin.exists();
+            had |= pin.exists();
             let _ = std::fs::remove_file(&pin);
             Ok(had)
         }
     }
 }
 
-/// The devices with a pinned link in `dir`.
+/// The devices with a pinned link or a tc filter of ours in `dir`.
 pub fn linked_devices(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir.join("links"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().replace('%', "."))
-                .collect()
+    let mut v: Vec<String> = ["links", "filters"]
+        .iter()
+        .flat_map(|sub| {
+            std::fs::read_dir(dir.join(sub))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().replace('%', "."))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
         })
-        .unwrap_or_default()
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// Whether host routing's programs are pinned in `dir` (the agent has it on).

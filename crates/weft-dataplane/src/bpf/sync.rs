@@ -11,7 +11,7 @@ use netlink_packet_route::AddressFamily;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-/// weft-cni's host-side veth names: `weft` and eight hex digits.
+/// weft-cni's host-side device names (veth or netkit): `weft` and eight hex digits.
 pub fn is_pod_veth(name: &str) -> bool {
     name.len() == 12 && name.starts_with("weft") && name[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -111,7 +111,7 @@ impl HostRoutingSync {
         let macs = pod_macs(nl).await?;
         let mut eps = Endpoints::open(self.hr.dir())?;
         for (ip, l) in &pods {
-            self.ensure(l, Hook::FromPod, &mut report)?;
+            self.ensure(l, Hook::from_pod(l.netkit), &mut report)?;
             let Ok(node_mac) = <[u8; 6]>::try_from(l.mac.as_slice()) else {
                 continue;
             };

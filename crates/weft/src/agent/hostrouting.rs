@@ -31,7 +31,12 @@ pub(super) fn start(
         .as_ref()
         .and_then(|p| weft_core::subnet::v4(p.network))
         .context("eBPF host routing needs an IPv4 Network")?;
-    let hr = match HostRouting::load(&dir, network) {
+    let attach = match a.bpf_attach.as_str() {
+        "tcx" => bpf::Attach::Tcx,
+        "tc" => bpf::Attach::Tc,
+        _ => bpf::Attach::for_this_kernel(),
+    };
+    let hr = match HostRouting::load(&dir, network, attach) {
         Ok(hr) => hr,
         Err(e) => {
             // An old kernel (no bpf_redirect_peer/neigh) or no BPF at all: the node still
@@ -40,7 +45,7 @@ pub(super) fn start(
             return Ok(None);
         }
     };
-    tracing::info!(dir = %dir.display(), "eBPF host routing on");
+    tracing::info!(dir = %dir.display(), attach = attach.name(), "eBPF host routing on");
     let mut sync = HostRoutingSync::new(hr, devices, Duration::from_secs(a.full_resync.max(1)));
     let every = Duration::from_secs(a.resync.max(1));
     thread_with_runtime("host-routing", async move {

@@ -39,6 +39,7 @@ impl SubnetEnvSpec {
             mtu: Some(self.mtu),
             ipmasq: self.ipmasq,
             bpf_dir: self.bpf_dir.clone(),
+            pod_device: cfg.pod_device,
         };
         env.write(&self.path)
             .with_context(|| format!("writing {}", self.path.display()))

@@ -92,6 +92,10 @@ pub struct AgentArgs {
     /// net-conf.json's "HostRouting": "ebpf").
     #[arg(long, default_value = weft_dataplane::bpf::DEFAULT_DIR)]
     pub bpf_dir: PathBuf,
+    /// How eBPF host routing's programs are attached: auto (TCX links on Linux 6.6+, tc
+    /// clsact filters before), tcx, or tc.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
+    pub bpf_attach: String,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
