@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 pub type Allocation = (IpAddr, Option<(String, String)>);
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft/ipam";
+/// Records whose container ID starts so belong to weft's Docker plugin: a CNI runtime's GC
+/// (which knows only its own attachments) leaves them alone.
+pub const DOCKER_OWNER_PREFIX: &str = "docker:";
 const LAST: &str = "last_reserved_ip";
 
 /// The addresses a network hands out: `[start, end]` inside `subnet`, minus the gateway.
@@ -225,6 +228,82 @@ impl Ipam {
         Ok((ip, true))
     }
 
+    /// `ip` itself for the attachment (Docker's `--ip`, or a request replayed): `Ok(false)`
+    /// when the attachment holds it already; an error naming the holder when another does.
+    pub fn allocate_addr(
+        &self,
+        range: &Range,
+        ip: IpAddr,
+        cid: &str,
+        ifname: &str,
+    ) -> Result<bool, CniError> {
+        if !range.contains(ip) {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "{ip} is not an address weft hands out here: this node's range is {} to {} (gateway {})",
+                    range.start,
+                    range.end,
+                    range.gateway.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                ),
+            ));
+        }
+        let _l = self.lock()?;
+        self.sweep_temps();
+        if let Some((_, owner)) = self.entries()?.into_iter().find(|(a, _)| *a == ip) {
+            return match owner {
+                Some((c, i)) if c == cid && i == ifname => Ok(false),
+                Some((c, _)) => Err(CniError::new(
+                    code::TRY_AGAIN,
+                    format!("{ip} is allocated already (to {c})"),
+                )),
+                None => Err(CniError::new(
+                    code::TRY_AGAIN,
+                    format!("{ip} is allocated already"),
+                )),
+            };
+        }
+        let tmp = self.dir.join(format!(".tmp-{}", std::process::id()));
+        write_private(&tmp, &format!("{cid}\n{ifname}\n"))
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        let r = std::fs::hard_link(&tmp, self.dir.join(ip.to_string()));
+        let _ = std::fs::remove_file(&tmp);
+        r.map_err(io_err(format!("recording {ip} in {}", self.dir.display())))?;
+        Ok(true)
+    }
+
+    /// Frees `ip` if `cid` holds it: `Ok(true)`; `Ok(false)` when it is free already; an
+    /// error when someone else holds it (nothing is freed).
+    pub fn release_addr(&self, ip: IpAddr, cid: &str) -> Result<bool, CniError> {
+        let _l = self.lock()?;
+        match self.entries()?.into_iter().find(|(a, _)| *a == ip) {
+            None => Ok(false),
+            Some((_, Some((c, _)))) if c == cid => {
+                self.remove(ip)?;
+                Ok(true)
+            }
+            Some((_, owner)) => Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "{ip} is not held by {cid} but by {}: not freed",
+                    owner
+                        .map(|(c, _)| c)
+                        .unwrap_or_else(|| "an unreadable record".into())
+                ),
+            )),
+        }
+    }
+
+    /// Every address `cid` holds.
+    pub fn held_by(&self, cid: &str) -> Result<Vec<IpAddr>, CniError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|(_, o)| o.as_ref().is_some_and(|(c, _)| c == cid))
+            .map(|(ip, _)| ip)
+            .collect())
+    }
+
     /// Frees the attachment's addresses; none held is fine (DEL is idempotent).
     pub fn release(&self, cid: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
         let _l = self.lock()?;
@@ -244,7 +323,10 @@ impl Ipam {
         self.sweep_temps();
         let mut freed = Vec::new();
         for (ip, owner) in self.entries()? {
-            if !owner.is_some_and(|o| valid.contains(&o)) {
+            let docker = owner
+                .as_ref()
+                .is_some_and(|(c, _)| c.starts_with(DOCKER_OWNER_PREFIX));
+            if !docker && !owner.is_some_and(|o| valid.contains(&o)) {
                 self.remove(ip)?;
                 freed.push(ip);
             }
@@ -317,6 +399,37 @@ mod tests {
         for e in std::fs::read_dir(ipam.dir()).unwrap().flatten() {
             assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
         }
+    }
+
+    #[test]
+    fn docker_records_by_address_and_left_alone_by_cni_gc() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::open(d.path(), "net").unwrap();
+        let r = Range::of_subnet("10.1.0.0/29".parse().unwrap(), None).unwrap();
+        let ip: IpAddr = "10.1.0.4".parse().unwrap();
+        assert!(ipam.allocate_addr(&r, ip, "docker:p1", "a").unwrap());
+        assert!(
+            !ipam.allocate_addr(&r, ip, "docker:p1", "a").unwrap(),
+            "again: held"
+        );
+        let e = ipam.allocate_addr(&r, ip, "docker:p2", "b").unwrap_err();
+        assert!(e.msg.contains("docker:p1"), "{}", e.msg);
+        for bad in ["10.1.0.1", "10.1.0.7", "10.2.0.3"] {
+            let e = ipam
+                .allocate_addr(&r, bad.parse().unwrap(), "docker:p1", "c")
+                .unwrap_err();
+            assert!(e.msg.contains("10.1.0.2 to 10.1.0.6"), "{bad}: {}", e.msg);
+        }
+        // The CNI allocator skips it; a CNI GC does not free it.
+        let (c, _) = ipam.allocate(&r, "pod", "eth0").unwrap();
+        assert_ne!(c, ip);
+        ipam.gc(&HashSet::new()).unwrap();
+        assert_eq!(ipam.held_by("docker:p1").unwrap(), vec![ip]);
+        assert!(ipam.lookup("pod", "eth0").unwrap().is_none());
+        // Freed by its holder only.
+        assert!(ipam.release_addr(ip, "docker:p2").is_err());
+        assert!(ipam.release_addr(ip, "docker:p1").unwrap());
+        assert!(!ipam.release_addr(ip, "docker:p1").unwrap());
     }
 
     #[test]

@@ -2,11 +2,7 @@
 //! Commands come in CNI_COMMAND, the network config on stdin; the result (or the spec's error
 //! JSON) goes to stdout.
 
-mod delegate;
-mod hostrouting;
-mod ipam;
-mod spec;
-mod wiring;
+use weft_cni::{delegate, hostrouting, ipam, spec, wiring};
 
 use ipnet::IpNet;
 use spec::{code, io_err, CniError, CniResult, Mode, NetConf, CURRENT, SUPPORTED};

@@ -126,27 +126,21 @@ async fn ensure_bridge(host: &Nl, plan: &Plan) -> Result<weft_dataplane::Link, C
     Ok(br)
 }
 
-async fn finish(
+/// The host side of a pod's pair (`hl`): a port of the bridge (its interface returned for
+/// the CNI result), or, routed, proxy ARP and the /32 route to the pod; forwarding on.
+async fn host_side(
     plan: &Plan,
-    netns: &Netns,
     host: &Nl,
-    pod: &Nl,
-    hname: &str,
-    ifname: &str,
-    bridge: Option<weft_dataplane::Link>,
-) -> Result<Made, CniError> {
-    let mut interfaces = Vec::new();
-    let hl = host
-        .link(hname)
-        .await
-        .map_err(dp)?
-        .ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
-    match &bridge {
+    hl: &weft_dataplane::Link,
+    bridge: Option<&weft_dataplane::Link>,
+) -> Result<Option<Interface>, CniError> {
+    let mut out = None;
+    match bridge {
         Some(br) => {
             if plan.hairpin {
                 host.set_hairpin(hl.index).await.map_err(dp)?;
             }
-            interfaces.push(Interface {
+            out = Some(Interface {
                 name: br.name.clone(),
                 mac: mac_text(&br.mac),
                 mtu: Some(br.mtu),
@@ -154,6 +148,7 @@ async fn finish(
             });
         }
         None => {
+            let hname = &hl.name;
             sysctl::set_iface("ipv4", hname, "proxy_arp", "1").map_err(dp)?;
             // Answer the pod's ARP at once, not after the default random delay.
             let _ = sysctl::set_neigh("ipv4", hname, "proxy_delay", "0");
@@ -178,6 +173,74 @@ async fn finish(
         }
     }
     sysctl::set("net.ipv4.ip_forward", "1").map_err(dp)?;
+    Ok(out)
+}
+
+/// A pair whose far side stays in this namespace as `peer`, for a runtime that moves it into
+/// the container itself (Docker's Join): the host side wired as `plan` says. The host side
+/// is returned; on failure the pair is removed again.
+pub async fn add_detached(
+    plan: &Plan,
+    hname: &str,
+    peer: &str,
+) -> Result<weft_dataplane::Link, CniError> {
+    let host = Nl::here().map_err(dp)?;
+    let bridge = match plan.mode {
+        Mode::Bridge => Some(ensure_bridge(&host, plan).await?),
+        Mode::Routed => None,
+    };
+    if let Some(stale) = host.link(hname).await.map_err(dp)? {
+        // Left by a Join that died half-way.
+        host.del_link(stale.index).await.map_err(dp)?;
+    }
+    host.add_veth(&VethSpec {
+        kind: plan.device,
+        name: hname,
+        peer_name: peer,
+        peer_netns: None,
+        mtu: plan.mtu,
+        mac: (plan.mode == Mode::Routed).then_some(ROUTED_MAC),
+        master: bridge.as_ref().map(|b| b.index),
+        up: true,
+    })
+    .await
+    .map_err(dp)?;
+    let r = async {
+        let hl = host
+            .link(hname)
+            .await
+            .map_err(dp)?
+            .ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
+        host_side(plan, &host, &hl, bridge.as_ref()).await?;
+        Ok(hl)
+    }
+    .await;
+    if r.is_err() {
+        if let Ok(Some(l)) = host.link(hname).await {
+            let _ = host.del_link(l.index).await;
+        }
+    }
+    r
+}
+
+async fn finish(
+    plan: &Plan,
+    netns: &Netns,
+    host: &Nl,
+    pod: &Nl,
+    hname: &str,
+    ifname: &str,
+    bridge: Option<weft_dataplane::Link>,
+) -> Result<Made, CniError> {
+    let mut interfaces = Vec::new();
+    let hl = host
+        .link(hname)
+        .await
+        .map_err(dp)?
+        .ok_or_else(|| CniError::new(code::IO, format!("veth {hname} vanished")))?;
+    if let Some(br) = host_side(plan, host, &hl, bridge.as_ref()).await? {
+        interfaces.push(br);
+    }
     interfaces.push(Interface {
         name: hname.to_string(),
         mac: mac_text(&hl.mac),

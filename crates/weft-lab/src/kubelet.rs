@@ -40,7 +40,7 @@ pub(super) fn mnt_dir() -> PathBuf {
     Path::new(DIR).join("mnt")
 }
 
-fn mnt_path(node: &str) -> PathBuf {
+pub(super) fn mnt_path(node: &str) -> PathBuf {
     mnt_dir().join(node)
 }
 
@@ -76,7 +76,7 @@ pub(super) fn node_command(node: &str, program: impl AsRef<std::ffi::OsStr>) -> 
 }
 
 /// Whether `node` runs with a mount namespace of its own (a kubelet node).
-pub(super) fn is_kubelet_node(node: &str) -> bool {
+pub(super) fn has_own_mounts(node: &str) -> bool {
     mnt_path(node).exists()
 }
 
@@ -243,7 +243,7 @@ authorization:
 }
 
 /// Spawns `program` in the node, in its cgroup, stderr to `log` under the node's lab dir.
-fn spawn(node: &str, program: &Path, args: &[String], log: &str) -> Result<u32> {
+pub(super) fn spawn(node: &str, program: &Path, args: &[String], log: &str) -> Result<u32> {
     let logf = std::fs::File::create(Path::new(DIR).join(node).join(log))?;
     let child = node_command(node, program)?
         .args(args)
@@ -257,7 +257,7 @@ fn spawn(node: &str, program: &Path, args: &[String], log: &str) -> Result<u32> 
     Ok(child.id())
 }
 
-fn which(program: &str, hint: &str) -> Result<PathBuf> {
+pub(super) fn which(program: &str, hint: &str) -> Result<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -295,7 +295,7 @@ pub(super) fn start_node(
     pids: &[u32],
 ) -> Result<Vec<u32>> {
     let running = |i: usize| pids.get(i).copied().filter(|p| alive(*p));
-    if !is_kubelet_node(node) {
+    if !has_own_mounts(node) {
         prepare(node, ip)?;
         let binds: Vec<Bind> = PRIVATE
             .iter()

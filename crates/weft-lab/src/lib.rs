@@ -101,6 +101,11 @@ pub struct UpArgs {
     /// before), tcx or tc (the agent's --bpf-attach).
     #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
     pub bpf_attach: String,
+    /// Every node also runs a real dockerd (Debian's docker.io) with weft's Docker plugin
+    /// (`weft docker-plugin`) and the Docker network `weft`; `weft lab exec NODE -- docker
+    /// ...` talks to that node's dockerd (image weft.local/busybox:docker).
+    #[arg(long)]
+    pub docker: bool,
     /// With --store kubernetes: every node runs a real kubelet and containerd (a mount
     /// namespace and cgroup of its own); weft is installed as users do, `kubectl apply` of
     /// deploy/weft.yaml (its DaemonSet); the pods are a Deployment spread over the nodes.
@@ -141,6 +146,9 @@ struct State {
     /// Nodes run kubelets; weft is their DaemonSet.
     #[serde(default)]
     kubelet: bool,
+    /// Nodes run dockerd with weft's Docker plugin.
+    #[serde(default)]
+    docker: bool,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
 }
@@ -182,6 +190,7 @@ fn save(s: &State) -> Result<()> {
 
 mod cluster;
 mod daemons;
+mod docker;
 mod kube;
 mod kubelet;
 mod ops;
@@ -248,11 +257,15 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
             let ns = Netns::open(ns_path(&name))
                 .with_context(|| format!("{target}: no such lab node or pod"))?;
             // A kubelet node's commands see its files too (crictl, ctr, its CNI config).
-            let mut c = if kubelet::is_kubelet_node(&name) {
+            let mut c = if kubelet::has_own_mounts(&name) {
                 kubelet::node_command(&name, &cmd[0])?
             } else {
                 in_ns(&ns, &cmd[0])
             };
+            if docker::is_docker_node(&name) {
+                // `docker` talks to the node's dockerd.
+                c.env("DOCKER_HOST", format!("unix://{}", docker::SOCKET));
+            }
             let status = c
                 .args(&cmd[1..])
                 .status()

@@ -41,8 +41,13 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         !a.kubelet || a.store == "kubernetes",
         "--kubelet runs kubelets against the lab's Kubernetes control plane: use it with --store kubernetes"
     );
+    anyhow::ensure!(
+        !(a.docker && a.kubelet),
+        "--docker and --kubelet both give nodes a container runtime: pick one"
+    );
     let mut st = load().unwrap_or_else(|| State {
         kubelet: a.kubelet,
+        docker: a.docker,
         backend: a.backend.clone(),
         mode: a.mode.clone(),
         store: a.store.clone(),
@@ -182,13 +187,17 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
             Some(k) if alive(st.nodes[k].agent_pid) => {}
             _ => {
                 let pid = start_agent(&ns, &name, &st)?;
+                // A Docker node's plugin and dockerd outlive its agent.
+                let runtime_pids = existing
+                    .map(|k| st.nodes[k].runtime_pids.clone())
+                    .unwrap_or_default();
                 st.nodes.retain(|n| n.name != name);
                 st.nodes.push(NodeState {
                     name: name.clone(),
                     ip,
                     segment: seg,
                     agent_pid: pid,
-                    runtime_pids: Vec::new(),
+                    runtime_pids,
                 });
                 eprintln!("  node       {name}  {ip} (segment {seg})  agent pid {pid}");
             }
@@ -217,6 +226,25 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
             || env.exists(),
         )
         .with_context(|| format!("see {DIR}/{name}/agent.log"))?;
+        if st.docker {
+            let k = st
+                .nodes
+                .iter()
+                .position(|n| n.name == name)
+                .context("a node without state")?;
+            let old = st.nodes[k].runtime_pids.clone();
+            let pids = docker::start_node(&name, &env, &old)?;
+            if pids != old {
+                eprintln!(
+                    "  docker     {name}  plugin pid {}, dockerd pid {}, network {}",
+                    pids[0],
+                    pids[1],
+                    docker::NETWORK
+                );
+            }
+            st.nodes[k].runtime_pids = pids;
+            save(&st)?;
+        }
         for j in 0..a.pods_per_node {
             let pod = format!("{name}-p{j}");
             if st.pods.iter().any(|p| p.name == pod) {

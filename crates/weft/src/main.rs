@@ -5,6 +5,7 @@ mod agent;
 mod cmd_bgp;
 mod cmd_bpf;
 mod cmd_config;
+mod cmd_docker;
 mod cmd_leases;
 
 use anyhow::{Context, Result};
@@ -52,6 +53,9 @@ enum Cmd {
     Bpf(cmd_bpf::BpfCmd),
     /// eBPF host routing's decisions, packet by packet, as they happen.
     Monitor(cmd_bpf::MonitorArgs),
+    /// The Docker (CNM) network and IPAM plugin of this node: `docker network create -d weft
+    /// --ipam-driver weft NAME`.
+    DockerPlugin(cmd_docker::DockerPluginArgs),
 }
 
 /// Where leases live, for every command that needs the store.
@@ -209,6 +213,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Bgp(c) => c.run().await,
             Cmd::Bpf(c) => c.run(),
             Cmd::Monitor(a) => cmd_bpf::monitor(a).await,
+            Cmd::DockerPlugin(a) => cmd_docker::run(a).await,
         }
     });
     match result {
