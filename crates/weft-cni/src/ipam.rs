@@ -241,7 +241,7 @@ impl Ipam {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
                 format!(
-                    "{ip} is not an address weft hands out here: this node's range is {} to {} (gateway {})",
+                    "{ip} is not an address weft hands out here: this node's range is {} to {}, less the gateway {}",
                     range.start,
                     range.end,
                     range.gateway.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
@@ -418,7 +418,12 @@ mod tests {
             let e = ipam
                 .allocate_addr(&r, bad.parse().unwrap(), "docker:p1", "c")
                 .unwrap_err();
-            assert!(e.msg.contains("10.1.0.2 to 10.1.0.6"), "{bad}: {}", e.msg);
+            assert!(
+                e.msg
+                    .contains("10.1.0.1 to 10.1.0.6, less the gateway 10.1.0.1"),
+                "{bad}: {}",
+                e.msg
+            );
         }
         // The CNI allocator skips it; a CNI GC does not free it.
         let (c, _) = ipam.allocate(&r, "pod", "eth0").unwrap();

@@ -124,8 +124,12 @@ pub(super) fn start_node(node: &str, subnet_env: &Path, pids: &[u32]) -> Result<
             let _ = std::fs::remove_file(private.join("plugins/weft.sock"));
             let pid = kubelet::spawn(node, &me, &args, "docker/plugin.log")?;
             let sock = private.join("plugins/weft.sock");
-            wait_for(&format!("{node}'s docker plugin"), Duration::from_secs(10), || sock.exists())
-                .with_context(|| format!("see {}/plugin.log", dir.display()))?;
+            wait_for(
+                &format!("{node}'s docker plugin"),
+                Duration::from_secs(10),
+                || sock.exists(),
+            )
+            .with_context(|| format!("see {}/plugin.log", dir.display()))?;
             pid
         }
     };
@@ -145,9 +149,11 @@ pub(super) fn start_node(node: &str, subnet_env: &Path, pids: &[u32]) -> Result<
                 format!("--cgroup-parent=/weft-{node}/docker"),
             ];
             let pid = kubelet::spawn(node, &bin, &args, "docker/dockerd.log")?;
-            wait_for(&format!("{node}'s dockerd"), Duration::from_secs(60), || {
-                docker(node, &["version"], None).is_ok()
-            })
+            wait_for(
+                &format!("{node}'s dockerd"),
+                Duration::from_secs(60),
+                || docker(node, &["version"], None).is_ok(),
+            )
             .with_context(|| format!("see {}/dockerd.log", dir.display()))?;
             pid
         }
@@ -159,7 +165,15 @@ pub(super) fn start_node(node: &str, subnet_env: &Path, pids: &[u32]) -> Result<
     if docker(node, &["network", "inspect", NETWORK], None).is_err() {
         docker(
             node,
-            &["network", "create", "-d", "weft", "--ipam-driver", "weft", NETWORK],
+            &[
+                "network",
+                "create",
+                "-d",
+                "weft",
+                "--ipam-driver",
+                "weft",
+                NETWORK,
+            ],
             None,
         )?;
     }
