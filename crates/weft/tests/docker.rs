@@ -16,10 +16,14 @@ struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 impl Lab {
     fn up(backend: &str, mode: &str) -> Lab {
+        Lab::up_with(backend, mode, &[])
+    }
+
+    fn up_with(backend: &str, mode: &str, extra: &[&str]) -> Lab {
         let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
         let _ = weft(&["lab", "down"]);
         let lab = Lab(g);
-        ok(&[
+        let mut a = vec![
             "lab",
             "up",
             "--docker",
@@ -31,7 +35,9 @@ impl Lab {
             "2",
             "--pods-per-node",
             "1",
-        ]);
+        ];
+        a.extend_from_slice(extra);
+        ok(&a);
         lab
     }
 }
@@ -182,6 +188,44 @@ fn containers_and_pods_reach_each_other_on_every_backend() {
         }
         drop(lab);
     }
+}
+
+/// With eBPF host routing on, a routed container is an endpoint like a pod (the plugin adds
+/// it at Join; its host veth has weft-cni's name) and its traffic is redirected.
+#[test]
+fn containers_are_host_routing_endpoints() {
+    let lab = Lab::up_with("host-gw", "routed", &["--host-routing", "ebpf"]);
+    let ip1 = run("weft-n1", "c1", "weft");
+    let ip2 = run("weft-n2", "c2", "weft");
+    let eps = ok(&[
+        "bpf",
+        "endpoints",
+        "--bpf-dir",
+        "/sys/fs/bpf/weft-lab/weft-n1",
+    ]);
+    assert!(eps.contains(&format!("{ip1}:0 ifindex=")), "{eps}");
+    all_ways(("weft-n1", "c1", &ip1), ("weft-n2", "c2", &ip2), "ebpf");
+    let counters = ok(&[
+        "bpf",
+        "counters",
+        "--bpf-dir",
+        "/sys/fs/bpf/weft-lab/weft-n1",
+    ]);
+    let neigh: u64 = counters
+        .lines()
+        .find_map(|l| l.strip_prefix("redirect-neigh"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("counter");
+    assert!(neigh > 0, "{counters}");
+    docker_ok("weft-n1", &["rm", "-f", "c1"]);
+    let eps = ok(&[
+        "bpf",
+        "endpoints",
+        "--bpf-dir",
+        "/sys/fs/bpf/weft-lab/weft-n1",
+    ]);
+    assert!(!eps.contains(&format!("{ip1}:0")), "{eps}");
+    drop(lab);
 }
 
 const UP_HOST_GW: [&str; 11] = [
