@@ -35,10 +35,18 @@ pub struct Range {
 impl Range {
     /// The usual range: every host address of `subnet` (network and broadcast excluded), the
     /// gateway (default: the first host) excluded.
+    /// IPv6 has no broadcast: every address but the subnet-router anycast (the network
+    /// address) is a host's, the first the gateway (flannel's FLANNEL_IPV6_SUBNET form).
     pub fn of_subnet(subnet: IpNet, gateway: Option<IpAddr>) -> Result<Range, CniError> {
         let mut hosts = subnet.hosts();
+        if subnet.addr().is_ipv6() {
+            hosts.next();
+        }
         let first = hosts.next();
-        let last = subnet.hosts().last();
+        let last = subnet
+            .hosts()
+            .last()
+            .filter(|l| Some(*l) != first || subnet.addr().is_ipv4());
         match (first, last) {
             (Some(start), Some(end)) => Ok(Range {
                 subnet,
@@ -158,7 +166,7 @@ impl Ipam {
         Ok(out)
     }
 
-    /// The address held by an attachment.
+    /// The address held by an attachment (its IPv4 one first).
     pub fn lookup(&self, cid: &str, ifname: &str) -> Result<Option<IpAddr>, CniError> {
         Ok(self
             .entries()?
@@ -178,10 +186,11 @@ impl Ipam {
         let _l = self.lock()?;
         self.sweep_temps();
         let entries = self.entries()?;
-        if let Some((ip, _)) = entries
-            .iter()
-            .find(|(_, o)| o.as_ref().is_some_and(|(c, i)| c == cid && i == ifname))
-        {
+        // One address per attachment and family (dual stack: one of each).
+        if let Some((ip, _)) = entries.iter().find(|(ip, o)| {
+            ip.is_ipv4() == range.start.is_ipv4()
+                && o.as_ref().is_some_and(|(c, i)| c == cid && i == ifname)
+        }) {
             return Ok((*ip, false));
         }
         let taken: HashSet<IpAddr> = entries.iter().map(|(ip, _)| *ip).collect();
@@ -435,6 +444,25 @@ mod tests {
         assert!(ipam.release_addr(ip, "docker:p2").is_err());
         assert!(ipam.release_addr(ip, "docker:p1").unwrap());
         assert!(!ipam.release_addr(ip, "docker:p1").unwrap());
+    }
+
+    #[test]
+    fn ipv6_ranges_and_one_address_per_family() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::open(d.path(), "net").unwrap();
+        let r6 = Range::of_subnet("fd00:10:244:7::/64".parse().unwrap(), None).unwrap();
+        assert_eq!(r6.gateway, Some("fd00:10:244:7::1".parse().unwrap()));
+        assert_eq!(r6.end.to_string(), "fd00:10:244:7:ffff:ffff:ffff:ffff");
+        let r4 = Range::of_subnet("10.1.0.0/24".parse().unwrap(), None).unwrap();
+        let (a4, _) = ipam.allocate(&r4, "c1", "eth0").unwrap();
+        let (a6, fresh) = ipam.allocate(&r6, "c1", "eth0").unwrap();
+        assert!(fresh);
+        assert_eq!(a6.to_string(), "fd00:10:244:7::2");
+        assert_eq!(ipam.allocate(&r6, "c1", "eth0").unwrap(), (a6, false));
+        assert_eq!(ipam.allocate(&r4, "c1", "eth0").unwrap(), (a4, false));
+        assert_eq!(ipam.release("c1", "eth0").unwrap().len(), 2);
+        // A /127 has one address besides the anycast one: the gateway's, none to hand out.
+        assert!(Range::of_subnet("fd00::/127".parse().unwrap(), None).is_err());
     }
 
     #[test]

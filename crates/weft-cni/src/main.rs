@@ -79,7 +79,8 @@ impl Env {
 
 /// Where the pod's address comes from, and the MTU.
 struct Addressing {
-    range: ipam::Range,
+    /// One range per family, IPv4 first (dual stack: both).
+    ranges: Vec<ipam::Range>,
     mtu: Option<u32>,
 }
 
@@ -110,7 +111,7 @@ fn pod_device(conf: &NetConf) -> Result<PairKind, CniError> {
 fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
     let path = subnet_file(conf);
     match SubnetEnv::read(&path) {
-        Ok(Some(env)) if env.subnet.is_some() => Ok(env),
+        Ok(Some(env)) if env.subnet.is_some() || env.ipv6_subnet.is_some() => Ok(env),
         Ok(Some(_)) => Err(CniError::new(code::TRY_AGAIN, format!("{} has no FLANNEL_SUBNET yet: is the weft agent running?", path.display()))),
         Ok(None) => Err(CniError::new(
             code::TRY_AGAIN,
@@ -122,43 +123,60 @@ fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
 
 fn addressing(conf: &NetConf) -> Result<Addressing, CniError> {
     if let Some(sets) = &conf.ranges {
-        let r = sets
-            .iter()
-            .flatten()
-            .find(|r| r.subnet.addr().is_ipv4())
-            .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "\"ranges\" holds no IPv4 range; e.g. \"ranges\": [[{\"subnet\": \"10.244.1.0/24\"}]]"))?;
-        let subnet = r.subnet.trunc();
-        let mut range = ipam::Range::of_subnet(subnet, r.gateway)?;
-        if let Some(s) = r.range_start {
-            range.start = s;
-        }
-        if let Some(e) = r.range_end {
-            range.end = e;
-        }
-        for (what, ip) in [
-            ("rangeStart", range.start),
-            ("rangeEnd", range.end),
-            ("gateway", range.gateway.unwrap_or(range.start)),
-        ] {
-            if !subnet.contains(&ip) {
-                return Err(CniError::new(
-                    code::INVALID_CONFIG,
-                    format!("\"ranges\": {what} {ip} is outside subnet {subnet}"),
-                ));
+        let mut ranges = Vec::new();
+        for v4 in [true, false] {
+            let Some(r) = sets
+                .iter()
+                .flatten()
+                .find(|r| r.subnet.addr().is_ipv4() == v4)
+            else {
+                continue;
+            };
+            let subnet = r.subnet.trunc();
+            let mut range = ipam::Range::of_subnet(subnet, r.gateway)?;
+            if let Some(s) = r.range_start {
+                range.start = s;
             }
+            if let Some(e) = r.range_end {
+                range.end = e;
+            }
+            for (what, ip) in [
+                ("rangeStart", range.start),
+                ("rangeEnd", range.end),
+                ("gateway", range.gateway.unwrap_or(range.start)),
+            ] {
+                if !subnet.contains(&ip) {
+                    return Err(CniError::new(
+                        code::INVALID_CONFIG,
+                        format!("\"ranges\": {what} {ip} is outside subnet {subnet}"),
+                    ));
+                }
+            }
+            ranges.push(range);
+        }
+        if ranges.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "\"ranges\" holds no range; e.g. \"ranges\": [[{\"subnet\": \"10.244.1.0/24\"}]]",
+            ));
         }
         return Ok(Addressing {
-            range,
+            ranges,
             mtu: conf.mtu,
         });
     }
     let env = read_subnet_env(conf)?;
-    let subnet = env
+    let mut ranges = Vec::new();
+    for subnet in env
         .subnet
         .map(IpNet::V4)
-        .ok_or_else(|| CniError::new(code::TRY_AGAIN, "no FLANNEL_SUBNET"))?;
+        .into_iter()
+        .chain(env.ipv6_subnet.map(IpNet::V6))
+    {
+        ranges.push(ipam::Range::of_subnet(subnet, None)?);
+    }
     Ok(Addressing {
-        range: ipam::Range::of_subnet(subnet, None)?,
+        ranges,
         mtu: conf.mtu.or(env.mtu),
     })
 }
@@ -177,54 +195,65 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
     let device = pod_device(conf)?;
     // Address: our own IPAM, or the plugin the config names. `release` undoes it.
     type Release = Box<dyn Fn()>;
-    let (ip, prefix, gateway, extra_routes, mtu, dns, release): (
-        IpAddr,
-        u8,
-        IpAddr,
+    // (address, prefix, gateway) per family, IPv4 first.
+    type Addressed = (
+        Vec<(IpAddr, u8, IpAddr)>,
         Vec<spec::RouteConf>,
         Option<u32>,
         serde_json::Value,
         Release,
-    ) = match conf.ipam_type() {
+    );
+    let (addrs, extra_routes, mtu, dns, release): Addressed = match conf.ipam_type() {
         None => {
             let a = addressing(conf)?;
             let ipam = open_ipam(conf)?;
-            let (ip, fresh) = ipam.allocate(&a.range, cid, ifname)?;
-            let gw = a.range.gateway.unwrap_or(a.range.start);
+            let mut addrs = Vec::new();
+            let mut fresh_any = false;
             let (c, i) = (cid.to_string(), ifname.to_string());
+            for range in &a.ranges {
+                match ipam.allocate(range, cid, ifname) {
+                    Ok((ip, fresh)) => {
+                        fresh_any |= fresh;
+                        addrs.push((
+                            ip,
+                            range.subnet.prefix_len(),
+                            range.gateway.unwrap_or(range.start),
+                        ));
+                    }
+                    Err(e) => {
+                        if fresh_any {
+                            let _ = ipam.release(&c, &i);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
             // Undo only what this ADD allocated: a repeated ADD must not free a live pod's address.
             let release: Release = Box::new(move || {
-                if fresh {
+                if fresh_any {
                     let _ = ipam.release(&c, &i);
                 }
             });
-            (
-                ip,
-                a.range.subnet.prefix_len(),
-                gw,
-                Vec::new(),
-                a.mtu,
-                serde_json::Value::Null,
-                release,
-            )
+            (addrs, Vec::new(), a.mtu, serde_json::Value::Null, release)
         }
         Some(t) => {
             let r = delegate::exec(t, "ADD", raw)?;
-            let ipc = r
-                .ips
-                .iter()
-                .find(|i| i.address.addr().is_ipv4())
-                .cloned()
-                .ok_or_else(|| {
-                    CniError::new(
-                        code::IO,
-                        format!("IPAM plugin {t} returned no IPv4 address"),
-                    )
-                })?;
-            let gw = ipc
-                .gateway
-                .or_else(|| ipc.address.trunc().hosts().next())
-                .ok_or_else(|| CniError::new(code::IO, "no gateway"))?;
+            let mut addrs = Vec::new();
+            for v4 in [true, false] {
+                if let Some(ipc) = r.ips.iter().find(|i| i.address.addr().is_ipv4() == v4) {
+                    let gw = ipc
+                        .gateway
+                        .or_else(|| ipc.address.trunc().hosts().nth(if v4 { 0 } else { 1 }))
+                        .ok_or_else(|| CniError::new(code::IO, "no gateway"))?;
+                    addrs.push((ipc.address.addr(), ipc.address.prefix_len(), gw));
+                }
+            }
+            if addrs.is_empty() {
+                return Err(CniError::new(
+                    code::IO,
+                    format!("IPAM plugin {t} returned no address"),
+                ));
+            }
             let mtu = conf
                 .mtu
                 .or_else(|| read_subnet_env(conf).ok().and_then(|e| e.mtu));
@@ -232,27 +261,30 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
             let release: Release = Box::new(move || {
                 let _ = delegate::exec(&t, "DEL", &raw);
             });
-            (
-                ipc.address.addr(),
-                ipc.address.prefix_len(),
-                gw,
-                r.routes,
-                mtu,
-                r.dns,
-                release,
-            )
+            (addrs, r.routes, mtu, r.dns, release)
         }
     };
-    let (address, gateway) = match conf.mode {
-        Mode::Bridge => (
-            IpNet::new(ip, prefix).map_err(|e| CniError::new(code::IO, e.to_string()))?,
-            gateway,
-        ),
-        Mode::Routed => (
-            IpNet::new(ip, 32).map_err(|e| CniError::new(code::IO, e.to_string()))?,
-            IpAddr::V4(wiring::ROUTED_GW),
-        ),
-    };
+    // Bridge: the subnet's prefix, its gateway; routed: a host route's length, the link's
+    // gateway (169.254.1.1, fe80::1).
+    let mut planned = Vec::new();
+    for (ip, prefix, gateway) in &addrs {
+        planned.push(match (conf.mode, ip) {
+            (Mode::Bridge, _) => (
+                IpNet::new(*ip, *prefix).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                *gateway,
+            ),
+            (Mode::Routed, IpAddr::V4(_)) => (
+                IpNet::new(*ip, 32).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                IpAddr::V4(wiring::ROUTED_GW),
+            ),
+            (Mode::Routed, IpAddr::V6(_)) => (
+                IpNet::new(*ip, 128).map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                IpAddr::V6(wiring::ROUTED_GW6),
+            ),
+        });
+    }
+    let (address, gateway) = planned[0];
+    let ip = address.addr();
     let plan = wiring::Plan {
         device,
         mode: conf.mode,
@@ -261,6 +293,7 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
         mtu,
         address,
         gateway,
+        v6: planned.get(1).copied(),
         extra_routes: if conf.mode == Mode::Bridge {
             extra_routes
                 .into_iter()

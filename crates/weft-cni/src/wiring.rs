@@ -10,6 +10,9 @@ use weft_dataplane::{
 
 /// The on-link next hop every routed pod uses (Calico's convention).
 pub const ROUTED_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Routed mode's IPv6 gateway: link-local, on every host-side veth (per link, so the same
+/// everywhere), on-link in the pod.
+pub const ROUTED_GW6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// The host side's MAC in routed mode (Calico's): the pod ARPs for 169.254.1.1 and gets it.
 pub const ROUTED_MAC: [u8; 6] = [0xee; 6];
 
@@ -40,8 +43,34 @@ pub struct Plan {
     /// The pod's address, with the subnet's prefix (bridge) or as /32 (routed).
     pub address: IpNet,
     pub gateway: IpAddr,
+    /// Dual stack: the pod's IPv6 address (/64 bridge, /128 routed) and gateway, beside the
+    /// IPv4 ones above (an IPv6-only pod has its IPv6 address above and nothing here).
+    pub v6: Option<(IpNet, IpAddr)>,
     /// Extra routes from an IPAM plugin, added in the pod.
     pub extra_routes: Vec<RouteConf>,
+}
+
+impl Plan {
+    /// Every (address, gateway) of the pod, IPv4 first.
+    pub fn addresses(&self) -> Vec<(IpNet, IpAddr)> {
+        std::iter::once((self.address, self.gateway))
+            .chain(self.v6)
+            .collect()
+    }
+}
+
+/// A host route's length for `ip`: /32 or /128.
+fn host_net(ip: IpAddr) -> Result<IpNet, CniError> {
+    IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 })
+        .map_err(|e| CniError::new(code::IO, e.to_string()))
+}
+
+/// The default route's destination of `ip`'s family.
+fn any_of(ip: IpAddr) -> IpNet {
+    match ip {
+        IpAddr::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
+        IpAddr::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+    }
 }
 
 /// What ADD made, to report and to undo.
@@ -117,9 +146,11 @@ async fn ensure_bridge(host: &Nl, plan: &Plan) -> Result<weft_dataplane::Link, C
             })?
         }
     };
-    let gw_net = IpNet::new(plan.gateway, plan.address.prefix_len())
-        .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
-    host.add_addr(br.index, gw_net).await.map_err(dp)?;
+    for (addr, gw) in plan.addresses() {
+        let gw_net = IpNet::new(gw, addr.prefix_len())
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
+        host.add_addr(br.index, gw_net).await.map_err(dp)?;
+    }
     if !br.up {
         host.set_up(br.index).await.map_err(dp)?;
     }
@@ -152,27 +183,33 @@ async fn host_side(
             sysctl::set_iface("ipv4", hname, "proxy_arp", "1").map_err(dp)?;
             // Answer the pod's ARP at once, not after the default random delay.
             let _ = sysctl::set_neigh("ipv4", hname, "proxy_delay", "0");
-            host.add_route(&Route {
-                dst: IpNet::new(
-                    plan.address.addr(),
-                    if plan.address.addr().is_ipv4() {
-                        32
-                    } else {
-                        128
-                    },
-                )
-                .map_err(|e| CniError::new(code::IO, e.to_string()))?,
-                gateway: None,
-                oif: Some(hl.index),
-                scope_link: true,
-                protocol: RTPROT_WEFT_POD,
-                onlink: false,
-            })
-            .await
-            .map_err(dp)?;
+            for (addr, _) in plan.addresses() {
+                if addr.addr().is_ipv6() {
+                    // The pod's IPv6 gateway lives here (no NDP proxy needed).
+                    let gw = IpNet::new(IpAddr::V6(ROUTED_GW6), 64)
+                        .map_err(|e| CniError::new(code::IO, e.to_string()))?;
+                    host.add_addr(hl.index, gw).await.map_err(dp)?;
+                }
+                host.add_route(&Route {
+                    dst: host_net(addr.addr())?,
+                    gateway: None,
+                    oif: Some(hl.index),
+                    scope_link: true,
+                    protocol: RTPROT_WEFT_POD,
+                    onlink: false,
+                })
+                .await
+                .map_err(dp)?;
+            }
         }
     }
-    sysctl::set("net.ipv4.ip_forward", "1").map_err(dp)?;
+    for (addr, _) in plan.addresses() {
+        if addr.addr().is_ipv4() {
+            sysctl::set("net.ipv4.ip_forward", "1").map_err(dp)?;
+        } else {
+            sysctl::set("net.ipv6.conf.all.forwarding", "1").map_err(dp)?;
+        }
+    }
     Ok(out)
 }
 
@@ -255,29 +292,16 @@ async fn finish(
             format!("{ifname} did not arrive in {}", netns.path().display()),
         )
     })?;
-    pod.add_addr(p.index, plan.address).await.map_err(dp)?;
+    for (addr, _) in plan.addresses() {
+        pod.add_addr(p.index, addr).await.map_err(dp)?;
+    }
     pod.set_up(p.index).await.map_err(dp)?;
     let mut routes = Vec::new();
-    match plan.mode {
-        Mode::Bridge => {
-            let any = IpNet::new(
-                if plan.gateway.is_ipv4() {
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-                } else {
-                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-                },
-                0,
-            )
-            .map_err(|e| CniError::new(code::IO, e.to_string()))?;
-            routes.push(RouteConf {
-                dst: any,
-                gw: Some(plan.gateway),
-            });
-        }
-        Mode::Routed => {
+    for (addr, gw) in plan.addresses() {
+        if plan.mode == Mode::Routed && addr.addr().is_ipv4() {
+            // 169.254.1.1 on-link (fe80::1 is: its prefix route comes with the link).
             pod.add_route(&Route {
-                dst: IpNet::new(IpAddr::V4(ROUTED_GW), 32)
-                    .map_err(|e| CniError::new(code::IO, e.to_string()))?,
+                dst: host_net(gw)?,
                 gateway: None,
                 oif: Some(p.index),
                 scope_link: true,
@@ -286,13 +310,11 @@ async fn finish(
             })
             .await
             .map_err(dp)?;
-            routes.push(RouteConf {
-                dst: "0.0.0.0/0"
-                    .parse()
-                    .map_err(|_| CniError::new(code::IO, "route"))?,
-                gw: Some(IpAddr::V4(ROUTED_GW)),
-            });
         }
+        routes.push(RouteConf {
+            dst: any_of(addr.addr()),
+            gw: Some(gw),
+        });
     }
     routes.extend(plan.extra_routes.iter().cloned());
     for r in &routes {
@@ -316,13 +338,20 @@ async fn finish(
     let idx = interfaces.len() - 1;
     Ok(Made {
         interfaces,
-        ips: vec![IpConfig {
-            address: plan.address,
-            gateway: Some(plan.gateway),
-            interface: Some(idx),
-        }],
+        ips: ips(plan, idx),
         routes,
     })
+}
+
+fn ips(plan: &Plan, interface: usize) -> Vec<IpConfig> {
+    plan.addresses()
+        .into_iter()
+        .map(|(address, gw)| IpConfig {
+            address,
+            gateway: Some(gw),
+            interface: Some(interface),
+        })
+        .collect()
 }
 
 /// The result of an attachment that exists already, after checking it is the one planned.
@@ -347,7 +376,7 @@ async fn describe(
         .into_iter()
         .map(|(_, n)| n)
         .collect();
-    if !addrs.contains(&plan.address) {
+    if plan.addresses().iter().any(|(a, _)| !addrs.contains(a)) {
         return Err(CniError::new(
             code::INVALID_CONFIG,
             format!(
@@ -379,26 +408,18 @@ async fn describe(
         mtu: Some(pl.mtu),
         sandbox: Some(netns.path().display().to_string()),
     });
-    let any = IpNet::new(
-        if plan.gateway.is_ipv4() {
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-        },
-        0,
-    )
-    .map_err(|e| CniError::new(code::IO, e.to_string()))?;
-    let mut routes = vec![RouteConf {
-        dst: any,
-        gw: Some(plan.gateway),
-    }];
+    let mut routes: Vec<RouteConf> = plan
+        .addresses()
+        .into_iter()
+        .map(|(a, gw)| RouteConf {
+            dst: any_of(a.addr()),
+            gw: Some(gw),
+        })
+        .collect();
     routes.extend(plan.extra_routes.iter().cloned());
+    let idx = interfaces.len() - 1;
     Ok(Made {
-        ips: vec![IpConfig {
-            address: plan.address,
-            gateway: Some(plan.gateway),
-            interface: Some(interfaces.len() - 1),
-        }],
+        ips: ips(plan, idx),
         interfaces,
         routes,
     })
@@ -459,8 +480,9 @@ pub async fn check(
             )));
         }
     }
-    let routes = pod.routes(false).await.map_err(dp)?;
-    for r in prev.routes.iter().filter(|r| r.dst.addr().is_ipv4()) {
+    let mut routes = pod.routes(false).await.map_err(dp)?;
+    routes.extend(pod.routes(true).await.map_err(dp)?);
+    for r in &prev.routes {
         if !routes
             .iter()
             .any(|x| x.dst == r.dst && (r.gw.is_none() || x.gateway == r.gw))
@@ -484,10 +506,10 @@ pub async fn check(
             }
         }
         Mode::Routed => {
-            let host_routes = host.routes(false).await.map_err(dp)?;
+            let mut host_routes = host.routes(false).await.map_err(dp)?;
+            host_routes.extend(host.routes(true).await.map_err(dp)?);
             for ip in &prev.ips {
-                let want =
-                    IpNet::new(ip.address.addr(), 32).map_err(|e| mismatch(e.to_string()))?;
+                let want = host_net(ip.address.addr()).map_err(|e| mismatch(e.msg))?;
                 if !host_routes
                     .iter()
                     .any(|r| r.dst == want && r.oif == Some(hl.index))

@@ -620,3 +620,124 @@ fn netkit_pod_devices_or_a_clear_refusal() {
     assert_eq!(node.links(), before);
     assert!(node.ipam_files("testnet").is_empty());
 }
+
+/// A node whose subnet.env has an IPv6 subnet (flannel's FLANNEL_IPV6_*): `v4` false makes
+/// it IPv6-only.
+fn node6(v4: bool, n: u8) -> Node {
+    let node = Node::new(&format!("10.244.{n}.1/24"));
+    let mut env = String::new();
+    if v4 {
+        env += &format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{n}.1/24\n");
+    }
+    env += &format!("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:{n}::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
+    std::fs::write(node.dir.path().join("subnet.env"), env).expect("subnet.env");
+    node.ns.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:0:2::1/64",
+        "dev",
+        "up0",
+        "nodad",
+    ]);
+    node
+}
+
+fn addrs_of(r: &support::Run) -> Vec<String> {
+    r.out["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|i| i["address"].as_str().expect("address").to_string())
+        .collect()
+}
+
+fn bare(a: &str) -> String {
+    a.split('/').next().unwrap_or(a).to_string()
+}
+
+/// Dual stack and IPv6-only, bridge and routed: an address of each family in the result
+/// and on eth0 (usable at once: no DAD), a default route of each family, pods reaching each
+/// other and the node over IPv6, CHECK, DEL freeing both.
+#[test]
+fn dual_stack_and_ipv6_only_pods() {
+    for (v4, mode, n) in [
+        (true, "bridge", 20u8),
+        (true, "routed", 21),
+        (false, "bridge", 22),
+        (false, "routed", 23),
+    ] {
+        let what = format!("v4={v4} {mode}");
+        let node = node6(v4, n);
+        let conf = node.conf("1.1.0", mode);
+        let (p1, p2) = (Ns::new("p"), Ns::new("p"));
+        let r1 = node.add(&conf, "d1", &p1);
+        let r2 = node.add(&conf, "d2", &p2);
+        let a1 = addrs_of(&r1);
+        assert_eq!(a1.len(), if v4 { 2 } else { 1 }, "{what}: {}", r1.out);
+        let six = a1
+            .iter()
+            .find(|a| a.contains(':'))
+            .expect("an IPv6 address");
+        assert!(
+            six.starts_with(&format!("fd00:10:244:{n}::")),
+            "{what}: {six}"
+        );
+        assert!(
+            six.ends_with(if mode == "bridge" { "/64" } else { "/128" }),
+            "{what}: {six}"
+        );
+        let gw6 = r1.out["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .find(|i| i["address"].as_str().is_some_and(|a| a.contains(':')))
+            .expect("v6")["gateway"]
+            .clone();
+        assert_eq!(
+            gw6,
+            if mode == "bridge" {
+                format!("fd00:10:244:{n}::1")
+            } else {
+                "fe80::1".to_string()
+            },
+            "{what}"
+        );
+        let shown = p1.run(&["ip", "-6", "addr", "show", "dev", "eth0"]);
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.contains(&bare(six)) && !l.contains("tentative")),
+            "{what}: {shown}"
+        );
+        let routes6 = p1.run(&["ip", "-6", "route"]);
+        assert!(routes6.contains("default via"), "{what}: {routes6}");
+        let six2 = addrs_of(&r2)
+            .into_iter()
+            .find(|a| a.contains(':'))
+            .expect("v6");
+        assert!(p1.ping(&bare(&six2)), "{what}: pod -> pod over IPv6");
+        if mode == "routed" {
+            assert!(p1.ping("fd00:0:2::1"), "{what}: pod -> node over IPv6");
+        } else {
+            assert!(
+                p1.ping(&format!("fd00:10:244:{n}::1")),
+                "{what}: pod -> its gateway"
+            );
+        }
+        if v4 {
+            assert!(p1.ping(&r2.ip()), "{what}: IPv4 still");
+        }
+        let check = with_prev(&conf, &r1.out);
+        let c = node.cni("CHECK", &check, Some("d1"), Some(&p1.path()), Some("eth0"));
+        assert!(c.ok, "{what}: CHECK {}", c.out);
+        for (cid, p) in [("d1", &p1), ("d2", &p2)] {
+            assert!(
+                node.cni("DEL", &conf, Some(cid), Some(&p.path()), Some("eth0"))
+                    .ok
+            );
+        }
+        assert!(node.ipam_files("testnet").is_empty(), "{what}");
+    }
+}

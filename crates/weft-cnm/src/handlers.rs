@@ -325,6 +325,7 @@ impl Plugin {
             }
             .map_err(|x| PluginError::new(x.to_string()))?,
             gateway: IpAddr::V4(gateway),
+            v6: None,
             extra_routes: Vec::new(),
         };
         let host = wiring::add_detached(&plan, &e.host_veth, &e.peer)

@@ -366,11 +366,20 @@ impl Nl {
     }
 
     /// Adds an address; an address that is there already is fine.
+    /// Adds an address; there already is fine. IPv6 addresses skip duplicate address
+    /// detection (IFA_F_NODAD): weft hands them out uniquely, and a pod must be able to use
+    /// its address at once, not a second or two later.
     pub async fn add_addr(&self, index: u32, net: IpNet) -> Result<(), DataplaneError> {
-        match self
+        let mut req = self
             .handle
             .address()
-            .add(index, net.addr(), net.prefix_len())
+            .add(index, net.addr(), net.prefix_len());
+        if net.addr().is_ipv6() {
+            req.message_mut().attributes.push(AddressAttribute::Flags(
+                netlink_packet_route::address::AddressFlags::Nodad,
+            ));
+        }
+        match req
             .execute()
             .await
             .map_err(nl_err(format!("adding {net} to link #{index}")))
