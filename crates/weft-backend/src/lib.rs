@@ -5,13 +5,15 @@
 pub mod masq;
 pub mod udp;
 
-use ipnet::Ipv4Net;
-use std::net::Ipv4Addr;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use weft_core::config::{Backend, BgpConf, Encapsulation, VxlanConf};
 use weft_core::{Lease, LeaseKey, NetConfig};
 
 /// VXLAN's encapsulation overhead on IPv4 (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// ... and on IPv6 (outer IPv6 header 40).
+pub const VXLAN6_OVERHEAD: u32 = 70;
 
 /// What this node knows of itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,12 +23,17 @@ pub struct Local {
     pub underlay_net: Ipv4Net,
     pub underlay_dev: String,
     pub underlay_mtu: u32,
+    /// The node's IPv6 underlay address and prefix (flannel's PublicIPv6), with IPv6 on.
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub underlay_net6: Option<Ipv6Net>,
 }
 
 /// Where a route leaves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dev {
     Vxlan,
+    /// The IPv6 VTEP (flannel's `flannel-v6.<VNI>`).
+    Vxlan6,
     Underlay,
     /// The udp backend's TUN device: a device route, `via` unused.
     Tun,
@@ -34,8 +41,8 @@ pub enum Dev {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PlannedRoute {
-    pub dst: Ipv4Net,
-    pub via: Ipv4Addr,
+    pub dst: IpNet,
+    pub via: IpAddr,
     pub dev: Dev,
     /// The next hop is reachable on the device without a connected route (vxlan's subnet.0).
     pub onlink: bool,
@@ -47,12 +54,13 @@ pub struct VxlanDevice {
     pub name: String,
     pub vni: u32,
     pub port: u16,
-    pub local: Ipv4Addr,
+    pub local: IpAddr,
     pub mtu: u32,
     pub learning: bool,
     pub gbp: bool,
-    /// The address on the device: this node's subnet's network address, /32 (flannel's).
-    pub address: Ipv4Addr,
+    /// The address on the device: this node's subnet's network address, /32 or /128
+    /// (flannel's).
+    pub address: IpAddr,
     /// The VTEP MAC published in the lease; stable across restarts (see [`vtep_mac`]).
     pub mac: [u8; 6],
 }
@@ -66,14 +74,14 @@ pub fn vtep_mac(node: &str, public_ip: Ipv4Addr) -> [u8; 6] {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Neighbour {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: [u8; 6],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FdbEntry {
     pub mac: [u8; 6],
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
 }
 
 /// A peer the plan cannot reach, and why (reported in logs and metrics, never dropped silently).
@@ -128,6 +136,10 @@ pub const TUN_NAME: &str = "weft0";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub vxlan: Option<VxlanDevice>,
+    /// The IPv6 VTEP, with its own neighbours and FDB entries (IPv6 next hops, IPv6 peers).
+    pub vxlan6: Option<VxlanDevice>,
+    pub neighbours6: Vec<Neighbour>,
+    pub fdb6: Vec<FdbEntry>,
     pub tun: Option<TunDevice>,
     pub routes: Vec<PlannedRoute>,
     pub neighbours: Vec<Neighbour>,
@@ -168,6 +180,33 @@ pub fn vxlan_name(vni: u32) -> String {
     format!("weft.{vni}")
 }
 
+/// The IPv6 VTEP's name (flannel's `flannel-v6.<VNI>`; weft `weft-v6.<VNI>`).
+pub fn vxlan6_name(vni: u32) -> String {
+    format!("weft-v6.{vni}")
+}
+
+/// The IPv6 VTEP's MAC, from the node's name (a lease's owner) and PublicIPv6: stable like
+/// [`vtep_mac`], and different from it.
+pub fn vtep6_mac(node: &str, public_ipv6: Ipv6Addr) -> [u8; 6] {
+    let b = weft_core::stable_hash([node.as_bytes(), &public_ipv6.octets()[..]]).to_be_bytes();
+    [0x0e, b[1], b[2], b[3], b[4], b[5] ^ 0x66]
+}
+
+/// The IPv6 backend data a node publishes (flannel's BackendV6Data).
+pub fn backend_v6_data(cfg: &NetConfig, vtep6_mac: Option<[u8; 6]>) -> serde_json::Value {
+    match (&cfg.backend, vtep6_mac) {
+        (Backend::Vxlan(v), Some(mac)) => {
+            serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)})
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Whether the backend carries IPv6 pod traffic (what net-conf's EnableIPv6 needs).
+pub fn carries_ipv6(cfg: &NetConfig) -> bool {
+    matches!(cfg.backend, Backend::Vxlan(_) | Backend::HostGw)
+}
+
 /// The backend data a node publishes in its lease.
 pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::Value {
     match (&cfg.backend, vtep_mac) {
@@ -181,10 +220,17 @@ pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::V
     }
 }
 
-/// The pod MTU for a backend on an underlay of `underlay_mtu`.
+/// The pod MTU for a backend on an underlay of `underlay_mtu` (IPv6 tunnels, when the
+/// config enables IPv6, cost 70 bytes: pods of both families get the smaller MTU).
 pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
     match &cfg.backend {
-        Backend::Vxlan(v) => v.mtu.unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD)),
+        Backend::Vxlan(v) => v.mtu.unwrap_or(underlay_mtu.saturating_sub(
+            if cfg.v6.is_some() && carries_ipv6(cfg) {
+                VXLAN6_OVERHEAD
+            } else {
+                VXLAN_OVERHEAD
+            },
+        )),
         Backend::HostGw => underlay_mtu,
         Backend::Udp(_) => underlay_mtu.saturating_sub(28),
         Backend::Bgp(g) if g.encapsulation == Encapsulation::Never => underlay_mtu,
@@ -207,52 +253,52 @@ pub fn plan(
         pod_mtu: pod_mtu(cfg, local.underlay_mtu),
         ..Default::default()
     };
-    let Some(own_v4) = own.key.v4 else { return d };
     let mut rejected = Vec::new();
     let peers: Vec<&Lease> = leases
         .iter()
         .filter(|l| l.key != own.key && l.attrs.node_ip() != own.attrs.node_ip())
-        .filter(|l| match bad_public_ip(l.attrs.public_ip, local) {
-            Some(why) => {
-                rejected.push(Rejected {
-                    what: l.key.to_string(),
-                    reason: format!(
-                        "lease of {} has {why} ({})",
-                        l.attrs.owner(),
-                        l.attrs.public_ip
-                    ),
-                });
-                false
-            }
-            None => true,
-        })
+        // An IPv6-only lease has no IPv4 address to check (PublicIP 0.0.0.0).
+        .filter(
+            |l| match bad_public_ip(l.attrs.public_ip, local).filter(|_| l.key.v4.is_some()) {
+                Some(why) => {
+                    rejected.push(Rejected {
+                        what: l.key.to_string(),
+                        reason: format!(
+                            "lease of {} has {why} ({})",
+                            l.attrs.owner(),
+                            l.attrs.public_ip
+                        ),
+                    });
+                    false
+                }
+                None => true,
+            },
+        )
         .collect();
     d.rejected = rejected;
+    // IPv6: vxlan and host-gw carry it (their own pass over the peers' IPv6 subnets).
+    if let (Some(own6), true) = (own.key.v6, carries_ipv6(cfg)) {
+        plan_v6(&mut d, cfg, local, (own, own6), &peers, vxlan_dev_name);
+    }
+    let Some(own_v4) = own.key.v4 else {
+        d.routes.sort();
+        d.neighbours6.sort();
+        d.fdb6.sort();
+        return d;
+    };
     let peers = peers.into_iter();
     match &cfg.backend {
         Backend::Vxlan(v) => plan_vxlan(&mut d, v, local, own_v4, peers, vxlan_dev_name, mac),
         Backend::HostGw => {
             for p in peers {
                 let Some(sub) = p.key.v4 else { continue };
-                if local.underlay_net.contains(&p.attrs.public_ip) {
-                    d.routes.push(PlannedRoute {
-                        dst: sub,
-                        via: p.attrs.public_ip,
-                        dev: Dev::Underlay,
-                        onlink: false,
-                    });
-                } else {
-                    d.unreachable.push(Unreachable {
-                        lease: p.key,
-                        reason: format!(
-                            "host-gw needs every node on one L2 network: {} ({}) is not on-link from {} ({})",
-                            p.attrs.owner(),
-                            p.attrs.public_ip,
-                            local.underlay_dev,
-                            local.underlay_net
-                        ),
-                    });
-                }
+                direct_route(
+                    &mut d,
+                    p,
+                    IpNet::V4(sub),
+                    IpAddr::V4(p.attrs.public_ip),
+                    local,
+                );
             }
         }
         Backend::Udp(_) => {
@@ -263,10 +309,10 @@ pub fn plan(
                 mtu: d.pod_mtu,
                 address: own_v4.network(),
             });
-            if let Some(ipnet::IpNet::V4(network)) = cfg.v4.as_ref().map(|p| p.network) {
+            if let Some(network @ IpNet::V4(_)) = cfg.v4.as_ref().map(|p| p.network) {
                 d.routes.push(PlannedRoute {
                     dst: network,
-                    via: Ipv4Addr::UNSPECIFIED,
+                    via: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     dev: Dev::Tun,
                     onlink: false,
                 });
@@ -280,7 +326,134 @@ pub fn plan(
     d.routes.sort();
     d.neighbours.sort();
     d.fdb.sort();
+    d.neighbours6.sort();
+    d.fdb6.sort();
     d
+}
+
+/// host-gw's route to a peer's subnet: via its address when it is on-link, else unreachable.
+fn direct_route(d: &mut DesiredState, p: &Lease, dst: IpNet, via: IpAddr, local: &Local) {
+    let (on_link, net) = match via {
+        IpAddr::V4(a) => (
+            local.underlay_net.contains(&a),
+            local.underlay_net.to_string(),
+        ),
+        IpAddr::V6(a) => (
+            local.underlay_net6.is_some_and(|n| n.contains(&a)),
+            local
+                .underlay_net6
+                .map_or("no IPv6 network".to_string(), |n| n.to_string()),
+        ),
+    };
+    if on_link {
+        d.routes.push(PlannedRoute {
+            dst,
+            via,
+            dev: Dev::Underlay,
+            onlink: false,
+        });
+    } else {
+        d.unreachable.push(Unreachable {
+            lease: p.key,
+            reason: format!(
+                "host-gw needs every node on one L2 network: {} ({via}) is not on-link from {} ({net})",
+                p.attrs.owner(),
+                local.underlay_dev,
+            ),
+        });
+    }
+}
+
+/// The IPv6 half of vxlan and host-gw: flannel's `flannel-v6.<VNI>` VTEP over the IPv6
+/// underlay (BackendV6Data's VtepMAC, static neighbours and FDB entries to PublicIPv6,
+/// DirectRouting), or host-gw routes via PublicIPv6.
+fn plan_v6(
+    d: &mut DesiredState,
+    cfg: &NetConfig,
+    local: &Local,
+    (own, own6): (&Lease, Ipv6Net),
+    peers: &[&Lease],
+    vxlan_dev_name: &str,
+) {
+    let Some(local6) = local.public_ipv6 else {
+        d.rejected.push(Rejected {
+            what: own6.to_string(),
+            reason: "IPv6 is enabled but this node has no IPv6 underlay address (PublicIPv6): pass --public-ipv6 or give the interface one".into(),
+        });
+        return;
+    };
+    let tunnel = match &cfg.backend {
+        Backend::Vxlan(v) => {
+            let name = match vxlan_dev_name.strip_prefix("flannel.") {
+                Some(vni) => format!("flannel-v6.{vni}"),
+                None => vxlan6_name(v.vni),
+            };
+            // What the node publishes in BackendV6Data (the agent derives it the same way).
+            let mac6 = vtep6_mac(&own.attrs.owner(), local6);
+            d.vxlan6 = Some(VxlanDevice {
+                name,
+                vni: v.vni,
+                port: v.port,
+                local: IpAddr::V6(local6),
+                mtu: d.pod_mtu,
+                learning: v.learning,
+                gbp: v.gbp,
+                address: IpAddr::V6(own6.network()),
+                mac: mac6,
+            });
+            Some(v.direct_routing)
+        }
+        _ => None,
+    };
+    for p in peers {
+        let (Some(sub), Some(ip6)) = (p.key.v6, p.attrs.public_ipv6) else {
+            if p.key.v6.is_some() {
+                d.rejected.push(Rejected {
+                    what: p.key.to_string(),
+                    reason: format!(
+                        "lease of {} has an IPv6 subnet but no PublicIPv6",
+                        p.attrs.owner()
+                    ),
+                });
+            }
+            continue;
+        };
+        let on_link = local.underlay_net6.is_some_and(|n| n.contains(&ip6));
+        match tunnel {
+            Some(direct) if !(direct && on_link) => {
+                let mac = p
+                    .attrs
+                    .backend_v6_data
+                    .get("VtepMAC")
+                    .and_then(|m| m.as_str())
+                    .and_then(parse_mac)
+                    .filter(|m| good_mac(*m));
+                let Some(mac) = mac else {
+                    d.rejected.push(Rejected {
+                        what: p.key.to_string(),
+                        reason: format!(
+                            "lease of {} has no valid BackendV6Data.VtepMAC",
+                            p.attrs.owner()
+                        ),
+                    });
+                    continue;
+                };
+                let next = IpAddr::V6(sub.network());
+                d.routes.push(PlannedRoute {
+                    dst: IpNet::V6(sub),
+                    via: next,
+                    dev: Dev::Vxlan6,
+                    onlink: true,
+                });
+                d.neighbours6.push(Neighbour { ip: next, mac });
+                d.fdb6.push(FdbEntry {
+                    mac,
+                    dst: IpAddr::V6(ip6),
+                });
+            }
+            _ => direct_route(d, p, IpNet::V6(sub), IpAddr::V6(ip6), local),
+        }
+    }
 }
 
 fn plan_vxlan<'a>(
@@ -296,11 +469,11 @@ fn plan_vxlan<'a>(
         name: name.to_string(),
         vni: v.vni,
         port: v.port,
-        local: local.public_ip,
+        local: IpAddr::V4(local.public_ip),
         mtu: d.pod_mtu,
         learning: v.learning,
         gbp: v.gbp,
-        address: own.network(),
+        address: IpAddr::V4(own.network()),
         mac,
     });
     for p in peers {
@@ -308,8 +481,8 @@ fn plan_vxlan<'a>(
         // DirectRouting: a peer on the same L2 network gets a plain route via its address.
         if v.direct_routing && local.underlay_net.contains(&p.attrs.public_ip) {
             d.routes.push(PlannedRoute {
-                dst: sub,
-                via: p.attrs.public_ip,
+                dst: IpNet::V4(sub),
+                via: IpAddr::V4(p.attrs.public_ip),
                 dev: Dev::Underlay,
                 onlink: false,
             });
@@ -322,6 +495,7 @@ fn plan_vxlan<'a>(
 /// flannel's kernel-resident design for one peer: an on-link route via the peer's subnet.0,
 /// a permanent neighbour for that address, and an FDB entry sending its MAC to its node.
 fn tunnel_to(d: &mut DesiredState, p: &Lease, sub: Ipv4Net) {
+    let (dst, next) = (IpNet::V4(sub), IpAddr::V4(sub.network()));
     let mac = p
         .attrs
         .backend_data
@@ -343,18 +517,15 @@ fn tunnel_to(d: &mut DesiredState, p: &Lease, sub: Ipv4Net) {
         return;
     };
     d.routes.push(PlannedRoute {
-        dst: sub,
-        via: sub.network(),
+        dst,
+        via: next,
         dev: Dev::Vxlan,
         onlink: true,
     });
-    d.neighbours.push(Neighbour {
-        ip: sub.network(),
-        mac,
-    });
+    d.neighbours.push(Neighbour { ip: next, mac });
     d.fdb.push(FdbEntry {
         mac,
-        dst: p.attrs.public_ip,
+        dst: IpAddr::V4(p.attrs.public_ip),
     });
 }
 
@@ -376,11 +547,11 @@ fn plan_bgp(
             name: name.to_string(),
             vni: g.vxlan.vni,
             port: g.vxlan.port,
-            local: local.public_ip,
+            local: IpAddr::V4(local.public_ip),
             mtu: d.pod_mtu,
             learning: false,
             gbp: false,
-            address: own.network(),
+            address: IpAddr::V4(own.network()),
             mac,
         });
     }
@@ -426,8 +597,8 @@ fn plan_bgp(
         match (encap, on_link, peer) {
             (true, _, Some(p)) => tunnel_to(d, p, l.prefix),
             (false, true, _) => d.routes.push(PlannedRoute {
-                dst: l.prefix,
-                via: l.next_hop,
+                dst: IpNet::V4(l.prefix),
+                via: IpAddr::V4(l.next_hop),
                 dev: Dev::Underlay,
                 onlink: false,
             }),

@@ -36,7 +36,205 @@ fn local() -> Local {
         underlay_net: "10.0.1.1/24".parse().unwrap(),
         underlay_dev: "eth0".into(),
         underlay_mtu: 1500,
+        public_ipv6: Some("fd00:0:1::1".parse().unwrap()),
+        underlay_net6: Some("fd00:0:1::/64".parse().unwrap()),
     }
+}
+
+/// A dual-stack (or, with `v4` None, IPv6-only) lease with PublicIPv6 and BackendV6Data.
+fn lease6(v4: Option<(&str, &str)>, sub6: &str, ip6: &str, mac6: Option<&str>) -> Lease {
+    let (key, ip) = match v4 {
+        Some((sub, ip)) => (format!("{sub}&{sub6}"), ip),
+        None => (sub6.to_string(), "0.0.0.0"),
+    };
+    let mut l = lease(&key, ip, Some("0e:00:00:00:00:09"));
+    l.attrs.node_name = format!("node-{ip6}");
+    l.attrs.public_ipv6 = Some(ip6.parse().unwrap());
+    if let Some(m) = mac6 {
+        l.attrs.backend_v6_data = serde_json::json!({"VNI": 1, "VtepMAC": m});
+    }
+    l
+}
+
+const DUAL: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "BACKEND"}}"#;
+
+#[test]
+fn host_gw_routes_ipv6_subnets_via_public_ipv6() {
+    let c = cfg(&DUAL.replace("BACKEND", "host-gw"));
+    let own = lease6(
+        Some(("10.244.1.0-24", "10.0.1.1")),
+        "fd00:10:244:1::-64",
+        "fd00:0:1::1",
+        None,
+    );
+    let peers = vec![
+        own.clone(),
+        lease6(
+            Some(("10.244.2.0-24", "10.0.1.2")),
+            "fd00:10:244:2::-64",
+            "fd00:0:1::2",
+            None,
+        ),
+        // Not on-link over IPv6: unreachable, said so.
+        lease6(
+            Some(("10.244.3.0-24", "10.0.1.3")),
+            "fd00:10:244:3::-64",
+            "fd00:0:9::3",
+            None,
+        ),
+    ];
+    let d = plan_for(&c, &own, &peers, &[]);
+    let v6: Vec<&PlannedRoute> = d.routes.iter().filter(|r| r.dst.addr().is_ipv6()).collect();
+    assert_eq!(
+        v6,
+        vec![&PlannedRoute {
+            dst: "fd00:10:244:2::/64".parse().unwrap(),
+            via: "fd00:0:1::2".parse().unwrap(),
+            dev: Dev::Underlay,
+            onlink: false,
+        }]
+    );
+    assert_eq!(
+        d.routes.iter().filter(|r| r.dst.addr().is_ipv4()).count(),
+        2
+    );
+    assert!(
+        d.unreachable
+            .iter()
+            .any(|u| u.reason.contains("fd00:0:9::3")),
+        "{:?}",
+        d.unreachable
+    );
+    assert!(d.vxlan6.is_none());
+}
+
+#[test]
+fn vxlan_gets_an_ipv6_vtep_with_entries_and_direct_routing() {
+    let c = cfg(&DUAL.replace("BACKEND", "vxlan"));
+    let own = lease6(
+        Some(("10.244.1.0-24", "10.0.1.1")),
+        "fd00:10:244:1::-64",
+        "fd00:0:1::1",
+        Some("0e:00:00:00:01:01"),
+    );
+    let peers = vec![
+        own.clone(),
+        lease6(
+            Some(("10.244.2.0-24", "10.0.1.2")),
+            "fd00:10:244:2::-64",
+            "fd00:0:1::2",
+            Some("0e:00:00:00:01:02"),
+        ),
+        // No BackendV6Data: rejected, with the reason.
+        lease6(
+            Some(("10.244.3.0-24", "10.0.1.3")),
+            "fd00:10:244:3::-64",
+            "fd00:0:1::3",
+            None,
+        ),
+    ];
+    let d = plan_for(&c, &own, &peers, &[]);
+    let vx6 = d.vxlan6.clone().expect("an IPv6 VTEP");
+    assert_eq!(vx6.name, "weft-v6.1");
+    assert_eq!(vx6.local, "fd00:0:1::1".parse::<IpAddr>().unwrap());
+    assert_eq!(vx6.address, "fd00:10:244:1::".parse::<IpAddr>().unwrap());
+    // Both families pay IPv6's 70 bytes.
+    assert_eq!((vx6.mtu, d.pod_mtu), (1430, 1430));
+    assert_eq!(
+        vx6.mac,
+        vtep6_mac(&own.attrs.owner(), "fd00:0:1::1".parse().unwrap())
+    );
+    assert_eq!(
+        d.neighbours6,
+        vec![Neighbour {
+            ip: "fd00:10:244:2::".parse().unwrap(),
+            mac: [0x0e, 0, 0, 0, 1, 2]
+        }]
+    );
+    assert_eq!(
+        d.fdb6,
+        vec![FdbEntry {
+            mac: [0x0e, 0, 0, 0, 1, 2],
+            dst: "fd00:0:1::2".parse().unwrap()
+        }]
+    );
+    assert!(d.routes.contains(&PlannedRoute {
+        dst: "fd00:10:244:2::/64".parse().unwrap(),
+        via: "fd00:10:244:2::".parse().unwrap(),
+        dev: Dev::Vxlan6,
+        onlink: true,
+    }));
+    assert!(
+        d.rejected
+            .iter()
+            .any(|r| r.reason.contains("BackendV6Data")),
+        "{:?}",
+        d.rejected
+    );
+    // DirectRouting: an on-link IPv6 peer gets a plain route.
+    let c = cfg(
+        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#,
+    );
+    let d = plan_for(&c, &own, &peers, &[]);
+    assert!(d.routes.contains(&PlannedRoute {
+        dst: "fd00:10:244:2::/64".parse().unwrap(),
+        via: "fd00:0:1::2".parse().unwrap(),
+        dev: Dev::Underlay,
+        onlink: false,
+    }));
+}
+
+#[test]
+fn ipv6_only_leases_with_public_ip_zero_are_peers() {
+    let c = cfg(
+        r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#,
+    );
+    let own = lease6(
+        None,
+        "fd00:10:244:1::-64",
+        "fd00:0:1::1",
+        Some("0e:00:00:00:01:01"),
+    );
+    let peer = lease6(
+        None,
+        "fd00:10:244:2::-64",
+        "fd00:0:1::2",
+        Some("0e:00:00:00:01:02"),
+    );
+    let d = plan_for(&c, &own, &[own.clone(), peer], &[]);
+    assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    assert!(d.vxlan.is_none(), "no IPv4 VTEP in an IPv6-only cluster");
+    assert_eq!(d.routes.len(), 1);
+    assert_eq!(d.fdb6.len(), 1);
+}
+
+#[test]
+fn no_ipv6_underlay_address_is_said_not_guessed() {
+    let c = cfg(&DUAL.replace("BACKEND", "host-gw"));
+    let own = lease6(
+        Some(("10.244.1.0-24", "10.0.1.1")),
+        "fd00:10:244:1::-64",
+        "fd00:0:1::1",
+        None,
+    );
+    let mut l = local();
+    l.public_ipv6 = None;
+    let d = plan(
+        &c,
+        &l,
+        &own,
+        std::slice::from_ref(&own),
+        &[],
+        "weft.1",
+        [0x0e, 0, 0, 0, 0, 1],
+    );
+    assert!(
+        d.rejected
+            .iter()
+            .any(|r| r.reason.contains("--public-ipv6")),
+        "{:?}",
+        d.rejected
+    );
 }
 
 #[test]
@@ -129,7 +327,7 @@ fn udp_routes_the_cluster_network_into_the_tun_device() {
         d.routes,
         vec![PlannedRoute {
             dst: "10.244.0.0/16".parse().unwrap(),
-            via: Ipv4Addr::UNSPECIFIED,
+            via: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             dev: Dev::Tun,
             onlink: false
         }]

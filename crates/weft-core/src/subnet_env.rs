@@ -40,9 +40,12 @@ pub enum SubnetEnvError {
     },
 }
 
+/// flannel's form: the subnet's first host address (IPv6: the one after the subnet-router
+/// anycast address) with the prefix, e.g. 10.244.1.1/24, fd00:10:244:1::1/64.
 fn gateway_form<N: Into<IpNet> + Copy>(n: N) -> String {
     let net: IpNet = n.into();
-    let gw = net.hosts().next().unwrap_or(net.addr());
+    let skip = usize::from(net.addr().is_ipv6());
+    let gw = net.hosts().nth(skip).unwrap_or(net.addr());
     format!("{}/{}", gw, net.prefix_len())
 }
 
@@ -207,6 +210,14 @@ mod tests {
         assert_eq!(env.render(), text);
         let e = SubnetEnv::parse("WEFT_BPF_DIR=weft\n", "s.env").unwrap_err();
         assert!(e.to_string().contains("WEFT_BPF_DIR=weft"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_subnets_are_written_in_flannels_gateway_form() {
+        let text = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:9c::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n";
+        let env = SubnetEnv::parse(text, "x").unwrap();
+        assert_eq!(env.ipv6_subnet.unwrap().to_string(), "fd00:10:244:9c::/64");
+        assert_eq!(env.render(), text);
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub(super) fn pods(un: &Netns) -> Result<Vec<PodState>> {
                 })
                 .filter_map(|p| {
                     Some(PodState {
+                        ip6: None,
                         name: p["metadata"]["name"].as_str()?.to_string(),
                         node: p["spec"]["nodeName"].as_str()?.to_string(),
                         ip: p["status"]["podIP"].as_str()?.parse().ok()?,

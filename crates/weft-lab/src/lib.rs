@@ -106,6 +106,14 @@ pub struct UpArgs {
     /// ...` talks to that node's dockerd (image weft.local/busybox:docker).
     #[arg(long)]
     pub docker: bool,
+    /// Dual stack: the underlay gets IPv6 (fd00:0:<segment>::/64), net-conf.json
+    /// EnableIPv6 with IPv6Network fd00:10:244::/56, every pod an address of each family;
+    /// `check` tests all pairs over both.
+    #[arg(long)]
+    pub ipv6: bool,
+    /// IPv6 only: as --ipv6, with EnableIPv4 false.
+    #[arg(long)]
+    pub ipv6_only: bool,
     /// With --store kubernetes: every node runs a real kubelet and containerd (a mount
     /// namespace and cgroup of its own); weft is installed as users do, `kubectl apply` of
     /// deploy/weft.yaml (its DaemonSet); the pods are a Deployment spread over the nodes.
@@ -149,6 +157,11 @@ struct State {
     /// Nodes run dockerd with weft's Docker plugin.
     #[serde(default)]
     docker: bool,
+    /// The underlay and the pods have IPv6 (dual stack, or IPv6 only).
+    #[serde(default)]
+    ipv6: bool,
+    #[serde(default)]
+    ipv6_only: bool,
     nodes: Vec<NodeState>,
     pods: Vec<PodState>,
 }
@@ -169,7 +182,10 @@ struct NodeState {
 struct PodState {
     name: String,
     node: String,
+    /// 0.0.0.0 for an IPv6-only pod.
     ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip6: Option<std::net::Ipv6Addr>,
 }
 
 fn state_path() -> PathBuf {

@@ -19,6 +19,18 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         }
         None => net_conf(&a.backend)?,
     };
+    let conf = if a.ipv6 || a.ipv6_only {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&conf).context("the lab's net-conf.json")?;
+        v["EnableIPv6"] = true.into();
+        v["IPv6Network"] = "fd00:10:244::/56".into();
+        if a.ipv6_only {
+            v["EnableIPv4"] = false.into();
+        }
+        v.to_string()
+    } else {
+        conf
+    };
     let conf = if a.host_routing == "ebpf" || a.pod_device == "netkit" {
         anyhow::ensure!(
             a.mode == "routed",
@@ -48,6 +60,8 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     let mut st = load().unwrap_or_else(|| State {
         kubelet: a.kubelet,
         docker: a.docker,
+        ipv6: a.ipv6 || a.ipv6_only,
+        ipv6_only: a.ipv6_only,
         backend: a.backend.clone(),
         mode: a.mode.clone(),
         store: a.store.clone(),
@@ -82,7 +96,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         Vec::new()
     };
     std::fs::create_dir_all(DIR)?;
-    let (un, unl) = underlay(st.segments.max(a.segments)).await?;
+    let (un, unl) = underlay(st.segments.max(a.segments), st.ipv6).await?;
     st.segments = st.segments.max(a.segments);
     // The store, with the network config in it (as flanneld reads it from etcd).
     if a.backend == "bgp-tor" && !st.router_pid.is_some_and(alive) {
@@ -145,7 +159,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         )?;
     }
     if st.direct {
-        add_direct_pair().await?;
+        add_direct_pair(st.ipv6).await?;
     }
     for i in 1..=a.nodes {
         let name = format!("weft-n{i}");
@@ -156,7 +170,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         let ns = if st.direct {
             Netns::open(ns_path(&name))?
         } else {
-            add_node(&unl, &name, seg, ip).await?
+            add_node(&unl, &name, seg, ip, st.ipv6).await?
         };
         if st.kubelet {
             let old = existing
@@ -250,12 +264,18 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
             if st.pods.iter().any(|p| p.name == pod) {
                 continue;
             }
-            let ip = add_pod(&ns, &name, &pod, &st.mode)?;
-            eprintln!("  pod        {pod}  {ip}");
+            let (ip, ip6) = add_pod(&ns, &name, &pod, &st.mode)?;
+            let shown: Vec<String> = (!ip.is_unspecified())
+                .then(|| ip.to_string())
+                .into_iter()
+                .chain(ip6.map(|a| a.to_string()))
+                .collect();
+            eprintln!("  pod        {pod}  {}", shown.join("  "));
             st.pods.push(PodState {
                 name: pod,
                 node: name.clone(),
                 ip,
+                ip6,
             });
             save(&st)?;
         }
@@ -282,7 +302,21 @@ pub(super) fn check(st: &State, quiet: bool) -> Result<usize> {
         let results = cluster::probe_all(&un, &pods)?;
         return Ok(matrix(&pods, &results, quiet));
     }
-    let pods = &st.pods;
+    let mut fails = 0;
+    if !st.ipv6_only {
+        fails += probe_matrix(&st.pods, false, quiet)?;
+    }
+    if st.ipv6 {
+        if !quiet {
+            println!("IPv6:");
+        }
+        fails += probe_matrix(&st.pods, true, quiet)?;
+    }
+    Ok(fails)
+}
+
+/// Every pod pings every other over one family; prints the matrix; returns the failures.
+fn probe_matrix(pods: &[PodState], v6: bool, quiet: bool) -> Result<usize> {
     let nss: Vec<Netns> = pods
         .iter()
         .map(|p| Netns::open(ns_path(&p.name)))
@@ -298,12 +332,17 @@ pub(super) fn check(st: &State, quiet: bool) -> Result<usize> {
                         .map(|(j, p)| {
                             i == j
                                 || (0..3).any(|k| {
-                                    weft_dataplane::probe::icmp_echo(
-                                        ns,
-                                        p.ip,
-                                        Duration::from_millis(700),
-                                        (i * 1000 + j * 3 + k) as u16,
-                                    )
+                                    let (t, seq) =
+                                        (Duration::from_millis(700), (i * 1000 + j * 3 + k) as u16);
+                                    match (v6, p.ip6) {
+                                        (true, Some(a)) => {
+                                            weft_dataplane::probe::icmp6_echo(ns, a, t, seq)
+                                        }
+                                        (true, None) => false,
+                                        (false, _) => {
+                                            weft_dataplane::probe::icmp_echo(ns, p.ip, t, seq)
+                                        }
+                                    }
                                 })
                         })
                         .collect()

@@ -27,8 +27,44 @@ pub(super) fn gateway(seg: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, seg, 254)
 }
 
+/// A node's IPv6 underlay address (fd00:0:<segment>::<10+i>), with --ipv6.
+pub(super) fn node_ip6(seg: u8, i: usize) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0, seg as u16, 0, 0, 0, 0, 10 + i as u16)
+}
+
+pub(super) fn gateway6(seg: u8) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0, seg as u16, 0, 0, 0, 0, 0xfe)
+}
+
+/// The node's IPv6 underlay address from its IPv4 one (same segment and index).
+fn ip6_of(ip: Ipv4Addr) -> std::net::Ipv6Addr {
+    let o = ip.octets();
+    node_ip6(o[2], (o[3] - 10) as usize)
+}
+
+/// `eth0`'s IPv6 address and default route (via `via`), with --ipv6.
+async fn add_v6(
+    nl: &Nl,
+    eth0: u32,
+    ip6: std::net::Ipv6Addr,
+    via: std::net::Ipv6Addr,
+) -> Result<()> {
+    nl.add_addr(eth0, IpNet::V6(ipnet::Ipv6Net::new(ip6, 64)?))
+        .await?;
+    nl.add_route(&Route {
+        dst: "::/0".parse()?,
+        gateway: Some(via.into()),
+        oif: Some(eth0),
+        scope_link: false,
+        protocol: 4,
+        onlink: false,
+    })
+    .await?;
+    Ok(())
+}
+
 /// The underlay: one namespace holding a bridge per segment, routing between them.
-pub(super) async fn underlay(segments: u8) -> Result<(Netns, Nl)> {
+pub(super) async fn underlay(segments: u8, v6: bool) -> Result<(Netns, Nl)> {
     let ns = open_or_create(UNDERLAY)?;
     let nl = Nl::in_netns(&ns)?;
     for seg in 1..=segments {
@@ -37,14 +73,21 @@ pub(super) async fn underlay(segments: u8) -> Result<(Netns, Nl)> {
         let br = nl.link(&name).await?.context("underlay bridge vanished")?;
         nl.add_addr(br.index, IpNet::V4(Ipv4Net::new(gateway(seg), 24)?))
             .await?;
+        if v6 {
+            nl.add_addr(br.index, IpNet::V6(ipnet::Ipv6Net::new(gateway6(seg), 64)?))
+                .await?;
+        }
         nl.set_up(br.index).await?;
     }
     ns.run(|| sysctl::set("net.ipv4.ip_forward", "1"))??;
+    if v6 {
+        ns.run(|| sysctl::set("net.ipv6.conf.all.forwarding", "1"))??;
+    }
     Ok((ns, nl))
 }
 
 /// Two nodes back to back: n1's eth0 and n2's eth0 are the two ends of one veth pair.
-pub(super) async fn add_direct_pair() -> Result<()> {
+pub(super) async fn add_direct_pair(v6: bool) -> Result<()> {
     let (n1, n2) = (open_or_create("weft-n1")?, open_or_create("weft-n2")?);
     let (l1, l2) = (Nl::in_netns(&n1)?, Nl::in_netns(&n2)?);
     if l1.link("eth0").await?.is_none() {
@@ -73,11 +116,20 @@ pub(super) async fn add_direct_pair() -> Result<()> {
             onlink: false,
         })
         .await?;
+        if v6 {
+            add_v6(l, eth0.index, node_ip6(1, i), node_ip6(1, 3 - i)).await?;
+        }
     }
     Ok(())
 }
 
-pub(super) async fn add_node(un: &Nl, name: &str, seg: u8, ip: Ipv4Addr) -> Result<Netns> {
+pub(super) async fn add_node(
+    un: &Nl,
+    name: &str,
+    seg: u8,
+    ip: Ipv4Addr,
+    v6: bool,
+) -> Result<Netns> {
     let ns = open_or_create(name)?;
     let nl = Nl::in_netns(&ns)?;
     if nl.link("eth0").await?.is_none() {
@@ -111,11 +163,20 @@ pub(super) async fn add_node(un: &Nl, name: &str, seg: u8, ip: Ipv4Addr) -> Resu
             onlink: false,
         })
         .await?;
+        if v6 {
+            add_v6(&nl, eth0.index, ip6_of(ip), gateway6(seg)).await?;
+        }
     }
     Ok(ns)
 }
 
-pub(super) fn add_pod(node_ns: &Netns, node: &str, pod: &str, mode: &str) -> Result<Ipv4Addr> {
+/// Wires `pod` through weft-cni; its IPv4 address (0.0.0.0 when IPv6-only) and IPv6 one.
+pub(super) fn add_pod(
+    node_ns: &Netns,
+    node: &str,
+    pod: &str,
+    mode: &str,
+) -> Result<(Ipv4Addr, Option<std::net::Ipv6Addr>)> {
     let pns = open_or_create(pod)?;
     let conf = serde_json::json!({
         "cniVersion": "1.1.0", "name": "weft-lab", "type": "weft-cni", "mode": mode,
@@ -144,10 +205,20 @@ pub(super) fn add_pod(node_ns: &Netns, node: &str, pod: &str, mode: &str) -> Res
     if !out.status.success() {
         bail!("weft-cni ADD {pod}: {}", v["msg"]);
     }
-    let ip = v["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .context("no address in the result")?;
-    Ok(ip)
+    let addrs: Vec<std::net::IpAddr> = v["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+        .collect();
+    anyhow::ensure!(!addrs.is_empty(), "no address in the result");
+    let v4 = addrs.iter().find_map(|a| match a {
+        std::net::IpAddr::V4(a) => Some(*a),
+        _ => None,
+    });
+    let v6 = addrs.iter().find_map(|a| match a {
+        std::net::IpAddr::V6(a) => Some(*a),
+        _ => None,
+    });
+    Ok((v4.unwrap_or(Ipv4Addr::UNSPECIFIED), v6))
 }

@@ -11,7 +11,7 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::AddressFamily;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use weft_backend::{TunDevice, VxlanDevice};
 
 /// The kernel's VXLAN parameters of a device, for comparison with the plan.
@@ -19,7 +19,7 @@ use weft_backend::{TunDevice, VxlanDevice};
 pub(super) struct VxlanParams {
     vni: Option<u32>,
     port: Option<u16>,
-    local: Option<Ipv4Addr>,
+    local: Option<IpAddr>,
     link: Option<u32>,
 }
 
@@ -46,7 +46,8 @@ pub(super) fn vxlan_params(msg: &LinkMessage) -> Option<VxlanParams> {
                 match x {
                     InfoVxlan::Id(id) => p.vni = Some(*id),
                     InfoVxlan::Port(port) => p.port = Some(*port),
-                    InfoVxlan::Local(l) => p.local = Some(*l),
+                    InfoVxlan::Local(l) => p.local = Some(IpAddr::V4(*l)),
+                    InfoVxlan::Local6(l) => p.local = Some(IpAddr::V6(*l)),
                     InfoVxlan::Link(l) => p.link = Some(*l),
                     _ => {}
                 }
@@ -71,11 +72,12 @@ impl Nl {
     }
 
     async fn create_vxlan(&self, v: &VxlanDevice, underlay: u32) -> Result<(), DataplaneError> {
-        let mut b = rtnetlink::LinkVxlan::new(&v.name, v.vni)
-            .dev(underlay)
-            .local(v.local)
-            .port(v.port)
-            .learning(v.learning);
+        let b = rtnetlink::LinkVxlan::new(&v.name, v.vni).dev(underlay);
+        let b = match v.local {
+            IpAddr::V4(a) => b.local(a),
+            IpAddr::V6(a) => b.local6(a),
+        };
+        let mut b = b.port(v.port).learning(v.learning);
         if v.gbp {
             b = b.gbp();
         }
@@ -130,7 +132,8 @@ pub(super) async fn ensure_vxlan(
         let Some(params) = vxlan_params(m) else {
             continue;
         };
-        let stale_other = name != v.name && is_weft_vtep(name);
+        // The other family's VTEP is not stale: weft.<VNI> and weft-v6.<VNI> live together.
+        let stale_other = name != v.name && weft_vtep_v6(name) == Some(v.local.is_ipv6());
         let stale_ours = name == v.name && params != want;
         if stale_other || stale_ours {
             tracing::info!(
@@ -164,12 +167,13 @@ pub(super) async fn ensure_vxlan(
     Ok(link)
 }
 
-/// MTU, up, and exactly one IPv4 address: this node's subnet.0/32 (VTEP and TUN alike).
+/// MTU, up, and exactly one address of its family (the kernel's IPv6 link-local aside):
+/// this node's subnet.0/32 or subnet::/128 (VTEPs and TUN alike).
 async fn ensure_up_with(
     h: &Nl,
     link: &Link,
     mtu: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     report: &mut Report,
 ) -> Result<(), DataplaneError> {
     if link.mtu != mtu {
@@ -178,13 +182,15 @@ async fn ensure_up_with(
     if !link.up {
         h.set_up(link.index).await?;
     }
-    let want_addr =
-        IpNet::new(IpAddr::V4(address), 32).map_err(|e| DataplaneError::Other(e.to_string()))?;
+    let len = if address.is_ipv4() { 32 } else { 128 };
+    let want_addr = IpNet::new(address, len).map_err(|e| DataplaneError::Other(e.to_string()))?;
+    let link_local =
+        |a: &IpNet| matches!(a.addr(), IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80);
     let mut present = false;
     for (_, a) in h.addrs(Some(link.index)).await? {
         if a == want_addr {
             present = true;
-        } else if a.addr().is_ipv4() {
+        } else if a.addr().is_ipv4() == address.is_ipv4() && !link_local(&a) {
             h.del_addr(link.index, a).await?;
             report.removed += 1;
         }
@@ -208,7 +214,7 @@ pub(super) async fn ensure_tun(
             t.name
         ))
     })?;
-    ensure_up_with(h, &link, t.mtu, t.address, report).await?;
+    ensure_up_with(h, &link, t.mtu, IpAddr::V4(t.address), report).await?;
     // The engine's ICMP "fragmentation needed" comes from our own bridge address: without
     // accept_local the kernel drops a packet with a local source arriving on an interface.
     if crate::sysctl::get(&format!("net.ipv4.conf.{}.accept_local", t.name)).as_deref() != Some("1")
@@ -229,20 +235,32 @@ pub(super) fn link_name(m: &LinkMessage) -> &str {
         .unwrap_or("")
 }
 
-/// weft's own VXLAN device names: `weft.<VNI>`.
+/// weft's own VXLAN device names: `weft.<VNI>` and `weft-v6.<VNI>`.
 pub(super) fn is_weft_vtep(name: &str) -> bool {
-    name.strip_prefix("weft.")
-        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    weft_vtep_v6(name).is_some()
 }
 
-/// No VTEP in the plan (a switch from vxlan): weft's VXLAN devices go.
-pub(super) async fn remove_weft_vteps(h: &Nl, report: &mut Report) {
+/// Some(false) for `weft.<VNI>`, Some(true) for `weft-v6.<VNI>`, None for other names.
+fn weft_vtep_v6(name: &str) -> Option<bool> {
+    let digits = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit());
+    if name.strip_prefix("weft.").is_some_and(digits) {
+        Some(false)
+    } else if name.strip_prefix("weft-v6.").is_some_and(digits) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// No VTEP of a family in the plan (a switch from vxlan, IPv6 turned off): weft's VXLAN
+/// devices of that family go.
+pub(super) async fn remove_weft_vteps(h: &Nl, v6: bool, report: &mut Report) {
     let Ok(msgs) = h.link_msgs().await else {
         return;
     };
     for m in &msgs {
         let name = link_name(m);
-        if vxlan_params(m).is_some() && is_weft_vtep(name) {
+        if vxlan_params(m).is_some() && weft_vtep_v6(name) == Some(v6) {
             match h.del_link(m.header.index).await {
                 Ok(true) => report.removed += 1,
                 Ok(false) => {}

@@ -36,18 +36,29 @@ fn marked(m: &NeighbourMessage) -> bool {
         .any(|a| matches!(a, NeighbourAttribute::Protocol(p) if u8::from(*p) == RTPROT_WEFT))
 }
 
-/// Neighbours on the VTEP as (entry, weft's?, its message).
+/// Neighbours on the VTEP as (entry, weft's?, its message); `v6` for the IPv6 VTEP.
 async fn neighbours_on(
     h: &Nl,
     vx: &Link,
+    v6: bool,
 ) -> Result<Vec<(Neighbour, bool, NeighbourMessage)>, DataplaneError> {
-    let msgs = h.neighbour_msgs(AddressFamily::Inet).await?;
+    let family = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let msgs = h.neighbour_msgs(family).await?;
     Ok(msgs
         .into_iter()
         .filter(|m| m.header.ifindex == vx.index)
         .filter_map(|m| {
             let ip = m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                    Some(IpAddr::V4(*ip))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                    Some(IpAddr::V6(*ip))
+                }
                 _ => None,
             })?;
             let mac = lladdr(&m)?;
@@ -64,16 +75,17 @@ pub(super) async fn sync_neighbours(
     vx: &Link,
     own_device: bool,
     want: &[Neighbour],
+    v6: bool,
     report: &mut Report,
 ) -> Result<HashSet<[u8; 6]>, DataplaneError> {
-    let have = neighbours_on(h, vx).await?;
+    let have = neighbours_on(h, vx, v6).await?;
     // Sets, not scans: with thousands of peers a scan per entry was quadratic on every resync.
     let right: HashSet<&Neighbour> = have
         .iter()
         .filter(|(_, o, _)| *o)
         .map(|(n, _, _)| n)
         .collect();
-    let wanted: HashSet<Ipv4Addr> = want.iter().map(|w| w.ip).collect();
+    let wanted: HashSet<IpAddr> = want.iter().map(|w| w.ip).collect();
     let mut macs: HashSet<[u8; 6]> = want.iter().map(|w| w.mac).collect();
     for w in want {
         if right.contains(w) {
@@ -82,7 +94,7 @@ pub(super) async fn sync_neighbours(
         let mut req = h
             .handle()
             .neighbours()
-            .add(vx.index, IpAddr::V4(w.ip))
+            .add(vx.index, w.ip)
             .link_layer_address(&w.mac)
             .state(NeighbourState::Permanent)
             .replace();
@@ -127,11 +139,18 @@ pub(super) async fn sync_fdb(
     let msgs = h.neighbour_msgs(AddressFamily::Bridge).await?;
     let mut have = Vec::new();
     for m in msgs.into_iter().filter(|m| m.header.ifindex == vx.index) {
-        // In an AF_BRIDGE dump the parser cannot know NDA_DST's family: 4 bytes are IPv4.
+        // In an AF_BRIDGE dump the parser cannot know NDA_DST's family: 4 bytes are IPv4,
+        // 16 IPv6.
         let dst = m.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
             NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 16 => {
+                <[u8; 16]>::try_from(b.as_slice())
+                    .ok()
+                    .map(|o| IpAddr::V6(std::net::Ipv6Addr::from(o)))
             }
             _ => None,
         });
@@ -149,7 +168,7 @@ pub(super) async fn sync_fdb(
             .handle()
             .neighbours()
             .add_bridge(vx.index, &w.mac)
-            .destination(IpAddr::V4(w.dst))
+            .destination(w.dst)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()

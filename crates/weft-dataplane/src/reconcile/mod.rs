@@ -20,7 +20,7 @@ use crate::nft::MasqTable;
 use crate::DataplaneError;
 use ipnet::{IpNet, Ipv4Net};
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_backend::DesiredState;
@@ -31,9 +31,9 @@ pub enum Object {
     Device(String),
     Route(IpNet),
     /// A VTEP neighbour entry, by its address (a remote node's subnet.0).
-    Neighbour(Ipv4Addr),
+    Neighbour(IpAddr),
     /// A VTEP FDB entry, by its destination (a remote node's public IP).
-    Fdb(Ipv4Addr),
+    Fdb(IpAddr),
     /// A routing table or the nftables table.
     Table(String),
 }
@@ -98,6 +98,7 @@ pub async fn reconcile(
 #[derive(Debug, Clone, Default)]
 struct Devices {
     vxlan: Option<Link>,
+    vxlan6: Option<Link>,
     tun: Option<Link>,
 }
 
@@ -109,19 +110,23 @@ async fn full_pass(
 ) -> (Report, HashSet<u32>, Devices) {
     let mut report = Report::default();
     let mut devices = HashSet::new();
-    let vx = match &d.vxlan {
-        Some(v) => match devices::ensure_vxlan(h, v, underlay, &mut report).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                report.fail(Object::Device(v.name.clone()), e);
+    let mut vteps = [None, None];
+    for (i, planned) in [&d.vxlan, &d.vxlan6].into_iter().enumerate() {
+        vteps[i] = match planned {
+            Some(v) => match devices::ensure_vxlan(h, v, underlay, &mut report).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    report.fail(Object::Device(v.name.clone()), e);
+                    None
+                }
+            },
+            None => {
+                devices::remove_weft_vteps(h, i == 1, &mut report).await;
                 None
             }
-        },
-        None => {
-            devices::remove_weft_vteps(h, &mut report).await;
-            None
-        }
-    };
+        };
+    }
+    let [vx, vx6] = vteps;
     let tun = match &d.tun {
         Some(t) => match devices::ensure_tun(h, t, &mut report).await {
             Ok(l) => Some(l),
@@ -135,15 +140,25 @@ async fn full_pass(
             None
         }
     };
-    devices.extend(vx.iter().chain(tun.iter()).map(|l| l.index));
+    devices.extend(
+        vx.iter()
+            .chain(vx6.iter())
+            .chain(tun.iter())
+            .map(|l| l.index),
+    );
 
-    // Neighbours and FDB on the VTEP first: a route is only useful once they are there.
-    if let (Some(vx), Some(v)) = (&vx, &d.vxlan) {
+    // Neighbours and FDB on the VTEPs first: a route is only useful once they are there.
+    for (link, planned, neighbours, fdb, v6) in [
+        (&vx, &d.vxlan, &d.neighbours, &d.fdb, false),
+        (&vx6, &d.vxlan6, &d.neighbours6, &d.fdb6, true),
+    ] {
+        let (Some(vx), Some(v)) = (link, planned) else {
+            continue;
+        };
         let own_device = devices::is_weft_vtep(&v.name);
-        match entries::sync_neighbours(h, vx, own_device, &d.neighbours, &mut report).await {
+        match entries::sync_neighbours(h, vx, own_device, neighbours, v6, &mut report).await {
             Ok(macs) => {
-                if let Err(e) =
-                    entries::sync_fdb(h, vx, own_device, &macs, &d.fdb, &mut report).await
+                if let Err(e) = entries::sync_fdb(h, vx, own_device, &macs, fdb, &mut report).await
                 {
                     report.fail(Object::Table(format!("{} FDB", vx.name)), e);
                 }
@@ -152,7 +167,7 @@ async fn full_pass(
         }
     }
 
-    let route_of = |p: &_| routes::route_of(p, vx.as_ref(), tun.as_ref(), underlay);
+    let route_of = |p: &_| routes::route_of(p, vx.as_ref(), vx6.as_ref(), tun.as_ref(), underlay);
     if d.routes.windows(2).all(|w| w[0].dst <= w[1].dst) {
         routes::sync_routes(h, &d.routes, route_of, &mut report).await;
     } else {
@@ -166,7 +181,15 @@ async fn full_pass(
         Ok(false) => {}
         Err(e) => report.fail(Object::Table("nftables ip weft".into()), e),
     }
-    (report, devices, Devices { vxlan: vx, tun })
+    (
+        report,
+        devices,
+        Devices {
+            vxlan: vx,
+            vxlan6: vx6,
+            tun,
+        },
+    )
 }
 
 /// Runs passes when they are due; an idle node costs one comparison per tick.
@@ -231,7 +254,13 @@ impl Reconciler {
             if only_routes_differ(last, d) {
                 let dev = &self.devices;
                 let r = routes::apply_difference(&last.routes, &d.routes, |p| {
-                    routes::route_of(p, dev.vxlan.as_ref(), dev.tun.as_ref(), &self.underlay)
+                    routes::route_of(
+                        p,
+                        dev.vxlan.as_ref(),
+                        dev.vxlan6.as_ref(),
+                        dev.tun.as_ref(),
+                        &self.underlay,
+                    )
                 });
                 if let Some(report) = r {
                     self.last_failed = !report.errors.is_empty();
@@ -253,9 +282,12 @@ impl Reconciler {
 /// Two plans that ask the same of the kernel but for their routes.
 fn only_routes_differ(a: &DesiredState, b: &DesiredState) -> bool {
     a.vxlan == b.vxlan
+        && a.vxlan6 == b.vxlan6
         && a.tun == b.tun
         && a.neighbours == b.neighbours
         && a.fdb == b.fdb
+        && a.neighbours6 == b.neighbours6
+        && a.fdb6 == b.fdb6
         && a.masq == b.masq
         && a.pod_mtu == b.pod_mtu
 }
@@ -265,6 +297,7 @@ pub async fn underlay(
     h: &Nl,
     name: Option<&str>,
     regex_match: Option<&dyn Fn(&str) -> bool>,
+    need_v4: bool,
 ) -> Result<(Link, Ipv4Net), DataplaneError> {
     let links = h.links().await?;
     let link = if let Some(n) = name {
@@ -288,7 +321,10 @@ pub async fn underlay(
                 )
             })?
     } else {
-        let routes = h.routes(false).await?;
+        let mut routes = h.routes(false).await?;
+        if !need_v4 {
+            routes.extend(h.routes(true).await?);
+        }
         let oif = routes
             .iter()
             .find(|r| r.dst.prefix_len() == 0)
@@ -311,12 +347,28 @@ pub async fn underlay(
         .find_map(|(_, a)| match a {
             IpNet::V4(v) => Some(v),
             _ => None,
-        })
-        .ok_or_else(|| {
+        });
+    // IPv6-only: no IPv4 address is needed (PublicIP 0.0.0.0, as flanneld leaves it).
+    let addr = match addr {
+        None if !need_v4 => Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, 32)
+            .map_err(|e| DataplaneError::Other(e.to_string()))?,
+        a => a.ok_or_else(|| {
             DataplaneError::Other(format!(
                 "interface {} has no IPv4 address; pass --public-ip or another --iface",
                 link.name
             ))
-        })?;
+        })?,
+    };
     Ok((link, addr))
+}
+
+/// The underlay's first global IPv6 address and prefix (the node's PublicIPv6), if any.
+pub async fn underlay_v6(h: &Nl, link: &Link) -> Result<Option<ipnet::Ipv6Net>, DataplaneError> {
+    Ok(h.addrs(Some(link.index))
+        .await?
+        .into_iter()
+        .find_map(|(_, a)| match a {
+            IpNet::V6(v) if v.addr().segments()[0] & 0xffc0 != 0xfe80 => Some(v),
+            _ => None,
+        }))
 }

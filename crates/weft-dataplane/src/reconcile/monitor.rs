@@ -67,7 +67,12 @@ impl Watch {
             || m.attributes
                 .iter()
                 .any(|a| matches!(a, netlink_packet_route::route::RouteAttribute::Table(254)));
-        if !main || proto == RTPROT_WEFT_POD {
+        // Link-local prefixes come and go with every device (each pod's veth): never weft's.
+        let link_local = m.attributes.iter().any(|a| {
+            matches!(a, netlink_packet_route::route::RouteAttribute::Destination(
+                netlink_packet_route::route::RouteAddress::Inet6(d)) if d.segments()[0] & 0xffc0 == 0xfe80)
+        });
+        if !main || proto == RTPROT_WEFT_POD || link_local {
             return;
         }
         match (added, proto == RTPROT_WEFT) {
@@ -105,8 +110,9 @@ pub fn start(watch: Arc<Watch>) -> Result<(), DataplaneError> {
             source: e,
         })?;
     // RTMGRP_* bits (include/uapi/linux/rtnetlink.h): links, neighbours, IPv4 addresses
-    // and routes. Bound before the connection runs, as the rtnetlink monitor example does.
-    let groups = 1 | 4 | 0x10 | 0x40;
+    // and routes, IPv6 addresses and routes. Bound before the connection runs, as the
+    // rtnetlink monitor example does.
+    let groups = 1 | 4 | 0x10 | 0x40 | 0x100 | 0x400;
     conn.socket_mut()
         .socket_mut()
         .bind(&rtnetlink::sys::SocketAddr::new(0, groups))

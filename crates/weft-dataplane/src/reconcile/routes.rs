@@ -7,24 +7,25 @@ use super::{Object, Report};
 use crate::batch::{Failed, Op, RouteBatch};
 use crate::link::{is_exists, is_missing, Link, Nl, Route, RTPROT_WEFT};
 use ipnet::IpNet;
-use std::net::IpAddr;
 use weft_backend::{Dev, PlannedRoute};
 
 pub(super) fn route_of(
     p: &PlannedRoute,
     vx: Option<&Link>,
+    vx6: Option<&Link>,
     tun: Option<&Link>,
     underlay: &Link,
 ) -> Option<Route> {
     let oif = match p.dev {
         Dev::Vxlan => vx?.index,
+        Dev::Vxlan6 => vx6?.index,
         Dev::Underlay => underlay.index,
         Dev::Tun => tun?.index,
     };
     let device_route = p.dev == Dev::Tun;
     Some(Route {
-        dst: IpNet::V4(p.dst),
-        gateway: (!device_route).then_some(IpAddr::V4(p.via)),
+        dst: p.dst,
+        gateway: (!device_route).then_some(p.via),
         oif: Some(oif),
         scope_link: device_route,
         protocol: RTPROT_WEFT,
@@ -76,10 +77,15 @@ pub(super) async fn sync_routes(
     route_of: impl Fn(&PlannedRoute) -> Option<Route>,
     report: &mut Report,
 ) {
-    let have = match h.routes(false).await {
+    // Both families: weft's IPv6 routes are owned as its IPv4 ones are.
+    let mut have = match h.routes(false).await {
         Ok(h) => h,
         Err(e) => return report.fail(Object::Table("main".into()), e),
     };
+    match h.routes(true).await {
+        Ok(v6) => have.extend(v6),
+        Err(e) => return report.fail(Object::Table("main (IPv6)".into()), e),
+    }
     // Indexed by destination: a full BGP table is 100,000 routes, and a scan per route was
     // quadratic. (Sorted references, not a map of vectors: no allocation per route.)
     let mut all: Vec<&Route> = have
@@ -130,11 +136,9 @@ pub(super) async fn sync_routes(
         report,
     );
     // `want` is sorted by destination: no set of 100,000 to build.
-    let wanted = |dst: &IpNet| match dst {
-        IpNet::V4(d) => want
-            .binary_search_by_key(d, |p| p.dst)
-            .is_ok_and(|i| route_of(&want[i]).is_some()),
-        IpNet::V6(_) => false,
+    let wanted = |dst: &IpNet| {
+        want.binary_search_by_key(dst, |p| p.dst)
+            .is_ok_and(|i| route_of(&want[i]).is_some())
     };
     let stale = have
         .iter()

@@ -55,6 +55,10 @@ pub struct AgentArgs {
     /// The address peers reach this node at (default: the underlay interface's).
     #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
+    /// The IPv6 address peers reach this node at, with net-conf's EnableIPv6 (default: the
+    /// underlay interface's first global IPv6 address). flannel's --public-ipv6.
+    #[arg(long)]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     #[arg(long, default_value = weft_core::subnet_env::DEFAULT_PATH)]
     pub subnet_file: PathBuf,
     /// Masquerade pod traffic leaving the cluster network (nftables table `weft`).
@@ -171,8 +175,8 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         (store, cfg, None, name)
     };
     anyhow::ensure!(
-        cfg.v4.is_some(),
-        "the agent needs an IPv4 Network (EnableIPv4); IPv6-only dataplanes are not built yet"
+        cfg.v4.is_some() || weft_backend::carries_ipv6(&cfg),
+        "an IPv6-only cluster (EnableIPv4 false) needs a backend that carries IPv6: vxlan or host-gw"
     );
     // The BGP peers' TCP MD5 keys, from a root-only file or the environment on this node (or,
     // warned about, net-conf.json itself); never logged. Read before anything changes, so a
@@ -214,14 +218,38 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         &nl,
         a.iface.as_deref(),
         matcher.as_ref().map(|m| m as &dyn Fn(&str) -> bool),
+        cfg.v4.is_some(),
     )
     .await?;
     let public_ip = a.public_ip.unwrap_or(underlay_net.addr());
+    // IPv6 (EnableIPv6): the node's IPv6 underlay address, published as PublicIPv6.
+    let underlay_net6 = match cfg.v6 {
+        Some(_) => reconcile::underlay_v6(&nl, &underlay).await?,
+        None => None,
+    };
+    let public_ipv6 = cfg
+        .v6
+        .as_ref()
+        .and(a.public_ipv6.or(underlay_net6.map(|n| n.addr())));
+    if cfg.v6.is_some() && public_ipv6.is_none() {
+        anyhow::bail!(
+            "net-conf.json enables IPv6 but {} has no global IPv6 address: give it one or pass --public-ipv6",
+            underlay.name
+        );
+    }
+    if cfg.v6.is_some() && !weft_backend::carries_ipv6(&cfg) {
+        tracing::warn!(
+            backend = cfg.backend.type_name(),
+            "EnableIPv6: this backend does not carry IPv6 between nodes yet (vxlan and host-gw do); pods get IPv6 addresses that reach their own node only"
+        );
+    }
     let local = Local {
         public_ip,
         underlay_net: underlay_net.trunc(),
         underlay_dev: underlay.name.clone(),
         underlay_mtu: underlay.mtu,
+        public_ipv6,
+        underlay_net6: underlay_net6.map(|n| n.trunc()),
     };
     let vx_name = match &cfg.backend {
         Backend::Vxlan(v) => a
@@ -296,7 +324,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     }
     // The lease: ours from before (same public IP, or the subnet in subnet.env), else a new one.
     let mut attrs = LeaseAttrs::new(&node_name, public_ip, cfg.backend.type_name());
-    attrs.backend_data = weft_backend::backend_data(&cfg, Some(mac));
+    attrs.backend_data = if cfg.v4.is_some() {
+        weft_backend::backend_data(&cfg, Some(mac))
+    } else {
+        serde_json::Value::Null
+    };
+    attrs.public_ipv6 = public_ipv6;
+    attrs.backend_v6_data = weft_backend::backend_v6_data(
+        &cfg,
+        public_ipv6.map(|ip6| weft_backend::vtep6_mac(&node_name, ip6)),
+    );
     if a.bgp_route_reflector {
         if let serde_json::Value::Object(m) = &mut attrs.backend_data {
             m.insert("RouteReflector".into(), serde_json::Value::Bool(true));
