@@ -41,7 +41,7 @@ enum Cmd {
     #[command(subcommand)]
     Leases(cmd_leases::LeasesCmd),
     /// The node agent: lease, subnet.env, and the dataplane to every other node.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// The bgp backend's sessions and routes, asked of this node's agent.
     #[command(subcommand)]
     Bgp(cmd_bgp::BgpCmd),
@@ -208,7 +208,7 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Config(c) => c.run().await,
             Cmd::Leases(c) => c.run().await,
-            Cmd::Agent(a) => agent::run(a).await,
+            Cmd::Agent(a) => agent::run(*a).await,
             Cmd::Lab(c) => weft_lab::run(c).await,
             Cmd::Bgp(c) => c.run().await,
             Cmd::Bpf(c) => c.run(),
