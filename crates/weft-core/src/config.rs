@@ -1001,6 +1001,13 @@ impl NetConfig {
                 PodDevice::Veth
             }),
         };
+        // Said, not silently dropped: these backends move IPv4 only so far.
+        if v6.is_some() && matches!(backend, Backend::Udp(_) | Backend::Bgp(_)) {
+            warnings.push(format!(
+                "EnableIPv6: the {} backend does not carry IPv6 between nodes yet (vxlan and host-gw do); pods get IPv6 addresses that reach their own node only",
+                backend.type_name()
+            ));
+        }
         // Keys of a disabled family are known to flannel; they are not typos.
         for r in [&V4_RULES, &V6_RULES] {
             for k in [r.net_key, r.len_key, r.min_key, r.max_key] {

@@ -127,6 +127,7 @@ fn lease_json(l: &Lease, now: SystemTime) -> serde_json::Value {
         "public_ipv6": l.attrs.public_ipv6.map(|a| a.to_string()),
         "backend_type": l.attrs.backend_type,
         "backend_data": l.attrs.backend_data,
+        "backend_v6_data": l.attrs.backend_v6_data,
         "reservation": l.is_reservation(),
         "expires": expiry_text(l.expiry, now).1,
     })

@@ -334,3 +334,23 @@ fn pod_device_is_veth_unless_netkit_is_asked_for() {
     assert!(pr[0].rule.contains("\"netkit\""), "{}", pr[0].rule);
     assert!(pr[0].example.contains("PodDevice"), "{}", pr[0].example);
 }
+
+#[test]
+fn ipv6_on_a_backend_that_does_not_carry_it_is_said() {
+    for b in ["udp", "bgp"] {
+        let p = ok(&format!(
+            r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {{"Type": "{b}"}}}}"#
+        ));
+        assert!(
+            p.warnings.iter().any(|w| w.contains("does not carry IPv6")),
+            "{b}: {:?}",
+            p.warnings
+        );
+    }
+    for b in ["vxlan", "host-gw"] {
+        let p = ok(&format!(
+            r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {{"Type": "{b}"}}}}"#
+        ));
+        assert!(p.warnings.is_empty(), "{b}: {:?}", p.warnings);
+    }
+}

@@ -1,0 +1,302 @@
+//! IPv6 in the lab (needs root): dual stack and IPv6-only on host-gw and vxlan (DirectRouting
+//! too, and across two segments), every pod pair over each family; the leases carry
+//! PublicIPv6 and BackendV6Data; vxlan's 70-byte MTU with DF pings at the pod MTU; path MTU
+//! discovery with ICMPv6 Packet Too Big; an agent restart under ping6 loses nothing.
+
+mod common;
+use common::{ok, wait_until, weft};
+use std::process::Command;
+use std::sync::Mutex;
+
+static LAB: Mutex<()> = Mutex::new(());
+
+struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Lab {
+    fn up(args: &[&str]) -> Lab {
+        let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = weft(&["lab", "down"]);
+        let lab = Lab(g);
+        let mut a = vec!["lab", "up"];
+        a.extend_from_slice(args);
+        ok(&a);
+        wait_until(
+            &format!("{args:?}: all pairs over every family"),
+            30,
+            || weft(&["lab", "check"]).status.success(),
+        );
+        lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = weft(&["lab", "down"]);
+    }
+}
+
+fn state() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string("/run/weft/lab/state.json").expect("state"))
+        .expect("json")
+}
+
+fn pod_ip6(pod: &str) -> String {
+    state()["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["name"] == pod)
+        .and_then(|p| p["ip6"].as_str())
+        .unwrap_or_else(|| panic!("{pod} has no IPv6 address"))
+        .to_string()
+}
+
+fn ping6(ns: &str, args: &[&str]) -> (bool, String) {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-6"])
+        .args(args)
+        .output()
+        .expect("ping");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn dual_stack_every_pair_on_host_gw_and_vxlan() {
+    for args in [
+        vec![
+            "--backend",
+            "host-gw",
+            "--ipv6",
+            "--nodes",
+            "3",
+            "--pods-per-node",
+            "2",
+        ],
+        vec![
+            "--backend",
+            "vxlan",
+            "--ipv6",
+            "--segments",
+            "2",
+            "--nodes",
+            "3",
+            "--pods-per-node",
+            "2",
+        ],
+        vec![
+            "--backend",
+            "vxlan-dr",
+            "--ipv6",
+            "--segments",
+            "2",
+            "--nodes",
+            "4",
+            "--pods-per-node",
+            "1",
+        ],
+        vec![
+            "--backend",
+            "host-gw",
+            "--ipv6",
+            "--mode",
+            "routed",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "2",
+        ],
+    ] {
+        let lab = Lab::up(&args);
+        let out = ok(&["lab", "check"]);
+        assert!(out.contains("IPv6:"), "{args:?}: {out}");
+        // Every lease carries PublicIPv6 (and on vxlan BackendV6Data's VtepMAC).
+        let leases: serde_json::Value = serde_json::from_str(&ok(&[
+            "leases",
+            "list",
+            "--json",
+            "--store",
+            "sqlite:/run/weft/lab/store.db",
+        ]))
+        .expect("leases json");
+        let text = leases.to_string();
+        for n in ["fd00:0:1::b", "fd00:0:2::c"] {
+            if args.contains(&"--segments") || n.starts_with("fd00:0:1") {
+                assert!(text.contains(n), "{args:?}: PublicIPv6 {n} missing: {text}");
+            }
+        }
+        if args[1].starts_with("vxlan") {
+            assert!(
+                leases["leases"]
+                    .as_array()
+                    .expect("leases")
+                    .iter()
+                    .all(|l| l["backend_v6_data"]["VtepMAC"].is_string()),
+                "{text}"
+            );
+        }
+        drop(lab);
+    }
+}
+
+#[test]
+fn ipv6_only_clusters_on_host_gw_and_vxlan() {
+    for backend in ["host-gw", "vxlan"] {
+        let lab = Lab::up(&[
+            "--backend",
+            backend,
+            "--ipv6-only",
+            "--nodes",
+            "3",
+            "--pods-per-node",
+            "1",
+        ]);
+        let env = std::fs::read_to_string("/run/weft/lab/weft-n1/subnet.env").expect("env");
+        assert!(!env.contains("FLANNEL_SUBNET="), "{env}");
+        assert!(
+            env.contains("FLANNEL_IPV6_SUBNET=fd00:10:244:") && env.contains("::1/64"),
+            "{env}"
+        );
+        let v4 = ok(&[
+            "lab",
+            "exec",
+            "weft-n1-p0",
+            "--",
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            "eth0",
+        ]);
+        assert!(
+            v4.trim().is_empty(),
+            "{backend}: an IPv4 address in an IPv6-only pod: {v4}"
+        );
+        drop(lab);
+    }
+}
+
+#[test]
+fn vxlan_mtu_path_mtu_and_agent_restarts_over_ipv6() {
+    let lab = Lab::up(&[
+        "--backend",
+        "vxlan",
+        "--ipv6",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ]);
+    let env = std::fs::read_to_string("/run/weft/lab/weft-n1/subnet.env").expect("env");
+    assert!(
+        env.contains("FLANNEL_MTU=1430"),
+        "vxlan over IPv6 costs 70 bytes: {env}"
+    );
+    let dst = pod_ip6("weft-n2-p0");
+    // A full-size DF packet (1430 - 40 - 8) crosses; one byte more is refused at the pod.
+    let (okay, out) = ping6(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1382", "-c", "2", "-W", "1", &dst],
+    );
+    assert!(okay, "DF ping6 at the pod MTU: {out}");
+    let (okay, _) = ping6(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1383", "-c", "1", "-W", "1", &dst],
+    );
+    assert!(!okay);
+    // The agent restarted under 100 pings/s: the tunnel, its entries and routes stay.
+    let pinger = std::thread::spawn({
+        let dst = dst.clone();
+        move || {
+            ping6(
+                "weft-n1-p0",
+                &["-q", "-i", "0.01", "-c", "300", "-W", "1", &dst],
+            )
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = common::lab_agent_pid("weft-n1");
+    // SAFETY: signalling the lab's agent.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    wait_until("the agent stopping", 10, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+    });
+    ok(&[
+        "lab",
+        "up",
+        "--backend",
+        "vxlan",
+        "--ipv6",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ]);
+    let (_, out) = pinger.join().expect("pinger");
+    assert!(
+        out.contains("300 received"),
+        "ping6 lost across the agent restart: {out}"
+    );
+    drop(lab);
+
+    // host-gw: a smaller uplink MTU on node 1; the node answers a pod's larger DF packet
+    // with ICMPv6 Packet Too Big, and smaller ones pass.
+    let lab = Lab::up(&[
+        "--backend",
+        "host-gw",
+        "--ipv6",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ]);
+    let dst = pod_ip6("weft-n2-p0");
+    let st = Command::new("ip")
+        .args(["-n", "weft-n1", "link", "set", "eth0", "mtu", "1400"])
+        .status()
+        .expect("ip");
+    assert!(st.success());
+    let (okay, out) = ping6(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1420", "-c", "2", "-W", "1", &dst],
+    );
+    assert!(
+        !okay && (out.contains("1400") || out.contains("too big")),
+        "expected Packet Too Big: {out}"
+    );
+    let (okay, out) = ping6(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1300", "-c", "2", "-W", "1", &dst],
+    );
+    assert!(okay, "{out}");
+    drop(lab);
+}
+
+#[test]
+fn backends_without_ipv6_say_so() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("net-conf.json");
+    std::fs::write(
+        &f,
+        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "udp"}}"#,
+    )
+    .expect("write");
+    let o = weft(&["config", "check", f.to_str().expect("path")]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("does not carry IPv6"), "{text}");
+}
