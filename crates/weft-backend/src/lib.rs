@@ -150,6 +150,8 @@ pub struct DesiredState {
     pub pod_mtu: u32,
     /// ip-masq's nftables table; `None` removes it.
     pub masq: Option<masq::Masq>,
+    /// ... and its IPv6 one (`ip6 weft`).
+    pub masq6: Option<masq::Masq>,
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {

@@ -465,6 +465,41 @@ mod tests {
         assert!(Range::of_subnet("fd00::/127".parse().unwrap(), None).is_err());
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        // Any subnet of either family, any gateway: a range or an error, never a panic; what
+        // it hands out lies in the range, is never the gateway and never twice.
+        #[test]
+        fn any_subnet_gives_a_sound_range(v6: bool, bits: u128, len in 0u8..=128, gw: Option<u128>) {
+            let subnet = if v6 {
+                IpNet::new(IpAddr::V6(bits.into()), len)
+            } else {
+                IpNet::new(IpAddr::V4((bits as u32).into()), len.min(32))
+            };
+            let subnet = subnet.unwrap().trunc();
+            let gateway = gw.map(|g| from_num(subnet.addr(), if v6 { g } else { g as u32 as u128 }));
+            if let Ok(r) = Range::of_subnet(subnet, gateway) {
+                prop_assert!(subnet.contains(&r.start) && subnet.contains(&r.end));
+                prop_assert!(num(r.start) <= num(r.end));
+                let d = tempfile::tempdir().unwrap();
+                let ipam = Ipam::open(d.path(), "net").unwrap();
+                let mut got = HashSet::new();
+                for i in 0..4 {
+                    match ipam.allocate(&r, &format!("c{i}"), "eth0") {
+                        Ok((ip, _)) => {
+                            prop_assert!(r.contains(ip));
+                            prop_assert!(Some(ip) != r.gateway);
+                            prop_assert!(got.insert(ip));
+                        }
+                        Err(e) => prop_assert_eq!(e.code, code::TRY_AGAIN),
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn gc_frees_what_is_not_valid() {
         let d = tempfile::tempdir().unwrap();

@@ -222,6 +222,39 @@ mod tests {
             prop_assert_eq!(FreeMap::new(&c, &taken).free(), 0);
         }
 
+        // The same for IPv6 (IPv6-only and dual stack): every key in range, aligned, no two
+        // overlapping in either family, until the range is exhausted.
+        #[test]
+        fn ipv6_allocations_are_in_range_aligned_and_disjoint(prefix in 32u8..=60, extra in 1u8..=8, dual: bool, seed: u64) {
+            let len = prefix + extra;
+            let text = if dual {
+                format!(r#"{{"Network": "10.0.0.0/8", "SubnetLen": 20, "EnableIPv6": true, "IPv6Network": "fd00:40::/{prefix}", "IPv6SubnetLen": {len}}}"#)
+            } else {
+                format!(r#"{{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:40::/{prefix}", "IPv6SubnetLen": {len}}}"#)
+            };
+            let p = NetConfig::parse(&text);
+            prop_assume!(p.is_ok());
+            let c = p.unwrap().config;
+            let pool = c.v6.clone().unwrap();
+            prop_assume!(capacity(&c) <= 4096);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut taken: Vec<LeaseKey> = Vec::new();
+            let mut map = FreeMap::new(&c, &taken);
+            while let Some(i) = map.pick(&mut rng) {
+                let k = key_at(&c, i).unwrap();
+                let net = IpNet::V6(k.v6.unwrap());
+                prop_assert_eq!(k.v4.is_some(), dual);
+                prop_assert!(pool.index_of(&net).is_some());
+                prop_assert!(crate::subnet::is_aligned(net.addr(), len));
+                prop_assert!(!taken.iter().any(|t| t.overlaps(&k)));
+                // The key's text form reads back as the same key (flannel's store keys).
+                prop_assert_eq!(k.to_string().parse::<LeaseKey>().ok(), Some(k));
+                taken.push(k);
+                map.block(i);
+            }
+            prop_assert_eq!(taken.len() as u128, capacity(&c));
+        }
+
         // flannel's defaults hold for every prefix length.
         #[test]
         fn defaults_hold_for_every_prefix(prefix in 0u8..=32) {

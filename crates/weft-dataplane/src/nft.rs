@@ -1,6 +1,6 @@
 //! ip-masq's nftables table, kept as reconciled state: made when wanted, compared with what the
 //! kernel holds on every pass and replaced (one transaction) on drift, removed when ip-masq is
-//! off. Only the table `ip weft` is ever touched.
+//! off. Only the tables `ip weft` and `ip6 weft` are ever touched.
 //!
 //! Through the `nft` tool (nftables' own parser and netlink code): the kernel's listing after
 //! our last write is remembered, so a pass with nothing changed is one `nft list`.
@@ -8,11 +8,30 @@
 use crate::DataplaneError;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use weft_backend::masq::{Masq, TABLE};
+use weft_backend::masq::{family_of, Masq, TABLE};
 
-/// What weft last wrote, and how the kernel listed it afterwards.
+/// ip-masq's tables: `ip weft` and, with IPv6, `ip6 weft`.
 #[derive(Debug, Default)]
 pub struct MasqTable {
+    v4: FamilyTable,
+    v6: FamilyTable,
+}
+
+impl MasqTable {
+    /// Makes `ip weft` hold exactly `want` (or not exist); true when it wrote anything.
+    pub fn sync(&mut self, want: Option<&Masq>) -> Result<bool, DataplaneError> {
+        self.v4.sync(false, want)
+    }
+
+    /// The same for `ip6 weft`.
+    pub fn sync6(&mut self, want: Option<&Masq>) -> Result<bool, DataplaneError> {
+        self.v6.sync(true, want)
+    }
+}
+
+/// What weft last wrote in one family's table, and how the kernel listed it afterwards.
+#[derive(Debug, Default)]
+struct FamilyTable {
     applied: Option<(Masq, String)>,
     /// Without ip-masq: whether a table left by an earlier run was looked for already.
     checked_absent: bool,
@@ -51,24 +70,24 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String), Dat
     ))
 }
 
-/// The kernel's listing of `ip weft`, or None when there is no such table.
-fn listing() -> Result<Option<String>, DataplaneError> {
-    let (ok, out, err) = nft(&["list", "table", "ip", TABLE], None)?;
+/// The kernel's listing of `<family> weft`, or None when there is no such table.
+fn listing(family: &str) -> Result<Option<String>, DataplaneError> {
+    let (ok, out, err) = nft(&["list", "table", family, TABLE], None)?;
     if ok {
         Ok(Some(out))
     } else if err.contains("No such file") || err.contains("does not exist") {
         Ok(None)
     } else {
         Err(DataplaneError::Other(format!(
-            "nft list table ip {TABLE}: {}",
+            "nft list table {family} {TABLE}: {}",
             err.trim()
         )))
     }
 }
 
-impl MasqTable {
-    /// Makes `ip weft` hold exactly `want` (or not exist); true when it wrote anything.
-    pub fn sync(&mut self, want: Option<&Masq>) -> Result<bool, DataplaneError> {
+impl FamilyTable {
+    fn sync(&mut self, v6: bool, want: Option<&Masq>) -> Result<bool, DataplaneError> {
+        let family = family_of(v6);
         if want.is_none() && self.applied.is_none() && !self.checked_absent {
             // Without ip-masq a node needs no nftables at all: look once for a table a previous
             // run left (and remove it), then not again.
@@ -76,7 +95,7 @@ impl MasqTable {
         } else if want.is_none() && self.applied.is_none() {
             return Ok(false);
         }
-        let have = match listing() {
+        let have = match listing(family) {
             Err(DataplaneError::Io { source, .. })
                 if want.is_none() && source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -90,14 +109,14 @@ impl MasqTable {
                 if have.is_none() {
                     return Ok(false);
                 }
-                let (ok, _, err) = nft(&["delete", "table", "ip", TABLE], None)?;
+                let (ok, _, err) = nft(&["delete", "table", family, TABLE], None)?;
                 if !ok {
                     return Err(DataplaneError::Other(format!(
-                        "removing nftables table ip {TABLE} (ip-masq is off): {}",
+                        "removing nftables table {family} {TABLE} (ip-masq is off): {}",
                         err.trim()
                     )));
                 }
-                tracing::info!("ip-masq off: removed nftables table ip {TABLE}");
+                tracing::info!("ip-masq off: removed nftables table {family} {TABLE}");
                 Ok(true)
             }
             Some(m) => {
@@ -108,7 +127,7 @@ impl MasqTable {
                 }
                 if have.is_some() && self.applied.is_some() {
                     tracing::warn!(
-                        "nftables table ip {TABLE} drifted from weft's rules; replacing it"
+                        "nftables table {family} {TABLE} drifted from weft's rules; replacing it"
                     );
                 }
                 let (ok, _, err) = nft(&["-f", "-"], Some(&m.replace_script()))?;
@@ -118,7 +137,7 @@ impl MasqTable {
                         err.trim()
                     )));
                 }
-                let now = listing()?.unwrap_or_default();
+                let now = listing(family)?.unwrap_or_default();
                 self.applied = Some((m.clone(), now));
                 Ok(true)
             }

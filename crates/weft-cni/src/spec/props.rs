@@ -51,8 +51,8 @@ fn prev_result() -> impl Strategy<Value = Value> {
             serde_json::json!({
                 "cniVersion": ver,
                 "interfaces": [{"name": "eth0", "mtu": a}, b],
-                "ips": [{"address": addr, "interface": iface}, {"address": "10.1.2.3/24", "gateway": a}],
-                "routes": [{"dst": "0.0.0.0/0", "gw": addr}],
+                "ips": [{"address": addr, "interface": iface}, {"address": "10.1.2.3/24", "gateway": a}, {"address": "fd00::3/64", "gateway": "fe80::1"}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": addr}, {"dst": "::/0", "gw": "fe80::1"}],
                 "dns": {"nameservers": ["10.96.0.10"]},
             })
         })
@@ -69,11 +69,19 @@ fn config() -> impl Strategy<Value = Vec<u8>> {
         ".{0,20}",
         proptest::option::of(prev_result()),
         proptest::option::of(json()),
+        // IPv4, IPv6, both (dual stack), or whatever a hostile caller writes there.
+        prop_oneof![
+            Just(serde_json::json!([[{"subnet": "10.244.1.0/24"}]])),
+            Just(serde_json::json!([[{"subnet": "fd00:10:244:1::/64"}]])),
+            Just(serde_json::json!([[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:10:244:1::/64", "gateway": "fd00:10:244:1::1"}]])),
+            ("[0-9a-f:/]{0,30}", "[0-9a-f:.]{0,30}").prop_map(|(sub, gw)| serde_json::json!([[{"subnet": sub, "gateway": gw, "rangeStart": gw}]])),
+            json(),
+        ],
     )
-        .prop_map(|(ver, mode, name, prev, extra)| {
+        .prop_map(|(ver, mode, name, prev, extra, ranges)| {
             let mut v = serde_json::json!({
                 "cniVersion": ver, "name": name, "type": "weft-cni", "mode": mode,
-                "bridge": "cni0", "mtu": 1450, "ranges": [[{"subnet": "10.244.1.0/24"}]],
+                "bridge": "cni0", "mtu": 1450, "ranges": ranges,
             });
             if let Some(p) = prev {
                 v["prevResult"] = p;

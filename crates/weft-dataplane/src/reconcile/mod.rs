@@ -181,6 +181,11 @@ async fn full_pass(
         Ok(false) => {}
         Err(e) => report.fail(Object::Table("nftables ip weft".into()), e),
     }
+    match masq.sync6(d.masq6.as_ref()) {
+        Ok(true) => report.added += 1,
+        Ok(false) => {}
+        Err(e) => report.fail(Object::Table("nftables ip6 weft".into()), e),
+    }
     (
         report,
         devices,
@@ -289,6 +294,7 @@ fn only_routes_differ(a: &DesiredState, b: &DesiredState) -> bool {
         && a.neighbours6 == b.neighbours6
         && a.fdb6 == b.fdb6
         && a.masq == b.masq
+        && a.masq6 == b.masq6
         && a.pod_mtu == b.pod_mtu
 }
 

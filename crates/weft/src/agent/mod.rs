@@ -604,9 +604,17 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             weft_backend::plan(&cfg, &local, &own, &leases, &rib, &vx_name, mac);
         tracing::debug!(routes = desired.routes.len(), took = ?t.elapsed(), "planned");
         desired.masq = match (a.ip_masq, masq_network, own.key.v4) {
-            (true, Some(network), Some(subnet)) => {
-                Some(weft_backend::masq::Masq { network, subnet })
-            }
+            (true, Some(network), Some(subnet)) => Some(weft_backend::masq::Masq {
+                network: network.into(),
+                subnet: subnet.into(),
+            }),
+            _ => None,
+        };
+        desired.masq6 = match (a.ip_masq, &cfg.v6, own.key.v6) {
+            (true, Some(pool), Some(subnet)) => Some(weft_backend::masq::Masq {
+                network: pool.network,
+                subnet: subnet.into(),
+            }),
             _ => None,
         };
         pass_tx.send_replace(Some(Arc::new(Pass {
