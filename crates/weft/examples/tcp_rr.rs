@@ -13,7 +13,9 @@ fn main() -> std::io::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("server") => {
             let port: u16 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(7777);
-            let l = TcpListener::bind(("0.0.0.0", port))?;
+            // Both families where the namespace has IPv6 (a v4-mapped listener), else IPv4.
+            let l = TcpListener::bind(("::", port))
+                .or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
             // One client at a time, each to its end.
             for s in l.incoming() {
                 let mut s = s?;
