@@ -241,12 +241,26 @@ pub(super) fn start(
     manifest: &str,
 ) -> Result<Vec<u32>> {
     let running = |i: usize| pids.get(i).copied().filter(|p| alive(*p));
-    let network = conf
-        .v4
-        .as_ref()
-        .and_then(|p| weft_core::subnet::v4(p.network))
-        .context("the lab's Kubernetes control plane needs an IPv4 Network")?;
-    let subnet_len = conf.v4.as_ref().map(|p| p.subnet_len).unwrap_or(24);
+    // The controller-manager hands out a podCIDR of each family net-conf.json enables
+    // (dual stack: two, IPv4 first, as Node.spec.podCIDRs lists them).
+    let pools: Vec<&weft_core::subnet::Pool> = conf.v4.iter().chain(conf.v6.iter()).collect();
+    anyhow::ensure!(!pools.is_empty(), "net-conf.json enables no family");
+    let cluster_cidr = pools
+        .iter()
+        .map(|p| p.network.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mask_flags: Vec<String> = pools
+        .iter()
+        .map(|p| {
+            let fam = if p.network.addr().is_ipv4() {
+                "ipv4"
+            } else {
+                "ipv6"
+            };
+            format!("--node-cidr-mask-size-{fam}={}", p.subnet_len)
+        })
+        .collect();
     let d = kube_dir();
     let kcm_kc = d.join("controller-manager.kubeconfig");
     if !d.join("sa.pub").exists() {
@@ -301,8 +315,7 @@ pub(super) fn start(
         format!("--authentication-kubeconfig={}", kcm_kc.display()),
         format!("--authorization-kubeconfig={}", kcm_kc.display()),
         "--allocate-node-cidrs=true".into(),
-        format!("--cluster-cidr={network}"),
-        format!("--node-cidr-mask-size={subnet_len}"),
+        format!("--cluster-cidr={cluster_cidr}"),
         format!("--service-cluster-ip-range={SERVICE_RANGE}"),
         "--leader-elect=false".into(),
         // Each controller under its own ServiceAccount (kubeadm's way): the node IPAM one
@@ -311,6 +324,7 @@ pub(super) fn start(
         "--bind-address=127.0.0.1".into(),
         "--v=1".into(),
     ];
+    kcm_args.extend(mask_flags);
     if kubelets {
         // A whole cluster's: workloads (DaemonSet, Deployment), ServiceAccounts and their
         // tokens, kube-root-ca.crt in every namespace, node lifecycle, pod and namespace GC.

@@ -157,6 +157,65 @@ fn every_backend_runs_on_the_kubernetes_datastore() {
     }
 }
 
+/// Dual stack and IPv6 only on the Kubernetes datastore: kube-controller-manager hands out a
+/// podCIDR of each family (`spec.podCIDRs`), the agents lease both and write flannel's IPv6
+/// annotations (public-ipv6, backend-v6-data); every pair reaches every pair over each family.
+#[test]
+fn dual_stack_and_ipv6_only_pod_cidrs() {
+    for (backend, flag) in [
+        ("vxlan", "--ipv6"),
+        ("host-gw", "--ipv6"),
+        ("vxlan", "--ipv6-only"),
+    ] {
+        let Some(lab) = Lab::up(&[
+            "--backend",
+            backend,
+            flag,
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "2",
+        ]) else {
+            return;
+        };
+        let out = ok(&["lab", "check"]);
+        assert!(out.contains("IPv6:"), "{out}");
+        let node = lab.node("weft-n1");
+        let cidrs = node["spec"]["podCIDRs"]
+            .as_array()
+            .expect("podCIDRs")
+            .clone();
+        assert_eq!(
+            cidrs.len(),
+            if flag == "--ipv6" { 2 } else { 1 },
+            "{cidrs:?}"
+        );
+        let v6 = cidrs
+            .iter()
+            .filter_map(|c| c.as_str())
+            .find(|c| c.contains(':'))
+            .expect("an IPv6 podCIDR");
+        let env = std::fs::read_to_string("/run/weft/lab/weft-n1/subnet.env").expect("env");
+        let v6_gw = format!("{}1/64", v6.trim_end_matches("/64"));
+        assert!(
+            env.contains(&format!("FLANNEL_IPV6_SUBNET={v6_gw}")),
+            "{v6} vs {env}"
+        );
+        let ann = &node["metadata"]["annotations"];
+        assert_eq!(ann[format!("{P}public-ipv6")], "fd00:0:1::b", "{ann}");
+        if backend == "vxlan" {
+            let data: serde_json::Value = serde_json::from_str(
+                ann[format!("{P}backend-v6-data")]
+                    .as_str()
+                    .expect("backend-v6-data"),
+            )
+            .expect("json");
+            assert!(data["VtepMAC"].is_string(), "{data}");
+        }
+        drop(lab);
+    }
+}
+
 #[test]
 fn nodes_are_written_as_flanneld_writes_them_and_read_as_it_reads_them() {
     let Some(lab) = Lab::up(&["--nodes", "3", "--pods-per-node", "1"]) else {
