@@ -16,19 +16,7 @@ RR=./target/release/examples/tcp_rr
 REPS=${REPS:-3}; SECS=${SECS:-5}; BACKEND=${BACKEND:-host-gw}
 trap '$W lab down >/dev/null 2>&1 || true' EXIT
 
-gbps() { # client server ip
-  $W lab exec "$2" -- iperf3 -s -D -1 >/dev/null 2>&1 || true
-  sleep 0.3
-  $W lab exec "$1" -- iperf3 -c "$3" -t "$SECS" -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))'
-}
-rr() { # client server ip
-  $W lab exec "$2" -- "$RR" server 7777 >/dev/null 2>&1 &
-  local srv=$!
-  sleep 0.3
-  $W lab exec "$1" -- "$RR" client "$3" 7777 "$SECS"
-  kill $srv 2>/dev/null || true
-  pkill -f "tcp_rr server 7777" 2>/dev/null || true
-}
+. bench/lib/pods.sh
 
 for r in $(seq "$REPS"); do
   for case in kernel ebpf vxlan; do

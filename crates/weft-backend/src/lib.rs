@@ -204,8 +204,17 @@ pub fn backend_v6_data(cfg: &NetConfig, vtep6_mac: Option<[u8; 6]>) -> serde_jso
     }
 }
 
-/// Whether the backend carries IPv6 pod traffic (what net-conf's EnableIPv6 needs).
+/// Whether the backend carries IPv6 pod traffic (what net-conf's EnableIPv6 needs); udp
+/// carries it inside its IPv4 datagrams.
 pub fn carries_ipv6(cfg: &NetConfig) -> bool {
+    matches!(
+        cfg.backend,
+        Backend::Vxlan(_) | Backend::HostGw | Backend::Udp(_)
+    )
+}
+
+/// Whether the backend runs without IPv4 at all (an IPv6-only cluster).
+pub fn runs_ipv6_only(cfg: &NetConfig) -> bool {
     matches!(cfg.backend, Backend::Vxlan(_) | Backend::HostGw)
 }
 
@@ -279,7 +288,7 @@ pub fn plan(
         .collect();
     d.rejected = rejected;
     // IPv6: vxlan and host-gw carry it (their own pass over the peers' IPv6 subnets).
-    if let (Some(own6), true) = (own.key.v6, carries_ipv6(cfg)) {
+    if let (Some(own6), true) = (own.key.v6, runs_ipv6_only(cfg)) {
         plan_v6(&mut d, cfg, local, (own, own6), &peers, vxlan_dev_name);
     }
     let Some(own_v4) = own.key.v4 else {
@@ -315,6 +324,18 @@ pub fn plan(
                 d.routes.push(PlannedRoute {
                     dst: network,
                     via: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    dev: Dev::Tun,
+                    onlink: false,
+                });
+            }
+            // IPv6 pods' packets ride the same IPv4 datagrams (the engine routes them by
+            // the peers' IPv6 subnets).
+            if let (Some(network @ IpNet::V6(_)), Some(_)) =
+                (cfg.v6.as_ref().map(|p| p.network), own.key.v6)
+            {
+                d.routes.push(PlannedRoute {
+                    dst: network,
+                    via: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                     dev: Dev::Tun,
                     onlink: false,
                 });

@@ -209,6 +209,25 @@ fn ipv6_only_leases_with_public_ip_zero_are_peers() {
 }
 
 #[test]
+fn udp_routes_the_ipv6_network_into_its_tun_device() {
+    let c = cfg(&DUAL.replace("BACKEND", "udp"));
+    let own = lease6(
+        Some(("10.244.1.0-24", "10.0.1.1")),
+        "fd00:10:244:1::-64",
+        "fd00:0:1::1",
+        None,
+    );
+    let d = plan_for(&c, &own, std::slice::from_ref(&own), &[]);
+    assert!(d.routes.contains(&PlannedRoute {
+        dst: "fd00:10:244::/56".parse().unwrap(),
+        via: "::".parse().unwrap(),
+        dev: Dev::Tun,
+        onlink: false,
+    }));
+    assert!(d.vxlan6.is_none());
+}
+
+#[test]
 fn no_ipv6_underlay_address_is_said_not_guessed() {
     let c = cfg(&DUAL.replace("BACKEND", "host-gw"));
     let own = lease6(

@@ -235,7 +235,7 @@ mod tests {
             let p = NetConfig::parse(&text);
             prop_assume!(p.is_ok());
             let c = p.unwrap().config;
-            let pool = c.v6.clone().unwrap();
+            let pool = c.v6.unwrap();
             prop_assume!(capacity(&c) <= 4096);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut taken: Vec<LeaseKey> = Vec::new();

@@ -1002,9 +1002,9 @@ impl NetConfig {
             }),
         };
         // Said, not silently dropped: these backends move IPv4 only so far.
-        if v6.is_some() && matches!(backend, Backend::Udp(_) | Backend::Bgp(_)) {
+        if v6.is_some() && matches!(backend, Backend::Bgp(_)) {
             warnings.push(format!(
-                "EnableIPv6: the {} backend does not carry IPv6 between nodes yet (vxlan and host-gw do); pods get IPv6 addresses that reach their own node only",
+                "EnableIPv6: the {} backend does not carry IPv6 between nodes yet (vxlan, host-gw and udp do); pods get IPv6 addresses that reach their own node only",
                 backend.type_name()
             ));
         }

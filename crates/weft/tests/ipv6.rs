@@ -1,5 +1,5 @@
 //! IPv6 in the lab (needs root): dual stack and IPv6-only on host-gw and vxlan (DirectRouting
-//! too, and across two segments), every pod pair over each family; the leases carry
+//! too, and across two segments), dual stack on udp, every pod pair over each family; the leases carry
 //! PublicIPv6 and BackendV6Data; vxlan's 70-byte MTU with DF pings at the pod MTU; path MTU
 //! discovery with ICMPv6 Packet Too Big; an agent restart under ping6 loses nothing.
 
@@ -111,6 +111,15 @@ fn dual_stack_every_pair_on_host_gw_and_vxlan() {
             "2",
             "--pods-per-node",
             "2",
+        ],
+        vec![
+            "--backend",
+            "udp",
+            "--ipv6",
+            "--nodes",
+            "3",
+            "--pods-per-node",
+            "1",
         ],
     ] {
         let lab = Lab::up(&args);
@@ -289,7 +298,7 @@ fn backends_without_ipv6_say_so() {
     let f = dir.path().join("net-conf.json");
     std::fs::write(
         &f,
-        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "udp"}}"#,
+        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "bgp"}}"#,
     )
     .expect("write");
     let o = weft(&["config", "check", f.to_str().expect("path")]);

@@ -337,17 +337,15 @@ fn pod_device_is_veth_unless_netkit_is_asked_for() {
 
 #[test]
 fn ipv6_on_a_backend_that_does_not_carry_it_is_said() {
-    for b in ["udp", "bgp"] {
-        let p = ok(&format!(
-            r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {{"Type": "{b}"}}}}"#
-        ));
-        assert!(
-            p.warnings.iter().any(|w| w.contains("does not carry IPv6")),
-            "{b}: {:?}",
-            p.warnings
-        );
-    }
-    for b in ["vxlan", "host-gw"] {
+    let p = ok(
+        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "bgp"}}"#,
+    );
+    assert!(
+        p.warnings.iter().any(|w| w.contains("does not carry IPv6")),
+        "{:?}",
+        p.warnings
+    );
+    for b in ["vxlan", "host-gw", "udp"] {
         let p = ok(&format!(
             r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {{"Type": "{b}"}}}}"#
         ));

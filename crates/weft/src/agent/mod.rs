@@ -175,7 +175,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         (store, cfg, None, name)
     };
     anyhow::ensure!(
-        cfg.v4.is_some() || weft_backend::carries_ipv6(&cfg),
+        cfg.v4.is_some() || weft_backend::runs_ipv6_only(&cfg),
         "an IPv6-only cluster (EnableIPv4 false) needs a backend that carries IPv6: vxlan or host-gw"
     );
     // The BGP peers' TCP MD5 keys, from a root-only file or the environment on this node (or,
