@@ -279,6 +279,75 @@ pub fn v4_overlap_ranges(net: Ipv4Net) -> Vec<(String, String)> {
     out
 }
 
+/// Key ranges that hold the key of every IPv6-only subnet overlapping `net` (the store-side
+/// guard of an IPv6-only lease, as [`v4_overlap_ranges`] is for IPv4): the exact key of each
+/// bigger subnet holding `net`, and every key whose text starts as a subnet inside `net` can
+/// be written. RFC 5952 text compresses the longest run of zero hextets, so a subnet inside
+/// `net` is written with `net`'s fixed hextets in full, or with the run compressed where it
+/// starts inside them: one prefix per such place. May cover keys that do not overlap (the
+/// guard then fails and another subnet is tried); never misses one that does.
+pub fn v6_overlap_ranges(net: Ipv6Net) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let up_to = |p: &str| {
+        // Every string that starts with `p`: [p, p with its last character incremented).
+        let mut end = p.to_string();
+        match end.pop() {
+            Some(c) => end.push(char::from_u32(c as u32 + 1).unwrap_or(c)),
+            None => end.push('\x7f'), // every (ASCII) key
+        }
+        (p.to_string(), end)
+    };
+    // Bigger subnets holding `net`: one exact key per length.
+    for len in 0..net.prefix_len() {
+        if let Ok(sup) = Ipv6Net::new(net.network(), len) {
+            let k = format!("{}-{len}", sup.trunc().network());
+            out.push((k.clone(), format!("{k}\0")));
+        }
+    }
+    let h = net.network().segments();
+    let fixed = (net.prefix_len() / 16) as usize;
+    let text = |a: usize, b: usize| {
+        h[a..b]
+            .iter()
+            .map(|x| format!("{x:x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    if fixed == 8 {
+        // A /128: its own key.
+        let k = format!("{}-128", net.network());
+        out.push((k.clone(), format!("{k}\0")));
+        return out;
+    }
+    // The fixed hextets written in full, the compressed run (if any) after them.
+    if fixed == 0 {
+        out.push(up_to(""));
+        return out; // ::/n with n < 16 holds everything
+    }
+    out.push(up_to(&format!("{}:", text(0, fixed))));
+    // A run of zeros starting at `s` inside the fixed hextets, compressed.
+    for start in 0..fixed {
+        if h[start] != 0 || (start > 0 && h[start - 1] == 0) {
+            continue;
+        }
+        let end = (start..fixed).find(|&i| h[i] != 0).unwrap_or(fixed);
+        let head = text(0, start);
+        if end == fixed {
+            // The run may go on into the variable hextets.
+            out.push(up_to(&format!("{head}::")));
+        } else if end - start >= 2 {
+            out.push(up_to(&format!("{head}::{}:", text(end, fixed))));
+            // The run ends inside the fixed part: the address may end right after it.
+            let k = format!("{head}::{}-", text(end, fixed));
+            out.push(up_to(&k));
+        }
+    }
+    // The subnet's own key (`fd00:10:244:1::-64`) starts with the full-text prefix; a subnet
+    // whose variable hextets are all zero and whose fixed part ends in a non-zero hextet is
+    // written `head:last::-len` — also under the full-text prefix.
+    out
+}
+
 /// Lexicographic ranges covering the dotted-quad keys of every address in [lo, hi], all of
 /// which share the first `level` octets of `base`.
 fn cover(level: u32, base: u32, lo: u32, hi: u32, out: &mut Vec<(String, String)>) {
@@ -390,6 +459,55 @@ mod cover_tests {
                 }
             }
             prop_assert!(r.len() <= 64);
+        }
+
+        // The same for IPv6-only keys: whatever overlaps is covered, however RFC 5952 writes it.
+        #[test]
+        fn every_overlapping_ipv6_subnet_is_covered(addr: u128, len in 0u8..=128, other: u128, olen in 0u8..=128, zeros in 0u8..=8, at in 0u8..=7) {
+            // Addresses with runs of zero hextets (where compression gets interesting).
+            let holed = |v: u128| {
+                let mut seg = std::net::Ipv6Addr::from(v).segments();
+                for i in at as usize..(at as usize + zeros as usize).min(8) {
+                    seg[i] = 0;
+                }
+                u128::from(std::net::Ipv6Addr::from(seg))
+            };
+            let net = Ipv6Net::new(holed(addr).into(), len).unwrap().trunc();
+            let mask = u128::from(net.netmask());
+            let inner_addr = (u128::from(net.network()) & mask) | (holed(other) & !mask);
+            let inner = Ipv6Net::new(inner_addr.into(), olen.max(len)).unwrap().trunc();
+            let o = Ipv6Net::new(holed(other).into(), olen).unwrap().trunc();
+            let r = v6_overlap_ranges(net);
+            for s in [o, inner] {
+                let overlaps = net.contains(&s.network()) || s.contains(&net.network());
+                let k = format!("{}-{}", s.network(), s.prefix_len());
+                if overlaps {
+                    prop_assert!(in_ranges(&k, &r), "{} overlaps {} but {} is not covered by {:?}", s, net, k, r);
+                }
+            }
+            prop_assert!(r.len() <= 140);
+        }
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_guard_covers_its_family_and_not_its_neighbours() {
+        let net: Ipv6Net = "fd00:10:244:7::/64".parse().unwrap();
+        let r = v6_overlap_ranges(net);
+        for k in [
+            "fd00:10:244:7::-64",
+            "fd00:10:244:7:8000::-65",
+            "fd00:10:244::-56",
+            "fd00::-8",
+            "fd00:10:244:7::5-128",
+        ] {
+            assert!(in_ranges(k, &r), "{k} must be covered: {r:?}");
+        }
+        for k in [
+            "fd00:10:244:8::-64",
+            "fd00:10:244:70::-64",
+            "fd00:10:244:6::-64",
+        ] {
+            assert!(!in_ranges(k, &r), "{k} must not be covered: {r:?}");
         }
     }
 }

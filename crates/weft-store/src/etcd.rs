@@ -159,25 +159,24 @@ impl EtcdStore {
         self.raw(kv).decode()
     }
 
-    /// Txn guards that hold while no key names a subnet overlapping `key`'s: for an IPv4
-    /// subnet, key ranges that contain every overlapping subnet's key (see
-    /// `v4_overlap_ranges`); for an IPv6-only key, the exact key.
+    /// Txn guards that hold while no key names a subnet overlapping `key`'s: key ranges that
+    /// contain every overlapping subnet's key — of the IPv4 subnet (`v4_overlap_ranges`; a
+    /// dual-stack key is guarded through it, as weft pairs the families), or of an IPv6-only
+    /// key's subnet (`v6_overlap_ranges`).
     fn free_guards(&self, key: &LeaseKey) -> Vec<Compare> {
         let sub = self.subnets();
-        match key.v4 {
-            Some(v4) => weft_core::lease::v4_overlap_ranges(v4)
-                .into_iter()
-                .map(|(start, end)| {
-                    Compare::create_revision(format!("{sub}{start}"), CompareOp::Equal, 0)
-                        .with_range(format!("{sub}{end}"))
-                })
-                .collect(),
-            None => vec![Compare::create_revision(
-                self.key_of(key),
-                CompareOp::Equal,
-                0,
-            )],
-        }
+        let ranges = match (key.v4, key.v6) {
+            (Some(v4), _) => weft_core::lease::v4_overlap_ranges(v4),
+            (None, Some(v6)) => weft_core::lease::v6_overlap_ranges(v6),
+            (None, None) => Vec::new(),
+        };
+        ranges
+            .into_iter()
+            .map(|(start, end)| {
+                Compare::create_revision(format!("{sub}{start}"), CompareOp::Equal, 0)
+                    .with_range(format!("{sub}{end}"))
+            })
+            .collect()
     }
 
     /// Counts of stored leases and of index entries, read at one revision.

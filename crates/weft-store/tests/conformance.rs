@@ -381,6 +381,45 @@ async fn create_refuses_any_overlap(h: Harness) {
     assert_eq!(s.list().await.expect("list").leases.len(), 3);
 }
 
+/// The same for IPv6-only keys, written however RFC 5952 compresses them.
+async fn create_refuses_any_ipv6_overlap(h: Harness) {
+    let s = h.store().await;
+    let l = |key: &str, i: u32| Lease {
+        key: key.parse().expect("key"),
+        attrs: node(i),
+        expiry: Expiry::Unknown,
+    };
+    s.create(&l("fd00:10:244:4::-64", 1), Some(DAY))
+        .await
+        .expect("first");
+    s.create(&l("fd00:0:0:7::-64", 2), Some(DAY))
+        .await
+        .expect("second");
+    for (key, what) in [
+        ("fd00:10:244:4:8000::-65", "inside"),
+        ("fd00:10:244:4::-64", "same"),
+        ("fd00:10:244::-56", "around"),
+        ("fd00::-8", "far around"),
+        ("fd00:0:0:7:1::-80", "inside the second"),
+        (
+            "fd00::7:0:0:0:0-80",
+            "inside the second, compressed the other way",
+        ),
+    ] {
+        match s.create(&l(key, 3), Some(DAY)).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{key} ({what}) must conflict, got {other:?}"),
+        }
+    }
+    s.create(&l("fd00:10:244:5::-64", 3), Some(DAY))
+        .await
+        .expect("a neighbour is fine");
+    s.create(&l("fd00:10:244:40::-64", 4), Some(DAY))
+        .await
+        .expect("a look-alike key is fine");
+    assert_eq!(s.list().await.expect("list").leases.len(), 4);
+}
+
 async fn one_node_racing_itself_gets_one_lease(h: Harness) {
     let c = net16();
     let mut tasks = Vec::new();
@@ -524,6 +563,7 @@ conformance!(
     corrupt_values_are_reported_and_skipped,
     config_lives_in_the_store,
     create_refuses_any_overlap,
+    create_refuses_any_ipv6_overlap,
     one_node_racing_itself_gets_one_lease,
     a_lapsed_lease_taken_by_another_node_stays_taken,
 );
