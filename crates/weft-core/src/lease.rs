@@ -467,9 +467,8 @@ mod cover_tests {
             // Addresses with runs of zero hextets (where compression gets interesting).
             let holed = |v: u128| {
                 let mut seg = std::net::Ipv6Addr::from(v).segments();
-                for i in at as usize..(at as usize + zeros as usize).min(8) {
-                    seg[i] = 0;
-                }
+                let (from, to) = (at as usize, (at as usize + zeros as usize).min(8));
+                seg[from..to].fill(0);
                 u128::from(std::net::Ipv6Addr::from(seg))
             };
             let net = Ipv6Net::new(holed(addr).into(), len).unwrap().trunc();
