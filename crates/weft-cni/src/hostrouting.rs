@@ -5,7 +5,7 @@
 //! is missing (and removes what is stale).
 
 use crate::spec::Interface;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use weft_dataplane::bpf::{self, Endpoint, Endpoints, Hook};
 use weft_dataplane::{Nl, PairKind};
@@ -19,7 +19,7 @@ pub fn dir(bpf_dir: Option<PathBuf>) -> Option<PathBuf> {
 pub async fn add(
     dir: &Path,
     interfaces: &[Interface],
-    ip: Ipv4Addr,
+    ips: &[IpAddr],
     device: PairKind,
 ) -> Result<(), String> {
     let host = interfaces
@@ -42,10 +42,11 @@ pub async fn add(
         node_mac: <[u8; 6]>::try_from(link.mac.as_slice())
             .map_err(|_| format!("{} has no MAC", host.name))?,
     };
-    // The entry first: the program finds the pod from its first packet on.
-    Endpoints::open(dir)
-        .and_then(|mut m| m.insert(ip, ep))
-        .map_err(|e| e.to_string())?;
+    // The entries first: the program finds the pod from its first packet on.
+    let mut m = Endpoints::open(dir).map_err(|e| e.to_string())?;
+    for ip in ips {
+        m.insert(*ip, ep).map_err(|e| e.to_string())?;
+    }
     let hook = Hook::from_pod(device == PairKind::Netkit);
     bpf::attach_pinned(dir, &host.name, hook).map_err(|e| e.to_string())
 }

@@ -284,7 +284,6 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
         });
     }
     let (address, gateway) = planned[0];
-    let ip = address.addr();
     let plan = wiring::Plan {
         device,
         mode: conf.mode,
@@ -311,12 +310,10 @@ async fn cmd_add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<serde_json::Va
         }
     };
     if conf.mode == Mode::Routed {
-        if let (IpAddr::V4(v4), Some(dir)) = (
-            ip,
-            hostrouting::dir(read_subnet_env(conf).ok().and_then(|e| e.bpf_dir)),
-        ) {
+        if let Some(dir) = hostrouting::dir(read_subnet_env(conf).ok().and_then(|e| e.bpf_dir)) {
             // Best effort: the pod is routed by the kernel until the agent's sync has it.
-            let _ = hostrouting::add(&dir, &made.interfaces, v4, device).await;
+            let ips: Vec<IpAddr> = made.ips.iter().map(|i| i.address.addr()).collect();
+            let _ = hostrouting::add(&dir, &made.interfaces, &ips, device).await;
         }
     }
     // Chained after another plugin: keep what it reported.

@@ -510,5 +510,11 @@ async fn host_routing_add(
             sandbox: Some("docker".into()),
         },
     ];
-    weft_cni::hostrouting::add(dir, &interfaces, e.address, weft_dataplane::PairKind::Veth).await
+    weft_cni::hostrouting::add(
+        dir,
+        &interfaces,
+        &[IpAddr::V4(e.address)],
+        weft_dataplane::PairKind::Veth,
+    )
+    .await
 }

@@ -24,6 +24,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <stdbool.h>
 #include <bpf/bpf_endian.h>
@@ -31,6 +32,9 @@
 
 #ifndef AF_INET
 #define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
 #endif
 
 struct endpoint {
@@ -90,6 +94,34 @@ struct {
 	__type(value, struct config);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_config SEC(".maps");
+
+/* IPv6 (dual stack): pods by their IPv6 address, and the cluster's IPv6 network. Maps of
+ * their own, so an agent upgraded from an IPv4-only one takes the pinned maps over as
+ * they are. */
+struct ip6 {
+	__u32 a[4];
+};
+
+struct config6 {
+	struct ip6 network; /* network byte order; all zero: IPv6 is off */
+	struct ip6 mask;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ip6);
+	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_endpoints6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_config6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -183,6 +215,8 @@ static __always_inline struct config *config(void)
 
 /* What a pod sends. skb->ifindex is the host-side device in both hooks (tc ingress of a
  * veth; netkit runs its peer programs with skb->dev already the primary). */
+static __always_inline int from_pod6(struct __sk_buff *skb, const bool netkit);
+
 static __always_inline int from_pod(struct __sk_buff *skb, const bool netkit)
 {
 	struct ethhdr *eth;
@@ -193,8 +227,11 @@ static __always_inline int from_pod(struct __sk_buff *skb, const bool netkit)
 	struct bpf_redir_neigh nh = {};
 	int rc;
 
-	if (!ip)
+	if (!ip) {
+		if (skb->protocol == bpf_htons(ETH_P_IPV6))
+			return from_pod6(skb, netkit);
 		return account(skb, cfg, 0, D_NOT_IPV4, 0, 0, TC_ACT_OK);
+	}
 	if (!cfg)
 		return account(skb, cfg, ip, D_FIB_FAIL, 0, 0, TC_ACT_OK);
 	/* Outside the cluster network: the stack routes it, and ip-masq's rule applies. */
@@ -242,6 +279,122 @@ static __always_inline int from_pod(struct __sk_buff *skb, const bool netkit)
 	}
 }
 
+/* ---- IPv6: the same decisions, by the same rules. ---- */
+
+static __always_inline struct ipv6hdr *ipv6(struct __sk_buff *skb, struct ethhdr **eth)
+{
+	void *end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6;
+
+	*eth = (void *)(long)skb->data;
+	ip6 = (void *)(*eth + 1);
+	if ((void *)(ip6 + 1) > end || (*eth)->h_proto != bpf_htons(ETH_P_IPV6))
+		return 0;
+	return ip6;
+}
+
+static __always_inline struct config6 *config6(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&weft_config6, &zero);
+}
+
+/* Inside the cluster's IPv6 network (and IPv6 on at all: the network's mask is not zero). */
+static __always_inline bool in_network6(const struct config6 *c, const struct ip6 *a)
+{
+	if (!(c->mask.a[0] | c->mask.a[1] | c->mask.a[2] | c->mask.a[3]))
+		return false;
+	return (a->a[0] & c->mask.a[0]) == c->network.a[0] &&
+	       (a->a[1] & c->mask.a[1]) == c->network.a[1] &&
+	       (a->a[2] & c->mask.a[2]) == c->network.a[2] &&
+	       (a->a[3] & c->mask.a[3]) == c->network.a[3];
+}
+
+/* Into a local pod, as to_local does for IPv4 (IPv6 has no header checksum to mend). */
+static __always_inline int to_local6(struct __sk_buff *skb, const struct config *cfg,
+				     struct ethhdr *eth, struct ipv6hdr *ip6,
+				     const struct endpoint *ep, __u32 decision, __u8 hook,
+				     const bool netkit)
+{
+	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, ep->node_mac, ETH_ALEN);
+	ip6->hop_limit--;
+	account(skb, cfg, 0, decision, ep->ifindex, hook, 0);
+	if (netkit)
+		return bpf_redirect(ep->ifindex, 0);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+static __always_inline int from_pod6(struct __sk_buff *skb, const bool netkit)
+{
+	struct ethhdr *eth;
+	struct ipv6hdr *ip6 = ipv6(skb, &eth);
+	struct config *cfg = config();
+	struct config6 *c6 = config6();
+	struct ip6 dst;
+	struct endpoint *ep;
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	int rc;
+
+	if (!ip6 || !c6)
+		return account(skb, cfg, 0, D_NOT_IPV4, 0, 0, TC_ACT_OK);
+	__builtin_memcpy(&dst, &ip6->daddr, sizeof(dst));
+	/* Outside the cluster network, link-local, multicast (neighbour discovery): the stack. */
+	if (!in_network6(c6, &dst))
+		return account(skb, cfg, 0, D_OUTSIDE, 0, 0, TC_ACT_OK);
+	/* Hop limit 1 needs the stack's ICMPv6 time exceeded. */
+	if (ip6->hop_limit <= 1)
+		return account(skb, cfg, 0, D_TTL, 0, 0, TC_ACT_OK);
+	ep = bpf_map_lookup_elem(&weft_endpoints6, &dst);
+	if (ep)
+		return to_local6(skb, cfg, eth, ip6, ep, D_PEER_LOCAL, 0, netkit);
+	fib.family = AF_INET6;
+	fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
+	fib.l4_protocol = ip6->nexthdr;
+	fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+	__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		nh.nh_family = AF_INET6;
+		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+		ip6->hop_limit--;
+		account(skb, cfg, 0, D_NEIGH, fib.ifindex, 0, 0);
+		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		/* The stack sends the pod ICMPv6 Packet Too Big. */
+		return account(skb, cfg, 0, D_FRAG_NEEDED, 0, 0, TC_ACT_OK);
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+		return account(skb, cfg, 0, D_HOST, 0, 0, TC_ACT_OK);
+	default:
+		return account(skb, cfg, 0, D_FIB_FAIL, 0, 0, TC_ACT_OK);
+	}
+}
+
+static __always_inline int to_pod6(struct __sk_buff *skb)
+{
+	struct ethhdr *eth;
+	struct ipv6hdr *ip6 = ipv6(skb, &eth);
+	struct config *cfg = config();
+	struct ip6 dst;
+	struct endpoint *ep;
+
+	if (!ip6)
+		return account(skb, cfg, 0, D_NOT_IPV4, 0, 1, TC_ACT_OK);
+	__builtin_memcpy(&dst, &ip6->daddr, sizeof(dst));
+	ep = bpf_map_lookup_elem(&weft_endpoints6, &dst);
+	if (!ep)
+		return account(skb, cfg, 0, D_NOT_LOCAL, 0, 1, TC_ACT_OK);
+	if (ip6->hop_limit <= 1)
+		return account(skb, cfg, 0, D_TTL, 0, 1, TC_ACT_OK);
+	return to_local6(skb, cfg, eth, ip6, ep, D_PEER_WIRE, 1, false);
+}
+
 SEC("classifier")
 int weft_from_pod(struct __sk_buff *skb)
 {
@@ -262,8 +415,11 @@ int weft_to_pod(struct __sk_buff *skb)
 	struct config *cfg = config();
 	struct endpoint *ep;
 
-	if (!ip)
+	if (!ip) {
+		if (skb->protocol == bpf_htons(ETH_P_IPV6))
+			return to_pod6(skb);
 		return account(skb, cfg, 0, D_NOT_IPV4, 0, 1, TC_ACT_OK);
+	}
 	ep = bpf_map_lookup_elem(&weft_endpoints, &ip->daddr);
 	/* Not a pod of this node (the node itself, encapsulated traffic, ...): the stack. */
 	if (!ep)

@@ -46,6 +46,10 @@ impl BpfCmd {
                 check_on(&d.bpf_dir)?;
                 let eps = bpf::Endpoints::open(&d.bpf_dir)?;
                 for (ip, e) in eps.list() {
+                    let ip = match ip {
+                        std::net::IpAddr::V6(a) => format!("[{a}]"),
+                        a => a.to_string(),
+                    };
                     println!(
                         "{ip}:0 ifindex={} mac={} nodemac={}",
                         e.ifindex,

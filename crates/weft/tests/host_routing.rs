@@ -454,3 +454,83 @@ fn tc_clsact_filters_where_tcx_is_missing() {
     });
     drop(lab);
 }
+
+fn pod_ip6(pod: &str) -> String {
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("/run/weft/lab/state.json").expect("state"))
+            .expect("json");
+    st["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["name"] == pod)
+        .and_then(|p| p["ip6"].as_str())
+        .expect("an IPv6 address")
+        .to_string()
+}
+
+/// Dual stack: IPv6 pods are endpoints too (`[addr]:0` in the map) and their packets skip
+/// the stack as IPv4 ones do: an nftables drop of forwarded IPv6 pod traffic stops them
+/// with kernel routing only.
+#[test]
+fn ipv6_pods_are_routed_by_ebpf_too() {
+    let drop_rule = "table inet weft_test6 {\n chain pods_apart {\n  type filter hook forward priority 0;\n  ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 drop\n }\n}\n";
+    let lab = Lab::up("host-gw", "ebpf", &["--ipv6"]);
+    let eps = ok(&["bpf", "endpoints", "--bpf-dir", &bpf_dir("weft-n1")]);
+    let p0 = pod_ip6("weft-n1-p0");
+    assert!(eps.contains(&format!("[{p0}]:0 ifindex=")), "{eps}");
+    assert_eq!(eps.lines().count(), 4, "two pods, two families: {eps}");
+    nft("weft-n1", drop_rule);
+    let before = counters("weft-n1");
+    let (local, remote) = (pod_ip6("weft-n1-p1"), pod_ip6("weft-n2-p0"));
+    for dst in [&local, &remote] {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                "weft-n1-p0",
+                "ping",
+                "-6",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                dst,
+            ])
+            .output()
+            .expect("ping");
+        assert!(
+            o.status.success(),
+            "eBPF-routed IPv6 to {dst} stopped by the forward hook"
+        );
+    }
+    let after = counters("weft-n1");
+    assert!(after["redirect-peer"] > before["redirect-peer"]);
+    assert!(after["redirect-neigh"] > before["redirect-neigh"]);
+    drop(lab);
+    let lab = Lab::up("host-gw", "kernel", &["--ipv6"]);
+    nft("weft-n1", drop_rule);
+    let dst = pod_ip6("weft-n2-p0");
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "weft-n1-p0",
+            "ping",
+            "-6",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            &dst,
+        ])
+        .output()
+        .expect("ping");
+    assert!(
+        !o.status.success(),
+        "kernel-routed IPv6 passed a forward drop"
+    );
+    drop(lab);
+}

@@ -4,7 +4,7 @@
 use super::err;
 use crate::DataplaneError;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// A pod as the programs know it (bpf/host_routing.c's `struct endpoint`).
@@ -142,47 +142,101 @@ pub(super) fn update_config(dir: &Path, f: impl FnOnce(&mut Config)) -> Result<(
     a.set(0, c, 0).map_err(|e| err("writing weft_config", e))
 }
 
-/// The pinned endpoint map.
-pub struct Endpoints(HashMap<MapData, u32, Endpoint>);
+/// The pinned endpoint maps: IPv4 pods, and (dual stack) IPv6 ones.
+pub struct Endpoints {
+    v4: HashMap<MapData, u32, Endpoint>,
+    /// Missing where an older agent pinned its maps (IPv4 only).
+    v6: Option<HashMap<MapData, [u8; 16], Endpoint>>,
+}
 
 impl Endpoints {
     pub fn open(dir: &Path) -> Result<Endpoints, DataplaneError> {
-        Ok(Endpoints(
-            HashMap::try_from(Map::HashMap(map(dir, "weft_endpoints")?))
+        Ok(Endpoints {
+            v4: HashMap::try_from(Map::HashMap(map(dir, "weft_endpoints")?))
                 .map_err(|e| err("weft_endpoints", e))?,
-        ))
+            v6: map(dir, "weft_endpoints6")
+                .ok()
+                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
+        })
     }
 
-    pub fn insert(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DataplaneError> {
-        self.0
-            .insert(u32::from_ne_bytes(ip.octets()), ep, 0)
-            .map_err(|e| err(format!("adding endpoint {ip}"), e))
+    fn v6(
+        &mut self,
+        ip: Ipv6Addr,
+    ) -> Result<&mut HashMap<MapData, [u8; 16], Endpoint>, DataplaneError> {
+        self.v6.as_mut().ok_or_else(|| {
+            err(
+                format!("endpoint {ip}"),
+                "no IPv6 endpoint map (an agent from before IPv6 pinned the maps)",
+            )
+        })
+    }
+
+    pub fn insert(&mut self, ip: IpAddr, ep: Endpoint) -> Result<(), DataplaneError> {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(u32::from_ne_bytes(a.octets()), ep, 0),
+            IpAddr::V6(a) => self.v6(a)?.insert(a.octets(), ep, 0),
+        }
+        .map_err(|e| err(format!("adding endpoint {ip}"), e))
     }
 
     /// Ok(false) when there was none.
-    pub fn remove(&mut self, ip: Ipv4Addr) -> Result<bool, DataplaneError> {
-        match self.0.remove(&u32::from_ne_bytes(ip.octets())) {
+    pub fn remove(&mut self, ip: IpAddr) -> Result<bool, DataplaneError> {
+        let r = match ip {
+            IpAddr::V4(a) => self.v4.remove(&u32::from_ne_bytes(a.octets())),
+            IpAddr::V6(a) => match self.v6.as_mut() {
+                Some(m) => m.remove(&a.octets()),
+                None => return Ok(false),
+            },
+        };
+        match r {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(err(format!("removing endpoint {ip}"), e)),
         }
     }
 
-    pub fn get(&self, ip: Ipv4Addr) -> Option<Endpoint> {
-        self.0.get(&u32::from_ne_bytes(ip.octets()), 0).ok()
+    pub fn get(&self, ip: IpAddr) -> Option<Endpoint> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&u32::from_ne_bytes(a.octets()), 0).ok(),
+            IpAddr::V6(a) => self.v6.as_ref()?.get(&a.octets(), 0).ok(),
+        }
     }
 
-    /// Every entry, by address.
-    pub fn list(&self) -> Vec<(Ipv4Addr, Endpoint)> {
-        let mut v: Vec<(Ipv4Addr, Endpoint)> = self
-            .0
+    /// Every entry, by address (IPv4 first).
+    pub fn list(&self) -> Vec<(IpAddr, Endpoint)> {
+        let mut v: Vec<(IpAddr, Endpoint)> = self
+            .v4
             .iter()
             .flatten()
-            .map(|(k, e)| (Ipv4Addr::from(k.to_ne_bytes()), e))
+            .map(|(k, e)| (IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())), e))
             .collect();
+        if let Some(m) = &self.v6 {
+            v.extend(
+                m.iter()
+                    .flatten()
+                    .map(|(k, e)| (IpAddr::V6(Ipv6Addr::from(k)), e)),
+            );
+        }
         v.sort_by_key(|(ip, _)| *ip);
         v
     }
+}
+
+/// bpf/host_routing.c's `struct config6`: the cluster's IPv6 network (zero: IPv6 off).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Config6 {
+    pub(super) network: [u8; 16],
+    pub(super) mask: [u8; 16],
+}
+// SAFETY: plain old data.
+unsafe impl aya::Pod for Config6 {}
+
+pub(super) fn set_config6(dir: &Path, c: Config6) -> Result<(), DataplaneError> {
+    let mut a: Array<MapData, Config6> = Array::try_from(Map::Array(map(dir, "weft_config6")?))
+        .map_err(|e| err("weft_config6", e))?;
+    a.set(0, c, 0).map_err(|e| err("writing weft_config6", e))
 }
 
 /// The per-decision counters, summed over CPUs.

@@ -150,6 +150,7 @@ impl HostRouting {
     pub fn load(
         dir: &Path,
         network: ipnet::Ipv4Net,
+        network6: Option<ipnet::Ipv6Net>,
         attach: Attach,
     ) -> Result<HostRouting, DataplaneError> {
         ensure_bpffs()?;
@@ -194,6 +195,13 @@ impl HostRouting {
             c.mask = u32::from_ne_bytes(network.netmask().octets());
             c.attach = attach.code();
         })?;
+        maps::set_config6(
+            dir,
+            network6.map_or(maps::Config6::default(), |n| maps::Config6 {
+                network: n.network().octets(),
+                mask: n.netmask().octets(),
+            }),
+        )?;
         Ok(hr)
     }
 

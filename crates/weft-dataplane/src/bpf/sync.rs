@@ -9,7 +9,7 @@ use crate::DataplaneError;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::AddressFamily;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 /// weft-cni's host-side device names (veth or netkit): `weft` and eight hex digits.
 pub fn is_pod_veth(name: &str) -> bool {
@@ -94,13 +94,16 @@ impl HostRoutingSync {
                 self.ensure(l, Hook::ToPod, &mut report)?;
             }
         }
-        // Routed pods: weft-cni's /32 routes (its protocol) through its veths.
-        let mut pods: Vec<(Ipv4Addr, &Link)> = Vec::new();
-        for r in nl.routes(false).await? {
-            let (IpAddr::V4(ip), 32, Some(oif)) = (r.dst.addr(), r.dst.prefix_len(), r.oif) else {
+        // Routed pods: weft-cni's /32 and /128 routes (its protocol) through its veths.
+        let mut pods: Vec<(IpAddr, &Link)> = Vec::new();
+        let mut all = nl.routes(false).await?;
+        all.extend(nl.routes(true).await?);
+        for r in all {
+            let host_len = if r.dst.addr().is_ipv4() { 32 } else { 128 };
+            let (ip, Some(oif)) = (r.dst.addr(), r.oif) else {
                 continue;
             };
-            if r.protocol != RTPROT_WEFT_POD {
+            if r.protocol != RTPROT_WEFT_POD || r.dst.prefix_len() != host_len {
                 continue;
             }
             if let Some(l) = by_index.get(&oif).filter(|l| is_pod_veth(&l.name)) {
@@ -157,10 +160,12 @@ impl HostRoutingSync {
     }
 }
 
-/// (ifindex, IPv4) -> MAC of the host's usable neighbour entries.
-async fn pod_macs(nl: &Nl) -> Result<HashMap<(u32, Ipv4Addr), [u8; 6]>, DataplaneError> {
+/// (ifindex, address) -> MAC of the host's usable neighbour entries, both families.
+async fn pod_macs(nl: &Nl) -> Result<HashMap<(u32, IpAddr), [u8; 6]>, DataplaneError> {
     let mut out = HashMap::new();
-    for m in nl.neighbour_msgs(AddressFamily::Inet).await? {
+    let mut msgs = nl.neighbour_msgs(AddressFamily::Inet).await?;
+    msgs.extend(nl.neighbour_msgs(AddressFamily::Inet6).await?);
+    for m in msgs {
         if matches!(
             m.header.state,
             NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
@@ -171,7 +176,12 @@ async fn pod_macs(nl: &Nl) -> Result<HashMap<(u32, Ipv4Addr), [u8; 6]>, Dataplan
         let mut mac = None;
         for a in &m.attributes {
             match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => {
+                    ip = Some(IpAddr::V4(*i))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(i)) => {
+                    ip = Some(IpAddr::V6(*i))
+                }
                 NeighbourAttribute::LinkLayerAddress(l) => {
                     mac = <[u8; 6]>::try_from(l.as_slice()).ok()
                 }

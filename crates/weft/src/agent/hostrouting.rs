@@ -36,7 +36,11 @@ pub(super) fn start(
         "tc" => bpf::Attach::Tc,
         _ => bpf::Attach::for_this_kernel(),
     };
-    let hr = match HostRouting::load(&dir, network, attach) {
+    let network6 = cfg
+        .v6
+        .as_ref()
+        .and_then(|p| weft_core::subnet::v6(p.network));
+    let hr = match HostRouting::load(&dir, network, network6, attach) {
         Ok(hr) => hr,
         Err(e) => {
             // An old kernel (no bpf_redirect_peer/neigh) or no BPF at all: the node still
