@@ -5,7 +5,7 @@
 //! frees them; the plugin and dockerd restarted lose nothing; bad requests change nothing.
 
 mod common;
-use common::{lab_pod_ip as pod_ip, ok, wait_until, weft};
+use common::{lab_pod_ip as pod_ip, ok, weft};
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -255,13 +255,7 @@ fn restart_under_ping(from: (&str, &str, &str), pid: i32, signal: i32, what: &st
         )
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
-    // SAFETY: signalling a daemon the lab started.
-    unsafe {
-        libc::kill(pid, signal);
-    }
-    wait_until(&format!("{what} gone"), 20, || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
-    });
+    common::stop(pid, signal, what);
     ok(&UP_HOST_GW);
     let (_, out) = pinger.join().expect("pinger");
     assert!(

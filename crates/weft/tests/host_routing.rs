@@ -284,17 +284,12 @@ fn path_mtu_discovery_and_agent_restarts_and_cni_del() {
 /// Stops every agent of the lab (SIGTERM: the dataplane stays) and starts them again with
 /// `host_routing`: pods are never touched.
 fn restart_agents(nodes: &[&str], host_routing: &str) {
-    let pids: Vec<i32> = nodes.iter().map(|n| common::lab_agent_pid(n)).collect();
-    for pid in &pids {
-        // SAFETY: signalling the lab's agents.
-        unsafe {
-            libc::kill(*pid, libc::SIGTERM);
-        }
-    }
-    for pid in pids {
-        wait_until("an agent stopping", 10, || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
-        });
+    for n in nodes {
+        common::stop(
+            common::lab_agent_pid(n),
+            libc::SIGTERM,
+            &format!("{n}'s agent"),
+        );
     }
     ok(&up_args("host-gw", host_routing));
 }

@@ -232,14 +232,7 @@ fn vxlan_mtu_path_mtu_and_agent_restarts_over_ipv6() {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = common::lab_agent_pid("weft-n1");
-    // SAFETY: signalling the lab's agent.
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-    }
-    wait_until("the agent stopping", 10, || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
-    });
+    common::stop(common::lab_agent_pid("weft-n1"), libc::SIGTERM, "the agent");
     ok(&[
         "lab",
         "up",

@@ -96,3 +96,14 @@ pub fn lab_pod_ip(pod: &str) -> String {
         .expect("ip")
         .to_string()
 }
+
+/// Signals a process the lab started and waits until it is gone (reaped or a zombie).
+pub fn stop(pid: i32, sig: i32, what: &str) {
+    // SAFETY: signalling a process the lab started.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+    wait_until(&format!("{what} stopping"), 20, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+    });
+}
