@@ -8,6 +8,7 @@ use crate::{
 use ipnet::{IpNet, Ipv6Net};
 use std::net::{IpAddr, Ipv6Addr};
 use weft_core::config::Backend;
+use weft_core::config::{Encapsulation, VxlanConf};
 use weft_core::{Lease, NetConfig};
 
 /// The IPv6 VTEP's name (flannel's `flannel-v6.<VNI>`; weft `weft-v6.<VNI>`).
@@ -28,8 +29,71 @@ pub fn backend_v6_data(cfg: &NetConfig, vtep6_mac: Option<[u8; 6]>) -> serde_jso
         (Backend::Vxlan(v), Some(mac)) => {
             serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)})
         }
+        (Backend::Bgp(g), Some(mac)) if g.encapsulation != Encapsulation::Never => {
+            serde_json::json!({"VNI": g.vxlan.vni, "VtepMAC": mac_text(&mac)})
+        }
         _ => serde_json::Value::Null,
     }
+}
+
+/// The IPv6 VTEP: flannel's `flannel-v6.<VNI>` beside `flannel.<VNI>`, else `weft-v6.<VNI>`,
+/// with the MAC the node publishes in BackendV6Data (the agent derives it the same way).
+pub(crate) fn vtep6(
+    v: &VxlanConf,
+    mtu: u32,
+    own: &Lease,
+    (own6, local6): (Ipv6Net, Ipv6Addr),
+    vxlan_dev_name: &str,
+) -> VxlanDevice {
+    let name = match vxlan_dev_name.strip_prefix("flannel.") {
+        Some(vni) => format!("flannel-v6.{vni}"),
+        None => vxlan6_name(v.vni),
+    };
+    VxlanDevice {
+        name,
+        vni: v.vni,
+        port: v.port,
+        local: IpAddr::V6(local6),
+        mtu,
+        learning: v.learning,
+        gbp: v.gbp,
+        address: IpAddr::V6(own6.network()),
+        mac: vtep6_mac(&own.attrs.owner(), local6),
+    }
+}
+
+/// flannel's kernel-resident design over IPv6 for one peer: an on-link route via its subnet's
+/// first address, a permanent neighbour and an FDB entry to its PublicIPv6.
+pub(crate) fn tunnel6(d: &mut DesiredState, p: &Lease, sub: Ipv6Net) {
+    let mac = p
+        .attrs
+        .backend_v6_data
+        .get("VtepMAC")
+        .and_then(|m| m.as_str())
+        .and_then(parse_mac)
+        .filter(|m| good_mac(*m));
+    let (Some(mac), Some(ip6)) = (mac, p.attrs.public_ipv6) else {
+        d.rejected.push(Rejected {
+            what: p.key.to_string(),
+            reason: format!(
+                "lease of {} has no valid BackendV6Data.VtepMAC or no PublicIPv6",
+                p.attrs.owner()
+            ),
+        });
+        return;
+    };
+    let next = IpAddr::V6(sub.network());
+    d.routes.push(PlannedRoute {
+        dst: IpNet::V6(sub),
+        via: next,
+        dev: Dev::Vxlan6,
+        onlink: true,
+    });
+    d.neighbours6.push(Neighbour { ip: next, mac });
+    d.fdb6.push(FdbEntry {
+        mac,
+        dst: IpAddr::V6(ip6),
+    });
 }
 
 /// The IPv6 half of vxlan and host-gw: flannel's `flannel-v6.<VNI>` VTEP over the IPv6
@@ -52,23 +116,7 @@ pub(crate) fn plan_v6(
     };
     let tunnel = match &cfg.backend {
         Backend::Vxlan(v) => {
-            let name = match vxlan_dev_name.strip_prefix("flannel.") {
-                Some(vni) => format!("flannel-v6.{vni}"),
-                None => vxlan6_name(v.vni),
-            };
-            // What the node publishes in BackendV6Data (the agent derives it the same way).
-            let mac6 = vtep6_mac(&own.attrs.owner(), local6);
-            d.vxlan6 = Some(VxlanDevice {
-                name,
-                vni: v.vni,
-                port: v.port,
-                local: IpAddr::V6(local6),
-                mtu: d.pod_mtu,
-                learning: v.learning,
-                gbp: v.gbp,
-                address: IpAddr::V6(own6.network()),
-                mac: mac6,
-            });
+            d.vxlan6 = Some(vtep6(v, d.pod_mtu, own, (own6, local6), vxlan_dev_name));
             Some(v.direct_routing)
         }
         _ => None,
@@ -88,37 +136,7 @@ pub(crate) fn plan_v6(
         };
         let on_link = local.underlay_net6.is_some_and(|n| n.contains(&ip6));
         match tunnel {
-            Some(direct) if !(direct && on_link) => {
-                let mac = p
-                    .attrs
-                    .backend_v6_data
-                    .get("VtepMAC")
-                    .and_then(|m| m.as_str())
-                    .and_then(parse_mac)
-                    .filter(|m| good_mac(*m));
-                let Some(mac) = mac else {
-                    d.rejected.push(Rejected {
-                        what: p.key.to_string(),
-                        reason: format!(
-                            "lease of {} has no valid BackendV6Data.VtepMAC",
-                            p.attrs.owner()
-                        ),
-                    });
-                    continue;
-                };
-                let next = IpAddr::V6(sub.network());
-                d.routes.push(PlannedRoute {
-                    dst: IpNet::V6(sub),
-                    via: next,
-                    dev: Dev::Vxlan6,
-                    onlink: true,
-                });
-                d.neighbours6.push(Neighbour { ip: next, mac });
-                d.fdb6.push(FdbEntry {
-                    mac,
-                    dst: IpAddr::V6(ip6),
-                });
-            }
+            Some(direct) if !(direct && on_link) => tunnel6(d, p, sub),
             _ => direct_route(d, p, IpNet::V6(sub), IpAddr::V6(ip6), local),
         }
     }

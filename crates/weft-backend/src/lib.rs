@@ -177,8 +177,8 @@ pub fn mac_text(m: &[u8; 6]) -> String {
 /// A route the bgp backend learned: a prefix and the next hop its peer gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Learned {
-    pub prefix: Ipv4Net,
-    pub next_hop: Ipv4Addr,
+    pub prefix: IpNet,
+    pub next_hop: IpAddr,
 }
 
 /// The VTEP device name for a VNI (flannel names it `flannel.<VNI>`; weft `weft.<VNI>`).
@@ -187,11 +187,11 @@ pub fn vxlan_name(vni: u32) -> String {
 }
 
 /// Whether the backend carries IPv6 pod traffic (what net-conf's EnableIPv6 needs); udp
-/// carries it inside its IPv4 datagrams.
+/// carries it inside its IPv4 datagrams, bgp spreads it by MP-BGP over IPv4 sessions.
 pub fn carries_ipv6(cfg: &NetConfig) -> bool {
     matches!(
         cfg.backend,
-        Backend::Vxlan(_) | Backend::HostGw | Backend::Udp(_)
+        Backend::Vxlan(_) | Backend::HostGw | Backend::Udp(_) | Backend::Bgp(_)
     )
 }
 
@@ -227,7 +227,11 @@ pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
         Backend::HostGw => underlay_mtu,
         Backend::Udp(_) => underlay_mtu.saturating_sub(28),
         Backend::Bgp(g) if g.encapsulation == Encapsulation::Never => underlay_mtu,
-        Backend::Bgp(_) => underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+        Backend::Bgp(_) => underlay_mtu.saturating_sub(if cfg.v6.is_some() {
+            VXLAN6_OVERHEAD
+        } else {
+            VXLAN_OVERHEAD
+        }),
     }
 }
 
@@ -325,7 +329,7 @@ pub fn plan(
         }
         Backend::Bgp(g) => {
             let peers: Vec<Lease> = peers.cloned().collect();
-            plan_bgp(&mut d, g, local, own_v4, &peers, rib, vxlan_dev_name, mac)
+            plan_bgp(&mut d, g, local, own, &peers, rib, vxlan_dev_name, mac)
         }
     }
     d.routes.sort();
@@ -449,18 +453,20 @@ fn tunnel_to(d: &mut DesiredState, p: &Lease, sub: Ipv4Net) {
 }
 
 /// Calico's design: routes learned by BGP, plain to on-link next hops; through the vxlan tunnel
-/// where `Encapsulation` says so (CrossSubnet: next hops on another segment).
+/// where `Encapsulation` says so (CrossSubnet: next hops on another segment). IPv6 routes
+/// (MP-BGP) the same way over the IPv6 underlay, tunnelled by the IPv6 VTEP.
 #[allow(clippy::too_many_arguments)]
 fn plan_bgp(
     d: &mut DesiredState,
     g: &BgpConf,
     local: &Local,
-    own: Ipv4Net,
+    own: &Lease,
     leases: &[Lease],
     rib: &[Learned],
     name: &str,
     mac: [u8; 6],
 ) {
+    let Some(own4) = own.key.v4 else { return };
     if g.encapsulation != Encapsulation::Never {
         d.vxlan = Some(VxlanDevice {
             name: name.to_string(),
@@ -470,31 +476,51 @@ fn plan_bgp(
             mtu: d.pod_mtu,
             learning: false,
             gbp: false,
-            address: IpAddr::V4(own.network()),
+            address: IpAddr::V4(own4.network()),
             mac,
         });
+        if let (Some(own6), Some(local6)) = (own.key.v6, local.public_ipv6) {
+            d.vxlan6 = Some(ipv6::vtep6(&g.vxlan, d.pod_mtu, own, (own6, local6), name));
+        }
     }
     let mut seen = std::collections::HashSet::new();
     for l in rib {
-        if own.contains(&l.prefix.network())
-            || l.next_hop == local.public_ip
-            || !seen.insert(l.prefix)
-        {
+        let mine = match l.prefix {
+            IpNet::V4(p) => {
+                own4.contains(&p.network()) || l.next_hop == IpAddr::V4(local.public_ip)
+            }
+            IpNet::V6(p) => {
+                own.key.v6.is_some_and(|o| o.contains(&p.network()))
+                    || Some(l.next_hop) == local.public_ipv6.map(IpAddr::V6)
+            }
+        };
+        if mine || !seen.insert(l.prefix) {
             continue;
         }
+        let underlay: Option<IpNet> = match l.prefix {
+            IpNet::V4(_) => Some(IpNet::V4(local.underlay_net)),
+            IpNet::V6(_) => local.underlay_net6.map(IpNet::V6),
+        };
+        let bad_next_hop = match l.next_hop {
+            IpAddr::V4(n) => {
+                n.is_unspecified() || n.is_loopback() || n.is_multicast() || n.is_broadcast()
+            }
+            IpAddr::V6(n) => {
+                n.is_unspecified()
+                    || n.is_loopback()
+                    || n.is_multicast()
+                    || n.is_unicast_link_local()
+            }
+        };
         // A peer must not steer this node's own traffic: no default route, nothing that covers
         // or lies in the underlay network (the node would route its peers' addresses away).
         let hijack = if l.prefix.prefix_len() == 0 {
             Some("a default route")
-        } else if l.prefix.contains(&local.underlay_net.network())
-            || local.underlay_net.contains(&l.prefix.network())
+        } else if underlay
+            .is_some_and(|u| l.prefix.contains(&u.network()) || u.contains(&l.prefix.network()))
         {
             Some("a prefix overlapping the underlay network")
-        } else if l.next_hop.is_unspecified()
-            || l.next_hop.is_loopback()
-            || l.next_hop.is_multicast()
-            || l.next_hop.is_broadcast()
-        {
+        } else if bad_next_hop || l.prefix.addr().is_ipv4() != l.next_hop.is_ipv4() {
             Some("an invalid next hop")
         } else {
             None
@@ -506,27 +532,38 @@ fn plan_bgp(
             });
             continue;
         }
-        let on_link = local.underlay_net.contains(&l.next_hop);
+        let on_link = underlay.is_some_and(|u| u.contains(&l.next_hop));
         let encap = match g.encapsulation {
             Encapsulation::Never => false,
             Encapsulation::Always => true,
             Encapsulation::CrossSubnet => !on_link,
         };
-        let peer = leases.iter().find(|p| p.attrs.public_ip == l.next_hop);
-        match (encap, on_link, peer) {
-            (true, _, Some(p)) => tunnel_to(d, p, l.prefix),
-            (false, true, _) => d.routes.push(PlannedRoute {
-                dst: IpNet::V4(l.prefix),
-                via: IpAddr::V4(l.next_hop),
+        let peer = leases.iter().find(|p| match l.next_hop {
+            IpAddr::V4(a) => p.attrs.public_ip == a,
+            IpAddr::V6(a) => p.attrs.public_ipv6 == Some(a),
+        });
+        let lease = match l.prefix {
+            IpNet::V4(p) => LeaseKey::v4(p),
+            IpNet::V6(p) => LeaseKey {
+                v4: None,
+                v6: Some(p),
+            },
+        };
+        match (encap, on_link, peer, l.prefix) {
+            (true, _, Some(p), IpNet::V4(sub)) => tunnel_to(d, p, sub),
+            (true, _, Some(p), IpNet::V6(sub)) if d.vxlan6.is_some() => ipv6::tunnel6(d, p, sub),
+            (false, true, _, dst) => d.routes.push(PlannedRoute {
+                dst,
+                via: l.next_hop,
                 dev: Dev::Underlay,
                 onlink: false,
             }),
-            (true, _, None) => d.unreachable.push(Unreachable {
-                lease: LeaseKey::v4(l.prefix),
+            (true, _, _, _) => d.unreachable.push(Unreachable {
+                lease,
                 reason: format!("no lease holds next hop {} to tunnel to", l.next_hop),
             }),
-            (false, false, _) => d.unreachable.push(Unreachable {
-                lease: LeaseKey::v4(l.prefix),
+            (false, false, _, _) => d.unreachable.push(Unreachable {
+                lease,
                 reason: format!(
                     "next hop {} is not on-link and Encapsulation is Never",
                     l.next_hop

@@ -500,3 +500,85 @@ fn macs_parse() {
         "0e:2a:00:ff:10:01"
     );
 }
+
+#[test]
+fn bgp_routes_ipv6_subnets_it_learned_plainly_or_through_the_ipv6_vtep() {
+    let learned = |p: &str, nh: &str| Learned {
+        prefix: p.parse().unwrap(),
+        next_hop: nh.parse().unwrap(),
+    };
+    let own = lease6(
+        Some(("10.244.1.0-24", "10.0.1.1")),
+        "fd00:10:244:1::-64",
+        "fd00:0:1::1",
+        Some("0e:00:00:00:01:01"),
+    );
+    let peers = vec![
+        lease6(
+            Some(("10.244.2.0-24", "10.0.1.2")),
+            "fd00:10:244:2::-64",
+            "fd00:0:1::2",
+            Some("0e:00:00:00:01:02"),
+        ),
+        lease6(
+            Some(("10.244.3.0-24", "10.0.2.3")),
+            "fd00:10:244:3::-64",
+            "fd00:0:2::3",
+            Some("0e:00:00:00:01:03"),
+        ),
+    ];
+    let rib = [
+        learned("fd00:10:244:2::/64", "fd00:0:1::2"),
+        learned("fd00:10:244:3::/64", "fd00:0:2::3"),
+        learned("fd00:10:244:1::/64", "fd00:0:1::9"), // our own: never
+        learned("::/0", "fd00:0:1::2"),               // a default route: no
+        learned("fd00:0:1::/48", "fd00:0:1::2"),      // covers the underlay: no
+        learned("fd00:10:244:4::/64", "10.0.1.2"),    // an IPv4 next hop: no
+    ];
+    // Encapsulation Never: on-link next hops get plain routes, the other segment none.
+    let c = cfg(&DUAL.replace("\"BACKEND\"}", "\"bgp\", \"Encapsulation\": \"Never\"}"));
+    let d = plan_for(&c, &own, &peers, &rib);
+    let v6: Vec<&PlannedRoute> = d.routes.iter().filter(|r| r.dst.addr().is_ipv6()).collect();
+    assert_eq!(
+        v6,
+        vec![&PlannedRoute {
+            dst: "fd00:10:244:2::/64".parse().unwrap(),
+            via: "fd00:0:1::2".parse().unwrap(),
+            dev: Dev::Underlay,
+            onlink: false,
+        }]
+    );
+    assert!(
+        d.unreachable[0].reason.contains("not on-link"),
+        "{:?}",
+        d.unreachable
+    );
+    assert_eq!(d.rejected.len(), 3, "{:?}", d.rejected);
+    assert!(d.vxlan6.is_none() && d.pod_mtu == 1500);
+    // CrossSubnet: the other segment through the IPv6 VTEP (BackendV6Data's MAC, FDB to its
+    // PublicIPv6), and every pod pays IPv6's 70 bytes.
+    let c = cfg(&DUAL.replace("BACKEND", "bgp"));
+    let d = plan_for(&c, &own, &peers, &rib);
+    assert_eq!(
+        d.vxlan6.as_ref().map(|v| v.name.as_str()),
+        Some("weft-v6.1")
+    );
+    assert_eq!(d.pod_mtu, 1430);
+    assert!(d.routes.contains(&PlannedRoute {
+        dst: "fd00:10:244:3::/64".parse().unwrap(),
+        via: "fd00:10:244:3::".parse().unwrap(),
+        dev: Dev::Vxlan6,
+        onlink: true,
+    }));
+    assert_eq!(
+        d.fdb6,
+        vec![FdbEntry {
+            mac: [0x0e, 0, 0, 0, 1, 3],
+            dst: "fd00:0:2::3".parse().unwrap(),
+        }]
+    );
+    assert_eq!(
+        backend_v6_data(&c, Some([0x0e, 0, 0, 0, 1, 1]))["VtepMAC"],
+        "0e:00:00:00:01:01"
+    );
+}

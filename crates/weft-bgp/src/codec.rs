@@ -5,8 +5,11 @@
 //!
 //! Decoding never panics and never reads past its input: every length is checked first.
 
-use ipnet::Ipv4Net;
-use std::net::Ipv4Addr;
+use ipnet::{Ipv4Net, Ipv6Net};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+mod update;
+pub use update::encode_update;
 
 pub const MARKER: [u8; 16] = [0xff; 16];
 pub const HEADER_LEN: usize = 19;
@@ -123,7 +126,17 @@ pub struct Attrs {
     pub local_pref: Option<u32>,
     pub originator_id: Option<Ipv4Addr>,
     pub cluster_list: Vec<Ipv4Addr>,
+    /// The next hop of the IPv6 prefixes (MP_REACH_NLRI's, RFC 2545 §3).
+    pub next_hop6: Option<NextHop6>,
     pub other: Vec<RawAttr>,
+}
+
+/// An IPv6 next hop (RFC 2545 §3): a global address, and a link-local one when the speakers
+/// share a link (sent as 32 octets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NextHop6 {
+    pub global: Ipv6Addr,
+    pub link_local: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -131,11 +144,20 @@ pub struct Update {
     pub withdrawn: Vec<Ipv4Net>,
     pub attrs: Attrs,
     pub nlri: Vec<Ipv4Net>,
+    /// IPv6 unicast prefixes withdrawn (MP_UNREACH_NLRI, RFC 4760 §4).
+    pub withdrawn6: Vec<Ipv6Net>,
+    /// IPv6 unicast prefixes announced (MP_REACH_NLRI, RFC 4760 §3); their next hop is
+    /// `attrs.next_hop6`.
+    pub nlri6: Vec<Ipv6Net>,
+    /// The IPv6 unicast End-of-RIB marker (RFC 4724 §2: an MP_UNREACH_NLRI and nothing else).
+    pub end_of_rib6: bool,
     /// RFC 7606: an attribute was malformed; the NLRI above must be treated as withdrawn.
     pub treat_as_withdraw: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+// UPDATEs are most of what flows: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Message {
     Open(Open),
     Update(Update),
@@ -209,6 +231,10 @@ impl<'a> Rd<'a> {
     fn ipv4(&mut self) -> Option<Ipv4Addr> {
         self.u32().map(Ipv4Addr::from)
     }
+    fn ipv6(&mut self) -> Option<Ipv6Addr> {
+        let b: [u8; 16] = self.take(16)?.try_into().ok()?;
+        Some(Ipv6Addr::from(b))
+    }
 }
 
 /// Decodes one whole message (header included; `frame` gave its length).
@@ -236,7 +262,7 @@ pub fn decode(msg: &[u8], s: Session) -> Result<Message, Notify> {
     };
     match ty {
         1 => decode_open(body).map(Message::Open),
-        2 => decode_update(body, s).map(Message::Update),
+        2 => update::decode(body, s).map(Message::Update),
         3 => {
             if body.len() < 2 {
                 return Err(bad_len());
@@ -384,206 +410,6 @@ fn decode_capability(code: u8, v: &[u8]) -> Option<Capability> {
     })
 }
 
-/// IPv4 prefixes in NLRI encoding (length in bits, then the fewest octets).
-fn decode_prefixes(mut b: &[u8]) -> Option<Vec<Ipv4Net>> {
-    let mut out = Vec::new();
-    while let Some((&len, rest)) = b.split_first() {
-        if len > 32 {
-            return None;
-        }
-        let n = (len as usize).div_ceil(8);
-        if rest.len() < n {
-            return None;
-        }
-        let mut o = [0u8; 4];
-        o[..n].copy_from_slice(&rest[..n]);
-        out.push(Ipv4Net::new(Ipv4Addr::from(o), len).ok()?.trunc());
-        b = &rest[n..];
-    }
-    Some(out)
-}
-
-fn encode_prefixes(out: &mut Vec<u8>, ps: &[Ipv4Net]) {
-    for p in ps {
-        out.push(p.prefix_len());
-        let n = (p.prefix_len() as usize).div_ceil(8);
-        out.extend_from_slice(&p.network().octets()[..n]);
-    }
-}
-
-fn decode_update(body: &[u8], s: Session) -> Result<Update, Notify> {
-    let malformed = |why: &str| {
-        notify(
-            err::UPDATE,
-            err::UPDATE_MALFORMED_ATTRS,
-            &[],
-            why.to_string(),
-        )
-    };
-    let mut r = Rd { b: body };
-    let wl = r
-        .u16()
-        .ok_or_else(|| malformed("no withdrawn-routes length"))? as usize;
-    let wb = r
-        .take(wl)
-        .ok_or_else(|| malformed("withdrawn routes overrun the message"))?;
-    let al = r
-        .u16()
-        .ok_or_else(|| malformed("no path-attributes length"))? as usize;
-    let ab = r
-        .take(al)
-        .ok_or_else(|| malformed("path attributes overrun the message"))?;
-    let withdrawn = decode_prefixes(wb).ok_or_else(|| {
-        notify(
-            err::UPDATE,
-            err::UPDATE_INVALID_NETWORK,
-            &[],
-            "malformed withdrawn routes",
-        )
-    })?;
-    let nlri = decode_prefixes(r.b).ok_or_else(|| {
-        notify(
-            err::UPDATE,
-            err::UPDATE_INVALID_NETWORK,
-            &[],
-            "malformed NLRI",
-        )
-    })?;
-    let mut u = Update {
-        withdrawn,
-        nlri,
-        ..Default::default()
-    };
-    let mut a = Rd { b: ab };
-    let mut seen = [false; 256];
-    while !a.b.is_empty() {
-        // The attribute's framing must hold, or nothing after it can be trusted (RFC 7606 §4).
-        let flags = a.u8().ok_or_else(|| malformed("truncated attribute"))?;
-        let code = a.u8().ok_or_else(|| malformed("truncated attribute"))?;
-        let l = if flags & 0x10 != 0 {
-            a.u16().map(|v| v as usize)
-        } else {
-            a.u8().map(|v| v as usize)
-        }
-        .ok_or_else(|| malformed("truncated attribute length"))?;
-        let v = a
-            .take(l)
-            .ok_or_else(|| malformed("attribute overruns the attributes"))?;
-        if std::mem::replace(&mut seen[code as usize], true) {
-            if matches!(code, 14 | 15) {
-                return Err(malformed("MP_REACH_NLRI or MP_UNREACH_NLRI twice"));
-            }
-            continue; // RFC 7606 §3.g: later copies are discarded
-        }
-        let mut tw = |why: String| {
-            u.treat_as_withdraw.get_or_insert(why);
-        };
-        let well_known = matches!(code, 1 | 2 | 3 | 5);
-        if well_known && flags & 0xc0 != 0x40 {
-            tw(format!("attribute {code} has flags {flags:#04x} (well-known must be transitive, not optional)"));
-            continue;
-        }
-        let mut vr = Rd { b: v };
-        match code {
-            1 => match (l, v.first()) {
-                (1, Some(0)) => u.attrs.origin = Some(Origin::Igp),
-                (1, Some(1)) => u.attrs.origin = Some(Origin::Egp),
-                (1, Some(2)) => u.attrs.origin = Some(Origin::Incomplete),
-                _ => tw("malformed ORIGIN".into()),
-            },
-            2 => match decode_as_path(v, s.four_octet_as) {
-                Some(p) => u.attrs.as_path = p,
-                None => tw("malformed AS_PATH".into()),
-            },
-            3 => match (l, vr.ipv4()) {
-                (4, Some(nh)) => u.attrs.next_hop = Some(nh),
-                _ => tw("malformed NEXT_HOP".into()),
-            },
-            4 => match (l, vr.u32()) {
-                (4, Some(m)) => u.attrs.med = Some(m),
-                _ => tw("malformed MULTI_EXIT_DISC".into()),
-            },
-            5 => match (l, vr.u32()) {
-                (4, Some(p)) => u.attrs.local_pref = Some(p),
-                _ => tw("malformed LOCAL_PREF".into()),
-            },
-            9 => match (l, vr.ipv4()) {
-                (4, Some(id)) => u.attrs.originator_id = Some(id),
-                _ => tw("malformed ORIGINATOR_ID".into()),
-            },
-            10 if l % 4 == 0 => {
-                u.attrs.cluster_list = v
-                    .chunks(4)
-                    .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
-                    .collect()
-            }
-            10 => tw("malformed CLUSTER_LIST".into()),
-            6 | 7 | 14 | 15 => u.attrs.other.push(RawAttr {
-                flags,
-                code,
-                value: v.to_vec(),
-            }),
-            _ if flags & 0x80 == 0 => {
-                return Err(notify(
-                    err::UPDATE,
-                    err::UPDATE_UNRECOGNIZED_WELL_KNOWN,
-                    &[flags, code],
-                    format!("unrecognized well-known attribute {code}"),
-                ));
-            }
-            _ => u.attrs.other.push(RawAttr {
-                flags,
-                code,
-                value: v.to_vec(),
-            }),
-        }
-    }
-    // RFC 7606 §3.d: missing well-known mandatory attributes withdraw the routes.
-    if !u.nlri.is_empty() && u.treat_as_withdraw.is_none() {
-        for (have, name) in [
-            (u.attrs.origin.is_some(), "ORIGIN"),
-            (seen[2], "AS_PATH"),
-            (u.attrs.next_hop.is_some(), "NEXT_HOP"),
-        ] {
-            if !have {
-                u.treat_as_withdraw = Some(format!("missing {name}"));
-                break;
-            }
-        }
-    }
-    Ok(u)
-}
-
-fn decode_as_path(v: &[u8], four: bool) -> Option<Vec<Segment>> {
-    let w = if four { 4 } else { 2 };
-    let mut r = Rd { b: v };
-    let mut out = Vec::new();
-    while !r.b.is_empty() {
-        let t = r.u8()?;
-        let n = r.u8()? as usize;
-        if n == 0 {
-            return None;
-        }
-        let raw = r.take(n * w)?;
-        let asns: Vec<u32> = raw
-            .chunks(w)
-            .map(|c| {
-                if four {
-                    u32::from_be_bytes([c[0], c[1], c[2], c[3]])
-                } else {
-                    u16::from_be_bytes([c[0], c[1]]) as u32
-                }
-            })
-            .collect();
-        out.push(match t {
-            1 => Segment::Set(asns),
-            2 => Segment::Sequence(asns),
-            _ => return None,
-        });
-    }
-    Some(out)
-}
-
 fn header(out: &mut Vec<u8>, ty: u8) {
     out.extend_from_slice(&MARKER);
     out.extend_from_slice(&[0, 0, ty]);
@@ -603,78 +429,6 @@ fn attr(out: &mut Vec<u8>, flags: u8, code: u8, v: &[u8]) {
         out.extend_from_slice(&[flags & !0x10, code, v.len() as u8]);
     }
     out.extend_from_slice(v);
-}
-
-/// The bytes a prefix takes in an UPDATE's withdrawn routes or NLRI.
-fn prefix_len(p: &Ipv4Net) -> usize {
-    1 + (p.prefix_len() as usize).div_ceil(8)
-}
-
-/// Prefixes cut into runs that each fit in `budget` bytes.
-fn fitting(ps: &[Ipv4Net], budget: usize) -> Vec<Vec<Ipv4Net>> {
-    let mut out: Vec<Vec<Ipv4Net>> = Vec::new();
-    let mut used = budget; // start a new run at once
-    for p in ps {
-        let n = prefix_len(p);
-        if used + n > budget {
-            out.push(Vec::new());
-            used = 0;
-        }
-        used += n;
-        if let Some(run) = out.last_mut() {
-            run.push(*p);
-        }
-    }
-    out
-}
-
-/// An UPDATE as messages of at most [`MAX_MESSAGE`] bytes (RFC 4271 §4): as it is when it fits;
-/// else its withdrawals in as many messages as they need (no attributes), then its NLRI in as
-/// many as they need, each carrying the attributes. Attributes that alone leave no room for a
-/// prefix cannot be sent: the NLRI is dropped (the withdrawals still go).
-pub fn encode_update(u: &Update, s: Session) -> Vec<Vec<u8>> {
-    let whole = encode(&Message::Update(u.clone()), s);
-    if whole.len() <= MAX_MESSAGE {
-        return vec![whole];
-    }
-    let fixed = HEADER_LEN + 4; // header, withdrawn length, attributes length
-    let mut out: Vec<Vec<u8>> = fitting(&u.withdrawn, MAX_MESSAGE - fixed)
-        .into_iter()
-        .map(|w| {
-            let m = Update {
-                withdrawn: w,
-                ..Default::default()
-            };
-            encode(&Message::Update(m), s)
-        })
-        .collect();
-    if !u.nlri.is_empty() {
-        let bare = Update {
-            attrs: u.attrs.clone(),
-            nlri: Vec::new(),
-            ..Default::default()
-        };
-        // The attributes' length, measured as encoded with one prefix of one byte (0/0): an
-        // empty AS_PATH is written only when there is NLRI.
-        let probe = Update {
-            nlri: vec![Ipv4Net::default()],
-            ..bare.clone()
-        };
-        let attrs_len = encode(&Message::Update(probe), s).len() - fixed - 1;
-        if let Some(budget) = (MAX_MESSAGE - fixed)
-            .checked_sub(attrs_len)
-            .filter(|b| *b >= 5)
-        {
-            for n in fitting(&u.nlri, budget) {
-                let m = Update {
-                    nlri: n,
-                    ..bare.clone()
-                };
-                out.push(encode(&Message::Update(m), s));
-            }
-        }
-    }
-    out
 }
 
 pub fn encode(m: &Message, s: Session) -> Vec<u8> {
@@ -726,63 +480,7 @@ pub fn encode(m: &Message, s: Session) -> Vec<u8> {
         }
         Message::Update(u) => {
             header(&mut out, 2);
-            let mut w = Vec::new();
-            encode_prefixes(&mut w, &u.withdrawn);
-            out.extend_from_slice(&(w.len() as u16).to_be_bytes());
-            out.extend_from_slice(&w);
-            let a = &u.attrs;
-            let mut at = Vec::new();
-            if let Some(o) = a.origin {
-                attr(&mut at, 0x40, 1, &[o as u8]);
-            }
-            if !u.nlri.is_empty() || !a.as_path.is_empty() {
-                let mut p = Vec::new();
-                for seg in &a.as_path {
-                    let (t, asns) = match seg {
-                        Segment::Set(x) => (1u8, x),
-                        Segment::Sequence(x) => (2u8, x),
-                    };
-                    // Longer segments go out as several of the same type.
-                    for asns in asns.chunks(MAX_SEGMENT_ASNS) {
-                        p.extend_from_slice(&[t, asns.len() as u8]);
-                        for asn in asns {
-                            if s.four_octet_as {
-                                p.extend_from_slice(&asn.to_be_bytes());
-                            } else {
-                                let two = if *asn > u16::MAX as u32 {
-                                    AS_TRANS
-                                } else {
-                                    *asn as u16
-                                };
-                                p.extend_from_slice(&two.to_be_bytes());
-                            }
-                        }
-                    }
-                }
-                attr(&mut at, 0x40, 2, &p);
-            }
-            if let Some(nh) = a.next_hop {
-                attr(&mut at, 0x40, 3, &nh.octets());
-            }
-            if let Some(m) = a.med {
-                attr(&mut at, 0x80, 4, &m.to_be_bytes());
-            }
-            if let Some(lp) = a.local_pref {
-                attr(&mut at, 0x40, 5, &lp.to_be_bytes());
-            }
-            if let Some(id) = a.originator_id {
-                attr(&mut at, 0x80, 9, &id.octets());
-            }
-            if !a.cluster_list.is_empty() {
-                let v: Vec<u8> = a.cluster_list.iter().flat_map(|c| c.octets()).collect();
-                attr(&mut at, 0x80, 10, &v);
-            }
-            for r in &a.other {
-                attr(&mut at, r.flags, r.code, &r.value);
-            }
-            out.extend_from_slice(&(at.len() as u16).to_be_bytes());
-            out.extend_from_slice(&at);
-            encode_prefixes(&mut out, &u.nlri);
+            update::encode_body(&mut out, u, s);
         }
         Message::Notification {
             code,

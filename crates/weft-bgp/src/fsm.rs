@@ -3,7 +3,7 @@
 //! without a network.
 
 use crate::codec::{
-    self, err, Capability, Message, Notify, Open, Session, Update, AFI_IPV4, SAFI_UNICAST,
+    self, err, Capability, Message, Notify, Open, Session, Update, AFI_IPV4, AFI_IPV6, SAFI_UNICAST,
 };
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -18,6 +18,8 @@ pub struct Config {
     pub connect_retry: Duration,
     /// RFC 4724 restart time to advertise; `None` leaves graceful restart off.
     pub graceful_restart: Option<u16>,
+    /// Offer IPv6 unicast beside IPv4 (RFC 4760 multiprotocol capability, AFI 2).
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum Timer {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+// UPDATEs are most of what flows: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Input {
     Start,
     Stop,
@@ -63,9 +67,14 @@ pub struct Negotiated {
     /// Whether it kept its forwarding state for IPv4 unicast across a restart (RFC 4724 §3,
     /// the F bit of the family in its capability).
     pub peer_forwarding_kept: bool,
+    /// The families both OPENs name (a peer naming none speaks IPv4 only, RFC 4760 §8).
+    pub ipv4: bool,
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+// UPDATEs are most of what flows: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Output {
     Connect,
     Send(Vec<u8>),
@@ -112,20 +121,37 @@ impl Fsm {
         self.state
     }
 
+    /// The families this side offers.
+    fn families(&self) -> Vec<u16> {
+        let mut f = vec![AFI_IPV4];
+        if self.cfg.ipv6 {
+            f.push(AFI_IPV6);
+        }
+        f
+    }
+
     fn open(&self) -> Message {
-        let mut caps = vec![
-            Capability::MultiProtocol {
-                afi: AFI_IPV4,
+        let mut caps: Vec<Capability> = self
+            .families()
+            .into_iter()
+            .map(|afi| Capability::MultiProtocol {
+                afi,
                 safi: SAFI_UNICAST,
-            },
+            })
+            .collect();
+        caps.extend([
             Capability::RouteRefresh,
             Capability::FourOctetAs(self.cfg.local_as),
-        ];
+        ]);
         if let Some(t) = self.cfg.graceful_restart {
             caps.push(Capability::GracefulRestart {
                 restarting: false,
                 time: t,
-                families: vec![(AFI_IPV4, SAFI_UNICAST, true)],
+                families: self
+                    .families()
+                    .into_iter()
+                    .map(|afi| (afi, SAFI_UNICAST, true))
+                    .collect(),
             });
         }
         Message::Open(Open {
@@ -350,7 +376,27 @@ impl Fsm {
                 } else {
                     out.push(Output::CancelTimer(Timer::Hold));
                 }
+                let named: Vec<u16> = o
+                    .capabilities
+                    .iter()
+                    .filter_map(|c| match c {
+                        Capability::MultiProtocol { afi, safi } if *safi == SAFI_UNICAST => {
+                            Some(*afi)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let mp = o
+                    .capabilities
+                    .iter()
+                    .any(|c| matches!(c, Capability::MultiProtocol { .. }));
+                let both = |afi: u16| {
+                    self.families().contains(&afi)
+                        && (named.contains(&afi) || (!mp && afi == AFI_IPV4))
+                };
                 self.pending = Some(Negotiated {
+                    ipv4: both(AFI_IPV4),
+                    ipv6: both(AFI_IPV6),
                     peer_as: o.asn,
                     peer_id: o.router_id,
                     hold_time: self.hold,
@@ -403,6 +449,7 @@ mod tests {
             hold_time: 9,
             connect_retry: Duration::from_secs(1),
             graceful_restart: Some(120),
+            ipv6: false,
         }
     }
 
@@ -490,6 +537,56 @@ mod tests {
             ob.contains(&Output::SetTimer(Timer::Hold, Duration::from_secs(9))),
             "an UPDATE restarts the hold timer"
         );
+    }
+
+    fn negotiated(out: &[Output]) -> Negotiated {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Established(n) => Some(n.clone()),
+                _ => None,
+            })
+            .expect("established")
+    }
+
+    #[test]
+    fn families_are_those_both_opens_name() {
+        let v6 = |id, on| Config {
+            ipv6: on,
+            ..cfg(64512, id, 64512)
+        };
+        // Both offer IPv6: both families; one does not: IPv4 only, on both sides.
+        for (a6, b6, want) in [
+            (true, true, true),
+            (true, false, false),
+            (false, true, false),
+        ] {
+            let (mut a, mut b) = (Fsm::new(v6(1, a6)), Fsm::new(v6(2, b6)));
+            let (oa, ob) = handshake(&mut a, &mut b);
+            for n in [negotiated(&oa), negotiated(&ob)] {
+                assert_eq!((n.ipv4, n.ipv6), (true, want), "{a6} {b6}");
+            }
+        }
+        // A peer naming no family at all speaks IPv4 (RFC 4760 §8).
+        let mut a = Fsm::new(v6(1, true));
+        a.process(Input::Start);
+        a.process(Input::TcpConnected);
+        let bare = codec::encode(
+            &Message::Open(Open {
+                version: 4,
+                asn: 64512,
+                hold_time: 9,
+                router_id: Ipv4Addr::new(10, 0, 0, 2),
+                capabilities: vec![],
+            }),
+            Session::default(),
+        );
+        a.process(Input::Bytes(bare));
+        let out = a.process(Input::Bytes(codec::encode(
+            &Message::Keepalive,
+            Session::default(),
+        )));
+        let n = negotiated(&out);
+        assert_eq!((n.ipv4, n.ipv6), (true, false));
     }
 
     #[test]

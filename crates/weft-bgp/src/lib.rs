@@ -8,3 +8,5 @@ pub mod rib;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_mp;

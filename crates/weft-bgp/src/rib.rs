@@ -4,10 +4,10 @@
 //! clock — announcements out, per peer; the installed routes are read off the best paths. The
 //! agent wires it to the driver (sessions) and the planner (kernel routes).
 
-use crate::codec::{Attrs, Origin, RawAttr, Segment, Update};
-use ipnet::Ipv4Net;
+use crate::codec::{Attrs, NextHop6, Origin, RawAttr, Segment, Update};
+use ipnet::IpNet;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,33 @@ pub struct Config {
     pub router_id: Ipv4Addr,
     /// Set: this speaker reflects iBGP routes to its iBGP peers (its clients).
     pub cluster_id: Option<Ipv4Addr>,
+    /// The next hop of this node's own IPv6 subnet (its PublicIPv6, RFC 2545 §3).
+    pub next_hop6: Option<Ipv6Addr>,
+}
+
+/// An address family weft carries (unicast only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(prefix: &IpNet) -> Family {
+        match prefix {
+            IpNet::V4(_) => Family::Ipv4,
+            IpNet::V6(_) => Family::Ipv6,
+        }
+    }
+}
+
+/// The next hop a path gives a prefix: NEXT_HOP for IPv4, MP_REACH_NLRI's global address for
+/// IPv6.
+pub fn next_hop(prefix: &IpNet, a: &Attrs) -> Option<IpAddr> {
+    match prefix {
+        IpNet::V4(_) => a.next_hop.map(IpAddr::V4),
+        IpNet::V6(_) => a.next_hop6.map(|n| IpAddr::V6(n.global)),
+    }
 }
 
 /// Which routes a peer may give us. A weft node may announce only its own lease's subnet; a
@@ -36,12 +63,13 @@ pub struct Config {
 /// next hop. External peers (a top-of-rack router) only what their accept list holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// Every lease's IPv4 subnet -> the public IP of the node holding it.
-    pub leases: HashMap<Ipv4Net, Ipv4Addr>,
+    /// Every lease's subnet -> the public IP of the node holding it (IPv4 subnets: its
+    /// PublicIP, IPv6 ones: its PublicIPv6).
+    pub leases: HashMap<IpNet, IpAddr>,
     /// Prefixes accepted from external (eBGP) peers: a route inside one of them is taken.
-    pub external_accept: Vec<Ipv4Net>,
-    /// This node's own subnet: never taken from anyone.
-    pub own: Option<Ipv4Net>,
+    pub external_accept: Vec<IpNet>,
+    /// This node's own subnets (one per family): never taken from anyone.
+    pub own: Vec<IpNet>,
 }
 
 /// One path to a prefix: its attributes as the peer sent them (shared between prefixes that
@@ -72,7 +100,7 @@ pub struct Out {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
     pub peer: IpAddr,
-    pub prefix: Ipv4Net,
+    pub prefix: IpNet,
     pub reason: String,
 }
 
@@ -107,6 +135,9 @@ pub struct Opened {
     pub restart_time: Option<u16>,
     /// Whether it kept forwarding state for IPv4 unicast across its restart (the F bit).
     pub forwarding_kept: bool,
+    /// The families both sides' OPENs name (RFC 4760 §8): only these are sent.
+    pub ipv4: bool,
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -116,12 +147,14 @@ struct Peer {
     up: bool,
     id: Option<Ipv4Addr>,
     restart_time: Option<u16>,
+    ipv4: bool,
+    ipv6: bool,
     /// Graceful restart under way: its stale routes go at this instant at the latest.
     stale_until: Option<Instant>,
     /// Prefixes it announced (their paths are in `Rib::paths`).
-    adj_in: Set<Ipv4Net>,
+    adj_in: Set<IpNet>,
     /// What it was sent, prefix -> attributes.
-    adj_out: Map<Ipv4Net, Arc<Attrs>>,
+    adj_out: Map<IpNet, Arc<Attrs>>,
     refused: u64,
 }
 
@@ -142,7 +175,7 @@ pub struct Rib {
     policy: Policy,
     peers: Map<IpAddr, Peer>,
     /// prefix -> the paths peers offer for it.
-    paths: Map<Ipv4Net, Paths>,
+    paths: Map<IpNet, Paths>,
     /// Identical attribute sets are stored once.
     interned: Set<Arc<Attrs>>,
     /// Some attribute set may have lost its last user since the last collection (collecting
@@ -184,6 +217,8 @@ impl Rib {
             up: false,
             id: None,
             restart_time: None,
+            ipv4: false,
+            ipv6: false,
             stale_until: None,
             adj_in: Set::default(),
             adj_out: Map::default(),
@@ -215,7 +250,7 @@ impl Rib {
     pub fn set_policy(&mut self, policy: Policy) -> Vec<Out> {
         let own_changed = policy.own != self.policy.own;
         self.policy = policy;
-        let mut flips: Vec<(Ipv4Net, IpAddr, bool)> = Vec::new();
+        let mut flips: Vec<(IpNet, IpAddr, bool)> = Vec::new();
         for (prefix, paths) in &self.paths {
             for p in paths {
                 let kind = self.peers.get(&p.from).map_or(Kind::Node, |x| x.kind);
@@ -246,18 +281,34 @@ impl Rib {
     }
 
     /// Import policy and semantic checks (RFC 4271 §5.1.3, RFC 7606 §7.3): Err(reason) refuses.
-    fn check(&self, kind: Kind, prefix: Ipv4Net, a: &Attrs) -> Result<(), String> {
-        let nh = a.next_hop.ok_or_else(|| "no NEXT_HOP".to_string())?;
-        if nh.is_unspecified() || nh.is_loopback() || nh.is_multicast() || nh.is_broadcast() {
+    fn check(&self, kind: Kind, prefix: IpNet, a: &Attrs) -> Result<(), String> {
+        let nh = next_hop(&prefix, a).ok_or_else(|| match prefix {
+            IpNet::V4(_) => "no NEXT_HOP".to_string(),
+            IpNet::V6(_) => "no IPv6 next hop (MP_REACH_NLRI)".to_string(),
+        })?;
+        let unusable = match nh {
+            IpAddr::V4(n) => {
+                n.is_broadcast() || n.is_unspecified() || n.is_loopback() || n.is_multicast()
+            }
+            // A link-local global address names no node (RFC 2545 §3).
+            IpAddr::V6(n) => {
+                n.is_unicast_link_local()
+                    || n.is_unspecified()
+                    || n.is_loopback()
+                    || n.is_multicast()
+            }
+        };
+        if unusable {
             return Err(format!("next hop {nh} is no unicast address"));
         }
-        if nh == self.cfg.router_id {
+        if nh == IpAddr::V4(self.cfg.router_id) || Some(nh) == self.cfg.next_hop6.map(IpAddr::V6) {
             return Err(format!("next hop {nh} is this node"));
         }
         if self
             .policy
             .own
-            .is_some_and(|o| o == prefix || o.contains(&prefix) || prefix.contains(&o.network()))
+            .iter()
+            .any(|o| *o == prefix || o.contains(&prefix) || prefix.contains(&o.network()))
         {
             return Err("it covers or lies in this node's own subnet".into());
         }
@@ -291,7 +342,7 @@ impl Rib {
         }
     }
 
-    fn remove_path(&mut self, from: IpAddr, prefix: Ipv4Net) {
+    fn remove_path(&mut self, from: IpAddr, prefix: IpNet) {
         self.garbage = true;
         if let Some(v) = self.paths.get_mut(&prefix) {
             v.retain(|p| p.from != from);
@@ -305,7 +356,7 @@ impl Rib {
     }
 
     /// The best path to `prefix` (RFC 4271 §9.1.2, with RFC 4456 §9's tie-breaks).
-    pub fn best(&self, prefix: &Ipv4Net) -> Option<&Path> {
+    pub fn best(&self, prefix: &IpNet) -> Option<&Path> {
         self.paths
             .get(prefix)?
             .iter()
@@ -314,18 +365,18 @@ impl Rib {
     }
 
     /// The routes to install: the best path of every prefix, as (prefix, next hop).
-    pub fn installed(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
-        let mut v: Vec<(Ipv4Net, Ipv4Addr)> = self
+    pub fn installed(&self) -> Vec<(IpNet, IpAddr)> {
+        let mut v: Vec<(IpNet, IpAddr)> = self
             .paths
             .keys()
-            .filter_map(|p| Some((*p, self.best(p)?.attrs.next_hop?)))
+            .filter_map(|p| Some((*p, next_hop(p, &self.best(p)?.attrs)?)))
             .collect();
         v.sort();
         v
     }
 
     /// Every path, for `weft bgp routes`.
-    pub fn paths(&self) -> impl Iterator<Item = (&Ipv4Net, &Path)> {
+    pub fn paths(&self) -> impl Iterator<Item = (&IpNet, &Path)> {
         self.paths
             .iter()
             .flat_map(|(n, v)| v.iter().map(move |p| (n, p)))
@@ -333,8 +384,8 @@ impl Rib {
 
     /// Every up peer's whole Adj-RIB-Out checked (our own subnet changed).
     fn resync_all(&mut self) -> Vec<Out> {
-        let mut all: Vec<Ipv4Net> = self.paths.keys().copied().collect();
-        all.extend(self.policy.own);
+        let mut all: Vec<IpNet> = self.paths.keys().copied().collect();
+        all.extend(self.policy.own.iter().copied());
         for p in self.peers.values() {
             all.extend(p.adj_out.keys().copied());
         }
@@ -351,12 +402,13 @@ impl Rib {
         p.up = true;
         p.id = Some(opened.id);
         p.restart_time = opened.restart_time.filter(|t| *t > 0);
+        (p.ipv4, p.ipv6) = (opened.ipv4, opened.ipv6);
         p.adj_out.clear();
         // Back from a restart without its forwarding state: what it held is no good now.
         let flush = p.stale_until.is_some() && !opened.forwarding_kept;
         let mut changed = Vec::new();
         if flush {
-            changed = self.sweep_stale(peer);
+            changed = self.sweep_stale(peer, None);
         } else if let Some(p) = self.peers.get_mut(&peer) {
             // Still stale until its End-of-RIB, or the restart time at the latest.
             if p.stale_until.is_some() {
@@ -367,36 +419,54 @@ impl Rib {
             }
         }
         let mut out = self.propagate(&changed);
-        let mut all: Vec<Ipv4Net> = self.paths.keys().copied().collect();
-        all.extend(self.policy.own);
+        let mut all: Vec<IpNet> = self.paths.keys().copied().collect();
+        all.extend(self.policy.own.iter().copied());
         all.sort();
         all.dedup();
         let offers = self.offers(&all);
         out.extend(self.sync_peer(peer, &offers));
-        out.push(Out {
-            to: peer,
-            update: Update::default(), // End-of-RIB (RFC 4724 §2)
-        });
+        // End-of-RIB of each family (RFC 4724 §2).
+        if opened.ipv4 {
+            out.push(Out {
+                to: peer,
+                update: Update::default(),
+            });
+        }
+        if opened.ipv6 {
+            out.push(Out {
+                to: peer,
+                update: Update {
+                    end_of_rib6: true,
+                    ..Default::default()
+                },
+            });
+        }
         out
     }
 
-    /// Removes the peer's routes still marked stale; returns the prefixes that changed.
-    fn sweep_stale(&mut self, peer: IpAddr) -> Vec<Ipv4Net> {
+    /// Removes the peer's routes still marked stale (of one family: its End-of-RIB came, or
+    /// all); returns the prefixes that changed. The restart is over once none is left.
+    fn sweep_stale(&mut self, peer: IpAddr, family: Option<Family>) -> Vec<IpNet> {
         self.garbage = true;
         let mut gone = Vec::new();
+        let mut left = false;
         for (prefix, v) in self.paths.iter_mut() {
+            let ours = family.is_none_or(|f| f == Family::of(prefix));
             let before = v.len();
-            v.retain(|p| !(p.from == peer && p.stale));
+            v.retain(|p| !(ours && p.from == peer && p.stale));
             if v.len() != before {
                 gone.push(*prefix);
             }
+            left |= v.iter().any(|p| p.from == peer && p.stale);
         }
         self.paths.retain(|_, v| !v.is_empty());
         if let Some(p) = self.peers.get_mut(&peer) {
             for g in &gone {
                 p.adj_in.remove(g);
             }
-            p.stale_until = None;
+            if !left {
+                p.stale_until = None;
+            }
         }
         gone
     }
@@ -409,24 +479,43 @@ impl Rib {
         let ibgp = p.asn == self.cfg.local_as;
         let kind = p.kind;
         let from_id = p.id.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        // End-of-RIB: what is still stale was not announced again, and goes.
-        if u.withdrawn.is_empty() && u.nlri.is_empty() && u.attrs == Attrs::default() {
+        // End-of-RIB: what is still stale of that family was not announced again, and goes.
+        let eor = if u == Update::default() {
+            Some(Family::Ipv4)
+        } else if u.end_of_rib6
+            && u.withdrawn6.is_empty()
+            && u.nlri6.is_empty()
+            && u.withdrawn.is_empty()
+            && u.nlri.is_empty()
+        {
+            Some(Family::Ipv6)
+        } else {
+            None
+        };
+        if let Some(family) = eor {
             let changed = if self
                 .peers
                 .get(&peer)
                 .is_some_and(|p| p.stale_until.is_some())
             {
-                self.sweep_stale(peer)
+                self.sweep_stale(peer, Some(family))
             } else {
                 Vec::new()
             };
             return (self.propagate(&changed), Vec::new());
         }
-        let mut changed: Vec<Ipv4Net> = Vec::new();
-        for w in &u.withdrawn {
-            self.remove_path(peer, *w);
-            changed.push(*w);
+        let mut changed: Vec<IpNet> = Vec::new();
+        let withdrawn = u.withdrawn.iter().map(|w| IpNet::V4(*w));
+        for w in withdrawn.chain(u.withdrawn6.iter().map(|w| IpNet::V6(*w))) {
+            self.remove_path(peer, w);
+            changed.push(w);
         }
+        let nlri: Vec<IpNet> = u
+            .nlri
+            .iter()
+            .map(|n| IpNet::V4(*n))
+            .chain(u.nlri6.iter().map(|n| IpNet::V6(*n)))
+            .collect();
         let mut refused = Vec::new();
         // RFC 7606: a malformed UPDATE withdraws what it carries; so does a loop (RFC 4456 §8,
         // RFC 4271 §9.1.2: our AS in the path of an external route, our ID or cluster).
@@ -440,13 +529,13 @@ impl Rib {
                     Segment::Sequence(a) | Segment::Set(a) => a.contains(&self.cfg.local_as),
                 }));
         if u.treat_as_withdraw.is_some() || looped {
-            for n in &u.nlri {
+            for n in &nlri {
                 self.remove_path(peer, *n);
                 changed.push(*n);
             }
-        } else if !u.nlri.is_empty() {
+        } else if !nlri.is_empty() {
             let attrs = self.intern(u.attrs);
-            for n in u.nlri {
+            for n in nlri {
                 changed.push(n);
                 let eligible = match self.check(kind, n, &attrs) {
                     Ok(()) => true,
@@ -512,7 +601,7 @@ impl Rib {
                 return Vec::new();
             }
         }
-        let prefixes: Vec<Ipv4Net> = p.adj_in.drain().collect();
+        let prefixes: Vec<IpNet> = p.adj_in.drain().collect();
         p.stale_until = None;
         for n in &prefixes {
             self.remove_path(peer, *n);
@@ -549,7 +638,7 @@ impl Rib {
             .collect();
         let mut changed = Vec::new();
         for peer in due {
-            changed.extend(self.sweep_stale(peer));
+            changed.extend(self.sweep_stale(peer, None));
         }
         self.propagate(&changed)
     }
@@ -565,8 +654,8 @@ impl Rib {
             return Vec::new();
         };
         p.adj_out.clear();
-        let mut all: Vec<Ipv4Net> = self.paths.keys().copied().collect();
-        all.extend(self.policy.own);
+        let mut all: Vec<IpNet> = self.paths.keys().copied().collect();
+        all.extend(self.policy.own.iter().copied());
         all.sort();
         all.dedup();
         let offers = self.offers(&all);
@@ -635,3 +724,5 @@ mod out;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests6;

@@ -102,6 +102,7 @@ fn update_announce_and_withdraw() {
             "10.244.2.0/24".parse().unwrap(),
         ],
         treat_as_withdraw: None,
+        ..Default::default()
     };
     let s = Session {
         four_octet_as: true,
@@ -302,6 +303,7 @@ proptest! {
             attrs: Attrs { origin: Some(Origin::Igp), as_path: vec![Segment::Sequence(asns)], next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)), local_pref: Some(lp), ..Default::default() },
             nlri: nets,
             treat_as_withdraw: None,
+..Default::default()
         };
         let s = Session { four_octet_as: true };
         prop_assert_eq!(decode(&encode(&Message::Update(u.clone()), s), s).unwrap(), Message::Update(u));
@@ -324,12 +326,14 @@ fn valid_messages() -> Vec<Vec<u8>> {
             originator_id: Some(Ipv4Addr::new(10, 0, 0, 9)),
             cluster_list: vec![Ipv4Addr::new(10, 0, 0, 2)],
             other: vec![],
+            next_hop6: None,
         },
         nlri: vec![
             "10.244.1.0/24".parse().unwrap(),
             "10.244.2.0/25".parse().unwrap(),
         ],
         treat_as_withdraw: None,
+        ..Default::default()
     };
     let open = Open {
         version: 4,
@@ -359,6 +363,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
         ),
         encode(&Message::Keepalive, s),
         encode(&Message::RouteRefresh { afi: 1, safi: 1 }, s),
+        encode(&Message::Update(crate::tests_mp::update6()), s),
     ]
 }
 
@@ -369,7 +374,7 @@ proptest! {
     /// lengthened, framed and decoded with either AS size: an error, never a panic.
     #[test]
     fn mutated_messages_never_panic(
-        which in 0usize..5,
+        which in 0usize..6,
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
         cut in any::<Option<usize>>(),
         four: bool,
@@ -445,6 +450,7 @@ fn updates_are_split_to_fit_4096_bytes() {
         },
         nlri: many(3000, 24),
         treat_as_withdraw: None,
+        ..Default::default()
     };
     let (w, nlri, parts) = split_and_check(&u, s);
     assert_eq!((w, nlri), (u.withdrawn.clone(), u.nlri.clone()));
@@ -516,6 +522,7 @@ proptest! {
             },
             nlri: nets(&n),
             treat_as_withdraw: None,
+..Default::default()
         };
         let s = Session { four_octet_as: four };
         let (got_w, got_n, _) = split_and_check(&u, s);

@@ -32,6 +32,7 @@ fn session_with_bird_exchanges_routes_both_ways() {
         hold_time: 9,
         connect_retry: Duration::from_secs(1),
         graceful_restart: Some(120),
+        ipv6: false,
     });
     let mut pending = fsm.process(Input::Start);
     pending.extend(fsm.process(Input::TcpConnected));

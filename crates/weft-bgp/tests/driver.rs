@@ -21,6 +21,7 @@ fn fsm(local_as: u32, id: u8, peer_as: u32) -> Config {
         hold_time: 9,
         connect_retry: Duration::from_millis(300),
         graceful_restart: Some(120),
+        ipv6: false,
     }
 }
 

@@ -233,7 +233,7 @@ pub struct BgpConf {
     pub vxlan: VxlanConf,
     /// `ImportFromPeers`: prefixes a route from an external peer may lie in (like Calico's
     /// BGPFilter import rules); None: the cluster network only.
-    pub import_from_peers: Option<Vec<ipnet::Ipv4Net>>,
+    pub import_from_peers: Option<Vec<ipnet::IpNet>>,
     /// `MeshPasswordFile` / `MeshPasswordEnv` (or, warned, `MeshPassword`): the TCP MD5 key of
     /// every session between weft nodes.
     pub mesh_password: Option<PasswordSource>,
@@ -815,10 +815,10 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                 }
             };
             let import_from_peers = o.get("ImportFromPeers").and_then(|v| {
-                let example = "\"ImportFromPeers\": [\"10.244.0.0/16\", \"0.0.0.0/0\"]";
+                let example = "\"ImportFromPeers\": [\"10.244.0.0/16\", \"0.0.0.0/0\", \"fd00:10:244::/48\"]";
                 let list = v.as_array().map(|a| {
                     a.iter()
-                        .map(|x| x.as_str().and_then(|t| t.parse::<ipnet::Ipv4Net>().ok()))
+                        .map(|x| x.as_str().and_then(|t| t.parse::<ipnet::IpNet>().ok()))
                         .collect::<Option<Vec<_>>>()
                 });
                 match list {
@@ -827,7 +827,7 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                         ctx.problem(
                             "Backend.ImportFromPeers",
                             Some(v),
-                            "must be a list of IPv4 CIDRs",
+                            "must be a list of CIDRs (IPv4 or IPv6)",
                             example,
                         );
                         None

@@ -1,6 +1,7 @@
 //! The RIB rule by rule, with plain data.
 
 use super::*;
+use ipnet::Ipv4Net;
 
 const A: &str = "10.0.1.11";
 const B: &str = "10.0.1.12";
@@ -19,6 +20,10 @@ fn net(s: &str) -> Ipv4Net {
     s.parse().unwrap()
 }
 
+fn pfx(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
 fn policy() -> Policy {
     Policy {
         leases: [
@@ -28,10 +33,10 @@ fn policy() -> Policy {
             ("10.244.9.0/24", "10.0.1.9"),
         ]
         .into_iter()
-        .map(|(n, h)| (net(n), v4(h)))
+        .map(|(n, h)| (pfx(n), ip(h)))
         .collect(),
-        external_accept: vec![net("10.244.0.0/16")],
-        own: Some(net("10.244.9.0/24")),
+        external_accept: vec![pfx("10.244.0.0/16")],
+        own: vec![pfx("10.244.9.0/24")],
     }
 }
 
@@ -42,6 +47,7 @@ fn reflector() -> Rib {
             local_as: 64512,
             router_id: v4("10.0.1.9"),
             cluster_id: Some(v4("10.0.1.9")),
+            next_hop6: None,
         },
         policy(),
     );
@@ -57,6 +63,8 @@ fn opened(id: &str) -> Opened {
         id: v4(id),
         restart_time: Some(120),
         forwarding_kept: true,
+        ipv4: true,
+        ipv6: false,
     }
 }
 
@@ -160,7 +168,7 @@ fn reflection_passes_attributes_on_unchanged_plus_originator_and_cluster() {
             "communities as they are, the unknown transitive one with Partial, the non-transitive one not at all"
         );
     }
-    assert_eq!(r.installed(), vec![(net("10.244.1.0/24"), v4(A))]);
+    assert_eq!(r.installed(), vec![(pfx("10.244.1.0/24"), ip(A))]);
 }
 
 #[test]
@@ -214,7 +222,7 @@ fn invalid_next_hops_and_foreign_prefixes_are_refused_and_counted() {
     // From the ToR, a route inside the cluster network is taken (not reflected: eBGP).
     let (out, refused) = r.update(ip(TOR), announce(&["10.244.3.0/24"], TOR));
     assert!(refused.is_empty() && out.is_empty());
-    assert_eq!(r.installed(), vec![(net("10.244.3.0/24"), v4(TOR))]);
+    assert_eq!(r.installed(), vec![(pfx("10.244.3.0/24"), ip(TOR))]);
 }
 
 #[test]
@@ -229,7 +237,7 @@ fn graceful_restart_keeps_routes_through_failures_until_end_of_rib() {
         .down(ip(A), Ended::Lost, t + Duration::from_secs(3))
         .is_empty());
     assert!(r.tick(t + Duration::from_secs(60)).is_empty());
-    assert_eq!(r.installed(), vec![(net("10.244.1.0/24"), v4(A))]);
+    assert_eq!(r.installed(), vec![(pfx("10.244.1.0/24"), ip(A))]);
     // Back, forwarding state kept: stale until End-of-RIB; not announced again, it goes.
     r.up(ip(A), opened(A), t + Duration::from_secs(61));
     assert_eq!(r.installed().len(), 1);
@@ -288,7 +296,7 @@ fn a_notification_or_the_restart_time_ends_the_routes_at_once() {
 #[test]
 fn prefixes_sharing_attributes_leave_in_one_update() {
     let mut p = policy();
-    p.leases.insert(net("10.244.4.0/24"), v4(A));
+    p.leases.insert(pfx("10.244.4.0/24"), ip(A));
     let mut r = reflector();
     r.set_policy(p);
     let t = Instant::now();
@@ -327,7 +335,7 @@ fn the_best_path_wins_and_a_lost_one_falls_back() {
     via_c.attrs.cluster_list = vec![v4("10.0.1.99")];
     r.update(ip(C), via_c);
     assert_eq!(
-        r.best(&net("10.244.1.0/24")).map(|p| p.from),
+        r.best(&pfx("10.244.1.0/24")).map(|p| p.from),
         Some(ip(A)),
         "shorter CLUSTER_LIST"
     );
@@ -337,8 +345,8 @@ fn the_best_path_wins_and_a_lost_one_falls_back() {
             .all(|o| o.update.withdrawn.is_empty() || o.to == ip(C)),
         "{out:?}"
     );
-    assert_eq!(r.best(&net("10.244.1.0/24")).map(|p| p.from), Some(ip(C)));
-    assert_eq!(r.installed(), vec![(net("10.244.1.0/24"), v4(A))]);
+    assert_eq!(r.best(&pfx("10.244.1.0/24")).map(|p| p.from), Some(ip(C)));
+    assert_eq!(r.installed(), vec![(pfx("10.244.1.0/24"), ip(A))]);
 }
 
 #[test]
@@ -363,9 +371,9 @@ fn a_route_refused_for_want_of_a_lease_is_used_once_the_lease_is_seen() {
     assert_eq!(refused.len(), 1);
     assert!(r.installed().is_empty());
     let mut p = policy();
-    p.leases.insert(net("10.244.5.0/24"), v4(A));
+    p.leases.insert(pfx("10.244.5.0/24"), ip(A));
     let out = r.set_policy(p);
-    assert_eq!(r.installed(), vec![(net("10.244.5.0/24"), v4(A))]);
+    assert_eq!(r.installed(), vec![(pfx("10.244.5.0/24"), ip(A))]);
     assert_eq!(
         to(&out, B)[0].nlri,
         vec![net("10.244.5.0/24")],
@@ -389,13 +397,7 @@ fn nothing_grows_with_peers_that_come_and_go() {
         let peer = IpAddr::V4(Ipv4Addr::from(0x0a00_0200 + i));
         let subnet = Ipv4Net::new(Ipv4Addr::from(0x0af5_0000 + (i << 8)), 24).unwrap();
         let mut p = policy();
-        p.leases.insert(
-            subnet,
-            match peer {
-                IpAddr::V4(v) => v,
-                _ => unreachable!(),
-            },
-        );
+        p.leases.insert(IpNet::V4(subnet), peer);
         r.set_policy(p);
         r.add_peer(peer, 64512, Kind::Node);
         r.up(peer, opened(&peer.to_string()), t);
@@ -443,6 +445,7 @@ fn a_weft_client_takes_what_its_reflector_passes_on_from_a_configured_peer_but_n
             local_as: 64512,
             router_id: v4("10.0.1.9"),
             cluster_id: None,
+            next_hop6: None,
         },
         policy(),
     );
@@ -462,6 +465,6 @@ fn a_weft_client_takes_what_its_reflector_passes_on_from_a_configured_peer_but_n
     assert!(refused[0].reason.contains("not of next hop"), "{refused:?}");
     assert_eq!(
         r.installed(),
-        vec![(net("10.244.200.0/24"), v4("10.0.1.100"))]
+        vec![(pfx("10.244.200.0/24"), ip("10.0.1.100"))]
     );
 }

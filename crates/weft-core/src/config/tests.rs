@@ -229,10 +229,10 @@ fn bgp_backend() {
         }
         other => panic!("{other:?}"),
     }
-    let imp = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["10.0.0.0/16", "0.0.0.0/0"]}}"#).config;
+    let imp = ok(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["10.0.0.0/16", "0.0.0.0/0", "fd00::/8"]}}"#).config;
     assert!(matches!(
         &imp.backend,
-        Backend::Bgp(BgpConf { import_from_peers: Some(l), .. }) if l.len() == 2
+        Backend::Bgp(BgpConf { import_from_peers: Some(l), .. }) if l.len() == 3
     ));
     let bad = problems(
         r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "ImportFromPeers": ["x"]}}"#,

@@ -3,7 +3,9 @@
 
 use super::*;
 use weft_bgp::driver::{Event, PeerConfig, Speaker};
+use ipnet::IpNet;
 use weft_bgp::rib::{Ended, Kind, Opened, Out, Policy, Rib};
+use weft_core::LeaseKey;
 
 pub(super) struct Bgp {
     conf: weft_core::config::BgpConf,
@@ -31,6 +33,14 @@ pub(super) struct Bgp {
     refused_routes: weft_core::backoff::Backoff,
     /// The TCP MD5 key of mesh sessions (MeshPasswordFile / MeshPasswordEnv), resolved.
     pub(super) mesh_password: Option<String>,
+    /// The cluster has IPv6: sessions offer IPv6 unicast (MP-BGP, RFC 4760) too.
+    ipv6: bool,
+}
+
+/// A lease's subnets, both families.
+fn own_subnets(key: &LeaseKey) -> Vec<IpNet> {
+    let v4 = key.v4.map(IpNet::V4);
+    v4.into_iter().chain(key.v6.map(IpNet::V6)).collect()
 }
 
 impl Bgp {
@@ -38,25 +48,23 @@ impl Bgp {
         conf: weft_core::config::BgpConf,
         (speaker, events): (Speaker, tokio::sync::mpsc::Receiver<Event>),
         port: u16,
-        router_id: Ipv4Addr,
+        (router_id, next_hop6): (Ipv4Addr, Option<std::net::Ipv6Addr>),
         cluster_id: Option<Ipv4Addr>,
-        network: Option<ipnet::Ipv4Net>,
-        own: Option<ipnet::Ipv4Net>,
+        networks: Vec<ipnet::IpNet>,
+        own: &LeaseKey,
     ) -> Bgp {
         let policy = Policy {
             leases: HashMap::new(),
-            // External peers: what ImportFromPeers allows, else the cluster network only.
-            external_accept: conf
-                .import_from_peers
-                .clone()
-                .unwrap_or_else(|| network.into_iter().collect()),
-            own,
+            // External peers: what ImportFromPeers allows, else the cluster networks only.
+            external_accept: conf.import_from_peers.clone().unwrap_or(networks),
+            own: own_subnets(own),
         };
         let rib = Rib::new(
             weft_bgp::rib::Config {
                 local_as: conf.as_number,
                 router_id,
                 cluster_id,
+                next_hop6,
             },
             policy.clone(),
         );
@@ -79,6 +87,7 @@ impl Bgp {
             refused_conns: Default::default(),
             refused_routes: Default::default(),
             mesh_password: None,
+            ipv6: next_hop6.is_some(),
         }
     }
 
@@ -103,6 +112,7 @@ impl Bgp {
                 hold_time: 30,
                 connect_retry: Duration::from_secs(1),
                 graceful_restart: Some(120),
+                ipv6: self.ipv6,
             },
             active,
             password,
@@ -135,12 +145,16 @@ impl Bgp {
             .collect();
         let external: std::collections::HashSet<IpAddr> =
             self.conf.peers.iter().map(|p| p.address).collect();
+        // A lease's IPv4 subnet via its PublicIP, its IPv6 one via its PublicIPv6.
+        let v4 = leases
+            .iter()
+            .filter_map(|l| Some((IpNet::V4(l.key.v4?), IpAddr::V4(l.attrs.public_ip))));
+        let v6 = leases.iter().filter_map(|l| {
+            Some((IpNet::V6(l.key.v6?), IpAddr::V6(l.attrs.public_ipv6?)))
+        });
         let policy = Policy {
-            leases: leases
-                .iter()
-                .filter_map(|l| Some((l.key.v4?, l.attrs.public_ip)))
-                .collect(),
-            own: own.key.v4,
+            leases: v4.chain(v6).collect(),
+            own: own_subnets(&own.key),
             ..self.policy.clone()
         };
         if policy != self.policy {
@@ -194,13 +208,19 @@ impl Bgp {
                         id: negotiated.peer_id,
                         restart_time: negotiated.peer_restart_time,
                         forwarding_kept: negotiated.peer_forwarding_kept,
+                        ipv4: negotiated.ipv4,
+                        ipv6: negotiated.ipv6,
                     },
                     now,
                 );
                 self.send(outs).await;
             }
             Event::Update { peer, update } => {
-                if update == weft_bgp::codec::Update::default() {
+                let eor6 = weft_bgp::codec::Update {
+                    end_of_rib6: true,
+                    ..Default::default()
+                };
+                if update == weft_bgp::codec::Update::default() || update == eor6 {
                     tracing::info!(%peer, "End-of-RIB: what the peer did not announce again since its restart is dropped");
                 }
                 if let Some(why) = &update.treat_as_withdraw {
@@ -315,8 +335,8 @@ impl Bgp {
     pub(super) fn routes_json(&self) -> String {
         #[derive(serde::Serialize)]
         struct Row<'a> {
-            prefix: ipnet::Ipv4Net,
-            next_hop: Option<Ipv4Addr>,
+            prefix: IpNet,
+            next_hop: Option<IpAddr>,
             from: IpAddr,
             stale: bool,
             /// Allowed by the import policy.
@@ -334,7 +354,7 @@ impl Bgp {
             .paths()
             .map(|(prefix, p)| Row {
                 prefix: *prefix,
-                next_hop: p.attrs.next_hop,
+                next_hop: weft_bgp::rib::next_hop(prefix, &p.attrs),
                 from: p.from,
                 stale: p.stale,
                 accepted: p.eligible,
@@ -364,7 +384,7 @@ impl Bgp {
     /// This node no longer holds its subnet: every peer hears it withdrawn at once.
     pub(super) async fn withdraw_own(&mut self) {
         let policy = Policy {
-            own: None,
+            own: Vec::new(),
             ..self.policy.clone()
         };
         self.policy = policy.clone();

@@ -377,11 +377,15 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 g.clone(),
                 bgp_bound.context("the BGP listener")?,
                 a.bgp_port,
-                public_ip,
+                (public_ip, lease.key.v6.and(public_ipv6)),
                 a.bgp_route_reflector
                     .then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
-                masq_network,
-                lease.key.v4,
+                [cfg.v4.as_ref(), cfg.v6.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.network)
+                    .collect(),
+                &lease.key,
             );
             // External peers: the ones on this node's own segment when the config lists any
             // there (one ToR per segment, as Calico's per-node peerings do), else all of them.
