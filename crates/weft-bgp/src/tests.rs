@@ -4,7 +4,7 @@ use crate::codec::*;
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
 
-fn hex(s: &str) -> Vec<u8> {
+pub(crate) fn hex(s: &str) -> Vec<u8> {
     let s: String = s.split_whitespace().collect();
     (0..s.len())
         .step_by(2)
@@ -12,7 +12,7 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-const FF: &str = "ffffffffffffffffffffffffffffffff";
+pub(crate) const FF: &str = "ffffffffffffffffffffffffffffffff";
 
 /// A message of type `ty` around `body` (hex), with the length computed.
 fn msg(ty: u8, body: &str) -> Vec<u8> {

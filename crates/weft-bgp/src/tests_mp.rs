@@ -3,19 +3,11 @@
 //! input.
 
 use crate::codec::*;
+use crate::tests::{hex, FF};
 use ipnet::{Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-fn hex(s: &str) -> Vec<u8> {
-    let s: String = s.split_whitespace().collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-const FF: &str = "ffffffffffffffffffffffffffffffff";
 const S: Session = Session {
     four_octet_as: true,
 };

@@ -815,7 +815,8 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                 }
             };
             let import_from_peers = o.get("ImportFromPeers").and_then(|v| {
-                let example = "\"ImportFromPeers\": [\"10.244.0.0/16\", \"0.0.0.0/0\", \"fd00:10:244::/48\"]";
+                let example =
+                    "\"ImportFromPeers\": [\"10.244.0.0/16\", \"0.0.0.0/0\", \"fd00:10:244::/48\"]";
                 let list = v.as_array().map(|a| {
                     a.iter()
                         .map(|x| x.as_str().and_then(|t| t.parse::<ipnet::IpNet>().ok()))
@@ -1001,12 +1002,18 @@ impl NetConfig {
                 PodDevice::Veth
             }),
         };
-        // Said, not silently dropped: these backends move IPv4 only so far.
-        if v6.is_some() && matches!(backend, Backend::Bgp(_)) {
-            warnings.push(format!(
-                "EnableIPv6: the {} backend does not carry IPv6 between nodes yet (vxlan, host-gw and udp do); pods get IPv6 addresses that reach their own node only",
-                backend.type_name()
-            ));
+        // An IPv6-only cluster needs a backend that moves packets between nodes over IPv6:
+        // bgp's sessions and udp's datagrams run over IPv4.
+        if v6.is_some() && !enable4 && matches!(backend, Backend::Bgp(_) | Backend::Udp(_)) {
+            ctx.problem(
+                "EnableIPv4",
+                o_raw(&o, "EnableIPv4").as_ref(),
+                format!(
+                    "an IPv6-only cluster needs the vxlan or host-gw backend: {} talks between nodes over IPv4",
+                    backend.type_name()
+                ),
+                "\"EnableIPv4\": true (dual stack), or \"Backend\": {\"Type\": \"vxlan\"}",
+            );
         }
         // Keys of a disabled family are known to flannel; they are not typos.
         for r in [&V4_RULES, &V6_RULES] {

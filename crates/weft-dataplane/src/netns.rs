@@ -108,6 +108,7 @@ impl Netns {
             what: format!("creating {NETNS_RUN_DIR}"),
             source: e,
         })?;
+        run_dir_shared()?;
         let path = dir.join(name);
         std::fs::OpenOptions::new()
             .write(true)
@@ -170,5 +171,47 @@ impl Netns {
             source: e,
         })?;
         Ok(true)
+    }
+}
+
+/// Makes /run/netns a shared mount point of its own, as `ip netns add` does before its first
+/// namespace. Without it, the first `ip netns add` after ours bind-mounts the directory over
+/// itself: our namespaces' mounts stay below, their files above are plain files ("not a
+/// network namespace") that cannot be removed (EBUSY).
+fn run_dir_shared() -> Result<(), DataplaneError> {
+    use nix::mount::{mount, MsFlags};
+    let sys = |what: &str, errno| DataplaneError::Sys {
+        what: what.to_string(),
+        errno,
+    };
+    let dir = NETNS_RUN_DIR;
+    match mount(
+        None::<&str>,
+        dir,
+        Some("none"),
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    ) {
+        Ok(()) => Ok(()),
+        // Not a mount point yet: bind it onto itself, then share it.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(
+                Some(dir),
+                dir,
+                Some("none"),
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| sys(&format!("bind-mounting {dir} onto itself"), e))?;
+            mount(
+                None::<&str>,
+                dir,
+                Some("none"),
+                MsFlags::MS_SHARED | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| sys(&format!("making {dir} a shared mount"), e))
+        }
+        Err(e) => Err(sys(&format!("making {dir} a shared mount"), e)),
     }
 }

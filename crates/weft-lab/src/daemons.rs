@@ -94,17 +94,36 @@ pub(super) fn start_etcd(un: &Netns) -> Result<u32> {
 
 /// BIRD as the top-of-rack router: AS 65000 in the underlay namespace, accepting any node of
 /// 10.0.0.0/16 (AS 64512) and installing the pod routes it learns in the router's kernel.
-pub(super) fn start_bird(un: &Netns) -> Result<u32> {
+/// With `v6`, IPv6 unicast too (MP-BGP over the same IPv4 sessions): a session per segment,
+/// each announcing the router's IPv6 address on that segment as next hop.
+pub(super) fn start_bird(un: &Netns, segments: u8, v6: bool) -> Result<u32> {
     let dir = Path::new(DIR).join("bird");
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("bird.conf");
-    std::fs::write(
-        &conf,
+    let mut text = String::from(
         "router id 10.0.1.254;\nprotocol device {}\n\
-         protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }\n\
-         protocol bgp nodes {\n  local as 65000;\n  neighbor range 10.0.0.0/16 as 64512;\n  hold time 9; keepalive time 3;\n\
-         ipv4 { import all; export where source = RTS_BGP; next hop self; };\n}\n",
-    )?;
+         protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }\n",
+    );
+    if v6 {
+        text.push_str(
+            "protocol kernel { ipv6 { import none; export where source = RTS_BGP; }; }\n",
+        );
+    }
+    for seg in 1..=segments {
+        let ipv6 = if v6 {
+            format!(
+                "  ipv6 {{ import all; export where source = RTS_BGP; next hop address {}; }};\n",
+                gateway6(seg)
+            )
+        } else {
+            String::new()
+        };
+        text.push_str(&format!(
+            "protocol bgp seg{seg} {{\n  local as 65000;\n  neighbor range 10.0.{seg}.0/24 as 64512;\n  hold time 9; keepalive time 3;\n\
+             ipv4 {{ import all; export where source = RTS_BGP; next hop self; }};\n{ipv6}}}\n"
+        ));
+    }
+    std::fs::write(&conf, text)?;
     let (ctl, pid) = (dir.join("bird.ctl"), dir.join("bird.pid"));
     let args = [
         std::ffi::OsStr::new("-f"),
@@ -124,20 +143,26 @@ pub(super) fn start_bird(un: &Netns) -> Result<u32> {
     )
 }
 
-/// gobgpd as the route reflector: every node of 10.0.0.0/16 a client (dynamic neighbours).
-pub(super) fn start_gobgpd(un: &Netns) -> Result<u32> {
+/// gobgpd as the route reflector: every node of 10.0.0.0/16 a client (dynamic neighbours);
+/// with `v6`, IPv6 unicast reflected too.
+pub(super) fn start_gobgpd(un: &Netns, v6: bool) -> Result<u32> {
     let dir = Path::new(DIR).join("gobgp");
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("gobgpd.toml");
     std::fs::write(
         &conf,
-        "[global.config]\n  as = 64512\n  router-id = \"10.0.1.254\"\n  local-address-list = [\"10.0.1.254\"]\n\
+        format!("[global.config]\n  as = 64512\n  router-id = \"10.0.1.254\"\n  local-address-list = [\"10.0.1.254\"]\n\
          [[peer-groups]]\n  [peer-groups.config]\n    peer-group-name = \"nodes\"\n    peer-as = 64512\n\
          [peer-groups.timers.config]\n    hold-time = 9\n    keepalive-interval = 3\n\
          [peer-groups.route-reflector.config]\n    route-reflector-client = true\n    route-reflector-cluster-id = \"10.0.1.254\"\n\
          [[peer-groups.afi-safis]]\n  [peer-groups.afi-safis.config]\n    afi-safi-name = \"ipv4-unicast\"\n\
-         [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.0.0.0/16\"\n    peer-group = \"nodes\"\n",
-    )?;
+         {}[[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.0.0.0/16\"\n    peer-group = \"nodes\"\n",
+        if v6 {
+            "[[peer-groups.afi-safis]]\n  [peer-groups.afi-safis.config]\n    afi-safi-name = \"ipv6-unicast\"\n"
+        } else {
+            ""
+        }
+    ))?;
     let args = [
         std::ffi::OsStr::new("-f"),
         conf.as_os_str(),

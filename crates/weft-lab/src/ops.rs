@@ -100,11 +100,11 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     st.segments = st.segments.max(a.segments);
     // The store, with the network config in it (as flanneld reads it from etcd).
     if a.backend == "bgp-tor" && !st.router_pid.is_some_and(alive) {
-        st.router_pid = Some(start_bird(&un)?);
+        st.router_pid = Some(start_bird(&un, st.segments, st.ipv6)?);
         eprintln!("  bird       the top-of-rack router, AS 65000, in {UNDERLAY}");
     }
     if a.backend == "bgp-gobgp" && !st.router_pid.is_some_and(alive) {
-        st.router_pid = Some(start_gobgpd(&un)?);
+        st.router_pid = Some(start_gobgpd(&un, st.ipv6)?);
         eprintln!("  gobgpd     the route reflector, AS 64512, in {UNDERLAY}");
     }
     if matches!(st.store.as_str(), "etcd" | "kubernetes") && !st.etcd_pid.is_some_and(alive) {

@@ -1,5 +1,7 @@
 //! IPv6 in the lab (needs root): dual stack and IPv6-only on host-gw and vxlan (DirectRouting
-//! too, and across two segments), dual stack on udp, every pod pair over each family; the leases carry
+//! too, and across two segments), dual stack on udp, and on bgp by MP-BGP (the mesh, weft
+//! reflectors, GoBGP as reflector, BIRD as top-of-rack router across two segments, CrossSubnet
+//! through the IPv6 VTEP), every pod pair over each family; the leases carry
 //! PublicIPv6 and BackendV6Data; vxlan's 70-byte MTU with DF pings at the pod MTU; path MTU
 //! discovery with ICMPv6 Packet Too Big; an agent restart under ping6 loses nothing.
 
@@ -284,14 +286,131 @@ fn vxlan_mtu_path_mtu_and_agent_restarts_over_ipv6() {
     drop(lab);
 }
 
+fn sh_in(ns: &str, cmd: &[&str]) -> String {
+    let mut a = vec!["ip", "netns", "exec", ns];
+    a.extend_from_slice(cmd);
+    common::sh(&a)
+}
+
 #[test]
-fn backends_without_ipv6_say_so() {
+fn bgp_carries_ipv6_by_mp_bgp() {
+    let nodes = |n: usize| -> Vec<String> { (1..=n).map(|i| format!("weft-n{i}")).collect() };
+    for (args, n) in [
+        (vec!["--backend", "bgp", "--ipv6", "--nodes", "3"], 3),
+        (
+            vec![
+                "--backend",
+                "bgp",
+                "--ipv6",
+                "--segments",
+                "2",
+                "--nodes",
+                "4",
+            ],
+            4,
+        ),
+        (vec!["--backend", "bgp-rr", "--ipv6", "--nodes", "3"], 3),
+        (vec!["--backend", "bgp-gobgp", "--ipv6", "--nodes", "3"], 3),
+        (
+            vec![
+                "--backend",
+                "bgp-tor",
+                "--ipv6",
+                "--segments",
+                "2",
+                "--nodes",
+                "4",
+            ],
+            4,
+        ),
+    ] {
+        let mut a = args.clone();
+        a.extend_from_slice(&["--pods-per-node", "1"]);
+        let lab = Lab::up(&a);
+        let out = ok(&["lab", "check"]);
+        assert!(out.contains("IPv6:"), "{args:?}: {out}");
+        // n1 learned every other node's IPv6 subnet by BGP (weft's routes table) and installed it.
+        let routes: serde_json::Value = serde_json::from_str(&sh_in(
+            "weft-n1",
+            &[env!("CARGO_BIN_EXE_weft"), "bgp", "routes", "--json"],
+        ))
+        .expect("json");
+        let kernel = sh_in("weft-n1", &["ip", "-6", "route"]);
+        for node in &nodes(n)[1..] {
+            let s6 = common::lab_subnet6(node);
+            let learned = routes.as_array().expect("routes").iter().any(|r| {
+                r["prefix"] == s6.as_str() && r["best"] == true && r["next_hop"].is_string()
+            });
+            if args[1] != "bgp-tor" || node == "weft-n2" {
+                assert!(learned, "{args:?}: {s6} not learned: {routes}");
+            }
+            assert!(
+                kernel.lines().any(|l| l.starts_with(&s6)),
+                "{args:?}: no kernel route to {s6}:\n{kernel}"
+            );
+        }
+        match args[1] {
+            // CrossSubnet: the other segment's nodes through the IPv6 VTEP, this one's plainly.
+            "bgp" if args.contains(&"--segments") => {
+                let s2 = common::lab_subnet6("weft-n2");
+                let s3 = common::lab_subnet6("weft-n3");
+                let r = |s: &str| {
+                    kernel
+                        .lines()
+                        .find(|l| l.starts_with(s))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                assert!(r(&s2).contains("dev eth0"), "{}", r(&s2));
+                assert!(r(&s3).contains("dev weft-v6.1"), "{}", r(&s3));
+            }
+            "bgp-gobgp" => {
+                let rib = sh_in(
+                    "weft-underlay",
+                    &[
+                        "gobgp",
+                        "-u",
+                        "127.0.0.1",
+                        "-p",
+                        "50051",
+                        "global",
+                        "rib",
+                        "-a",
+                        "ipv6",
+                    ],
+                );
+                for node in nodes(n) {
+                    let s6 = common::lab_subnet6(&node);
+                    assert!(rib.contains(&s6), "GoBGP lacks {s6}: {rib}");
+                }
+            }
+            // BIRD put every node's IPv6 subnet in the router's kernel, via the node.
+            "bgp-tor" => {
+                let router = sh_in("weft-underlay", &["ip", "-6", "route"]);
+                for node in nodes(n) {
+                    let s6 = common::lab_subnet6(&node);
+                    assert!(
+                        router
+                            .lines()
+                            .any(|l| l.starts_with(&s6) && l.contains("proto bird")),
+                        "{node}: {router}"
+                    );
+                }
+            }
+            _ => {}
+        }
+        drop(lab);
+    }
+}
+
+#[test]
+fn ipv6_only_on_bgp_or_udp_is_refused_with_the_fix() {
     let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let f = dir.path().join("net-conf.json");
     std::fs::write(
         &f,
-        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "bgp"}}"#,
+        r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "bgp"}}"#,
     )
     .expect("write");
     let o = weft(&["config", "check", f.to_str().expect("path")]);
@@ -300,5 +419,9 @@ fn backends_without_ipv6_say_so() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(text.contains("does not carry IPv6"), "{text}");
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("EnableIPv4") && text.contains("vxlan or host-gw"),
+        "{text}"
+    );
 }

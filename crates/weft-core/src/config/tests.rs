@@ -336,19 +336,18 @@ fn pod_device_is_veth_unless_netkit_is_asked_for() {
 }
 
 #[test]
-fn ipv6_on_a_backend_that_does_not_carry_it_is_said() {
-    let p = ok(
-        r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "bgp"}}"#,
-    );
-    assert!(
-        p.warnings.iter().any(|w| w.contains("does not carry IPv6")),
-        "{:?}",
-        p.warnings
-    );
-    for b in ["vxlan", "host-gw", "udp"] {
+fn every_backend_carries_ipv6_and_ipv6_only_needs_vxlan_or_host_gw() {
+    for b in ["vxlan", "host-gw", "udp", "bgp"] {
         let p = ok(&format!(
             r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {{"Type": "{b}"}}}}"#
         ));
         assert!(p.warnings.is_empty(), "{b}: {:?}", p.warnings);
+    }
+    for b in ["udp", "bgp"] {
+        let pr = problems(&format!(
+            r#"{{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {{"Type": "{b}"}}}}"#
+        ));
+        assert_eq!(pr[0].key, "EnableIPv4", "{b}: {pr:?}");
+        assert!(pr[0].rule.contains("vxlan or host-gw"), "{pr:?}");
     }
 }

@@ -2,8 +2,8 @@
 //! pure: best paths, reflection, graceful restart, import policy) and to the planner.
 
 use super::*;
-use weft_bgp::driver::{Event, PeerConfig, Speaker};
 use ipnet::IpNet;
+use weft_bgp::driver::{Event, PeerConfig, Speaker};
 use weft_bgp::rib::{Ended, Kind, Opened, Out, Policy, Rib};
 use weft_core::LeaseKey;
 
@@ -149,9 +149,9 @@ impl Bgp {
         let v4 = leases
             .iter()
             .filter_map(|l| Some((IpNet::V4(l.key.v4?), IpAddr::V4(l.attrs.public_ip))));
-        let v6 = leases.iter().filter_map(|l| {
-            Some((IpNet::V6(l.key.v6?), IpAddr::V6(l.attrs.public_ipv6?)))
-        });
+        let v6 = leases
+            .iter()
+            .filter_map(|l| Some((IpNet::V6(l.key.v6?), IpAddr::V6(l.attrs.public_ipv6?))));
         let policy = Policy {
             leases: v4.chain(v6).collect(),
             own: own_subnets(&own.key),

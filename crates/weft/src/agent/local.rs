@@ -39,12 +39,6 @@ pub(super) async fn discover(a: &AgentArgs, cfg: &NetConfig, nl: &Nl) -> Result<
             underlay.name
         );
     }
-    if cfg.v6.is_some() && !weft_backend::carries_ipv6(cfg) {
-        tracing::warn!(
-            backend = cfg.backend.type_name(),
-            "EnableIPv6: this backend does not carry IPv6 between nodes yet (vxlan, host-gw, udp and bgp do); pods get IPv6 addresses that reach their own node only"
-        );
-    }
     let local = Local {
         public_ip,
         underlay_net: underlay_net.trunc(),

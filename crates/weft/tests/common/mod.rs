@@ -70,6 +70,20 @@ pub fn lab_subnet(node: &str) -> String {
     net.trunc().to_string()
 }
 
+/// The IPv6 subnet a lab node holds (subnet.env's FLANNEL_IPV6_SUBNET), as a network.
+#[allow(dead_code)]
+pub fn lab_subnet6(node: &str) -> String {
+    let env =
+        std::fs::read_to_string(format!("/run/weft/lab/{node}/subnet.env")).expect("subnet.env");
+    let s = env
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+        .expect("FLANNEL_IPV6_SUBNET")
+        .to_string();
+    let net: ipnet::Ipv6Net = s.parse().expect("cidr");
+    net.trunc().to_string()
+}
+
 /// A field of one entry of the lab's state file: `list` ("nodes" or "pods") entry `name`.
 fn lab_state(list: &str, name: &str, field: &str) -> serde_json::Value {
     let st: serde_json::Value =
