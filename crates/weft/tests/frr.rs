@@ -5,7 +5,9 @@
 //! - FRR as route reflector for weft nodes without a mesh: pods reach pods through it, the
 //!   reflected routes carry ORIGINATOR_ID and CLUSTER_LIST;
 //! - weft as route reflector for two FRR clients: one client's route reaches the other with
-//!   its attributes as sent, plus ORIGINATOR_ID and weft's CLUSTER_LIST.
+//!   its attributes as sent, plus ORIGINATOR_ID and weft's CLUSTER_LIST;
+//! - IPv6 unicast (MP-BGP over the IPv4 sessions) both ways with a dual-stack lab: FRR learns
+//!   every node's IPv6 subnet via the node's IPv6 address, every node installs FRR's prefix.
 
 mod common;
 use common::{conf_file, ok, sh, wait_until, weft};
@@ -21,12 +23,17 @@ struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 impl Lab {
     fn up(nodes: u8, backend: &str, conf: &str) -> Lab {
+        Lab::up_with(nodes, backend, conf, &[])
+    }
+
+    fn up_with(nodes: u8, backend: &str, conf: &str, extra: &[&str]) -> Lab {
         let g = LAB.lock().unwrap_or_else(|p| p.into_inner());
         let _ = weft(&["lab", "down"]);
         let lab = Lab(g);
         let n = nodes.to_string();
         let mut args = vec!["lab", "up", "--nodes", &n, "--pods-per-node", "1"];
         args.extend_from_slice(&["--backend", backend, "--config", conf]);
+        args.extend_from_slice(extra);
         if backend == "bgp-rr" {
             args.extend_from_slice(&["--route-reflectors", "1"]);
         }
@@ -111,6 +118,11 @@ impl Frr {
         ]);
         let addr = format!("10.0.1.{}/24", 69 + n);
         sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+        // And an IPv6 one on the lab's IPv6 underlay (fd00:0:1::/64, used with --ipv6).
+        let addr6 = format!("fd00:0:1::{:x}/64", 69 + n);
+        sh(&[
+            "ip", "-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad",
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         // The daemons drop to user frr: their directory is frr's, its parents o+x.
@@ -152,9 +164,10 @@ impl Frr {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    /// FRR's paths for `prefix` (`show bgp ipv4 unicast P json`), empty when it has none.
+    /// FRR's paths for `prefix` (`show bgp ipv4|ipv6 unicast P json`), empty when it has none.
     fn paths(&self, prefix: &str) -> Vec<serde_json::Value> {
-        let out = self.vtysh(&[&format!("show bgp ipv4 unicast {prefix} json")]);
+        let family = if prefix.contains(':') { "ipv6" } else { "ipv4" };
+        let out = self.vtysh(&[&format!("show bgp {family} unicast {prefix} json")]);
         serde_json::from_str::<serde_json::Value>(&out)
             .ok()
             .and_then(|v| v["paths"].as_array().cloned())
@@ -388,4 +401,66 @@ fn weft_as_route_reflector_for_frr_clients() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop((f2, f3));
+}
+
+#[test]
+fn ipv6_unicast_both_ways_with_frr() {
+    let (_d, conf) = conf_file(
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp",
+            "ImportFromPeers": ["2001:db8:100::/48"],
+            "Peers": [{"Address": "10.0.1.70", "ASNumber": 64512}]}}"#,
+    );
+    let lab = Lab::up_with(3, "bgp", &conf, &["--ipv6"]);
+    let frr = Frr::start(
+        1,
+        "hostname frr1\n\
+         router bgp 64512\n \
+         bgp router-id 10.0.1.70\n \
+         no bgp ebgp-requires-policy\n \
+         no bgp network import-check\n \
+         neighbor weft peer-group\n \
+         neighbor weft remote-as 64512\n \
+         neighbor weft timers connect 2\n \
+         bgp listen range 10.0.1.0/24 peer-group weft\n \
+         address-family ipv6 unicast\n  \
+         network 2001:db8:100::/48\n  \
+         neighbor weft activate\n \
+         exit-address-family\n",
+    );
+    wait_until("FRR with three sessions", 30, || frr.established() == 3);
+    lab.converge();
+    // FRR has every node's IPv6 subnet, next hop the node's IPv6 address (RFC 2545).
+    for (n, ip6) in [
+        ("n1", "fd00:0:1::b"),
+        ("n2", "fd00:0:1::c"),
+        ("n3", "fd00:0:1::d"),
+    ] {
+        let s6 = common::lab_subnet6(&format!("weft-{n}"));
+        wait_until(&format!("{s6} at FRR"), 15, || !frr.paths(&s6).is_empty());
+        let p = &frr.paths(&s6)[0];
+        assert_eq!(p["nexthops"][0]["ip"], ip6, "{p}");
+        assert_eq!(p["valid"], true, "{p}");
+    }
+    // Every node installs FRR's IPv6 prefix via FRR's global IPv6 address.
+    for n in ["n1", "n2", "n3"] {
+        wait_until(&format!("FRR's IPv6 route on {n}"), 15, || {
+            sh(&[
+                "ip",
+                "-n",
+                &format!("weft-{n}"),
+                "-6",
+                "route",
+                "show",
+                "2001:db8:100::/48",
+            ])
+            .contains("via fd00:0:1::46")
+        });
+    }
+    let r = lab
+        .routes("n2")
+        .into_iter()
+        .find(|r| r["prefix"] == "2001:db8:100::/48")
+        .expect("FRR's IPv6 route at n2");
+    assert_eq!(r["next_hop"], "fd00:0:1::46", "{r}");
+    drop(frr);
 }

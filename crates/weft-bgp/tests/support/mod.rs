@@ -17,7 +17,8 @@ impl Drop for Bird {
 }
 
 /// BIRD as AS 65002 (router id 10.0.0.2) on 127.0.0.2:`port`, passive, peering with
-/// AS 65001 at 127.0.0.1 and exporting a static 10.99.0.0/24.
+/// AS 65001 at 127.0.0.1 and exporting a static 10.99.0.0/24, and IPv6 unicast too: a static
+/// 2001:db8:99::/48 with next hop 2001:db8::2.
 pub fn bird(port: u16) -> Bird {
     bird_with(port, None)
 }
@@ -33,8 +34,10 @@ pub fn bird_with(port: u16, password: Option<&str>) -> Bird {
         &conf,
         format!(
             "router id 10.0.0.2;\nprotocol device {{}}\nprotocol static s1 {{ ipv4; route 10.99.0.0/24 blackhole; }}\n\
+             protocol static s2 {{ ipv6; route 2001:db8:99::/48 blackhole; }}\n\
              protocol bgp weft {{\n  local 127.0.0.2 port {port} as 65002;\n  neighbor 127.0.0.1 as 65001;\n  passive on;\n  multihop;\n\
-             hold time 9; keepalive time 3;\n{pw}  ipv4 {{ import all; export all; next hop self; }};\n}}\n"
+             hold time 9; keepalive time 3;\n{pw}  ipv4 {{ import all; export all; next hop self; }};\n\
+             ipv6 {{ import all; export all; next hop address 2001:db8::2; }};\n}}\n"
         ),
     )
     .expect("conf");
