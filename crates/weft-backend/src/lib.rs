@@ -158,6 +158,17 @@ pub struct DesiredState {
     pub masq6: Option<masq::Masq>,
 }
 
+impl DesiredState {
+    /// Everything in a stable order (plans compare equal when they want the same).
+    fn sort(&mut self) {
+        self.routes.sort();
+        self.neighbours.sort();
+        self.fdb.sort();
+        self.neighbours6.sort();
+        self.fdb6.sort();
+    }
+}
+
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
@@ -195,9 +206,13 @@ pub fn carries_ipv6(cfg: &NetConfig) -> bool {
     )
 }
 
-/// Whether the backend runs without IPv4 at all (an IPv6-only cluster).
+/// Whether the backend runs without IPv4 at all (an IPv6-only cluster): bgp's sessions then
+/// run over IPv6.
 pub fn runs_ipv6_only(cfg: &NetConfig) -> bool {
-    matches!(cfg.backend, Backend::Vxlan(_) | Backend::HostGw)
+    matches!(
+        cfg.backend,
+        Backend::Vxlan(_) | Backend::HostGw | Backend::Bgp(_)
+    )
 }
 
 /// The backend data a node publishes in its lease.
@@ -274,13 +289,19 @@ pub fn plan(
         .collect();
     d.rejected = rejected;
     // IPv6: vxlan and host-gw carry it (their own pass over the peers' IPv6 subnets).
-    if let (Some(own6), true) = (own.key.v6, runs_ipv6_only(cfg)) {
+    let leases_v6 = matches!(cfg.backend, Backend::Vxlan(_) | Backend::HostGw);
+    if let (Some(own6), true) = (own.key.v6, leases_v6) {
         plan_v6(&mut d, cfg, local, (own, own6), &peers, vxlan_dev_name);
     }
+    // bgp: both families from what BGP learned.
+    if let Backend::Bgp(g) = &cfg.backend {
+        let peers: Vec<Lease> = peers.into_iter().cloned().collect();
+        plan_bgp(&mut d, g, local, own, &peers, rib, vxlan_dev_name, mac);
+        d.sort();
+        return d;
+    }
     let Some(own_v4) = own.key.v4 else {
-        d.routes.sort();
-        d.neighbours6.sort();
-        d.fdb6.sort();
+        d.sort();
         return d;
     };
     let peers = peers.into_iter();
@@ -327,16 +348,9 @@ pub fn plan(
                 });
             }
         }
-        Backend::Bgp(g) => {
-            let peers: Vec<Lease> = peers.cloned().collect();
-            plan_bgp(&mut d, g, local, own, &peers, rib, vxlan_dev_name, mac)
-        }
+        Backend::Bgp(_) => {} // planned above
     }
-    d.routes.sort();
-    d.neighbours.sort();
-    d.fdb.sort();
-    d.neighbours6.sort();
-    d.fdb6.sort();
+    d.sort();
     d
 }
 
@@ -466,9 +480,9 @@ fn plan_bgp(
     name: &str,
     mac: [u8; 6],
 ) {
-    let Some(own4) = own.key.v4 else { return };
+    let own4 = own.key.v4;
     if g.encapsulation != Encapsulation::Never {
-        d.vxlan = Some(VxlanDevice {
+        d.vxlan = own4.map(|own4| VxlanDevice {
             name: name.to_string(),
             vni: g.vxlan.vni,
             port: g.vxlan.port,
@@ -487,7 +501,8 @@ fn plan_bgp(
     for l in rib {
         let mine = match l.prefix {
             IpNet::V4(p) => {
-                own4.contains(&p.network()) || l.next_hop == IpAddr::V4(local.public_ip)
+                own4.is_some_and(|o| o.contains(&p.network()))
+                    || l.next_hop == IpAddr::V4(local.public_ip)
             }
             IpNet::V6(p) => {
                 own.key.v6.is_some_and(|o| o.contains(&p.network()))

@@ -49,6 +49,14 @@ impl Family {
     }
 }
 
+/// A BGP identifier for a node without an IPv4 address (an IPv6-only cluster), stable across
+/// restarts: from its name, in 1.0.0.0/8-223.255.255.255 (never 0.0.0.0, a multicast or a
+/// reserved address that some speakers refuse).
+pub fn router_id_from(node: &str) -> Ipv4Addr {
+    let h = weft_core::stable_hash([node.as_bytes()]) as u32;
+    Ipv4Addr::from(0x0100_0000 + h % (0xe000_0000 - 0x0100_0000))
+}
+
 /// The next hop a path gives a prefix: NEXT_HOP for IPv4, MP_REACH_NLRI's global address for
 /// IPv6.
 pub fn next_hop(prefix: &IpNet, a: &Attrs) -> Option<IpAddr> {

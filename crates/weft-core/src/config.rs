@@ -1003,13 +1003,13 @@ impl NetConfig {
             }),
         };
         // An IPv6-only cluster needs a backend that moves packets between nodes over IPv6:
-        // bgp's sessions and udp's datagrams run over IPv4.
-        if v6.is_some() && !enable4 && matches!(backend, Backend::Bgp(_) | Backend::Udp(_)) {
+        // udp's datagrams run over IPv4.
+        if v6.is_some() && !enable4 && matches!(backend, Backend::Udp(_)) {
             ctx.problem(
                 "EnableIPv4",
                 o_raw(&o, "EnableIPv4").as_ref(),
                 format!(
-                    "an IPv6-only cluster needs the vxlan or host-gw backend: {} talks between nodes over IPv4",
+                    "an IPv6-only cluster needs the vxlan, host-gw or bgp backend: {} talks between nodes over IPv4",
                     backend.type_name()
                 ),
                 "\"EnableIPv4\": true (dual stack), or \"Backend\": {\"Type\": \"vxlan\"}",

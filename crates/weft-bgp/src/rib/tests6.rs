@@ -216,3 +216,15 @@ fn graceful_restart_ends_per_family() {
     assert!(r.peer(ip(A)).is_some_and(|p| !p.stale));
     assert_eq!(to(&out, B)[0].withdrawn6, vec![net6("fd00:10:244:1::/64")]);
 }
+
+#[test]
+fn a_router_id_for_a_node_without_ipv4_is_stable_and_usable() {
+    let a = router_id_from("node-a");
+    assert_eq!(a, router_id_from("node-a"));
+    assert_ne!(a, router_id_from("node-b"));
+    for n in 0..2000 {
+        let id = router_id_from(&format!("node-{n}"));
+        let first = id.octets()[0];
+        assert!((1..224).contains(&first), "{id}");
+    }
+}

@@ -35,6 +35,8 @@ pub(super) struct Bgp {
     pub(super) mesh_password: Option<String>,
     /// The cluster has IPv6: sessions offer IPv6 unicast (MP-BGP, RFC 4760) too.
     ipv6: bool,
+    /// This node's BGP identifier.
+    router_id: Ipv4Addr,
 }
 
 /// A lease's subnets, both families.
@@ -88,6 +90,7 @@ impl Bgp {
             refused_routes: Default::default(),
             mesh_password: None,
             ipv6: next_hop6.is_some(),
+            router_id,
         }
     }
 
@@ -96,7 +99,6 @@ impl Bgp {
         addr: IpAddr,
         peer_as: u32,
         active: bool,
-        me: Ipv4Addr,
         password: Option<String>,
         kind: Kind,
     ) {
@@ -107,7 +109,7 @@ impl Bgp {
             port: self.port,
             fsm: weft_bgp::fsm::Config {
                 local_as: self.conf.as_number,
-                router_id: me,
+                router_id: self.router_id,
                 peer_as,
                 hold_time: 30,
                 connect_retry: Duration::from_secs(1),
@@ -127,7 +129,8 @@ impl Bgp {
 
     /// Node mesh: a session with every node holding a lease; the lower address connects. The
     /// leases are also the import policy: a weft peer may announce only a lease's subnet.
-    pub(super) async fn sync_mesh(&mut self, leases: &[Lease], own: &Lease, me: Ipv4Addr) {
+    /// `me`: the address sessions run over (PublicIP, or PublicIPv6 in an IPv6-only cluster).
+    pub(super) async fn sync_mesh(&mut self, leases: &[Lease], own: &Lease, me: IpAddr) {
         // Mesh: everyone. Without it: a reflector peers with everyone (all are its clients),
         // every other node with the reflectors only.
         let is_rr = |l: &Lease| {
@@ -137,11 +140,18 @@ impl Bgp {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false)
         };
+        let addr = |l: &Lease| -> Option<IpAddr> {
+            match me {
+                IpAddr::V4(_) => Some(l.attrs.public_ip.into()),
+                IpAddr::V6(_) => l.attrs.public_ipv6.map(IpAddr::V6),
+            }
+        };
         let want: std::collections::HashSet<IpAddr> = leases
             .iter()
-            .filter(|l| l.key != own.key && l.attrs.public_ip != me)
+            .filter(|l| l.key != own.key)
             .filter(|l| self.conf.node_mesh || self.reflector || is_rr(l))
-            .map(|l| l.attrs.public_ip.into())
+            .filter_map(addr)
+            .filter(|a| *a != me)
             .collect();
         let external: std::collections::HashSet<IpAddr> =
             self.conf.peers.iter().map(|p| p.address).collect();
@@ -168,9 +178,9 @@ impl Bgp {
             .copied()
             .collect::<Vec<_>>()
         {
-            let active = IpAddr::from(me) < addr;
+            let active = me < addr;
             let key = self.mesh_password.clone();
-            self.add(addr, self.conf.as_number, active, me, key, Kind::Node);
+            self.add(addr, self.conf.as_number, active, key, Kind::Node);
         }
         for addr in self
             .configured

@@ -177,7 +177,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     };
     anyhow::ensure!(
         cfg.v4.is_some() || weft_backend::runs_ipv6_only(&cfg),
-        "an IPv6-only cluster (EnableIPv4 false) needs a backend that carries IPv6: vxlan or host-gw"
+        "an IPv6-only cluster (EnableIPv4 false) needs a backend that talks between nodes over IPv6: vxlan, host-gw or bgp"
     );
     // The BGP peers' TCP MD5 keys, from a root-only file or the environment on this node (or,
     // warned about, net-conf.json itself); never logged. Read before anything changes, so a
@@ -243,11 +243,16 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
 
     // The bgp backend's listener exists before our lease does: peers connect as soon as they
     // see the lease.
+    // In an IPv6-only cluster the sessions run over IPv6 (PublicIPv6).
+    let bgp_addr: IpAddr = match (cfg.v4.is_some(), public_ipv6) {
+        (false, Some(ip6)) => ip6.into(),
+        _ => public_ip.into(),
+    };
     let bgp_bound = match &cfg.backend {
         Backend::Bgp(_) => Some(
-            weft_bgp::driver::Speaker::bind(SocketAddr::new(public_ip.into(), a.bgp_port))
+            weft_bgp::driver::Speaker::bind(SocketAddr::new(bgp_addr, a.bgp_port))
                 .await
-                .with_context(|| format!("listening for BGP on {public_ip}:{}", a.bgp_port))?,
+                .with_context(|| format!("listening for BGP on {bgp_addr} port {}", a.bgp_port))?,
         ),
         _ => None,
     };
@@ -371,15 +376,22 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let (mut leases_rx, mut watcher) = lease::watch_all(store.clone(), metrics.clone());
 
     // The bgp backend: a speaker on the public address, a session per peer, a RIB per peer.
+    // The BGP identifier: the node's IPv4 address, or (a node without one) a stable one from
+    // its name, as Calico's `CALICO_ROUTER_ID=hash`.
+    let router_id = if public_ip.is_unspecified() {
+        weft_bgp::rib::router_id_from(&node_name)
+    } else {
+        public_ip
+    };
     let mut bgp = match &cfg.backend {
         Backend::Bgp(g) => {
             let mut b = Bgp::new(
                 g.clone(),
                 bgp_bound.context("the BGP listener")?,
                 a.bgp_port,
-                (public_ip, lease.key.v6.and(public_ipv6)),
+                (router_id, lease.key.v6.and(public_ipv6)),
                 a.bgp_route_reflector
-                    .then(|| a.bgp_cluster_id.unwrap_or(public_ip)),
+                    .then(|| a.bgp_cluster_id.unwrap_or(router_id)),
                 [cfg.v4.as_ref(), cfg.v6.as_ref()]
                     .into_iter()
                     .flatten()
@@ -406,7 +418,6 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                     p.address,
                     p.as_number,
                     true,
-                    public_ip,
                     password,
                     weft_bgp::rib::Kind::Configured,
                 );
@@ -543,7 +554,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         let leases: Vec<Lease> = all.into_values().collect();
         let rib = match bgp.as_mut() {
             Some(b) => {
-                b.sync_mesh(&leases, &own, public_ip).await;
+                b.sync_mesh(&leases, &own, bgp_addr).await;
                 b.expire().await;
                 if !b.gone.is_empty() {
                     b.publish(&metrics);
