@@ -131,7 +131,8 @@ pub(crate) fn good_mac(m: [u8; 6]) -> bool {
 pub struct TunDevice {
     pub name: String,
     pub mtu: u32,
-    pub address: Ipv4Addr,
+    /// Our subnet's network address (the IPv6 one in an IPv6-only cluster).
+    pub address: IpAddr,
 }
 
 /// The TUN device's name (flannel's is flannel0).
@@ -197,24 +198,6 @@ pub fn vxlan_name(vni: u32) -> String {
     format!("weft.{vni}")
 }
 
-/// Whether the backend carries IPv6 pod traffic (what net-conf's EnableIPv6 needs); udp
-/// carries it inside its IPv4 datagrams, bgp spreads it by MP-BGP over IPv4 sessions.
-pub fn carries_ipv6(cfg: &NetConfig) -> bool {
-    matches!(
-        cfg.backend,
-        Backend::Vxlan(_) | Backend::HostGw | Backend::Udp(_) | Backend::Bgp(_)
-    )
-}
-
-/// Whether the backend runs without IPv4 at all (an IPv6-only cluster): bgp's sessions then
-/// run over IPv6.
-pub fn runs_ipv6_only(cfg: &NetConfig) -> bool {
-    matches!(
-        cfg.backend,
-        Backend::Vxlan(_) | Backend::HostGw | Backend::Bgp(_)
-    )
-}
-
 /// The backend data a node publishes in its lease.
 pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::Value {
     match (&cfg.backend, vtep_mac) {
@@ -232,15 +215,17 @@ pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::V
 /// config enables IPv6, cost 70 bytes: pods of both families get the smaller MTU).
 pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
     match &cfg.backend {
-        Backend::Vxlan(v) => v.mtu.unwrap_or(underlay_mtu.saturating_sub(
-            if cfg.v6.is_some() && carries_ipv6(cfg) {
+        Backend::Vxlan(v) => v
+            .mtu
+            .unwrap_or(underlay_mtu.saturating_sub(if cfg.v6.is_some() {
                 VXLAN6_OVERHEAD
             } else {
                 VXLAN_OVERHEAD
-            },
-        )),
+            })),
         Backend::HostGw => underlay_mtu,
-        Backend::Udp(_) => underlay_mtu.saturating_sub(28),
+        // Over IPv6 in an IPv6-only cluster.
+        Backend::Udp(_) if cfg.v4.is_none() => underlay_mtu.saturating_sub(udp::UDP6_OVERHEAD),
+        Backend::Udp(_) => underlay_mtu.saturating_sub(udp::UDP_OVERHEAD),
         Backend::Bgp(g) if g.encapsulation == Encapsulation::Never => underlay_mtu,
         Backend::Bgp(_) => underlay_mtu.saturating_sub(if cfg.v6.is_some() {
             VXLAN6_OVERHEAD
@@ -293,6 +278,11 @@ pub fn plan(
     if let (Some(own6), true) = (own.key.v6, leases_v6) {
         plan_v6(&mut d, cfg, local, (own, own6), &peers, vxlan_dev_name);
     }
+    if let Backend::Udp(_) = &cfg.backend {
+        plan_udp(&mut d, cfg, own);
+        d.sort();
+        return d;
+    }
     // bgp: both families from what BGP learned.
     if let Backend::Bgp(g) = &cfg.backend {
         let peers: Vec<Lease> = peers.into_iter().cloned().collect();
@@ -319,39 +309,49 @@ pub fn plan(
                 );
             }
         }
-        Backend::Udp(_) => {
-            // flannel's udp design: the whole cluster network into the TUN device (the local
-            // subnet is the bridge's, a longer prefix); the engine picks the node per packet.
-            d.tun = Some(TunDevice {
-                name: TUN_NAME.to_string(),
-                mtu: d.pod_mtu,
-                address: own_v4.network(),
-            });
-            if let Some(network @ IpNet::V4(_)) = cfg.v4.as_ref().map(|p| p.network) {
-                d.routes.push(PlannedRoute {
-                    dst: network,
-                    via: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    dev: Dev::Tun,
-                    onlink: false,
-                });
-            }
-            // IPv6 pods' packets ride the same IPv4 datagrams (the engine routes them by
-            // the peers' IPv6 subnets).
-            if let (Some(network @ IpNet::V6(_)), Some(_)) =
-                (cfg.v6.as_ref().map(|p| p.network), own.key.v6)
-            {
-                d.routes.push(PlannedRoute {
-                    dst: network,
-                    via: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                    dev: Dev::Tun,
-                    onlink: false,
-                });
-            }
-        }
+        Backend::Udp(_) => {} // planned above
         Backend::Bgp(_) => {} // planned above
     }
     d.sort();
     d
+}
+
+/// flannel's udp design: the whole cluster network into the TUN device (the local subnet is
+/// the bridge's, a longer prefix); the engine picks the node per packet. IPv6 pods' packets
+/// ride the same datagrams (the engine routes them by the peers' IPv6 subnets); an IPv6-only
+/// cluster's datagrams go over the IPv6 underlay.
+fn plan_udp(d: &mut DesiredState, cfg: &NetConfig, own: &Lease) {
+    let Some(address) = own
+        .key
+        .v4
+        .map(|n| IpAddr::V4(n.network()))
+        .or(own.key.v6.map(|n| IpAddr::V6(n.network())))
+    else {
+        return;
+    };
+    d.tun = Some(TunDevice {
+        name: TUN_NAME.to_string(),
+        mtu: d.pod_mtu,
+        address,
+    });
+    let pools = [
+        (&cfg.v4, own.key.v4.is_some()),
+        (&cfg.v6, own.key.v6.is_some()),
+    ];
+    for (pool, held) in pools {
+        if let (Some(p), true) = (pool, held) {
+            let via = match p.network {
+                IpNet::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpNet::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            d.routes.push(PlannedRoute {
+                dst: p.network,
+                via,
+                dev: Dev::Tun,
+                onlink: false,
+            });
+        }
+    }
 }
 
 /// host-gw's route to a peer's subnet: via its address when it is on-link, else unreachable.

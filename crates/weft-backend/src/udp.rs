@@ -12,15 +12,17 @@ use weft_core::Lease;
 
 /// UDP (8) + outer IPv4 (20) header bytes around each inner packet.
 pub const UDP_OVERHEAD: u32 = 28;
+/// ... over an IPv6 underlay (an IPv6-only cluster): UDP (8) + outer IPv6 (40).
+pub const UDP6_OVERHEAD: u32 = 48;
 
 /// The nodes a packet can go to: every lease but our own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerTable {
     /// Sorted by network address, then by prefix length, longest last.
-    v4: Vec<(Ipv4Net, Ipv4Addr)>,
-    v6: Vec<(Ipv6Net, Ipv4Addr)>,
-    /// Public IP -> its subnets (v4, v6), for checking what arrives.
-    nodes: HashMap<Ipv4Addr, (Option<Ipv4Net>, Option<Ipv6Net>)>,
+    v4: Vec<(Ipv4Net, IpAddr)>,
+    v6: Vec<(Ipv6Net, IpAddr)>,
+    /// Underlay address -> its subnets (v4, v6), for checking what arrives.
+    nodes: HashMap<IpAddr, (Option<Ipv4Net>, Option<Ipv6Net>)>,
     /// Our own subnets: what arrives must be for them.
     own: (Option<Ipv4Net>, Option<Ipv6Net>),
 }
@@ -58,14 +60,25 @@ impl Drop {
 }
 
 impl PeerTable {
-    /// From the leases; our own (`own_ip`) is left out: local pods are the bridge's.
-    pub fn new(own_ip: Ipv4Addr, leases: &[Lease]) -> PeerTable {
+    /// From the leases; our own (`own_ip`) is left out: local pods are the bridge's. The
+    /// underlay is `own_ip`'s family: nodes are reached at their PublicIP, or (IPv6 underlay,
+    /// an IPv6-only cluster) their PublicIPv6.
+    pub fn new(own_ip: IpAddr, leases: &[Lease]) -> PeerTable {
+        let addr = |l: &Lease| -> Option<IpAddr> {
+            match own_ip {
+                IpAddr::V4(_) => Some(IpAddr::V4(l.attrs.public_ip)),
+                IpAddr::V6(_) => l.attrs.public_ipv6.map(IpAddr::V6),
+            }
+        };
         let mut t = PeerTable::default();
-        if let Some(l) = leases.iter().find(|l| l.attrs.public_ip == own_ip) {
+        if let Some(l) = leases.iter().find(|l| addr(l) == Some(own_ip)) {
             t.own = (l.key.v4, l.key.v6);
         }
-        for l in leases.iter().filter(|l| l.attrs.public_ip != own_ip) {
-            let ip = l.attrs.public_ip;
+        for (l, ip) in leases
+            .iter()
+            .filter_map(|l| Some((l, addr(l)?)))
+            .filter(|(_, ip)| *ip != own_ip)
+        {
             if let Some(v4) = l.key.v4 {
                 t.v4.push((v4, ip));
             }
@@ -90,7 +103,7 @@ impl PeerTable {
     /// The public IP of the node whose subnet holds `dst` (longest prefix). Leases never
     /// overlap, so the entry just below `dst` in address order decides; walking down covers
     /// nested reservations too.
-    pub fn next_hop(&self, dst: IpAddr) -> Option<Ipv4Addr> {
+    pub fn next_hop(&self, dst: IpAddr) -> Option<IpAddr> {
         match dst {
             IpAddr::V4(a) => lpm(&self.v4, a, |n| n.network(), |n, a| n.contains(a)),
             IpAddr::V6(a) => lpm(&self.v6, a, |n| n.network(), |n, a| n.contains(a)),
@@ -98,7 +111,7 @@ impl PeerTable {
     }
 
     /// May this datagram from `from` enter? `pkt` is the inner packet.
-    pub fn check_inbound(&self, from: Ipv4Addr, pkt: &[u8]) -> Result<(), Drop> {
+    pub fn check_inbound(&self, from: IpAddr, pkt: &[u8]) -> Result<(), Drop> {
         let Some((v4, v6)) = self.nodes.get(&from) else {
             return Err(Drop::Stranger);
         };
@@ -123,11 +136,11 @@ impl PeerTable {
 }
 
 fn lpm<N: Copy, A: Copy + Ord>(
-    t: &[(N, Ipv4Addr)],
+    t: &[(N, IpAddr)],
     a: A,
     net: impl Fn(&N) -> A,
     has: impl Fn(&N, &A) -> bool,
-) -> Option<Ipv4Addr> {
+) -> Option<IpAddr> {
     let end = t.partition_point(|(n, _)| net(n) <= a);
     t[..end]
         .iter()

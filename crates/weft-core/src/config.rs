@@ -1002,19 +1002,6 @@ impl NetConfig {
                 PodDevice::Veth
             }),
         };
-        // An IPv6-only cluster needs a backend that moves packets between nodes over IPv6:
-        // udp's datagrams run over IPv4.
-        if v6.is_some() && !enable4 && matches!(backend, Backend::Udp(_)) {
-            ctx.problem(
-                "EnableIPv4",
-                o_raw(&o, "EnableIPv4").as_ref(),
-                format!(
-                    "an IPv6-only cluster needs the vxlan, host-gw or bgp backend: {} talks between nodes over IPv4",
-                    backend.type_name()
-                ),
-                "\"EnableIPv4\": true (dual stack), or \"Backend\": {\"Type\": \"vxlan\"}",
-            );
-        }
         // Keys of a disabled family are known to flannel; they are not typos.
         for r in [&V4_RULES, &V6_RULES] {
             for k in [r.net_key, r.len_key, r.min_key, r.max_key] {

@@ -17,13 +17,13 @@
 
 use prometheus_client::metrics::counter::Counter;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 use tun_rs::{DeviceBuilder, SyncDevice, VIRTIO_NET_HDR_LEN};
 use weft_backend::udp::{
     frag_needed, joins, l4_payload, parse, super_header, Drop, PeerTable, SUPER_HEADER_MAX,
-    UDP_OVERHEAD, VNET_HDR_LEN,
+    UDP6_OVERHEAD, UDP_OVERHEAD, VNET_HDR_LEN,
 };
 
 use crate::DataplaneError;
@@ -71,9 +71,10 @@ impl Stats {
 pub struct EngineConfig {
     /// The TUN device (created here, or attached to if a previous agent left it).
     pub tun_name: String,
-    /// This node's public IP and the backend's port (8285): datagrams leave from here.
-    pub listen: SocketAddrV4,
-    /// The TUN device's MTU: the largest inner packet (underlay MTU − 28).
+    /// This node's public IP and the backend's port (8285): datagrams leave from here. An
+    /// IPv6 address (an IPv6-only cluster) makes the underlay IPv6.
+    pub listen: SocketAddr,
+    /// The TUN device's MTU: the largest inner packet (underlay MTU − 28, or − 48 over IPv6).
     pub mtu: u16,
     /// Source of the ICMP errors sent to pods.
     pub icmp_source: Ipv4Addr,
@@ -181,13 +182,22 @@ impl Engine {
         let fd = sock.as_raw_fd();
         // DO: never fragment, and learn the path MTU so a send too big for it fails with
         // EMSGSIZE (answered with ICMP "fragmentation needed").
-        setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_DO,
-        )
-        .map_err(tun("IP_MTU_DISCOVER"))?;
+        match cfg.listen {
+            SocketAddr::V4(_) => setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DO,
+            )
+            .map_err(tun("IP_MTU_DISCOVER"))?,
+            SocketAddr::V6(_) => setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DO,
+            )
+            .map_err(tun("IPV6_MTU_DISCOVER"))?,
+        }
         // UDP GRO (Linux 5.0+) is a speed-up, not a need: without it every datagram is a message.
         if let Err(e) = setsockopt(fd, libc::SOL_UDP, UDP_GRO, 1) {
             tracing::warn!(error = %e, "UDP GRO unavailable: receiving datagram by datagram");
@@ -309,18 +319,66 @@ fn setsockopt(
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; zero is a valid value for every field.
-    let mut s: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    s.sin_family = libc::AF_INET as libc::sa_family_t;
-    s.sin_port = a.port().to_be();
-    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-    s
+/// A socket address of either family, as sendmmsg/recvmmsg take it: AF_INET accepts a name
+/// longer than sockaddr_in, so one size serves both.
+#[derive(Clone, Copy)]
+#[repr(C)]
+union Sa {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
 }
 
-/// The path MTU the kernel knows toward `dst` (IP_MTU on a connected socket).
-fn path_mtu(dst: SocketAddrV4) -> Option<u32> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+const SA_LEN: libc::socklen_t = std::mem::size_of::<Sa>() as libc::socklen_t;
+
+fn sockaddr(a: SocketAddr) -> Sa {
+    match a {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_in6 is plain old data; zero is a valid value for every field
+            // (and covers the whole union).
+            let mut s = Sa {
+                v6: unsafe { std::mem::zeroed() },
+            };
+            s.v4 = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            s
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let mut v6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            v6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            v6.sin6_port = a.port().to_be();
+            v6.sin6_addr.s6_addr = a.ip().octets();
+            Sa { v6 }
+        }
+    }
+}
+
+/// The sender's address of a received datagram.
+fn sender(s: &Sa) -> IpAddr {
+    // SAFETY: the family field is first in both structs; the kernel wrote the struct of the
+    // family it names.
+    unsafe {
+        if s.v4.sin_family == libc::AF_INET6 as libc::sa_family_t {
+            IpAddr::from(s.v6.sin6_addr.s6_addr)
+        } else {
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(s.v4.sin_addr.s_addr)))
+        }
+    }
+}
+
+/// The path MTU the kernel knows toward `dst` (IP_MTU / IPV6_MTU on a connected socket).
+fn path_mtu(dst: SocketAddr) -> Option<u32> {
+    let (any, level, name) = match dst {
+        SocketAddr::V4(_) => ("0.0.0.0:0", libc::IPPROTO_IP, libc::IP_MTU),
+        SocketAddr::V6(_) => ("[::]:0", libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let s = std::net::UdpSocket::bind(any).ok()?;
     s.connect(dst).ok()?;
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -328,8 +386,8 @@ fn path_mtu(dst: SocketAddrV4) -> Option<u32> {
     let rc = unsafe {
         libc::getsockopt(
             s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU,
+            level,
+            name,
             &mut v as *mut libc::c_int as *mut libc::c_void,
             &mut len,
         )
@@ -356,9 +414,13 @@ impl Tx {
         let mut sizes = vec![0usize; TX_SLOTS];
         let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + 128];
         // Per batch, one message per run: (first packet, packets, destination).
-        let mut runs: Vec<(usize, usize, SocketAddrV4)> = Vec::with_capacity(TX_SLOTS);
+        let mut runs: Vec<(usize, usize, SocketAddr)> = Vec::with_capacity(TX_SLOTS);
         let mut iov: Vec<libc::iovec> = vec![io_slice(&[]); TX_SLOTS];
-        let mut addrs = vec![sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); TX_SLOTS];
+        let mut addrs = vec![sockaddr(self.cfg.listen); TX_SLOTS];
+        let overhead = match self.cfg.listen {
+            SocketAddr::V4(_) => UDP_OVERHEAD,
+            SocketAddr::V6(_) => UDP6_OVERHEAD,
+        };
         let mut controls = vec![[0u64; 4]; TX_SLOTS];
         // SAFETY: mmsghdr is plain old data; all-zero is a valid empty message.
         let mut msgs: Vec<libc::mmsghdr> = (0..TX_SLOTS)
@@ -435,7 +497,7 @@ impl Tx {
                 {
                     j += 1;
                 }
-                runs.push((i, j - i, SocketAddrV4::new(hop, self.cfg.listen.port())));
+                runs.push((i, j - i, SocketAddr::new(hop, self.cfg.listen.port())));
                 i = j;
             }
             for k in 0..fill {
@@ -444,8 +506,8 @@ impl Tx {
             for (m, &(first, count, dst)) in runs.iter().enumerate() {
                 addrs[m] = sockaddr(dst);
                 let h = &mut msgs[m].msg_hdr;
-                h.msg_name = &mut addrs[m] as *mut libc::sockaddr_in as *mut libc::c_void;
-                h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                h.msg_name = &mut addrs[m] as *mut Sa as *mut libc::c_void;
+                h.msg_namelen = SA_LEN;
                 h.msg_iov = &mut iov[first];
                 h.msg_iovlen = count;
                 if count > 1 {
@@ -486,7 +548,7 @@ impl Tx {
                 // Too big for the path (EMSGSIZE; EINVAL when a GSO segment is): tell the pod.
                 if matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::EINVAL)) {
                     let mtu = path_mtu(dst).map_or(self.cfg.mtu, |p| {
-                        p.saturating_sub(UDP_OVERHEAD).min(u32::from(self.cfg.mtu)) as u16
+                        p.saturating_sub(overhead).min(u32::from(self.cfg.mtu)) as u16
                     });
                     icmp[..VIRTIO_NET_HDR_LEN].fill(0);
                     if let Some(len) = frag_needed(
@@ -547,7 +609,7 @@ impl Rx {
         // go in as one packet too.
         let udp_gso = self.slot.get().udp_gso();
         let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; RX_MSGS];
-        let mut addrs = [sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); RX_MSGS];
+        let mut addrs = [sockaddr(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); RX_MSGS];
         let mut controls = [[0u64; 8]; RX_MSGS];
         let mut hdr = [0u8; SUPER_HEADER_MAX];
         // A run is at most 64 KiB, so at most 1 header + 64 KiB / 1 byte payloads in theory;
@@ -563,8 +625,8 @@ impl Rx {
             // that outlive the call, with their sizes.
             let mut msgs: [libc::mmsghdr; RX_MSGS] = unsafe { std::mem::zeroed() };
             for (k, m) in msgs.iter_mut().enumerate() {
-                m.msg_hdr.msg_name = &mut addrs[k] as *mut libc::sockaddr_in as *mut libc::c_void;
-                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                m.msg_hdr.msg_name = &mut addrs[k] as *mut Sa as *mut libc::c_void;
+                m.msg_hdr.msg_namelen = SA_LEN;
                 m.msg_hdr.msg_iov = &mut iovs[k];
                 m.msg_hdr.msg_iovlen = 1;
                 m.msg_hdr.msg_control = controls[k].as_mut_ptr() as *mut libc::c_void;
@@ -594,7 +656,7 @@ impl Rx {
             got.clear();
             for (k, msg) in msgs.iter().enumerate().take(n as usize) {
                 let len = msg.msg_len as usize;
-                let from = Ipv4Addr::from(u32::from_be(addrs[k].sin_addr.s_addr));
+                let from = sender(&addrs[k]);
                 let stride = gro_size(&msg.msg_hdr).unwrap_or(len).max(1);
                 for start in (0..len).step_by(stride) {
                     let end = (start + stride).min(len);

@@ -86,10 +86,60 @@ fn only_nodes_with_a_lease_may_send_and_only_from_their_subnet() {
     );
 }
 
+/// An IPv6 packet (UDP, 8 bytes of payload) from `src` to `dst`.
+fn v6(src: &str, dst: &str) -> Vec<u8> {
+    let mut p = vec![0u8; 48];
+    p[0] = 0x60;
+    p[5] = 8;
+    p[6] = 17;
+    p[8..24].copy_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p[24..40].copy_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p
+}
+
+#[test]
+fn an_ipv6_underlay_reaches_nodes_at_their_public_ipv6() {
+    // An IPv6-only cluster: leases with PublicIP 0.0.0.0 and a PublicIPv6.
+    let l6 = |sub: &str, ip6: &str| {
+        let mut l = lease(sub, "0.0.0.0");
+        l.attrs.public_ipv6 = Some(ip6.parse().unwrap());
+        l
+    };
+    let leases = [
+        l6("fd00:10:244:1::-64", "fd00:0:1::1"),
+        l6("fd00:10:244:2::-64", "fd00:0:1::2"),
+        lease("10.244.3.0-24", "10.0.0.3"), // no PublicIPv6: not reachable over IPv6
+    ];
+    let t = PeerTable::new("fd00:0:1::1".parse().unwrap(), &leases);
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        t.next_hop("fd00:10:244:2::5".parse().unwrap()),
+        Some("fd00:0:1::2".parse().unwrap())
+    );
+    assert_eq!(
+        t.next_hop("fd00:10:244:1::5".parse().unwrap()),
+        None,
+        "our own"
+    );
+    let ok = v6("fd00:10:244:2::5", "fd00:10:244:1::7");
+    assert_eq!(t.check_inbound("fd00:0:1::2".parse().unwrap(), &ok), Ok(()));
+    assert_eq!(
+        t.check_inbound("fd00:0:1::9".parse().unwrap(), &ok),
+        Err(Drop::Stranger)
+    );
+    assert_eq!(
+        t.check_inbound(
+            "fd00:0:1::2".parse().unwrap(),
+            &v6("fd00:10:244:9::5", "fd00:10:244:1::7")
+        ),
+        Err(Drop::Spoofed)
+    );
+}
+
 #[test]
 fn malformed_inner_packets_are_named() {
     let t = table();
-    let from: Ipv4Addr = "10.0.0.2".parse().unwrap();
+    let from: IpAddr = "10.0.0.2".parse().unwrap();
     let good = v4("10.244.2.9", "10.244.1.5", 60);
     assert_eq!(t.check_inbound(from, &[]), Err(Drop::Malformed));
     assert_eq!(

@@ -214,7 +214,7 @@ pub(super) async fn ensure_tun(
             t.name
         ))
     })?;
-    ensure_up_with(h, &link, t.mtu, IpAddr::V4(t.address), report).await?;
+    ensure_up_with(h, &link, t.mtu, t.address, report).await?;
     // The engine's ICMP "fragmentation needed" comes from our own bridge address: without
     // accept_local the kernel drops a packet with a local source arriving on an interface.
     if crate::sysctl::get(&format!("net.ipv4.conf.{}.accept_local", t.name)).as_deref() != Some("1")

@@ -175,10 +175,6 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             .context("--node-name (or NODE_NAME) is required")?;
         (store, cfg, None, name)
     };
-    anyhow::ensure!(
-        cfg.v4.is_some() || weft_backend::runs_ipv6_only(&cfg),
-        "an IPv6-only cluster (EnableIPv4 false) needs a backend that talks between nodes over IPv6: vxlan, host-gw or bgp"
-    );
     // The BGP peers' TCP MD5 keys, from a root-only file or the environment on this node (or,
     // warned about, net-conf.json itself); never logged. Read before anything changes, so a
     // missing key stops the agent with nothing done.
@@ -243,11 +239,12 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
 
     // The bgp backend's listener exists before our lease does: peers connect as soon as they
     // see the lease.
-    // In an IPv6-only cluster the sessions run over IPv6 (PublicIPv6).
-    let bgp_addr: IpAddr = match (cfg.v4.is_some(), public_ipv6) {
+    // In an IPv6-only cluster nodes talk over IPv6 (PublicIPv6): BGP sessions, udp datagrams.
+    let underlay_addr: IpAddr = match (cfg.v4.is_some(), public_ipv6) {
         (false, Some(ip6)) => ip6.into(),
         _ => public_ip.into(),
     };
+    let (bgp_addr, udp_addr) = (underlay_addr, underlay_addr);
     let bgp_bound = match &cfg.backend {
         Backend::Bgp(_) => Some(
             weft_bgp::driver::Speaker::bind(SocketAddr::new(bgp_addr, a.bgp_port))
@@ -340,19 +337,19 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // The udp backend: the TUN device and the threads that carry it over UDP.
     let udp = match &cfg.backend {
         Backend::Udp(u) => {
-            let own4 = lease
-                .key
-                .v4
-                .context("the udp backend needs an IPv4 subnet")?;
+            let listen = SocketAddr::new(udp_addr, u.port);
             let ec = weft_dataplane::udp::EngineConfig {
                 tun_name: weft_backend::TUN_NAME.to_string(),
-                listen: std::net::SocketAddrV4::new(public_ip, u.port),
+                listen,
                 mtu: u16::try_from(pod_mtu).unwrap_or(u16::MAX),
-                // The first address of our subnet (the bridge's gateway) answers for the path.
-                icmp_source: own4.hosts().next().unwrap_or(own4.network()),
+                // The first address of our subnet (the bridge's gateway) answers for the path
+                // (IPv4 pods; an IPv6-only cluster has none).
+                icmp_source: lease.key.v4.map_or(Ipv4Addr::UNSPECIFIED, |n| {
+                    n.hosts().next().unwrap_or(n.network())
+                }),
             };
             let e = weft_dataplane::udp::Engine::start(ec, metrics.udp.clone())
-                .with_context(|| format!("starting the udp backend on {public_ip}:{}", u.port))?;
+                .with_context(|| format!("starting the udp backend on {listen}"))?;
             tracing::info!(
                 port = u.port,
                 device = weft_backend::TUN_NAME,
@@ -570,7 +567,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
             None => Vec::new(),
         };
         if let Some(e) = &udp {
-            e.set_peers(weft_backend::udp::PeerTable::new(public_ip, &leases));
+            e.set_peers(weft_backend::udp::PeerTable::new(udp_addr, &leases));
         }
         let t = Instant::now();
         let mut desired: DesiredState =
