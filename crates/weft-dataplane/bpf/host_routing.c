@@ -45,7 +45,7 @@ struct endpoint {
 
 struct config {
 	__u32 network;  /* cluster network, network byte order */
-	__u32 mask;     /* its netmask, network byte order */
+	__u32 mask;     /* its netmask, network byte order; zero: no IPv4 (IPv6-only cluster) */
 	__u32 monitor;  /* non-zero while `weft monitor` reads weft_events */
 	__u32 attach;   /* for weft-cni: 0 TCX links, 1 tc clsact filters (programs ignore it) */
 };
@@ -234,8 +234,9 @@ static __always_inline int from_pod(struct __sk_buff *skb, const bool netkit)
 	}
 	if (!cfg)
 		return account(skb, cfg, ip, D_FIB_FAIL, 0, 0, TC_ACT_OK);
-	/* Outside the cluster network: the stack routes it, and ip-masq's rule applies. */
-	if ((ip->daddr & cfg->mask) != cfg->network)
+	/* Outside the cluster network (or no IPv4 network at all): the stack routes it, and
+	 * ip-masq's rule applies. */
+	if (!cfg->mask || (ip->daddr & cfg->mask) != cfg->network)
 		return account(skb, cfg, ip, D_OUTSIDE, 0, 0, TC_ACT_OK);
 	/* Options would need the stack's processing; TTL 1 needs its ICMP. */
 	if (ip->ihl != 5)

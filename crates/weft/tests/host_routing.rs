@@ -470,41 +470,44 @@ fn pod_ip6(pod: &str) -> String {
 #[test]
 fn ipv6_pods_are_routed_by_ebpf_too() {
     let drop_rule = "table inet weft_test6 {\n chain pods_apart {\n  type filter hook forward priority 0;\n  ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 drop\n }\n}\n";
-    let lab = Lab::up("host-gw", "ebpf", &["--ipv6"]);
-    let eps = ok(&["bpf", "endpoints", "--bpf-dir", &bpf_dir("weft-n1")]);
-    let p0 = pod_ip6("weft-n1-p0");
-    assert!(eps.contains(&format!("[{p0}]:0 ifindex=")), "{eps}");
-    assert_eq!(eps.lines().count(), 4, "two pods, two families: {eps}");
-    nft("weft-n1", drop_rule);
-    let before = counters("weft-n1");
-    let (local, remote) = (pod_ip6("weft-n1-p1"), pod_ip6("weft-n2-p0"));
-    for dst in [&local, &remote] {
-        let o = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                "weft-n1-p0",
-                "ping",
-                "-6",
-                "-c",
-                "3",
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                dst,
-            ])
-            .output()
-            .expect("ping");
-        assert!(
-            o.status.success(),
-            "eBPF-routed IPv6 to {dst} stopped by the forward hook"
-        );
+    // Dual stack (two entries a pod) and IPv6-only (one).
+    for (family, entries) in [("--ipv6", 4), ("--ipv6-only", 2)] {
+        let lab = Lab::up("host-gw", "ebpf", &[family]);
+        let eps = ok(&["bpf", "endpoints", "--bpf-dir", &bpf_dir("weft-n1")]);
+        let p0 = pod_ip6("weft-n1-p0");
+        assert!(eps.contains(&format!("[{p0}]:0 ifindex=")), "{eps}");
+        assert_eq!(eps.lines().count(), entries, "{family}: {eps}");
+        nft("weft-n1", drop_rule);
+        let before = counters("weft-n1");
+        let (local, remote) = (pod_ip6("weft-n1-p1"), pod_ip6("weft-n2-p0"));
+        for dst in [&local, &remote] {
+            let o = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    "weft-n1-p0",
+                    "ping",
+                    "-6",
+                    "-c",
+                    "3",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "1",
+                    dst,
+                ])
+                .output()
+                .expect("ping");
+            assert!(
+                o.status.success(),
+                "{family}: eBPF-routed IPv6 to {dst} stopped by the forward hook"
+            );
+        }
+        let after = counters("weft-n1");
+        assert!(after["redirect-peer"] > before["redirect-peer"]);
+        assert!(after["redirect-neigh"] > before["redirect-neigh"]);
+        drop(lab);
     }
-    let after = counters("weft-n1");
-    assert!(after["redirect-peer"] > before["redirect-peer"]);
-    assert!(after["redirect-neigh"] > before["redirect-neigh"]);
-    drop(lab);
     let lab = Lab::up("host-gw", "kernel", &["--ipv6"]);
     nft("weft-n1", drop_rule);
     let dst = pod_ip6("weft-n2-p0");

@@ -149,7 +149,7 @@ impl HostRouting {
     /// cluster network the programs route within.
     pub fn load(
         dir: &Path,
-        network: ipnet::Ipv4Net,
+        network: Option<ipnet::Ipv4Net>,
         network6: Option<ipnet::Ipv6Net>,
         attach: Attach,
     ) -> Result<HostRouting, DataplaneError> {
@@ -190,9 +190,10 @@ impl HostRouting {
             ebpf,
             attach,
         };
+        // No IPv4 network (an IPv6-only cluster): mask zero, IPv4 goes to the stack.
         hr.set_config(|c| {
-            c.network = u32::from_ne_bytes(network.network().octets());
-            c.mask = u32::from_ne_bytes(network.netmask().octets());
+            c.network = network.map_or(0, |n| u32::from_ne_bytes(n.network().octets()));
+            c.mask = network.map_or(0, |n| u32::from_ne_bytes(n.netmask().octets()));
             c.attach = attach.code();
         })?;
         maps::set_config6(

@@ -29,8 +29,7 @@ pub(super) fn start(
     let network = cfg
         .v4
         .as_ref()
-        .and_then(|p| weft_core::subnet::v4(p.network))
-        .context("eBPF host routing needs an IPv4 Network")?;
+        .and_then(|p| weft_core::subnet::v4(p.network));
     let attach = match a.bpf_attach.as_str() {
         "tcx" => bpf::Attach::Tcx,
         "tc" => bpf::Attach::Tc,
