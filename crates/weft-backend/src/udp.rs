@@ -7,7 +7,7 @@
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use weft_core::Lease;
 
 /// UDP (8) + outer IPv4 (20) header bytes around each inner packet.
@@ -231,6 +231,46 @@ pub fn frag_needed(pkt: &[u8], mtu: u16, src: Ipv4Addr, out: &mut [u8]) -> Optio
     icmp[8..].copy_from_slice(quoted);
     let c = checksum(icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Some(len)
+}
+
+/// The smallest MTU IPv6 links have (RFC 8200 §5): what an ICMPv6 error may fill, the least
+/// MTU a Packet Too Big may name.
+pub const IPV6_MIN_MTU: usize = 1280;
+
+/// Writes into `out` the ICMPv6 Packet Too Big (RFC 4443 §3.2) that tells the sender of IPv6
+/// packet `pkt` to use at most `mtu` bytes (never below 1280), from `src`; returns its length.
+/// As much of the packet is quoted as keeps the answer within 1280 bytes (§2.4(c)). None when
+/// no answer is due (not IPv6, itself an ICMPv6 error, §2.4(e)) or `out` is too small.
+pub fn packet_too_big(pkt: &[u8], mtu: u32, src: Ipv6Addr, out: &mut [u8]) -> Option<usize> {
+    let (_, IpAddr::V6(_)) = parse(pkt).ok()? else {
+        return None;
+    };
+    // An ICMPv6 error (types below 128) right after the fixed header is not answered.
+    if pkt[6] == 58 && pkt.get(40).is_some_and(|t| *t < 128) {
+        return None;
+    }
+    let quoted = &pkt[..pkt.len().min(IPV6_MIN_MTU - 48)];
+    let len = 48 + quoted.len();
+    let out = out.get_mut(..len)?;
+    out.fill(0);
+    out[0] = 0x60;
+    out[4..6].copy_from_slice(&((8 + quoted.len()) as u16).to_be_bytes());
+    out[6] = 58; // ICMPv6
+    out[7] = 64; // hop limit
+    out[8..24].copy_from_slice(&src.octets());
+    out[24..40].copy_from_slice(&pkt[8..24]); // back to the sender
+    out[40] = 2; // Packet Too Big, code 0
+    out[44..48].copy_from_slice(&mtu.max(IPV6_MIN_MTU as u32).to_be_bytes());
+    out[48..].copy_from_slice(quoted);
+    // RFC 4443 §2.3: the checksum covers the pseudo-header of RFC 8200 §8.1 too.
+    let mut pseudo = Vec::with_capacity(40 + 8 + quoted.len());
+    pseudo.extend_from_slice(&out[8..40]);
+    pseudo.extend_from_slice(&((8 + quoted.len()) as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&out[40..]);
+    let c = checksum(&pseudo);
+    out[42..44].copy_from_slice(&c.to_be_bytes());
     Some(len)
 }
 

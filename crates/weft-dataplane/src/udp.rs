@@ -22,8 +22,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 use tun_rs::{DeviceBuilder, SyncDevice, VIRTIO_NET_HDR_LEN};
 use weft_backend::udp::{
-    frag_needed, joins, l4_payload, parse, super_header, Drop, PeerTable, SUPER_HEADER_MAX,
-    UDP6_OVERHEAD, UDP_OVERHEAD, VNET_HDR_LEN,
+    frag_needed, joins, l4_payload, packet_too_big, parse, super_header, Drop, PeerTable,
+    IPV6_MIN_MTU, SUPER_HEADER_MAX, UDP6_OVERHEAD, UDP_OVERHEAD, VNET_HDR_LEN,
 };
 
 use crate::DataplaneError;
@@ -78,6 +78,8 @@ pub struct EngineConfig {
     pub mtu: u16,
     /// Source of the ICMP errors sent to pods.
     pub icmp_source: Ipv4Addr,
+    /// ... and of the ICMPv6 ones (Packet Too Big), for IPv6 pods.
+    pub icmp6_source: Option<std::net::Ipv6Addr>,
 }
 
 /// The TUN device the threads use now. Deleted by hand, the threads see it gone (a read fails
@@ -412,7 +414,7 @@ impl Tx {
         // send whose iovecs are these buffers (the kernel cuts at `stride`, not at iovecs).
         let mut bufs = vec![vec![0u8; stride]; TX_SLOTS];
         let mut sizes = vec![0usize; TX_SLOTS];
-        let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + 128];
+        let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + IPV6_MIN_MTU];
         // Per batch, one message per run: (first packet, packets, destination).
         let mut runs: Vec<(usize, usize, SocketAddr)> = Vec::with_capacity(TX_SLOTS);
         let mut iov: Vec<libc::iovec> = vec![io_slice(&[]); TX_SLOTS];
@@ -551,12 +553,14 @@ impl Tx {
                         p.saturating_sub(overhead).min(u32::from(self.cfg.mtu)) as u16
                     });
                     icmp[..VIRTIO_NET_HDR_LEN].fill(0);
-                    if let Some(len) = frag_needed(
-                        &bufs[first][..sizes[first]],
-                        mtu,
-                        self.cfg.icmp_source,
-                        &mut icmp[VIRTIO_NET_HDR_LEN..],
-                    ) {
+                    let pkt = &bufs[first][..sizes[first]];
+                    let answer = &mut icmp[VIRTIO_NET_HDR_LEN..];
+                    // ICMP "fragmentation needed" to an IPv4 pod, Packet Too Big to an IPv6 one.
+                    let len = frag_needed(pkt, mtu, self.cfg.icmp_source, answer).or_else(|| {
+                        let src = self.cfg.icmp6_source?;
+                        packet_too_big(pkt, u32::from(mtu), src, answer)
+                    });
+                    if let Some(len) = len {
                         if dev.send(&icmp[..VIRTIO_NET_HDR_LEN + len]).is_ok() {
                             self.stats.frag_needed.inc();
                         }

@@ -309,6 +309,38 @@ fn sh_in(ns: &str, cmd: &[&str]) -> String {
 }
 
 #[test]
+fn udp_over_ipv6_answers_a_smaller_path_with_packet_too_big() {
+    let lab = Lab::up(&[
+        "--backend",
+        "udp",
+        "--ipv6-only",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ]);
+    let dst = pod_ip6("weft-n2-p0");
+    // Node 1's uplink shrinks to 1400: a 1400-byte pod packet no longer fits its datagram
+    // (+48); the engine tells the pod so (ICMPv6 Packet Too Big, MTU 1400 - 48), smaller
+    // packets pass.
+    common::sh(&["ip", "-n", "weft-n1", "link", "set", "eth0", "mtu", "1400"]);
+    let (okay, out) = ping6(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1352", "-c", "2", "-W", "1", &dst],
+    );
+    assert!(
+        !okay && out.contains("1352"),
+        "expected Packet Too Big with MTU 1352: {out}"
+    );
+    let (okay, out) = ping6(
+        "weft-n1-p0",
+        &["-M", "do", "-s", "1300", "-c", "2", "-W", "1", &dst],
+    );
+    assert!(okay, "{out}");
+    drop(lab);
+}
+
+#[test]
 fn bgp_carries_ipv6_by_mp_bgp() {
     let nodes = |n: usize| -> Vec<String> { (1..=n).map(|i| format!("weft-n{i}")).collect() };
     for (args, n) in [

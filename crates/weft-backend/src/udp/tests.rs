@@ -164,6 +164,48 @@ fn malformed_inner_packets_are_named() {
     assert_eq!(t.check_inbound(from, &v6), Err(Drop::Malformed));
 }
 
+/// The ICMPv6 checksum over an IPv6 packet's pseudo-header and message: 0 when it verifies.
+fn icmp6_checksum(p: &[u8]) -> u16 {
+    let mut v = p[8..40].to_vec();
+    v.extend_from_slice(&((p.len() - 40) as u32).to_be_bytes());
+    v.extend_from_slice(&[0, 0, 0, 58]);
+    v.extend_from_slice(&p[40..]);
+    checksum(&v)
+}
+
+#[test]
+fn packet_too_big_quotes_the_packet_and_carries_the_mtu() {
+    let mut pkt = v6("fd00:10:244:1::5", "fd00:10:244:2::9");
+    pkt.resize(1400, 0);
+    pkt[4..6].copy_from_slice(&1360u16.to_be_bytes());
+    let mut out = [0u8; IPV6_MIN_MTU];
+    let src: std::net::Ipv6Addr = "fd00:10:244:1::1".parse().unwrap();
+    let n = packet_too_big(&pkt, 1352, src, &mut out).unwrap();
+    let o = &out[..n];
+    assert_eq!(n, IPV6_MIN_MTU, "quoted up to the minimum MTU");
+    assert_eq!(
+        parse(o).unwrap(),
+        (src.into(), "fd00:10:244:1::5".parse().unwrap())
+    );
+    assert_eq!((o[6], o[40], o[41]), (58, 2, 0), "ICMPv6 Packet Too Big");
+    assert_eq!(u32::from_be_bytes([o[44], o[45], o[46], o[47]]), 1352);
+    assert_eq!(icmp6_checksum(o), 0, "checksum verifies");
+    assert_eq!(&o[48..], &pkt[..IPV6_MIN_MTU - 48]);
+    // Never below IPv6's minimum; no answer to an ICMPv6 error, to IPv4, without room.
+    packet_too_big(&pkt, 1000, src, &mut out).unwrap();
+    assert_eq!(
+        u32::from_be_bytes([out[44], out[45], out[46], out[47]]),
+        1280
+    );
+    let mut err = pkt.clone();
+    err[6] = 58;
+    err[40] = 1;
+    assert_eq!(packet_too_big(&err, 1352, src, &mut out), None);
+    let four = v4("10.244.1.5", "10.244.2.9", 1400);
+    assert_eq!(packet_too_big(&four, 1352, src, &mut out), None);
+    assert_eq!(packet_too_big(&pkt, 1352, src, &mut [0u8; 100]), None);
+}
+
 #[test]
 fn frag_needed_quotes_the_packet_and_carries_the_mtu() {
     let pkt = v4("10.244.1.5", "10.244.2.9", 1400);
@@ -453,6 +495,11 @@ mod props {
                 if let Some(n) = frag_needed(p, mtu, "10.244.1.1".parse().unwrap(), &mut out) {
                     prop_assert!(n <= out.len());
                     prop_assert_eq!(checksum(&out[20..n]), 0);
+                }
+                let mut out6 = [0u8; IPV6_MIN_MTU];
+                if let Some(n) = packet_too_big(p, mtu.into(), "fd00::1".parse().unwrap(), &mut out6) {
+                    prop_assert!((48..=IPV6_MIN_MTU).contains(&n));
+                    prop_assert_eq!(icmp6_checksum(&out6[..n]), 0);
                 }
             }
             let _ = joins(&a, &b, &c, run, udp_ok);

@@ -347,6 +347,11 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
                 icmp_source: lease.key.v4.map_or(Ipv4Addr::UNSPECIFIED, |n| {
                     n.hosts().next().unwrap_or(n.network())
                 }),
+                // The IPv6 subnet's ::1, the bridge's gateway, likewise.
+                icmp6_source: lease
+                    .key
+                    .v6
+                    .map(|n| std::net::Ipv6Addr::from(u128::from(n.network()) + 1)),
             };
             let e = weft_dataplane::udp::Engine::start(ec, metrics.udp.clone())
                 .with_context(|| format!("starting the udp backend on {listen}"))?;
