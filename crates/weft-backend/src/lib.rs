@@ -41,6 +41,8 @@ pub enum Dev {
     Underlay,
     /// The udp backend's TUN device: a device route, `via` unused.
     Tun,
+    /// The IPIP tunnel device (the bgp backend's `IPIP` encapsulation).
+    Ipip,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,6 +140,26 @@ pub struct TunDevice {
 /// The TUN device's name (flannel's is flannel0).
 pub const TUN_NAME: &str = "weft0";
 
+/// The IPIP tunnel (Calico's tunl0): the device routes point at, and, where the kernel has no
+/// ipip module, the far end of its veth pair, where a tc program encapsulates.
+pub const IPIP_NAME: &str = "weft-ipip";
+pub const IPIP_PEER_NAME: &str = "weft-ipip-x";
+/// IPIP's overhead: one IPv4 header.
+pub const IPIP_OVERHEAD: u32 = 20;
+
+/// The bgp backend's IPIP tunnel (RFC 2003): what goes in and who may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpipTunnel {
+    pub mtu: u32,
+    /// This node's underlay address: the outer source, and what arriving packets must be for.
+    pub local: Ipv4Addr,
+    /// Remote pod subnets sent through the tunnel -> the node (outer destination).
+    pub routes: Vec<(Ipv4Net, Ipv4Addr)>,
+    /// Nodes that may send through it (they hold a lease) -> their subnet: an inner source
+    /// outside it is refused.
+    pub nodes: Vec<(Ipv4Addr, Ipv4Net)>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub vxlan: Option<VxlanDevice>,
@@ -157,11 +179,16 @@ pub struct DesiredState {
     pub masq: Option<masq::Masq>,
     /// ... and its IPv6 one (`ip6 weft`).
     pub masq6: Option<masq::Masq>,
+    /// The IPIP tunnel, with the bgp backend's `IPIP` / `IPIPCrossSubnet`.
+    pub ipip: Option<IpipTunnel>,
 }
 
 impl DesiredState {
     /// Everything in a stable order (plans compare equal when they want the same).
     fn sort(&mut self) {
+        if let Some(t) = self.ipip.as_mut() {
+            t.routes.sort();
+        }
         self.routes.sort();
         self.neighbours.sort();
         self.fdb.sort();
@@ -204,7 +231,7 @@ pub fn backend_data(cfg: &NetConfig, vtep_mac: Option<[u8; 6]>) -> serde_json::V
         (Backend::Vxlan(v), Some(mac)) => {
             serde_json::json!({"VNI": v.vni, "VtepMAC": mac_text(&mac)})
         }
-        (Backend::Bgp(g), Some(mac)) if g.encapsulation != Encapsulation::Never => {
+        (Backend::Bgp(g), Some(mac)) if g.encapsulation.vxlan() => {
             serde_json::json!({"VNI": g.vxlan.vni, "VtepMAC": mac_text(&mac)})
         }
         _ => serde_json::Value::Null,
@@ -227,6 +254,7 @@ pub fn pod_mtu(cfg: &NetConfig, underlay_mtu: u32) -> u32 {
         Backend::Udp(_) if cfg.v4.is_none() => underlay_mtu.saturating_sub(udp::UDP6_OVERHEAD),
         Backend::Udp(_) => underlay_mtu.saturating_sub(udp::UDP_OVERHEAD),
         Backend::Bgp(g) if g.encapsulation == Encapsulation::Never => underlay_mtu,
+        Backend::Bgp(g) if g.encapsulation.ipip() => underlay_mtu.saturating_sub(IPIP_OVERHEAD),
         Backend::Bgp(_) => underlay_mtu.saturating_sub(if cfg.v6.is_some() {
             VXLAN6_OVERHEAD
         } else {
@@ -481,7 +509,22 @@ fn plan_bgp(
     mac: [u8; 6],
 ) {
     let own4 = own.key.v4;
-    if g.encapsulation != Encapsulation::Never {
+    if g.encapsulation.ipip() && own4.is_some() {
+        // Who may send through the tunnel: every node holding a lease, its own subnet.
+        let mut nodes: Vec<(Ipv4Addr, Ipv4Net)> = leases
+            .iter()
+            .filter_map(|l| Some((l.attrs.public_ip, l.key.v4?)))
+            .filter(|(ip, _)| !ip.is_unspecified() && *ip != local.public_ip)
+            .collect();
+        nodes.sort();
+        d.ipip = Some(IpipTunnel {
+            mtu: d.pod_mtu,
+            local: local.public_ip,
+            routes: Vec::new(),
+            nodes,
+        });
+    }
+    if g.encapsulation.vxlan() {
         d.vxlan = own4.map(|own4| VxlanDevice {
             name: name.to_string(),
             vni: g.vxlan.vni,
@@ -548,11 +591,9 @@ fn plan_bgp(
             continue;
         }
         let on_link = underlay.is_some_and(|u| u.contains(&l.next_hop));
-        let encap = match g.encapsulation {
-            Encapsulation::Never => false,
-            Encapsulation::Always => true,
-            Encapsulation::CrossSubnet => !on_link,
-        };
+        // IPIP carries IPv4 only (as Calico's): IPv6 routes go plain with it.
+        let encap = g.encapsulation.tunnels(on_link)
+            && !(g.encapsulation.ipip() && l.prefix.addr().is_ipv6());
         let peer = leases.iter().find(|p| match l.next_hop {
             IpAddr::V4(a) => p.attrs.public_ip == a,
             IpAddr::V6(a) => p.attrs.public_ipv6 == Some(a),
@@ -565,6 +606,21 @@ fn plan_bgp(
             },
         };
         match (encap, on_link, peer, l.prefix) {
+            // Calico's tunl0 route: via the node, on-link on the tunnel device.
+            (true, _, Some(p), IpNet::V4(sub)) if g.encapsulation.ipip() => {
+                let (IpAddr::V4(node), Some(t)) = (l.next_hop, d.ipip.as_mut()) else {
+                    continue;
+                };
+                // The next hop holds a lease (found above): the outer destination is a node.
+                debug_assert_eq!(p.attrs.public_ip, node);
+                t.routes.push((sub, node));
+                d.routes.push(PlannedRoute {
+                    dst: IpNet::V4(sub),
+                    via: l.next_hop,
+                    dev: Dev::Ipip,
+                    onlink: true,
+                });
+            }
             (true, _, Some(p), IpNet::V4(sub)) => tunnel_to(d, p, sub),
             (true, _, Some(p), IpNet::V6(sub)) if d.vxlan6.is_some() => ipv6::tunnel6(d, p, sub),
             (false, true, _, dst) => d.routes.push(PlannedRoute {

@@ -582,3 +582,101 @@ fn bgp_routes_ipv6_subnets_it_learned_plainly_or_through_the_ipv6_vtep() {
         "0e:00:00:00:01:01"
     );
 }
+
+#[test]
+fn bgp_ipip_routes_through_the_tunnel_device_always_or_across_segments() {
+    let own = lease("10.244.1.0-24", "10.0.1.1", None);
+    let leases = vec![
+        lease("10.244.2.0-24", "10.0.1.2", None),
+        lease("10.244.3.0-24", "10.0.2.3", None),
+    ];
+    let rib = vec![
+        Learned {
+            prefix: "10.244.2.0/24".parse().unwrap(),
+            next_hop: "10.0.1.2".parse().unwrap(),
+        },
+        Learned {
+            prefix: "10.244.3.0/24".parse().unwrap(),
+            next_hop: "10.0.2.3".parse().unwrap(),
+        },
+    ];
+    let via_tunnel = |sub: &str, node: &str| PlannedRoute {
+        dst: sub.parse().unwrap(),
+        via: node.parse().unwrap(),
+        dev: Dev::Ipip,
+        onlink: true,
+    };
+    // IPIP: every node through the tunnel, Calico's `via <node> dev tunl0 onlink`; pods pay
+    // IPIP's 20 bytes; no VTEP.
+    let c =
+        cfg(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIP"}}"#);
+    let d = plan_for(&c, &own, &leases, &rib);
+    assert_eq!(
+        d.routes,
+        vec![
+            via_tunnel("10.244.2.0/24", "10.0.1.2"),
+            via_tunnel("10.244.3.0/24", "10.0.2.3")
+        ]
+    );
+    assert_eq!(d.pod_mtu, 1480);
+    assert!(d.vxlan.is_none() && d.neighbours.is_empty() && d.fdb.is_empty());
+    assert_eq!(
+        backend_data(&c, Some([0x0e, 0, 0, 0, 0, 1])),
+        serde_json::Value::Null
+    );
+    let t = d.ipip.expect("the tunnel");
+    assert_eq!(t.local, "10.0.1.1".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(
+        t.routes,
+        vec![
+            (
+                "10.244.2.0/24".parse().unwrap(),
+                "10.0.1.2".parse().unwrap()
+            ),
+            (
+                "10.244.3.0/24".parse().unwrap(),
+                "10.0.2.3".parse().unwrap()
+            )
+        ]
+    );
+    assert_eq!(
+        t.nodes,
+        vec![
+            (
+                "10.0.1.2".parse().unwrap(),
+                "10.244.2.0/24".parse().unwrap()
+            ),
+            (
+                "10.0.2.3".parse().unwrap(),
+                "10.244.3.0/24".parse().unwrap()
+            )
+        ],
+        "every lease holder may send, our own node not"
+    );
+    // IPIPCrossSubnet: plain on this segment, the tunnel to the other.
+    let c = cfg(
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIPCrossSubnet"}}"#,
+    );
+    let d = plan_for(&c, &own, &leases, &rib);
+    assert_eq!(
+        d.routes,
+        vec![
+            PlannedRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                via: "10.0.1.2".parse().unwrap(),
+                dev: Dev::Underlay,
+                onlink: false,
+            },
+            via_tunnel("10.244.3.0/24", "10.0.2.3")
+        ]
+    );
+    assert_eq!(d.ipip.map(|t| t.routes.len()), Some(1));
+    // A next hop that holds no lease is not tunnelled to.
+    let rib = vec![Learned {
+        prefix: "10.244.9.0/24".parse().unwrap(),
+        next_hop: "10.0.2.99".parse().unwrap(),
+    }];
+    let d = plan_for(&c, &own, &leases, &rib);
+    assert!(d.routes.is_empty());
+    assert!(d.unreachable[0].reason.contains("no lease holds next hop"));
+}

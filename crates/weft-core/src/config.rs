@@ -103,12 +103,48 @@ pub enum Backend {
 }
 
 /// Where the bgp backend encapsulates (Calico's `CrossSubnet`): never, only to nodes on
-/// another L2 segment, or always. The tunnel is the vxlan backend's.
+/// another L2 segment, or always; in the vxlan backend's tunnel (`CrossSubnet`, `Always`) or
+/// in IPIP (IP protocol 4, Calico's `CALICO_IPV4POOL_IPIP`: `IPIP`, `IPIPCrossSubnet`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encapsulation {
     Never,
     CrossSubnet,
     Always,
+    Ipip,
+    IpipCrossSubnet,
+}
+
+impl Encapsulation {
+    /// Its name in net-conf.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encapsulation::Never => "Never",
+            Encapsulation::CrossSubnet => "CrossSubnet",
+            Encapsulation::Always => "Always",
+            Encapsulation::Ipip => "IPIP",
+            Encapsulation::IpipCrossSubnet => "IPIPCrossSubnet",
+        }
+    }
+
+    /// The vxlan tunnel is used (to some nodes at least).
+    pub fn vxlan(self) -> bool {
+        matches!(self, Encapsulation::CrossSubnet | Encapsulation::Always)
+    }
+
+    /// IPIP is used (to some nodes at least).
+    pub fn ipip(self) -> bool {
+        matches!(self, Encapsulation::Ipip | Encapsulation::IpipCrossSubnet)
+    }
+
+    /// Whether traffic to a node goes through the tunnel; `on_link`: the node is on this
+    /// node's L2 segment.
+    pub fn tunnels(self, on_link: bool) -> bool {
+        match self {
+            Encapsulation::Never => false,
+            Encapsulation::Always | Encapsulation::Ipip => true,
+            Encapsulation::CrossSubnet | Encapsulation::IpipCrossSubnet => !on_link,
+        }
+    }
 }
 
 /// A secret value: `Debug` prints `<redacted>`, so it never reaches a log by accident.
@@ -804,11 +840,13 @@ fn parse_backend(ctx: &mut Ctx, top: &mut Obj, warnings: &mut Vec<String>) -> (B
                 None | Some("CrossSubnet") => Encapsulation::CrossSubnet,
                 Some("Never") => Encapsulation::Never,
                 Some("Always") => Encapsulation::Always,
+                Some("IPIP") => Encapsulation::Ipip,
+                Some("IPIPCrossSubnet") => Encapsulation::IpipCrossSubnet,
                 Some(other) => {
                     ctx.problem(
                         "Backend.Encapsulation",
                         Some(&Value::String(other.into())),
-                        "must be Never, CrossSubnet or Always",
+                        "must be Never, CrossSubnet or Always (vxlan), or IPIP or IPIPCrossSubnet",
                         "\"Encapsulation\": \"CrossSubnet\"",
                     );
                     Encapsulation::CrossSubnet
@@ -1079,12 +1117,10 @@ impl NetConfig {
                         Value::Array(list.iter().map(|n| Value::String(n.to_string())).collect()),
                     );
                 }
-                let enc = match g.encapsulation {
-                    Encapsulation::Never => "Never",
-                    Encapsulation::CrossSubnet => "CrossSubnet",
-                    Encapsulation::Always => "Always",
-                };
-                b.insert("Encapsulation".into(), Value::String(enc.into()));
+                b.insert(
+                    "Encapsulation".into(),
+                    Value::String(g.encapsulation.name().into()),
+                );
                 let peers: Vec<Value> = g
                     .peers
                     .iter()

@@ -293,6 +293,15 @@ impl Nl {
         .await
     }
 
+    /// ARP (and neighbour discovery) on or off (IFF_NOARP).
+    pub async fn set_arp(&self, index: u32, on: bool) -> Result<(), DataplaneError> {
+        self.set(
+            LinkUnspec::new_with_index(index).arp(on).build(),
+            format!("setting ARP of link #{index}"),
+        )
+        .await
+    }
+
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
         self.set(
             LinkUnspec::new_with_index(index).mtu(mtu).build(),

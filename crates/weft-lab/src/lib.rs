@@ -55,7 +55,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
     /// vxlan, vxlan-dr (vxlan with DirectRouting), host-gw, udp (userspace over TUN), bgp (node mesh, CrossSubnet) or
-    /// bgp-rr (no mesh: nodes peer with the --route-reflectors), bgp-tor (no mesh: nodes peer
+    /// bgp-rr (no mesh: nodes peer with the --route-reflectors), bgp-ipip / bgp-ipip-cross (the mesh,
+    /// Encapsulation IPIP / IPIPCrossSubnet), bgp-tor (no mesh: nodes peer
     /// with BIRD as the top-of-rack router in the underlay namespace, Encapsulation Never) or
     /// bgp-gobgp (no mesh: GoBGP in the underlay namespace reflects for every node).
     #[arg(long, default_value = "vxlan")]
@@ -223,6 +224,9 @@ fn net_conf(backend: &str) -> Result<String> {
         "udp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 8285}}"#.into(),
         "bgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp"}}"#.into(),
         "bgp-rr" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false}}"#.into(),
+        // Calico's IPIP pools: always, or only to nodes on another segment.
+        "bgp-ipip" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIP"}}"#.into(),
+        "bgp-ipip-cross" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIPCrossSubnet"}}"#.into(),
         // Calico's top-of-rack design: no mesh, every node peers with BIRD in the router
         // namespace (one address per segment), routes across segments without encapsulation.
         "bgp-tor" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false, "Encapsulation": "Never",
@@ -230,7 +234,7 @@ fn net_conf(backend: &str) -> Result<String> {
         // GoBGP as the route reflector of every node (iBGP, AS 64512), in the router namespace.
         "bgp-gobgp" => r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "bgp", "NodeMesh": false,
             "Peers": [{"Address": "10.0.1.254", "ASNumber": 64512}]}}"#.into(),
-        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, udp, bgp, bgp-rr, bgp-tor or bgp-gobgp"),
+        other => bail!("--backend {other:?}: use vxlan, vxlan-dr, host-gw, udp, bgp, bgp-rr, bgp-ipip, bgp-ipip-cross, bgp-tor or bgp-gobgp"),
     })
 }
 

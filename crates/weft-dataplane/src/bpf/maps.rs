@@ -123,7 +123,7 @@ impl Event {
     }
 }
 
-fn map(dir: &Path, name: &str) -> Result<MapData, DataplaneError> {
+pub(super) fn map(dir: &Path, name: &str) -> Result<MapData, DataplaneError> {
     let p = dir.join(name);
     MapData::from_pin(&p).map_err(|e| err(format!("opening {}", p.display()), e))
 }

@@ -23,6 +23,7 @@ fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> DataplaneErro
     DataplaneError::Other(format!("{what}: {e}"))
 }
 
+pub mod ipip;
 mod maps;
 mod netkit;
 mod sync;
@@ -260,7 +261,7 @@ fn attach_hook(
 ) -> Result<(), DataplaneError> {
     match (hook, attach) {
         (Hook::FromNetkit, _) => attach_netkit(p, dir, dev),
-        (_, Attach::Tcx) => attach_program(p, dir, dev),
+        (_, Attach::Tcx) => attach_program(p, dir, dev, LinkOrder::default()),
         (_, Attach::Tc) => attach_tc(p, dir, dev),
     }
 }
@@ -333,7 +334,14 @@ fn attach_netkit(p: &SchedClassifier, dir: &Path, dev: &str) -> Result<(), Datap
     netkit::obj_pin(link.as_fd(), &pin).map_err(|e| err(format!("pinning {}", pin.display()), e))
 }
 
-fn attach_program(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), DataplaneError> {
+/// A TCX link on `dev`'s ingress (`order`: where among other programs there), pinned as
+/// `links/<dev>`: an existing link gets the program swapped in atomically.
+fn attach_program(
+    p: &mut SchedClassifier,
+    dir: &Path,
+    dev: &str,
+    order: LinkOrder,
+) -> Result<(), DataplaneError> {
     let pin = link_pin(dir, dev);
     let id = match PinnedLink::from_pin(&pin) {
         Ok(old) => {
@@ -345,11 +353,11 @@ fn attach_program(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), 
                 // A link whose device went (defunct): attach anew.
                 Err(_) => {
                     let _ = std::fs::remove_file(&pin);
-                    attach_new(p, dev)?
+                    attach_new(p, dev, order)?
                 }
             }
         }
-        Err(_) => attach_new(p, dev)?,
+        Err(_) => attach_new(p, dev, order)?,
     };
     let link = p
         .take_link(id)
@@ -366,13 +374,10 @@ fn attach_program(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), 
 fn attach_new(
     p: &mut SchedClassifier,
     dev: &str,
+    order: LinkOrder,
 ) -> Result<aya::programs::tc::SchedClassifierLinkId, DataplaneError> {
-    p.attach_with_options(
-        dev,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .map_err(|e| err(format!("attaching to {dev} (TCX)"), e))
+    p.attach_with_options(dev, TcAttachType::Ingress, TcAttachOptions::TcxOrder(order))
+        .map_err(|e| err(format!("attaching to {dev} (TCX)"), e))
 }
 
 /// Attaches the pinned program of `hook` (loaded by the agent) to `dev` (weft-cni at ADD).

@@ -12,6 +12,7 @@
 
 mod devices;
 mod entries;
+pub mod ipip;
 pub mod monitor;
 mod routes;
 
@@ -90,7 +91,8 @@ pub async fn reconcile(
     underlay: &Link,
     masq: &mut MasqTable,
 ) -> (Report, HashSet<u32>) {
-    let (report, devices, _) = full_pass(h, d, underlay, masq).await;
+    let mut ipip = ipip::IpipState::default();
+    let (report, devices, _) = full_pass(h, d, underlay, masq, &mut ipip).await;
     (report, devices)
 }
 
@@ -100,6 +102,7 @@ struct Devices {
     vxlan: Option<Link>,
     vxlan6: Option<Link>,
     tun: Option<Link>,
+    ipip: Option<Link>,
 }
 
 async fn full_pass(
@@ -107,6 +110,7 @@ async fn full_pass(
     d: &DesiredState,
     underlay: &Link,
     masq: &mut MasqTable,
+    ipip_state: &mut ipip::IpipState,
 ) -> (Report, HashSet<u32>, Devices) {
     let mut report = Report::default();
     let mut devices = HashSet::new();
@@ -140,10 +144,14 @@ async fn full_pass(
             None
         }
     };
+    let ipip = ipip_state
+        .pass(h, d.ipip.as_ref(), underlay, &mut report)
+        .await;
     devices.extend(
         vx.iter()
             .chain(vx6.iter())
             .chain(tun.iter())
+            .chain(ipip.iter())
             .map(|l| l.index),
     );
 
@@ -167,7 +175,10 @@ async fn full_pass(
         }
     }
 
-    let route_of = |p: &_| routes::route_of(p, vx.as_ref(), vx6.as_ref(), tun.as_ref(), underlay);
+    let route_of = |p: &_| {
+        let tunnels = [vx.as_ref(), vx6.as_ref(), tun.as_ref(), ipip.as_ref()];
+        routes::route_of(p, tunnels, underlay)
+    };
     if d.routes.windows(2).all(|w| w[0].dst <= w[1].dst) {
         routes::sync_routes(h, &d.routes, route_of, &mut report).await;
     } else {
@@ -193,6 +204,7 @@ async fn full_pass(
             vxlan: vx,
             vxlan6: vx6,
             tun,
+            ipip,
         },
     )
 }
@@ -210,6 +222,8 @@ pub struct Reconciler {
     last_full: Option<Instant>,
     /// A full pass at least this often, whatever the notifications say.
     pub full_every: Duration,
+    /// The IPIP tunnel's programs (set `ipip.dir` to where they are pinned).
+    pub ipip: ipip::IpipState,
 }
 
 impl Reconciler {
@@ -229,6 +243,7 @@ impl Reconciler {
             last_failed: false,
             last_full: None,
             full_every,
+            ipip: ipip::IpipState::default(),
         }
     }
 
@@ -259,13 +274,13 @@ impl Reconciler {
             if only_routes_differ(last, d) {
                 let dev = &self.devices;
                 let r = routes::apply_difference(&last.routes, &d.routes, |p| {
-                    routes::route_of(
-                        p,
+                    let tunnels = [
                         dev.vxlan.as_ref(),
                         dev.vxlan6.as_ref(),
                         dev.tun.as_ref(),
-                        &self.underlay,
-                    )
+                        dev.ipip.as_ref(),
+                    ];
+                    routes::route_of(p, tunnels, &self.underlay)
                 });
                 if let Some(report) = r {
                     self.last_failed = !report.errors.is_empty();
@@ -274,7 +289,8 @@ impl Reconciler {
                 }
             }
         }
-        let (report, devices, links) = full_pass(&self.nl, d, &self.underlay, &mut self.masq).await;
+        let (report, devices, links) =
+            full_pass(&self.nl, d, &self.underlay, &mut self.masq, &mut self.ipip).await;
         self.watch.set_devices(devices);
         self.devices = links;
         self.last_failed = !report.errors.is_empty();
@@ -295,6 +311,7 @@ fn only_routes_differ(a: &DesiredState, b: &DesiredState) -> bool {
         && a.fdb6 == b.fdb6
         && a.masq == b.masq
         && a.masq6 == b.masq6
+        && a.ipip == b.ipip
         && a.pod_mtu == b.pod_mtu
 }
 

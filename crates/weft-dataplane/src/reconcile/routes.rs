@@ -9,11 +9,10 @@ use crate::link::{is_exists, is_missing, Link, Nl, Route, RTPROT_WEFT};
 use ipnet::IpNet;
 use weft_backend::{Dev, PlannedRoute};
 
+/// `tunnels`: the VTEP, the IPv6 VTEP, the TUN device, the IPIP device, where they exist.
 pub(super) fn route_of(
     p: &PlannedRoute,
-    vx: Option<&Link>,
-    vx6: Option<&Link>,
-    tun: Option<&Link>,
+    [vx, vx6, tun, ipip]: [Option<&Link>; 4],
     underlay: &Link,
 ) -> Option<Route> {
     let oif = match p.dev {
@@ -21,6 +20,7 @@ pub(super) fn route_of(
         Dev::Vxlan6 => vx6?.index,
         Dev::Underlay => underlay.index,
         Dev::Tun => tun?.index,
+        Dev::Ipip => ipip?.index,
     };
     let device_route = p.dev == Dev::Tun;
     Some(Route {

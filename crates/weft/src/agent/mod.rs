@@ -107,6 +107,13 @@ pub struct AgentArgs {
 }
 
 mod bgp;
+
+/// Where the IPIP tunnel's programs and maps are pinned: `<bpf-dir>-ipip`.
+pub fn ipip_dir(bpf_dir: &std::path::Path) -> PathBuf {
+    let mut s = bpf_dir.as_os_str().to_owned();
+    s.push("-ipip");
+    PathBuf::from(s)
+}
 mod hostrouting;
 mod http;
 mod lease;
@@ -433,11 +440,14 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     let mut tick = tokio::time::interval(Duration::from_secs(a.resync.max(1)));
     let mut refresh = tokio::time::interval(SUBNET_ENV_REFRESH);
     refresh.tick().await; // the first tick is now: subnet.env was just written
-    let reconciler = reconcile::Reconciler::new(
+    let mut reconciler = reconcile::Reconciler::new(
         nl.clone(),
         underlay.clone(),
         Duration::from_secs(a.full_resync.max(1)),
     );
+    // The IPIP programs beside host routing's directory, not in it (turning host routing
+    // off removes its directory whole).
+    reconciler.ipip.dir = Some(ipip_dir(&a.bpf_dir));
     // The kernel is brought in line by a task of its own: a pass over 100,000 routes takes a
     // second, and BGP sessions, the lease watch and SIGTERM must not wait for it.
     let (pass_tx, pass_rx) = tokio::sync::watch::channel::<Option<Arc<Pass>>>(None);

@@ -1,0 +1,213 @@
+//! IPIP made by tc programs (bpf/ipip.c) where the kernel has no ipip module: loading and
+//! pinning them and their maps in a bpffs directory of their own (`<bpf-dir>-ipip`, apart
+//! from host routing's, which is removed whole when host routing is turned off), the TCX
+//! links (pinned: the tunnel keeps working while the agent restarts), the maps kept in line
+//! with the plan, and the per-decision counters.
+
+use super::{attach_program, err, maps::map};
+use crate::DataplaneError;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::programs::{LinkOrder, SchedClassifier};
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+const PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipip.o"));
+
+/// bpf/ipip.c's `struct config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Config {
+    local: u32,
+    underlay_ifindex: u32,
+    tunnel_ifindex: u32,
+    tunnel_mac: [u8; 6],
+    pad: [u8; 2],
+}
+// SAFETY: plain old data, no padding (3 × 4 + 6 + 2 bytes).
+unsafe impl aya::Pod for Config {}
+
+/// bpf/ipip.c's `struct node`: a node's subnet, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Node {
+    subnet: u32,
+    mask: u32,
+}
+// SAFETY: plain old data.
+unsafe impl aya::Pod for Node {}
+
+/// What the programs did (bpf/ipip.c's `enum decision`), as /metrics labels.
+pub const DECISIONS: [&str; 8] = [
+    "encap",
+    "decap",
+    "no-node",
+    "stranger",
+    "spoofed",
+    "not-ours",
+    "malformed",
+    "failed",
+];
+
+/// An address as the programs hold it: its octets in memory order (network order).
+fn raw(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// The devices the programs serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpipDevices<'a> {
+    pub local: Ipv4Addr,
+    pub underlay: (&'a str, u32),
+    /// The tunnel device (routes point at it; decapsulated packets enter through it).
+    pub tunnel: (u32, [u8; 6]),
+    /// Its veth peer, where packets routed into the tunnel arrive to be encapsulated.
+    pub tunnel_peer: &'a str,
+}
+
+/// The programs loaded and pinned, the maps taken over from an earlier agent when pinned.
+pub struct Ipip {
+    dir: PathBuf,
+    ebpf: aya::Ebpf,
+}
+
+impl Ipip {
+    pub fn load(dir: &Path) -> Result<Ipip, DataplaneError> {
+        super::ensure_bpffs()?;
+        std::fs::create_dir_all(dir.join("links"))
+            .map_err(|e| err(format!("creating {}", dir.display()), e))?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(PROGRAM)
+            .map_err(|e| err("loading the IPIP programs", e))?;
+        for name in ["weft_ipip_encap", "weft_ipip_decap"] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| err(name, "missing from the object"))?
+                .try_into()
+                .map_err(|e| err(name, e))?;
+            p.load()
+                .map_err(|e| err(format!("the kernel refused {name}"), e))?;
+        }
+        Ok(Ipip {
+            dir: dir.to_path_buf(),
+            ebpf,
+        })
+    }
+
+    /// Sets the configuration and attaches: decapsulation first on the underlay's ingress
+    /// (before host routing's program, which would pass protocol 4 to the stack),
+    /// encapsulation on the tunnel peer's.
+    pub fn attach(&mut self, d: &IpipDevices) -> Result<(), DataplaneError> {
+        let want = Config {
+            local: raw(d.local),
+            underlay_ifindex: d.underlay.1,
+            tunnel_ifindex: d.tunnel.0,
+            tunnel_mac: d.tunnel.1,
+            pad: [0; 2],
+        };
+        let mut a: Array<MapData, Config> =
+            Array::try_from(Map::Array(map(&self.dir, "weft_ipip_config")?))
+                .map_err(|e| err("weft_ipip_config", e))?;
+        if a.get(&0, 0).ok() != Some(want) {
+            a.set(0, want, 0)
+                .map_err(|e| err("writing weft_ipip_config", e))?;
+        }
+        for (name, dev, order) in [
+            ("weft_ipip_decap", d.underlay.0, LinkOrder::first()),
+            ("weft_ipip_encap", d.tunnel_peer, LinkOrder::default()),
+        ] {
+            let p: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| err(name, "missing"))?
+                .try_into()
+                .map_err(|e| err(name, e))?;
+            attach_program(p, &self.dir, dev, order)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the maps in line: remote subnets -> their node (encapsulation), nodes -> their
+    /// subnet (who may send). Returns how many entries changed.
+    pub fn sync(
+        &mut self,
+        routes: &[(Ipv4Net, Ipv4Addr)],
+        nodes: &[(Ipv4Addr, Ipv4Net)],
+    ) -> Result<usize, DataplaneError> {
+        let mut changed = 0;
+        let mut trie: LpmTrie<MapData, u32, u32> =
+            LpmTrie::try_from(Map::LpmTrie(map(&self.dir, "weft_ipip_routes")?))
+                .map_err(|e| err("weft_ipip_routes", e))?;
+        let want: std::collections::HashMap<(u32, u32), u32> = routes
+            .iter()
+            .map(|(n, node)| ((n.prefix_len() as u32, raw(n.network())), raw(*node)))
+            .collect();
+        let have: Vec<(u32, u32)> = trie
+            .keys()
+            .flatten()
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        for k in have.iter().filter(|k| !want.contains_key(k)) {
+            let _ = trie.remove(&Key::new(k.0, k.1));
+            changed += 1;
+        }
+        for (k, v) in &want {
+            if trie.get(&Key::new(k.0, k.1), 0).ok() != Some(*v) {
+                trie.insert(&Key::new(k.0, k.1), v, 0)
+                    .map_err(|e| err("writing weft_ipip_routes", e))?;
+                changed += 1;
+            }
+        }
+        let mut h: HashMap<MapData, u32, Node> =
+            HashMap::try_from(Map::HashMap(map(&self.dir, "weft_ipip_nodes")?))
+                .map_err(|e| err("weft_ipip_nodes", e))?;
+        let want: std::collections::HashMap<u32, Node> = nodes
+            .iter()
+            .map(|(ip, n)| {
+                let node = Node {
+                    subnet: raw(n.network()),
+                    mask: raw(n.netmask()),
+                };
+                (raw(*ip), node)
+            })
+            .collect();
+        let have: Vec<u32> = h.keys().flatten().collect();
+        for k in have.iter().filter(|k| !want.contains_key(k)) {
+            let _ = h.remove(k);
+            changed += 1;
+        }
+        for (k, v) in &want {
+            if h.get(k, 0).ok() != Some(*v) {
+                h.insert(k, v, 0)
+                    .map_err(|e| err("writing weft_ipip_nodes", e))?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// The per-decision counters of the programs pinned in `dir`, summed over CPUs.
+pub fn counters(dir: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
+    let a: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(map(dir, "weft_ipip_counters")?))
+            .map_err(|e| err("weft_ipip_counters", e))?;
+    Ok(DECISIONS
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let n = a
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0);
+            (*d, n)
+        })
+        .collect())
+}
+
+/// No IPIP (any more): its links detached, programs and maps unpinned.
+pub fn remove_all(dir: &Path) -> Result<(), DataplaneError> {
+    super::remove_all(dir)
+}

@@ -1,0 +1,123 @@
+//! The bgp backend's IPIP tunnel in a pass: the tunnel device, and where the kernel has no
+//! ipip module (as here) the tc programs that make and take the IPIP packets, their maps in
+//! line with the plan. weft's devices: `weft-ipip` and its peer `weft-ipip-x`.
+
+use super::{Object, Report};
+use crate::bpf::ipip::{Ipip, IpipDevices};
+use crate::link::{Link, Nl, VethSpec};
+use crate::DataplaneError;
+use std::path::PathBuf;
+use weft_backend::{IpipTunnel, IPIP_NAME, IPIP_PEER_NAME};
+
+/// What the reconciler keeps between passes: the bpffs directory, the loaded programs, and
+/// the devices they were last attached to.
+#[derive(Default)]
+pub struct IpipState {
+    pub dir: Option<PathBuf>,
+    loaded: Option<Ipip>,
+    attached: Option<(u32, u32, u32)>,
+}
+
+impl IpipState {
+    /// Makes the tunnel as `t` says, or takes it away; returns the tunnel device for routes.
+    pub(super) async fn pass(
+        &mut self,
+        h: &Nl,
+        t: Option<&IpipTunnel>,
+        underlay: &Link,
+        report: &mut Report,
+    ) -> Option<Link> {
+        let Some(t) = t else {
+            self.remove(h, report).await;
+            return None;
+        };
+        match self.ensure(h, t, underlay, report).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                report.fail(Object::Device(IPIP_NAME.into()), e);
+                None
+            }
+        }
+    }
+
+    async fn ensure(
+        &mut self,
+        h: &Nl,
+        t: &IpipTunnel,
+        underlay: &Link,
+        report: &mut Report,
+    ) -> Result<Link, DataplaneError> {
+        if h.link(IPIP_NAME).await?.is_none() {
+            h.add_veth(&VethSpec {
+                name: IPIP_NAME,
+                peer_name: IPIP_PEER_NAME,
+                mtu: Some(t.mtu),
+                up: true,
+                ..Default::default()
+            })
+            .await?;
+            report.added += 1;
+        }
+        let (Some(tun), Some(peer)) = (h.link(IPIP_NAME).await?, h.link(IPIP_PEER_NAME).await?)
+        else {
+            return Err(DataplaneError::Other(format!(
+                "{IPIP_NAME} or its peer {IPIP_PEER_NAME} vanished"
+            )));
+        };
+        // No ARP: the kernel sends routed packets in without resolving a neighbour.
+        h.set_arp(tun.index, false).await?;
+        for l in [&tun, &peer] {
+            // Both ends: a veth refuses what is larger than the receiving end's MTU.
+            if l.mtu != t.mtu {
+                h.set_mtu(l.index, t.mtu).await?;
+            }
+            if !l.up {
+                h.set_up(l.index).await?;
+            }
+        }
+        let dir = self.dir.clone().ok_or_else(|| {
+            DataplaneError::Other("IPIP needs a bpffs directory (the agent's --bpf-dir)".into())
+        })?;
+        if self.loaded.is_none() {
+            self.loaded = Some(Ipip::load(&dir)?);
+            self.attached = None;
+        }
+        let Some(ipip) = self.loaded.as_mut() else {
+            return Err(DataplaneError::Other("IPIP programs not loaded".into()));
+        };
+        let mac = <[u8; 6]>::try_from(tun.mac.as_slice()).unwrap_or_default();
+        let devices = (underlay.index, tun.index, peer.index);
+        if self.attached != Some(devices) {
+            ipip.attach(&IpipDevices {
+                local: t.local,
+                underlay: (&underlay.name, underlay.index),
+                tunnel: (tun.index, mac),
+                tunnel_peer: IPIP_PEER_NAME,
+            })?;
+            self.attached = Some(devices);
+        }
+        report.added += ipip.sync(&t.routes, &t.nodes)?;
+        Ok(tun)
+    }
+
+    /// Not IPIP (any more): the tunnel device and the programs go.
+    async fn remove(&mut self, h: &Nl, report: &mut Report) {
+        if let Ok(Some(l)) = h.link(IPIP_NAME).await {
+            match h.del_link(l.index).await {
+                Ok(true) => report.removed += 1,
+                Ok(false) => {}
+                Err(e) => report.fail(Object::Device(l.name), e),
+            }
+        }
+        self.loaded = None;
+        self.attached = None;
+        if let Some(dir) = self.dir.as_ref().filter(|d| d.exists()) {
+            if let Err(e) = crate::bpf::ipip::remove_all(dir) {
+                report.fail(
+                    Object::Table(format!("IPIP programs in {}", dir.display())),
+                    e,
+                );
+            }
+        }
+    }
+}
