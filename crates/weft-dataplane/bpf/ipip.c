@@ -119,7 +119,7 @@ static __always_inline __u16 csum20(const __u16 *h)
 	return ~sum;
 }
 
-SEC("tc")
+SEC("classifier")
 int weft_ipip_encap(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
@@ -171,7 +171,7 @@ int weft_ipip_encap(struct __sk_buff *skb)
 	return bpf_redirect_neigh(cfg->underlay_ifindex, 0, 0, 0);
 }
 
-SEC("tc")
+SEC("classifier")
 int weft_ipip_decap(struct __sk_buff *skb)
 {
 	__u32 zero = 0;

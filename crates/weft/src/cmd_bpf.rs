@@ -21,6 +21,9 @@ pub enum BpfCmd {
     Endpoints(DirArg),
     /// Packets by decision since host routing was turned on.
     Counters(DirArg),
+    /// The IPIP tunnel's programs (Encapsulation IPIP): packets by decision — encapsulated,
+    /// decapsulated, and protocol-4 packets dropped, by why.
+    Ipip(DirArg),
 }
 
 fn mac(m: [u8; 6]) -> String {
@@ -63,6 +66,16 @@ impl BpfCmd {
                 check_on(&d.bpf_dir)?;
                 for (dec, n) in bpf::counters(&d.bpf_dir)? {
                     println!("{:<24} {n}", dec.name());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            BpfCmd::Ipip(d) => {
+                let dir = crate::agent::ipip_dir(&d.bpf_dir);
+                let counts = bpf::ipip::counters(&dir).map_err(|e| {
+                    anyhow::anyhow!("no IPIP programs in {} ({e}): the bgp backend's Encapsulation is not IPIP here, or give the agent's --bpf-dir", dir.display())
+                })?;
+                for (dec, n) in counts {
+                    println!("{dec:<24} {n}");
                 }
                 Ok(ExitCode::SUCCESS)
             }

@@ -28,6 +28,8 @@ pub(super) struct Metrics {
     /// eBPF host routing's packets by decision (empty with it off).
     pub(super) host_routing:
         prometheus_client::metrics::family::Family<Vec<(String, String)>, Counter>,
+    /// The IPIP programs' packets by decision (empty without IPIP).
+    pub(super) ipip: prometheus_client::metrics::family::Family<Vec<(String, String)>, Counter>,
 }
 
 impl Metrics {
@@ -52,7 +54,13 @@ impl Metrics {
             bgp_routes,
             udp: Default::default(),
             host_routing: Default::default(),
+            ipip: Default::default(),
         };
+        registry.register(
+            "ipip_packets",
+            "Packets the IPIP programs handled, by decision (encap, decap, or dropped and why)",
+            m.ipip.clone(),
+        );
         registry.register(
             "host_routing_packets",
             "Packets eBPF host routing decided on, by decision (redirect-peer, redirect-neigh, or to the stack and why)",

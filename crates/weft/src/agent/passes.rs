@@ -23,10 +23,14 @@ pub(super) async fn apply_passes(
 ) {
     let mut tick = tokio::time::interval(resync);
     let mut last_problems = String::new();
+    let mut ipip_seen: HashMap<&'static str, u64> = HashMap::new();
     loop {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
-            _ = tick.tick() => if !reconciler.due() { continue },
+            _ = tick.tick() => {
+                ipip_counters(&reconciler, &metrics, &mut ipip_seen);
+                if !reconciler.due() { continue }
+            },
         }
         let Some(pass) = rx.borrow_and_update().clone() else {
             continue;
@@ -65,6 +69,27 @@ pub(super) async fn apply_passes(
             report.errors.is_empty() && desired.unreachable.is_empty(),
             Ordering::Relaxed,
         );
+    }
+}
+
+/// The IPIP programs' counters into /metrics (only their growth since the last look).
+fn ipip_counters(
+    r: &reconcile::Reconciler,
+    metrics: &Metrics,
+    seen: &mut HashMap<&'static str, u64>,
+) {
+    let Some(dir) = r.ipip.dir.as_ref().filter(|d| d.exists()) else {
+        return;
+    };
+    let Ok(counts) = weft_dataplane::bpf::ipip::counters(dir) else {
+        return;
+    };
+    for (d, n) in counts {
+        let before = seen.insert(d, n).unwrap_or(0);
+        metrics
+            .ipip
+            .get_or_create(&vec![("decision".to_string(), d.to_string())])
+            .inc_by(n.saturating_sub(before));
     }
 }
 
