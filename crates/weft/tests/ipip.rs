@@ -281,28 +281,15 @@ fn on_the_wire_forged_packets_and_restarts() {
     });
 
     // The agent restarted under 100 pings/s: the tunnel, its programs and maps stay.
-    let pinger = std::thread::spawn({
-        let dst = dst.clone();
-        move || {
-            ping(
-                "weft-n1-p0",
-                &["-q", "-i", "0.01", "-c", "300", "-W", "1", &dst],
-            )
-        }
-    });
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    common::stop(common::lab_agent_pid("weft-n1"), libc::SIGTERM, "the agent");
-    ok(&[
-        "lab",
-        "up",
+    let up = [
         "--backend",
         "bgp-ipip",
         "--nodes",
         "3",
         "--pods-per-node",
         "1",
-    ]);
-    let (_, out) = pinger.join().expect("pinger");
+    ];
+    let out = common::ping_through_agent_restart("weft-n1-p0", &dst, "-4", &up);
     assert!(
         out.contains("300 received"),
         "pings lost across the agent restart: {out}"

@@ -240,20 +240,7 @@ fn vxlan_mtu_path_mtu_and_agent_restarts_over_ipv6() {
     );
     assert!(!okay);
     // The agent restarted under 100 pings/s: the tunnel, its entries and routes stay.
-    let pinger = std::thread::spawn({
-        let dst = dst.clone();
-        move || {
-            ping6(
-                "weft-n1-p0",
-                &["-q", "-i", "0.01", "-c", "300", "-W", "1", &dst],
-            )
-        }
-    });
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    common::stop(common::lab_agent_pid("weft-n1"), libc::SIGTERM, "the agent");
-    ok(&[
-        "lab",
-        "up",
+    let up = [
         "--backend",
         "vxlan",
         "--ipv6",
@@ -261,8 +248,8 @@ fn vxlan_mtu_path_mtu_and_agent_restarts_over_ipv6() {
         "2",
         "--pods-per-node",
         "1",
-    ]);
-    let (_, out) = pinger.join().expect("pinger");
+    ];
+    let out = common::ping_through_agent_restart("weft-n1-p0", &dst, "-6", &up);
     assert!(
         out.contains("300 received"),
         "ping6 lost across the agent restart: {out}"

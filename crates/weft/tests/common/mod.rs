@@ -121,3 +121,25 @@ pub fn stop(pid: i32, sig: i32, what: &str) {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
     });
 }
+
+/// Pings `dst` from lab pod `from` 300 times at 100/s while node 1's agent is stopped
+/// (SIGTERM) and started again by `weft lab up` with `up_args`; ping's summary.
+pub fn ping_through_agent_restart(from: &str, dst: &str, family: &str, up_args: &[&str]) -> String {
+    let pinger = std::thread::spawn({
+        let (from, dst, family) = (from.to_string(), dst.to_string(), family.to_string());
+        move || {
+            let o = std::process::Command::new("ip")
+                .args(["netns", "exec", &from, "ping", &family])
+                .args(["-q", "-i", "0.01", "-c", "300", "-W", "1", &dst])
+                .output()
+                .expect("ping");
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop(lab_agent_pid("weft-n1"), libc::SIGTERM, "the agent");
+    let mut a = vec!["lab", "up"];
+    a.extend_from_slice(up_args);
+    ok(&a);
+    pinger.join().expect("pinger")
+}
