@@ -197,6 +197,7 @@ async fn host_side(
                     scope_link: true,
                     protocol: RTPROT_WEFT_POD,
                     onlink: false,
+                    mtu: None,
                 })
                 .await
                 .map_err(dp)?;
@@ -307,6 +308,7 @@ async fn finish(
                 scope_link: true,
                 protocol: RTPROT_WEFT_POD,
                 onlink: false,
+                mtu: None,
             })
             .await
             .map_err(dp)?;
@@ -325,6 +327,7 @@ async fn finish(
             scope_link: false,
             protocol: RTPROT_WEFT_POD,
             onlink: false,
+            mtu: None,
         })
         .await
         .map_err(dp)?;

@@ -81,6 +81,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_ipip_nodes SEC(".maps");
 
+/* Path MTU towards a node, as a router on the way said (ICMP fragmentation needed about an
+ * IPIP packet of ours): the agent lowers the MTU of the routes through that node, so the
+ * kernel tells pods (the job ip_tunnel's PMTU handling does for an ipip device). */
+struct pmtu {
+	__u32 mtu;
+	__u32 pad;
+	__u64 at; /* bpf_ktime_get_ns() */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct pmtu);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_ipip_pmtu SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -184,9 +201,30 @@ int weft_ipip_decap(struct __sk_buff *skb)
 	struct node *n;
 	__u32 saddr;
 
-	/* Not IPv4 protocol 4: the next program, or the stack. */
-	if ((void *)(outer + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) ||
-	    outer->protocol != IPPROTO_IPIP)
+	if ((void *)(outer + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	/* ICMP fragmentation needed (RFC 1191) about an IPIP packet this node sent: the path
+	 * to that node is smaller. Noted; the ICMP itself goes on to the stack. */
+	if (outer->protocol == IPPROTO_ICMP && outer->ihl == 5 && cfg) {
+		__u8 *icmp = (void *)(outer + 1);
+		struct iphdr *quoted = (void *)(icmp + 8);
+
+		if ((void *)(quoted + 1) <= end && icmp[0] == 3 && icmp[1] == 4 &&
+		    quoted->protocol == IPPROTO_IPIP && quoted->saddr == cfg->local) {
+			struct pmtu p = {
+				.mtu = ((__u32)icmp[6] << 8) | icmp[7],
+				.at = bpf_ktime_get_ns(),
+			};
+			__u32 node = quoted->daddr;
+
+			/* 68: the least MTU IPv4 allows (RFC 791); less is noise. */
+			if (p.mtu >= 68)
+				bpf_map_update_elem(&weft_ipip_pmtu, &node, &p, BPF_ANY);
+		}
+		return TC_ACT_UNSPEC;
+	}
+	/* Not protocol 4: the next program, or the stack. */
+	if (outer->protocol != IPPROTO_IPIP)
 		return TC_ACT_UNSPEC;
 	if (!cfg)
 		return count(I_FAILED, TC_ACT_SHOT);

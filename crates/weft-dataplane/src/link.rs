@@ -102,6 +102,8 @@ pub struct Route {
     pub protocol: u8,
     /// The gateway is on-link on `oif` without a connected route (vxlan's subnet.0 next hops).
     pub onlink: bool,
+    /// The route's own MTU (RTAX_MTU), below the device's: a smaller path through it.
+    pub mtu: Option<u32>,
 }
 
 fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
@@ -491,6 +493,11 @@ impl Nl {
         if r.onlink {
             msg.header.flags |= netlink_packet_route::route::RouteFlags::Onlink;
         }
+        if let Some(m) = r.mtu {
+            msg.attributes.push(RouteAttribute::Metrics(vec![
+                netlink_packet_route::route::RouteMetric::Mtu(m),
+            ]));
+        }
         Ok(msg)
     }
 
@@ -578,6 +585,7 @@ impl Nl {
             let mut dst = None;
             let mut gw = None;
             let mut oif = None;
+            let mut mtu = None;
             for a in &m.attributes {
                 match a {
                     RouteAttribute::Destination(RouteAddress::Inet(a)) => {
@@ -589,6 +597,12 @@ impl Nl {
                     RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
                     RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Metrics(ms) => {
+                        mtu = ms.iter().find_map(|x| match x {
+                            netlink_packet_route::route::RouteMetric::Mtu(m) => Some(*m),
+                            _ => None,
+                        })
+                    }
                     _ => {}
                 }
             }
@@ -607,6 +621,7 @@ impl Nl {
                     .header
                     .flags
                     .contains(netlink_packet_route::route::RouteFlags::Onlink),
+                mtu,
             })
         }
     }

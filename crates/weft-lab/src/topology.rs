@@ -58,6 +58,7 @@ async fn add_v6(
         scope_link: false,
         protocol: 4,
         onlink: false,
+        mtu: None,
     })
     .await?;
     Ok(())
@@ -114,6 +115,7 @@ pub(super) async fn add_direct_pair(v6: bool) -> Result<()> {
             scope_link: false,
             protocol: 4,
             onlink: false,
+            mtu: None,
         })
         .await?;
         if v6 {
@@ -161,6 +163,7 @@ pub(super) async fn add_node(
             scope_link: false,
             protocol: 4, // static, as an administrator would set it
             onlink: false,
+            mtu: None,
         })
         .await?;
         if v6 {

@@ -1,6 +1,7 @@
 //! The bgp backend's IPIP encapsulation in the lab (needs root; this kernel has no ipip
 //! module, so the tc eBPF encapsulator does the work): IPIP always and IPIP cross-subnet on
-//! two segments, all pairs; DF pings at the pod MTU (underlay − 20); on the wire, IP protocol
+//! two segments, all pairs; DF pings at the pod MTU (underlay − 20); path MTU discovery
+//! through a smaller router link; on the wire, IP protocol
 //! 4 between the nodes' addresses with the pod packet inside, the outer header as a Linux
 //! ipip device writes it; forged protocol-4 packets from a stranger, and from a node for
 //! another node's pods, dropped and counted; an agent restart under ping loses nothing.

@@ -189,6 +189,49 @@ impl Ipip {
     }
 }
 
+/// bpf/ipip.c's `struct pmtu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Pmtu {
+    mtu: u32,
+    pad: u32,
+    at: u64,
+}
+// SAFETY: plain old data, no padding (4 + 4 + 8 bytes).
+unsafe impl aya::Pod for Pmtu {}
+
+/// The path MTUs towards nodes that routers reported (ICMP fragmentation needed about our
+/// IPIP packets), younger than `expires`; older ones are removed.
+pub fn path_mtus(
+    dir: &Path,
+    expires: std::time::Duration,
+) -> Result<std::collections::HashMap<Ipv4Addr, u32>, DataplaneError> {
+    let mut h: HashMap<MapData, u32, Pmtu> =
+        HashMap::try_from(Map::HashMap(map(dir, "weft_ipip_pmtu")?))
+            .map_err(|e| err("weft_ipip_pmtu", e))?;
+    // The programs' clock: CLOCK_MONOTONIC, as bpf_ktime_get_ns().
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a timespec out parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let mut out = std::collections::HashMap::new();
+    let mut old = Vec::new();
+    for (k, v) in h.iter().flatten() {
+        if now.saturating_sub(v.at) > expires.as_nanos() as u64 {
+            old.push(k);
+        } else {
+            out.insert(Ipv4Addr::from(k.to_ne_bytes()), v.mtu);
+        }
+    }
+    for k in old {
+        let _ = h.remove(&k);
+    }
+    Ok(out)
+}
+
 /// The per-decision counters of the programs pinned in `dir`, summed over CPUs.
 pub fn counters(dir: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
     let a: PerCpuArray<MapData, u64> =

@@ -6,6 +6,7 @@ use super::{Object, Report};
 use crate::bpf::ipip::{Ipip, IpipDevices};
 use crate::link::{Link, Nl, VethSpec};
 use crate::DataplaneError;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use weft_backend::{IpipTunnel, IPIP_NAME, IPIP_PEER_NAME};
 
@@ -16,9 +17,55 @@ pub struct IpipState {
     pub dir: Option<PathBuf>,
     loaded: Option<Ipip>,
     attached: Option<(u32, u32, u32)>,
+    /// The tunnel's MTU, and the path MTU towards nodes that routers reported smaller.
+    mtu: u32,
+    pmtu: std::collections::HashMap<Ipv4Addr, u32>,
 }
 
+/// How long a reported path MTU holds (Linux's net.ipv4.route.mtu_expires: 10 minutes); then
+/// the full MTU is tried again.
+const PMTU_EXPIRES: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl IpipState {
+    /// The MTU routes via `node` through the tunnel get: its path MTU less IPIP's 20 bytes,
+    /// when that is below the tunnel's own.
+    pub fn route_mtu(&self, node: IpAddr) -> Option<u32> {
+        let IpAddr::V4(n) = node else { return None };
+        let m = self
+            .pmtu
+            .get(&n)?
+            .saturating_sub(weft_backend::IPIP_OVERHEAD);
+        (m < self.mtu).then_some(m.max(68))
+    }
+
+    /// What the programs noted now (entries past their time dropped).
+    fn read_pmtu(&self) -> std::collections::HashMap<Ipv4Addr, u32> {
+        let Some(dir) = self.loaded.as_ref().and(self.dir.as_ref()) else {
+            return Default::default();
+        };
+        crate::bpf::ipip::path_mtus(dir, PMTU_EXPIRES).unwrap_or_default()
+    }
+
+    /// Whether the path MTUs differ from the ones the routes have.
+    pub fn pmtu_changed(&self) -> bool {
+        self.loaded.is_some() && self.read_pmtu() != self.pmtu
+    }
+
+    /// Takes the programs' path MTUs in; true when they changed.
+    pub fn refresh_pmtu(&mut self) -> bool {
+        let now = self.read_pmtu();
+        if self.loaded.is_none() || now == self.pmtu {
+            return false;
+        }
+        for (node, mtu) in &now {
+            if self.pmtu.get(node) != Some(mtu) {
+                tracing::info!(%node, path_mtu = mtu, "IPIP: a smaller path to this node: its routes get a smaller MTU");
+            }
+        }
+        self.pmtu = now;
+        true
+    }
+
     /// Makes the tunnel as `t` says, or takes it away; returns the tunnel device for routes.
     pub(super) async fn pass(
         &mut self,
@@ -85,6 +132,7 @@ impl IpipState {
         let Some(ipip) = self.loaded.as_mut() else {
             return Err(DataplaneError::Other("IPIP programs not loaded".into()));
         };
+        self.mtu = t.mtu;
         let mac = <[u8; 6]>::try_from(tun.mac.as_slice()).unwrap_or_default();
         let devices = (underlay.index, tun.index, peer.index);
         if self.attached != Some(devices) {
@@ -111,6 +159,7 @@ impl IpipState {
         }
         self.loaded = None;
         self.attached = None;
+        self.pmtu.clear();
         if let Some(dir) = self.dir.as_ref().filter(|d| d.exists()) {
             if let Err(e) = crate::bpf::ipip::remove_all(dir) {
                 report.fail(

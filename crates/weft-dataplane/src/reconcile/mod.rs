@@ -175,9 +175,10 @@ async fn full_pass(
         }
     }
 
+    let ipip_mtu = |node: IpAddr| ipip_state.route_mtu(node);
     let route_of = |p: &_| {
         let tunnels = [vx.as_ref(), vx6.as_ref(), tun.as_ref(), ipip.as_ref()];
-        routes::route_of(p, tunnels, underlay)
+        routes::route_of(p, tunnels, underlay, &ipip_mtu)
     };
     if d.routes.windows(2).all(|w| w[0].dst <= w[1].dst) {
         routes::sync_routes(h, &d.routes, route_of, &mut report).await;
@@ -255,6 +256,7 @@ impl Reconciler {
                 .last_full
                 .is_none_or(|t| t.elapsed() >= self.full_every)
             || self.watch.is_dirty()
+            || self.ipip.pmtu_changed()
     }
 
     /// Runs a pass if `d` differs from the last plan or one is [`due`](Self::due); None when
@@ -262,7 +264,8 @@ impl Reconciler {
     /// changed under weft, only the difference is applied, without dumping the kernel's
     /// tables (a BGP table arriving in batches would otherwise dump a growing table per batch).
     pub async fn run(&mut self, d: &Arc<DesiredState>) -> Option<Report> {
-        let dirty = self.watch.take_dirty();
+        // A path MTU towards a node changed: its tunnel routes change (a full pass).
+        let dirty = self.watch.take_dirty() | self.ipip.refresh_pmtu();
         let same = self.last.as_deref() == Some(&**d);
         let full_due = self
             .last_full
@@ -280,7 +283,7 @@ impl Reconciler {
                         dev.tun.as_ref(),
                         dev.ipip.as_ref(),
                     ];
-                    routes::route_of(p, tunnels, &self.underlay)
+                    routes::route_of(p, tunnels, &self.underlay, &|n| self.ipip.route_mtu(n))
                 });
                 if let Some(report) = r {
                     self.last_failed = !report.errors.is_empty();

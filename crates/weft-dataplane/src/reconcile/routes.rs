@@ -7,13 +7,16 @@ use super::{Object, Report};
 use crate::batch::{Failed, Op, RouteBatch};
 use crate::link::{is_exists, is_missing, Link, Nl, Route, RTPROT_WEFT};
 use ipnet::IpNet;
+use std::net::IpAddr;
 use weft_backend::{Dev, PlannedRoute};
 
-/// `tunnels`: the VTEP, the IPv6 VTEP, the TUN device, the IPIP device, where they exist.
+/// `tunnels`: the VTEP, the IPv6 VTEP, the TUN device, the IPIP device, where they exist;
+/// `ipip_mtu`: a smaller MTU for routes through the IPIP tunnel via a node (its path MTU).
 pub(super) fn route_of(
     p: &PlannedRoute,
     [vx, vx6, tun, ipip]: [Option<&Link>; 4],
     underlay: &Link,
+    ipip_mtu: &dyn Fn(IpAddr) -> Option<u32>,
 ) -> Option<Route> {
     let oif = match p.dev {
         Dev::Vxlan => vx?.index,
@@ -30,11 +33,15 @@ pub(super) fn route_of(
         scope_link: device_route,
         protocol: RTPROT_WEFT,
         onlink: p.onlink,
+        mtu: (p.dev == Dev::Ipip).then(|| ipip_mtu(p.via)).flatten(),
     })
 }
 
 fn same_route(have: &Route, want: &Route) -> bool {
-    have.dst == want.dst && have.gateway == want.gateway && have.oif == want.oif
+    have.dst == want.dst
+        && have.gateway == want.gateway
+        && have.oif == want.oif
+        && have.mtu == want.mtu
 }
 
 /// What to do for one wanted route, given every main-table route to its destination.
@@ -257,6 +264,7 @@ mod tests {
 
     fn r(dst: &str, via: &str, proto: u8, onlink: bool) -> Route {
         Route {
+            mtu: None,
             dst: dst.parse().unwrap(),
             gateway: Some(via.parse().unwrap()),
             oif: Some(5),
