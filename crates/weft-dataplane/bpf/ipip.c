@@ -2,9 +2,9 @@
 /* IPIP (IP protocol 4, RFC 2003) made by tc programs, for kernels without the ipip module:
  * the packets a Linux ipip device (Calico's tunl0) would send and take.
  *
- *   weft_ipip_encap  ingress of weft-ipip-x, the far end of the tunnel device weft-ipip (a
- *                    NOARP veth pair: the kernel routes remote pod subnets `via <node> dev
- *                    weft-ipip onlink`, so their packets arrive here). The node holding the
+ *   weft_ipip_encap  egress of the tunnel device weft-ipip (one end of a NOARP veth pair:
+ *                    the kernel routes remote pod subnets `via <node> dev weft-ipip onlink`,
+ *                    so their packets leave through it). The node holding the
  *                    destination's subnet is looked up (longest prefix); an outer IPv4
  *                    header to it is put in front (bpf_skb_adjust_room, GSO kept) and the
  *                    packet leaves by bpf_redirect_neigh() out of the underlay device: the
@@ -240,10 +240,13 @@ int weft_ipip_decap(struct __sk_buff *skb)
 		return count(I_STRANGER, TC_ACT_SHOT);
 	if ((inner->saddr & n->mask) != n->subnet)
 		return count(I_SPOOFED, TC_ACT_SHOT);
-	/* A kernel without the decap flag (before 6.3) still takes single packets. */
+	/* FIXED_GSO: a GRO train keeps its segment size (else the kernel grows it by the 20
+	 * bytes removed, and the segments no longer fit the pods' MTU). A kernel without the
+	 * decap flag (before 6.3) still takes single packets. */
 	if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
-				WEFT_ADJ_ROOM_DECAP_L3_IPV4) &&
-	    bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, 0))
+				WEFT_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) &&
+	    bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO))
 		return count(I_FAILED, TC_ACT_SHOT);
 	/* Addressed to the tunnel device, or its stack would take it for another host's. */
 	if (bpf_skb_store_bytes(skb, 0, cfg->tunnel_mac, ETH_ALEN, 0))

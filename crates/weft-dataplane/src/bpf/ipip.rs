@@ -8,7 +8,7 @@ use super::{attach_program, err, maps::map};
 use crate::DataplaneError;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use aya::programs::{LinkOrder, SchedClassifier};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -60,10 +60,10 @@ fn raw(a: Ipv4Addr) -> u32 {
 pub struct IpipDevices<'a> {
     pub local: Ipv4Addr,
     pub underlay: (&'a str, u32),
-    /// The tunnel device (routes point at it; decapsulated packets enter through it).
+    /// The tunnel device (routes point at it; packets are encapsulated as they leave it,
+    /// decapsulated ones enter through it): its name, index and MAC.
+    pub tunnel_name: &'a str,
     pub tunnel: (u32, [u8; 6]),
-    /// Its veth peer, where packets routed into the tunnel arrive to be encapsulated.
-    pub tunnel_peer: &'a str,
 }
 
 /// The programs loaded and pinned, the maps taken over from an earlier agent when pinned.
@@ -98,7 +98,8 @@ impl Ipip {
 
     /// Sets the configuration and attaches: decapsulation first on the underlay's ingress
     /// (before host routing's program, which would pass protocol 4 to the stack),
-    /// encapsulation on the tunnel peer's.
+    /// encapsulation on the tunnel device's egress (what the kernel routes into it leaves
+    /// from there, without crossing to the veth peer's backlog queue).
     pub fn attach(&mut self, d: &IpipDevices) -> Result<(), DataplaneError> {
         let want = Config {
             local: raw(d.local),
@@ -114,9 +115,19 @@ impl Ipip {
             a.set(0, want, 0)
                 .map_err(|e| err("writing weft_ipip_config", e))?;
         }
-        for (name, dev, order) in [
-            ("weft_ipip_decap", d.underlay.0, LinkOrder::first()),
-            ("weft_ipip_encap", d.tunnel_peer, LinkOrder::default()),
+        for (name, dev, side, order) in [
+            (
+                "weft_ipip_decap",
+                d.underlay.0,
+                TcAttachType::Ingress,
+                LinkOrder::first(),
+            ),
+            (
+                "weft_ipip_encap",
+                d.tunnel_name,
+                TcAttachType::Egress,
+                LinkOrder::default(),
+            ),
         ] {
             let p: &mut SchedClassifier = self
                 .ebpf
@@ -124,7 +135,7 @@ impl Ipip {
                 .ok_or_else(|| err(name, "missing"))?
                 .try_into()
                 .map_err(|e| err(name, e))?;
-            attach_program(p, &self.dir, dev, order)?;
+            attach_program(p, &self.dir, dev, side, order)?;
         }
         Ok(())
     }

@@ -261,7 +261,9 @@ fn attach_hook(
 ) -> Result<(), DataplaneError> {
     match (hook, attach) {
         (Hook::FromNetkit, _) => attach_netkit(p, dir, dev),
-        (_, Attach::Tcx) => attach_program(p, dir, dev, LinkOrder::default()),
+        (_, Attach::Tcx) => {
+            attach_program(p, dir, dev, TcAttachType::Ingress, LinkOrder::default())
+        }
         (_, Attach::Tc) => attach_tc(p, dir, dev),
     }
 }
@@ -334,12 +336,13 @@ fn attach_netkit(p: &SchedClassifier, dir: &Path, dev: &str) -> Result<(), Datap
     netkit::obj_pin(link.as_fd(), &pin).map_err(|e| err(format!("pinning {}", pin.display()), e))
 }
 
-/// A TCX link on `dev`'s ingress (`order`: where among other programs there), pinned as
-/// `links/<dev>`: an existing link gets the program swapped in atomically.
+/// A TCX link on `dev`'s ingress or egress (`order`: where among other programs there),
+/// pinned as `links/<dev>`: an existing link gets the program swapped in atomically.
 fn attach_program(
     p: &mut SchedClassifier,
     dir: &Path,
     dev: &str,
+    side: TcAttachType,
     order: LinkOrder,
 ) -> Result<(), DataplaneError> {
     let pin = link_pin(dir, dev);
@@ -353,11 +356,11 @@ fn attach_program(
                 // A link whose device went (defunct): attach anew.
                 Err(_) => {
                     let _ = std::fs::remove_file(&pin);
-                    attach_new(p, dev, order)?
+                    attach_new(p, dev, side, order)?
                 }
             }
         }
-        Err(_) => attach_new(p, dev, order)?,
+        Err(_) => attach_new(p, dev, side, order)?,
     };
     let link = p
         .take_link(id)
@@ -374,9 +377,10 @@ fn attach_program(
 fn attach_new(
     p: &mut SchedClassifier,
     dev: &str,
+    side: TcAttachType,
     order: LinkOrder,
 ) -> Result<aya::programs::tc::SchedClassifierLinkId, DataplaneError> {
-    p.attach_with_options(dev, TcAttachType::Ingress, TcAttachOptions::TcxOrder(order))
+    p.attach_with_options(dev, side, TcAttachOptions::TcxOrder(order))
         .map_err(|e| err(format!("attaching to {dev} (TCX)"), e))
 }
 

@@ -139,8 +139,8 @@ impl IpipState {
             ipip.attach(&IpipDevices {
                 local: t.local,
                 underlay: (&underlay.name, underlay.index),
+                tunnel_name: IPIP_NAME,
                 tunnel: (tun.index, mac),
-                tunnel_peer: IPIP_PEER_NAME,
             })?;
             self.attached = Some(devices);
         }
