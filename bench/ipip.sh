@@ -43,7 +43,7 @@ for r in $(seq "$REPS"); do
     q=$(rr weft-n1-p0 weft-n2-p0 "$dst")
     echo "{\"round\": $r, \"encapsulation\": \"$enc\", \"gbps\": $g, \"sender_cpu\": $cs, \"receiver_cpu\": $cr, \"rr\": $q}"
   done
-done | tee /dev/stderr | python3 -c '
+done | tee >(cat >&2) | python3 -c '
 import json, statistics, sys
 rows = [json.loads(l) for l in sys.stdin if l.startswith("{")]
 med = {e: {k: statistics.median(r[k] for r in rows if r["encapsulation"] == e) for k in ("gbps", "sender_cpu", "receiver_cpu", "rr")} for e in ("IPIP", "Always", "Never")}

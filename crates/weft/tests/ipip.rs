@@ -252,6 +252,49 @@ fn on_the_wire_forged_packets_and_restarts() {
     assert_eq!(outer, &want[..], "the outer header");
     assert_eq!(checksum(outer), 0);
 
+    // A bulk TCP transfer (TSO trains encapsulated whole, GRO trains decapsulated whole)
+    // arrives without the receiving node refusing a segment as too big for the pod.
+    let icmp_out = || -> u64 {
+        let o = ns("weft-n2", &["nstat", "-az", "IcmpOutDestUnreachs"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("IcmpOutDestUnreachs")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let unreach_before = icmp_out();
+    let srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "weft-n2-p0",
+            "timeout",
+            "40",
+            "iperf3",
+            "-s",
+            "-1",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 -s");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let o = ns(
+        "weft-n1-p0",
+        &["timeout", "30", "iperf3", "-c", &dst, "-n", "100M"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let _ = srv.wait_with_output();
+    assert_eq!(
+        icmp_out(),
+        unreach_before,
+        "node 2 refused segments (ICMP unreachable sent)"
+    );
+
     // Forged protocol-4 packets to node 1: from the router (no lease), and from node 2 with
     // an inner source of node 3's. Dropped and counted; the pod answers neither.
     let before = counters("weft-n1");
