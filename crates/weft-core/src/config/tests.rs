@@ -249,11 +249,27 @@ fn bgp_backend() {
     ));
     assert_eq!(
         problems(
-            r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "IPIP"}}"#
+            r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Encapsulation": "GRE"}}"#
         )[0]
         .key,
         "Backend.Encapsulation"
     );
+    // Calico's IPIP pool modes, and their names back in the effective config.
+    for (name, want) in [
+        ("IPIP", Encapsulation::Ipip),
+        ("IPIPCrossSubnet", Encapsulation::IpipCrossSubnet),
+    ] {
+        let c = ok(&format!(
+            r#"{{"Network": "10.0.0.0/16", "Backend": {{"Type": "bgp", "Encapsulation": "{name}"}}}}"#
+        ))
+        .config;
+        assert!(
+            matches!(&c.backend, Backend::Bgp(g) if g.encapsulation == want),
+            "{name}"
+        );
+        assert_eq!(want.name(), name);
+        assert!(want.ipip() && !want.vxlan());
+    }
     assert_eq!(
         problems(
             r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "bgp", "Peers": [{"Address": "x"}]}}"#
