@@ -7,7 +7,7 @@
 use super::{attach_program, err, maps::map};
 use crate::DataplaneError;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
@@ -245,20 +245,8 @@ pub fn path_mtus(
 
 /// The per-decision counters of the programs pinned in `dir`, summed over CPUs.
 pub fn counters(dir: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
-    let a: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(map(dir, "weft_ipip_counters")?))
-            .map_err(|e| err("weft_ipip_counters", e))?;
-    Ok(DECISIONS
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let n = a
-                .get(&(i as u32), 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0);
-            (*d, n)
-        })
-        .collect())
+    let sums = super::maps::per_cpu_sums(dir, "weft_ipip_counters", DECISIONS.len())?;
+    Ok(DECISIONS.iter().copied().zip(sums).collect())
 }
 
 /// No IPIP (any more): its links detached, programs and maps unpinned.

@@ -239,22 +239,20 @@ pub(super) fn set_config6(dir: &Path, c: Config6) -> Result<(), DataplaneError> 
     a.set(0, c, 0).map_err(|e| err("writing weft_config6", e))
 }
 
+/// The first `n` entries of a per-CPU counter array pinned in `dir`, each summed over CPUs
+/// (an entry that cannot be read counts 0).
+pub(super) fn per_cpu_sums(dir: &Path, name: &str, n: usize) -> Result<Vec<u64>, DataplaneError> {
+    let a: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(map(dir, name)?)).map_err(|e| err(name, e))?;
+    Ok((0..n as u32)
+        .map(|i| a.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0))
+        .collect())
+}
+
 /// The per-decision counters, summed over CPUs.
 pub fn counters(dir: &Path) -> Result<Vec<(Decision, u64)>, DataplaneError> {
-    let a: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(map(dir, "weft_counters")?))
-            .map_err(|e| err("weft_counters", e))?;
-    Ok(Decision::ALL
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let n = a
-                .get(&(i as u32), 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0);
-            (*d, n)
-        })
-        .collect())
+    let sums = per_cpu_sums(dir, "weft_counters", Decision::ALL.len())?;
+    Ok(Decision::ALL.iter().copied().zip(sums).collect())
 }
 
 /// Trace events while it lives: the programs write them only between `open` and drop.
