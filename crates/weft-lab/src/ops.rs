@@ -234,12 +234,23 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         let name = format!("weft-n{i}");
         let ns = Netns::open(ns_path(&name))?;
         let env = subnet_env_path(&st, &name);
+        let agent = st
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map_or(0, |n| n.agent_pid);
+        // A Kubernetes node waits for kube-controller-manager's podCIDR first.
+        let limit = if st.store == "kubernetes" { 60 } else { 30 };
         wait_for(
             &format!("{name}'s agent to write {}", env.display()),
-            Duration::from_secs(30),
-            || env.exists(),
+            Duration::from_secs(limit),
+            || env.exists() || (agent != 0 && !alive(agent)),
         )
-        .with_context(|| format!("see {DIR}/{name}/agent.log"))?;
+        .and_then(|()| {
+            anyhow::ensure!(env.exists(), "{name}'s agent (pid {agent}) exited");
+            Ok(())
+        })
+        .with_context(|| agent_failure(&st, &name))?;
         if st.docker {
             let k = st
                 .nodes
@@ -281,6 +292,42 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         }
     }
     Ok(st)
+}
+
+/// What a failed agent start says: its log's last lines (a test's lab is gone when its
+/// failure is read) and, on the Kubernetes store, whether its Node has a podCIDR.
+fn agent_failure(st: &State, node: &str) -> String {
+    let path = Path::new(DIR).join(node).join("agent.log");
+    let log = std::fs::read_to_string(&path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n    ");
+    let mut out = format!("{}, last lines:\n    {tail}", path.display());
+    if st.store == "kubernetes" {
+        let cidrs = Netns::open(ns_path(UNDERLAY))
+            .ok()
+            .and_then(|un| kube::kubectl(&un).ok())
+            .and_then(|mut c| {
+                c.args(["get", "node", node, "-o", "jsonpath={.spec.podCIDRs}"])
+                    .output()
+                    .ok()
+            })
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let cidrs = if cidrs.is_empty() {
+            "none"
+        } else {
+            cidrs.as_str()
+        };
+        let kcm = kube::kube_dir().join("kube-controller-manager.log");
+        let kcm_log = std::fs::read_to_string(&kcm).unwrap_or_default();
+        let about: Vec<&str> = kcm_log.lines().filter(|l| l.contains(node)).collect();
+        out += &format!(
+            "\n  its Node's podCIDRs: {cidrs}; {} about it:\n    {}",
+            kcm.display(),
+            about[about.len().saturating_sub(5)..].join("\n    ")
+        );
+    }
+    out
 }
 
 /// Where a node's agent writes subnet.env, as the host sees it.
