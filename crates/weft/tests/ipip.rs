@@ -340,3 +340,85 @@ fn on_the_wire_forged_packets_and_restarts() {
     );
     drop(lab);
 }
+
+/// `tc filter show` of `dev` (`ingress` or `egress`) in namespace `ns`.
+fn tc_filters(ns_name: &str, dev: &str, side: &str) -> String {
+    let o = ns(ns_name, &["tc", "filter", "show", "dev", dev, side]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Where TCX is missing (Linux < 6.6) the IPIP programs are cls_bpf filters in clsact
+/// qdiscs (`--bpf-attach tc` makes this kernel do the same): decapsulation on the underlay's
+/// ingress at priority 22341, ahead of host routing's 22342, encapsulation on the tunnel's
+/// egress; every pair, with eBPF host routing on as well; an agent restart under 100 pings/s
+/// loses nothing and leaves one filter each; a node turned to plain routes takes them away.
+#[test]
+fn ipip_as_tc_filters_where_tcx_is_missing() {
+    let up = [
+        "--backend",
+        "bgp-ipip",
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--mode",
+        "routed",
+        "--host-routing",
+        "ebpf",
+        "--bpf-attach",
+        "tc",
+    ];
+    let lab = Lab::up(&up);
+    let ingress = tc_filters("weft-n1", "eth0", "ingress");
+    let decap = ingress
+        .lines()
+        .position(|l| l.contains("pref 22341") && l.contains("weft_ipip_decap"));
+    let host = ingress
+        .lines()
+        .position(|l| l.contains("pref 22342") && l.contains("weft_to_pod"));
+    assert!(
+        matches!((decap, host), (Some(d), Some(h)) if d < h),
+        "decapsulation first, then host routing: {ingress}"
+    );
+    let egress = tc_filters("weft-n1", "weft-ipip", "egress");
+    assert!(
+        egress.contains("pref 22342") && egress.contains("weft_ipip_encap"),
+        "{egress}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/weft-lab/weft-n1-ipip/links/eth0").exists(),
+        "no TCX link beside the filter"
+    );
+    let c = counters("weft-n1");
+    assert!(c["encap"] > 0 && c["decap"] > 0, "{c:?}");
+
+    let dst = common::lab_pod_ip("weft-n2-p0");
+    let out = common::ping_through_agent_restart("weft-n1-p0", &dst, "-4", &up);
+    assert!(
+        out.contains("300 received"),
+        "pings lost across the agent restart: {out}"
+    );
+    let after = tc_filters("weft-n1", "eth0", "ingress");
+    assert_eq!(
+        after
+            .lines()
+            .filter(|l| l.contains("handle 0x1 weft_ipip_decap"))
+            .count(),
+        1,
+        "one decapsulation filter: {after}"
+    );
+
+    // n1 restarted with plain routes: its IPIP filters and tunnel go, host routing's stay.
+    common::stop(common::lab_agent_pid("weft-n1"), libc::SIGTERM, "the agent");
+    let mut plain = up;
+    plain[1] = "bgp";
+    let mut a = vec!["lab", "up"];
+    a.extend_from_slice(&plain);
+    ok(&a);
+    wait_until("n1's IPIP filters removed", 15, || {
+        let i = tc_filters("weft-n1", "eth0", "ingress");
+        !i.contains("weft_ipip_decap") && i.contains("weft_to_pod")
+    });
+    assert!(!sh(&["ip", "-n", "weft-n1", "-br", "link"]).contains("weft-ipip"));
+    drop(lab);
+}

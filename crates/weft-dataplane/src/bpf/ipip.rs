@@ -4,7 +4,7 @@
 //! links (pinned: the tunnel keeps working while the agent restarts), the maps kept in line
 //! with the plan, and the per-decision counters.
 
-use super::{attach_program, err, maps::map};
+use super::{attach_filter, attach_program, detach_filter, err, maps::map, Attach, TC_PRIORITY};
 use crate::DataplaneError;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData};
@@ -66,14 +66,37 @@ pub struct IpipDevices<'a> {
     pub tunnel: (u32, [u8; 6]),
 }
 
+/// With tc attachment: the decapsulator's filter priority on the underlay's ingress, one
+/// ahead of host routing's filter there (a lower number runs first).
+pub const DECAP_PRIORITY: u16 = TC_PRIORITY - 1;
+
 /// The programs loaded and pinned, the maps taken over from an earlier agent when pinned.
 pub struct Ipip {
     dir: PathBuf,
     ebpf: aya::Ebpf,
+    attach: Attach,
+}
+
+/// Where a tc filter of ours on `dev`'s `side` is recorded (the program pinned once more).
+fn filter_pin(dir: &Path, dev: &str, side: TcAttachType) -> PathBuf {
+    let sub = match side {
+        TcAttachType::Egress => "tc-egress",
+        _ => "tc-ingress",
+    };
+    dir.join(sub).join(dev.replace('.', "%"))
+}
+
+fn priority(side: TcAttachType) -> u16 {
+    match side {
+        TcAttachType::Egress => TC_PRIORITY,
+        _ => DECAP_PRIORITY,
+    }
 }
 
 impl Ipip {
-    pub fn load(dir: &Path) -> Result<Ipip, DataplaneError> {
+    /// Loads (and pins) the programs; `attach`: TCX links, or tc filters where the kernel
+    /// has no TCX (before 6.6).
+    pub fn load(dir: &Path, attach: Attach) -> Result<Ipip, DataplaneError> {
         super::ensure_bpffs()?;
         std::fs::create_dir_all(dir.join("links"))
             .map_err(|e| err(format!("creating {}", dir.display()), e))?;
@@ -93,6 +116,7 @@ impl Ipip {
         Ok(Ipip {
             dir: dir.to_path_buf(),
             ebpf,
+            attach,
         })
     }
 
@@ -135,7 +159,23 @@ impl Ipip {
                 .ok_or_else(|| err(name, "missing"))?
                 .try_into()
                 .map_err(|e| err(name, e))?;
-            attach_program(p, &self.dir, dev, side, order)?;
+            let pin = filter_pin(&self.dir, dev, side);
+            match self.attach {
+                Attach::Tcx => {
+                    // A tc filter from an agent that ran with tc attachment goes.
+                    detach_filter(dev, side, priority(side), &pin);
+                    attach_program(p, &self.dir, dev, side, order)?;
+                }
+                Attach::Tc => {
+                    attach_filter(p, dev, side, priority(side), &pin)?;
+                    // A TCX link from before goes (the filter is in place first).
+                    if let Ok(l) =
+                        aya::programs::links::PinnedLink::from_pin(super::link_pin(&self.dir, dev))
+                    {
+                        let _ = l.unpin();
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -249,7 +289,30 @@ pub fn counters(dir: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> 
     Ok(DECISIONS.iter().copied().zip(sums).collect())
 }
 
-/// No IPIP (any more): its links detached, programs and maps unpinned.
+/// No IPIP (any more): its links and filters detached, programs and maps unpinned.
 pub fn remove_all(dir: &Path) -> Result<(), DataplaneError> {
+    for side in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let sub = filter_pin(dir, "x", side)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let Ok(rd) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let dev = e.file_name().to_string_lossy().replace('%', ".");
+            detach_filter(&dev, side, priority(side), &e.path());
+        }
+    }
     super::remove_all(dir)
+}
+
+/// How the programs in `dir` are attached: "tc" when tc filters of ours are recorded there.
+pub fn attach_of(dir: &Path) -> Attach {
+    let any = |sub: &str| std::fs::read_dir(dir.join(sub)).is_ok_and(|mut rd| rd.next().is_some());
+    if any("tc-ingress") || any("tc-egress") {
+        Attach::Tc
+    } else {
+        Attach::Tcx
+    }
 }

@@ -235,7 +235,7 @@ impl HostRouting {
 
 /// bpffs refuses names with a dot (flannel.1, weft.1): they are pinned with `%` instead,
 /// a character device names cannot hold (the kernel reads it as a name template).
-fn link_pin(dir: &Path, dev: &str) -> PathBuf {
+pub(crate) fn link_pin(dir: &Path, dev: &str) -> PathBuf {
     dir.join("links").join(dev.replace('.', "%"))
 }
 
@@ -270,8 +270,26 @@ fn attach_hook(
 
 /// A cls_bpf filter (direct action) at weft's priority and handle on `dev`'s clsact
 /// ingress, replaced in place when there is one (no moment without a program). The
-/// program is pinned as `links/<dev>` too: the record that weft attached there.
+/// program is pinned as `filters/<dev>` too: the record that weft attached there.
 fn attach_tc(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), DataplaneError> {
+    attach_filter(
+        p,
+        dev,
+        TcAttachType::Ingress,
+        TC_PRIORITY,
+        &filter_pin(dir, dev),
+    )
+}
+
+/// A cls_bpf filter (direct action) at `priority` and weft's handle on `dev`'s clsact
+/// `side`, replaced in place when there is one; the program pinned at `pin` as the record.
+pub(crate) fn attach_filter(
+    p: &mut SchedClassifier,
+    dev: &str,
+    side: TcAttachType,
+    priority: u16,
+    pin: &Path,
+) -> Result<(), DataplaneError> {
     use aya::programs::tc::{NlOptions, TcHandle};
     match aya::programs::tc::qdisc_add_clsact(dev) {
         Ok(()) => {}
@@ -280,18 +298,17 @@ fn attach_tc(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), Datap
         Err(e) => return Err(err(format!("adding a clsact qdisc to {dev}"), e)),
     }
     let handle = TcHandle::from(TC_HANDLE);
-    let existing =
-        SchedClassifierLink::attached(dev, TcAttachType::Ingress, TC_PRIORITY, handle, None)
-            .map_err(|e| err(format!("finding {dev}"), e))?;
+    let existing = SchedClassifierLink::attached(dev, side, priority, handle, None)
+        .map_err(|e| err(format!("finding {dev}"), e))?;
     let id = match p.attach_to_link(existing) {
         Ok(id) => id,
         // None there yet.
         Err(_) => p
             .attach_with_options(
                 dev,
-                TcAttachType::Ingress,
+                side,
                 TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY,
+                    priority,
                     handle,
                     ..Default::default()
                 }),
@@ -304,10 +321,33 @@ fn attach_tc(p: &mut SchedClassifier, dir: &Path, dev: &str) -> Result<(), Datap
         .take_link(id)
         .map_err(|e| err(format!("taking the filter of {dev}"), e))?;
     std::mem::forget(link);
-    let pin = filter_pin(dir, dev);
-    let _ = std::fs::remove_file(&pin);
-    p.pin(&pin)
+    if let Some(parent) = pin.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(format!("creating {}", parent.display()), e))?;
+    }
+    let _ = std::fs::remove_file(pin);
+    p.pin(pin)
         .map_err(|e| err(format!("pinning {}", pin.display()), e))
+}
+
+/// Takes weft's filter at `priority` off `dev`'s clsact `side` (if the device is still
+/// there) and its record `pin`; false when there was no record.
+pub(crate) fn detach_filter(dev: &str, side: TcAttachType, priority: u16, pin: &Path) -> bool {
+    if !pin.exists() {
+        return false;
+    }
+    if let Ok(l) = SchedClassifierLink::attached(
+        dev,
+        side,
+        priority,
+        aya::programs::tc::TcHandle::from(TC_HANDLE),
+        None,
+    ) {
+        use aya::programs::links::Link;
+        let _ = l.detach();
+    }
+    let _ = std::fs::remove_file(pin);
+    true
 }
 
 /// The netkit peer hook of `dev`, pinned like the TCX links: an existing link gets the
@@ -397,22 +437,7 @@ pub fn attach_pinned(dir: &Path, dev: &str, hook: Hook) -> Result<(), DataplaneE
 pub fn detach(dir: &Path, dev: &str) -> Result<bool, DataplaneError> {
     let pin = link_pin(dir, dev);
     let filter = filter_pin(dir, dev);
-    let mut had = false;
-    if filter.exists() {
-        // weft's priority and handle, if the device is still there.
-        if let Ok(l) = SchedClassifierLink::attached(
-            dev,
-            TcAttachType::Ingress,
-            TC_PRIORITY,
-            aya::programs::tc::TcHandle::from(TC_HANDLE),
-            None,
-        ) {
-            use aya::programs::links::Link;
-            let _ = l.detach();
-        }
-        let _ = std::fs::remove_file(&filter);
-        had = true;
-    }
+    let mut had = detach_filter(dev, TcAttachType::Ingress, TC_PRIORITY, &filter);
     match PinnedLink::from_pin(&pin) {
         Ok(l) => {
             // Unpinned and dropped: the last reference goes, the link detaches.

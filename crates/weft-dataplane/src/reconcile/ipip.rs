@@ -15,6 +15,8 @@ use weft_backend::{IpipTunnel, IPIP_NAME, IPIP_PEER_NAME};
 #[derive(Default)]
 pub struct IpipState {
     pub dir: Option<PathBuf>,
+    /// TCX links or tc filters (the agent's --bpf-attach).
+    pub attach: Option<crate::bpf::Attach>,
     loaded: Option<Ipip>,
     attached: Option<(u32, u32, u32)>,
     /// The tunnel's MTU, and the path MTU towards nodes that routers reported smaller.
@@ -126,7 +128,10 @@ impl IpipState {
             DataplaneError::Other("IPIP needs a bpffs directory (the agent's --bpf-dir)".into())
         })?;
         if self.loaded.is_none() {
-            self.loaded = Some(Ipip::load(&dir)?);
+            let attach = self
+                .attach
+                .unwrap_or_else(crate::bpf::Attach::for_this_kernel);
+            self.loaded = Some(Ipip::load(&dir, attach)?);
             self.attached = None;
         }
         let Some(ipip) = self.loaded.as_mut() else {

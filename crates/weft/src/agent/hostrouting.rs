@@ -30,11 +30,7 @@ pub(super) fn start(
         .v4
         .as_ref()
         .and_then(|p| weft_core::subnet::v4(p.network));
-    let attach = match a.bpf_attach.as_str() {
-        "tcx" => bpf::Attach::Tcx,
-        "tc" => bpf::Attach::Tc,
-        _ => bpf::Attach::for_this_kernel(),
-    };
+    let attach = super::bpf_attach(&a.bpf_attach);
     let network6 = cfg
         .v6
         .as_ref()

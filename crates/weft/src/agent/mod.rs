@@ -96,8 +96,8 @@ pub struct AgentArgs {
     /// net-conf.json's "HostRouting": "ebpf").
     #[arg(long, default_value = weft_dataplane::bpf::DEFAULT_DIR)]
     pub bpf_dir: PathBuf,
-    /// How eBPF host routing's programs are attached: auto (TCX links on Linux 6.6+, tc
-    /// clsact filters before), tcx, or tc.
+    /// How the eBPF programs (host routing's, IPIP's) are attached: auto (TCX links on
+    /// Linux 6.6+, tc clsact filters before), tcx, or tc.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
     pub bpf_attach: String,
     #[command(flatten)]
@@ -109,6 +109,16 @@ pub struct AgentArgs {
 mod bgp;
 
 /// Where the IPIP tunnel's programs and maps are pinned: `<bpf-dir>-ipip`.
+/// How the tc programs attach (--bpf-attach): TCX links, tc filters, or what the kernel has.
+pub(crate) fn bpf_attach(flag: &str) -> weft_dataplane::bpf::Attach {
+    use weft_dataplane::bpf::Attach;
+    match flag {
+        "tcx" => Attach::Tcx,
+        "tc" => Attach::Tc,
+        _ => Attach::for_this_kernel(),
+    }
+}
+
 pub fn ipip_dir(bpf_dir: &std::path::Path) -> PathBuf {
     let mut s = bpf_dir.as_os_str().to_owned();
     s.push("-ipip");
@@ -448,6 +458,7 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
     // The IPIP programs beside host routing's directory, not in it (turning host routing
     // off removes its directory whole).
     reconciler.ipip.dir = Some(ipip_dir(&a.bpf_dir));
+    reconciler.ipip.attach = Some(bpf_attach(&a.bpf_attach));
     // The kernel is brought in line by a task of its own: a pass over 100,000 routes takes a
     // second, and BGP sessions, the lease watch and SIGTERM must not wait for it.
     let (pass_tx, pass_rx) = tokio::sync::watch::channel::<Option<Arc<Pass>>>(None);
