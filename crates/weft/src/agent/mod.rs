@@ -107,6 +107,7 @@ pub struct AgentArgs {
 }
 
 mod bgp;
+mod datastore;
 
 /// Where the IPIP tunnel's programs and maps are pinned: `<bpf-dir>-ipip`.
 /// How the tc programs attach (--bpf-attach): TCX links, tc filters, or what the kernel has.
@@ -148,77 +149,9 @@ pub async fn run(a: AgentArgs) -> Result<std::process::ExitCode> {
         a.lease_ttl,
         manager::MIN_TTL.as_secs()
     );
-    // The datastore: the Kubernetes API (net-conf.json from a file), or a lease store.
-    let (store, cfg, kube, node_name) = if a.kube_subnet_mgr {
-        let path = a
-            .config
-            .config
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/etc/kube-flannel/net-conf.json"));
-        let cfg = crate::ConfigArgs { config: Some(path) }
-            .load_file()
-            .context(
-                "--kube-subnet-mgr reads net-conf.json from --config (the ConfigMap's file)",
-            )?;
-        let settings = weft_kube::KubeSettings {
-            kubeconfig: a.kubeconfig_file.clone(),
-            api_url: a.kube_api_url.clone(),
-            node_name: a.node_name.clone(),
-            annotation_prefix: a.kube_annotation_prefix.clone(),
-            network: cfg
-                .v4
-                .as_ref()
-                .and_then(|p| weft_core::subnet::v4(p.network)),
-            ipv6_network: cfg
-                .v6
-                .as_ref()
-                .and_then(|p| weft_core::subnet::v6(p.network)),
-        };
-        let ks = Arc::new(
-            weft_kube::KubeStore::connect(&settings)
-                .await
-                .context("connecting to the Kubernetes API (--kube-subnet-mgr)")?,
-        );
-        let name = ks.node_name().to_string();
-        anyhow::ensure!(!name.is_empty(), "{}", weft_kube::KubeError::NoNodeName);
-        let store = weft_store::AnyStore::Dyn(ks.clone());
-        (store, cfg, Some(ks), name)
-    } else {
-        let store = a.store.open_required().await?;
-        let cfg = a.config.load(&store).await?;
-        let name = a
-            .node_name
-            .clone()
-            .context("--node-name (or NODE_NAME) is required")?;
-        (store, cfg, None, name)
-    };
-    // The BGP peers' TCP MD5 keys, from a root-only file or the environment on this node (or,
-    // warned about, net-conf.json itself); never logged. Read before anything changes, so a
-    // missing key stops the agent with nothing done.
-    let mut passwords: HashMap<IpAddr, Option<String>> = HashMap::new();
-    let mut mesh_password: Option<String> = None;
-    if let Backend::Bgp(g) = &cfg.backend {
-        if let Some(src) = &g.mesh_password {
-            mesh_password = Some(
-                src.resolve()
-                    .map_err(|e| anyhow::anyhow!("Backend mesh password: {e}"))?
-                    .expose()
-                    .to_string(),
-            );
-        }
-        for p in &g.peers {
-            let key = match &p.password {
-                Some(src) => Some(
-                    src.resolve()
-                        .map_err(|e| anyhow::anyhow!("Backend.Peers {}: {e}", p.address))?
-                        .expose()
-                        .to_string(),
-                ),
-                None => None,
-            };
-            passwords.insert(p.address, key);
-        }
-    }
+    let (store, cfg, kube, node_name) = datastore::open(&a).await?;
+    // Read before anything changes, so a missing key stops the agent with nothing done.
+    let (passwords, mesh_password) = datastore::bgp_passwords(&cfg)?;
     let nl = Nl::here()?;
     let (underlay, local) = local::discover(&a, &cfg, &nl).await?;
     let (public_ip, public_ipv6) = (local.public_ip, local.public_ipv6);
