@@ -5,7 +5,8 @@
 //! sequence number. A table of 100,000 routes costs a system call per ~700 routes instead of a
 //! request and an answer per route through the async connection (about half the time).
 
-use crate::link::{Nl, Route};
+use crate::link::Nl;
+use crate::route::Route;
 use crate::DataplaneError;
 use ipnet::IpNet;
 use rtnetlink::packet_core::{

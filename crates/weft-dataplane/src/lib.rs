@@ -11,12 +11,14 @@ pub mod netns;
 pub mod nft;
 pub mod probe;
 pub mod reconcile;
+pub mod route;
 pub mod sysctl;
 pub mod udp;
 
-pub use link::{Link, Nl, PairKind, Route, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
+pub use link::{Link, Nl, PairKind, VethSpec, RTPROT_WEFT, RTPROT_WEFT_POD};
 pub use mountns::MountNs;
 pub use netns::Netns;
+pub use route::Route;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

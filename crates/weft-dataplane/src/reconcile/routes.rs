@@ -5,7 +5,8 @@
 
 use super::{Object, Report};
 use crate::batch::{Failed, Op, RouteBatch};
-use crate::link::{is_exists, is_missing, Link, Nl, Route, RTPROT_WEFT};
+use crate::link::{is_exists, is_missing, Link, Nl, RTPROT_WEFT};
+use crate::route::Route;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_backend::{Dev, PlannedRoute};
