@@ -69,9 +69,10 @@ pub struct UpArgs {
     /// agents with --kube-subnet-mgr; binaries from scripts/k8s-bins.sh or K8S_BIN_DIR).
     #[arg(long, default_value = "sqlite")]
     pub store: String,
-    /// Pod wiring: bridge (flannel) or routed (Calico).
-    #[arg(long, default_value = "bridge")]
-    pub mode: String,
+    /// Pod wiring: bridge (flannel) or routed (Calico). Default: routed with the IPIP
+    /// backends (Calico's wiring, which IPIP needs to keep its offloads), bridge otherwise.
+    #[arg(long)]
+    pub mode: Option<String>,
     /// Agents masquerade pod traffic leaving the cluster network.
     #[arg(long)]
     pub ip_masq: bool,

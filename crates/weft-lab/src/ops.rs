@@ -3,6 +3,13 @@
 use super::*;
 
 pub(super) async fn up(a: &UpArgs) -> Result<State> {
+    let mode = a.mode.clone().unwrap_or_else(|| {
+        if a.backend.starts_with("bgp-ipip") {
+            "routed".into()
+        } else {
+            "bridge".into()
+        }
+    });
     anyhow::ensure!((1..=2).contains(&a.segments), "--segments is 1 or 2");
     anyhow::ensure!(a.nodes >= 1 && a.nodes <= 200, "--nodes is 1 to 200");
     anyhow::ensure!(
@@ -10,7 +17,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         "--store is sqlite, etcd or kubernetes"
     );
     anyhow::ensure!(
-        matches!(a.mode.as_str(), "bridge" | "routed"),
+        matches!(mode.as_str(), "bridge" | "routed"),
         "--mode is bridge or routed"
     );
     let conf = match &a.config {
@@ -33,7 +40,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
     };
     let conf = if a.host_routing == "ebpf" || a.pod_device == "netkit" {
         anyhow::ensure!(
-            a.mode == "routed",
+            mode == "routed",
             "--host-routing ebpf and --pod-device netkit are for routed pods: use them with --mode routed"
         );
         let mut v: serde_json::Value =
@@ -63,7 +70,7 @@ pub(super) async fn up(a: &UpArgs) -> Result<State> {
         ipv6: a.ipv6 || a.ipv6_only,
         ipv6_only: a.ipv6_only,
         backend: a.backend.clone(),
-        mode: a.mode.clone(),
+        mode: mode.clone(),
         store: a.store.clone(),
         segments: a.segments,
         ip_masq: a.ip_masq,
