@@ -306,13 +306,3 @@ pub fn remove_all(dir: &Path) -> Result<(), DataplaneError> {
     }
     super::remove_all(dir)
 }
-
-/// How the programs in `dir` are attached: "tc" when tc filters of ours are recorded there.
-pub fn attach_of(dir: &Path) -> Attach {
-    let any = |sub: &str| std::fs::read_dir(dir.join(sub)).is_ok_and(|mut rd| rd.next().is_some());
-    if any("tc-ingress") || any("tc-egress") {
-        Attach::Tc
-    } else {
-        Attach::Tcx
-    }
-}
