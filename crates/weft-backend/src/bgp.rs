@@ -69,17 +69,7 @@ pub(crate) fn plan_bgp(
             IpNet::V4(_) => Some(IpNet::V4(local.underlay_net)),
             IpNet::V6(_) => local.underlay_net6.map(IpNet::V6),
         };
-        let bad_next_hop = match l.next_hop {
-            IpAddr::V4(n) => {
-                n.is_unspecified() || n.is_loopback() || n.is_multicast() || n.is_broadcast()
-            }
-            IpAddr::V6(n) => {
-                n.is_unspecified()
-                    || n.is_loopback()
-                    || n.is_multicast()
-                    || n.is_unicast_link_local()
-            }
-        };
+        let bad_next_hop = weft_core::subnet::unusable_next_hop(l.next_hop);
         // A peer must not steer this node's own traffic: no default route, nothing that covers
         // or lies in the underlay network (the node would route its peers' addresses away).
         let hijack = if l.prefix.prefix_len() == 0 {

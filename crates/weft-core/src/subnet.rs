@@ -152,8 +152,40 @@ pub fn v6(net: IpNet) -> Option<Ipv6Net> {
     }
 }
 
+/// Whether `a` can name no next hop (a node): unspecified, loopback, multicast, IPv4
+/// broadcast, or an IPv6 link-local address (which names no node off its link: RFC 2545 §3).
+pub fn unusable_next_hop(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(n) => {
+            n.is_unspecified() || n.is_loopback() || n.is_multicast() || n.is_broadcast()
+        }
+        IpAddr::V6(n) => {
+            n.is_unspecified() || n.is_loopback() || n.is_multicast() || n.is_unicast_link_local()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn unusable_next_hops() {
+        for a in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.5",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+        ] {
+            assert!(unusable_next_hop(a.parse().expect("ip")), "{a}");
+        }
+        for a in ["10.0.1.12", "fd00:0:1::b", "2001:db8::1"] {
+            assert!(!unusable_next_hop(a.parse().expect("ip")), "{a}");
+        }
+    }
     use super::*;
 
     fn pool(net: &str, len: u8, min: &str, max: &str) -> Pool {

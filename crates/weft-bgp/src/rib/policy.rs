@@ -11,19 +11,8 @@ impl Rib {
             IpNet::V4(_) => "no NEXT_HOP".to_string(),
             IpNet::V6(_) => "no IPv6 next hop (MP_REACH_NLRI)".to_string(),
         })?;
-        let unusable = match nh {
-            IpAddr::V4(n) => {
-                n.is_broadcast() || n.is_unspecified() || n.is_loopback() || n.is_multicast()
-            }
-            // A link-local global address names no node (RFC 2545 §3).
-            IpAddr::V6(n) => {
-                n.is_unicast_link_local()
-                    || n.is_unspecified()
-                    || n.is_loopback()
-                    || n.is_multicast()
-            }
-        };
-        if unusable {
+        // A link-local global address names no node (RFC 2545 §3).
+        if weft_core::subnet::unusable_next_hop(nh) {
             return Err(format!("next hop {nh} is no unicast address"));
         }
         if nh == IpAddr::V4(self.cfg.router_id) || Some(nh) == self.cfg.next_hop6.map(IpAddr::V6) {
